@@ -1,0 +1,317 @@
+"""One typed, validated configuration: dataclasses, TOML loading, and the checks.
+
+Every mistake a user can make in a TOML file or a flag raises `ConfigError` with one line that
+names the fix; the CLI prints it and exits 2. Nothing here touches storage or the device.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "silu", "gelu", "leaky_relu", "elu", "identity")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "step", "cosine", "exponential")
+SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes")
+PRUNERS = ("hyperband", "median", "sha", "none")
+SAMPLINGS = ("uniform", "grid")
+
+
+class ConfigError(ValueError):
+    """A bad setting. Its message is one line that says how to fix it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The sin(x) data set on [0, 2*pi)."""
+
+    n_train: int = 1000
+    """training points, drawn uniformly at random (or on a grid, see `sampling`)"""
+    n_val: int = 200
+    """validation points, drawn like the training points but independently"""
+    n_test: int = 2000
+    """test points: a dense uniform grid at half-step offsets, apart from both sets above"""
+    noise: float = 0.0
+    """standard deviation of Gaussian noise added to the train and validation targets"""
+    sampling: str = "uniform"
+    """how train/validation x are drawn: uniform (random) or grid"""
+    seed: int = 0
+    """seed of the data draw; the same seed gives the same sets on every device"""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one trial trains with. Knows nothing of Optuna: train(cfg, data) runs alone."""
+
+    depth: int = 3
+    """number of hidden layers"""
+    width: int | tuple[int, ...] = 64
+    """units per hidden layer: one number for all, or one per layer"""
+    activation: str = "tanh"
+    """hidden activation; identity = none (the report's third comparison)"""
+    lr: float = 3e-3
+    """initial learning rate"""
+    optimizer: str = "adam"
+    """adam, adamw or sgd (with momentum)"""
+    momentum: float = 0.9
+    """SGD momentum (ignored by Adam/AdamW)"""
+    weight_decay: float = 0.0
+    """L2 (SGD, Adam) or decoupled (AdamW) weight decay"""
+    scheduler: str = "cosine"
+    """learning-rate schedule applied per epoch: none, step, cosine, exponential"""
+    step_size: int = 50
+    """epochs between decays of the step schedule"""
+    gamma: float = 0.5
+    """decay factor of the step schedule (per step_size) and the exponential one (per epoch)"""
+    batch_size: int = 64
+    """minibatch size; batches are reshuffled every epoch"""
+    max_epochs: int = 200
+    """epochs per trial (unless pruned)"""
+    seed: int = 0
+    """seed of the weights and the minibatch order"""
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        if isinstance(self.width, int):
+            return (self.width,) * self.depth
+        return tuple(self.width)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges Optuna searches. A one-element list (or equal bounds) fixes a value."""
+
+    depth: tuple[int, int] = (1, 6)
+    """hidden layers, int range (inclusive)"""
+    width: tuple[int, int] = (8, 256)
+    """units per hidden layer, int range on a log scale"""
+    lr: tuple[float, float] = (1e-4, 3e-2)
+    """learning rate, float range on a log scale"""
+    activation: tuple[str, ...] = ("relu", "tanh", "sigmoid", "silu", "gelu", "leaky_relu", "elu")
+    """activation choices"""
+    scheduler: tuple[str, ...] | None = None
+    """scheduler choices to search; None keeps [train].scheduler fixed"""
+    optimizer: tuple[str, ...] | None = None
+    """optimizer choices to search; None keeps [train].optimizer fixed"""
+    per_layer_width: bool = False
+    """suggest one width per hidden layer instead of one shared width"""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole `sinstudy run`: the study, its storage, the budget and the defaults of a trial."""
+
+    study: str = "sinstudy"
+    """study name; the same name and storage continue (resume) a study"""
+    storage: str = "sqlite:///storage/sinstudy.db"
+    """any Optuna storage URL; relative SQLite paths are relative to the working directory"""
+    n_trials: int = 40
+    """trials this run adds to the study"""
+    timeout: float | None = None
+    """stop starting new trials after this many seconds"""
+    sampler: str = "tpe"
+    """tpe, random, grid, gp or cmaes"""
+    pruner: str = "hyperband"
+    """hyperband, median, sha (successive halving) or none"""
+    seed: int = 0
+    """seed of the sampler and of every trial's weights (trial seed = seed + trial number)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    log_dir: str = "storage/tensorboard"
+    """TensorBoard runs go to <log_dir>/<study>/trial-NNNN"""
+    artifact_dir: str = "storage/artifacts"
+    """Optuna artifact store (best-model weights), shared with optuna-dashboard"""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _positive_float(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _range(name: str, value: Any, *, kind: type, low: float, log: bool) -> tuple:
+    """Accept [lo, hi] (or [v] to fix v) and check type, order and bounds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or len(value) not in (1, 2):
+        raise ConfigError(f"search_space.{name} must be [low, high], e.g. {name} = [1, 8]")
+    lo, hi = value[0], value[-1]
+    for v in (lo, hi):
+        bad_type = isinstance(v, bool) or not isinstance(v, (int, float))
+        if bad_type or (kind is int and not float(v).is_integer()) or not math.isfinite(v):
+            raise ConfigError(f"search_space.{name} bounds must be {kind.__name__}s, got {v!r}")
+    lo, hi = kind(lo), kind(hi)
+    if lo > hi:
+        raise ConfigError(f"search_space.{name} = [{lo}, {hi}] is reversed; write [{hi}, {lo}]")
+    if lo < low or (log and lo <= 0):
+        raise ConfigError(f"search_space.{name} must start at >= {low} (got {lo})")
+    return (lo, hi)
+
+
+def _choices(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"search_space.{name} must be a non-empty list, e.g. {name} = [{allowed[0]!r}]")
+    for v in value:
+        if v not in allowed:
+            raise ConfigError(
+                f"unknown {name} {v!r} in search_space.{name}; choose from: {', '.join(allowed)}"
+            )
+    return tuple(dict.fromkeys(value))
+
+
+def validate(cfg: StudyConfig) -> StudyConfig:
+    """Check every field; return the config with ranges normalised. Raises ConfigError."""
+    if not isinstance(cfg.study, str) or not cfg.study.strip():
+        raise ConfigError("the study name must be a non-empty string (--study NAME)")
+    _positive_int("--n-trials", cfg.n_trials)
+    if cfg.timeout is not None:
+        _positive_float("--timeout", cfg.timeout)
+    _choice("sampler", cfg.sampler, SAMPLERS)
+    _choice("pruner", cfg.pruner, PRUNERS)
+    _positive_int("seed", cfg.seed, minimum=0)
+    d = cfg.data
+    _positive_int("data.n_train", d.n_train, minimum=2)
+    _positive_int("data.n_val", d.n_val)
+    _positive_int("data.n_test", d.n_test)
+    _positive_float("data.noise", d.noise, allow_zero=True)
+    _choice("data.sampling", d.sampling, SAMPLINGS)
+    _positive_int("data.seed", d.seed, minimum=0)
+    t = cfg.train
+    validate_train(t)
+    space = validate_space(cfg.space)
+    if cfg.sampler == "cmaes":
+        for name in ("activation", "scheduler", "optimizer"):
+            choices = getattr(space, name)
+            if choices is not None and len(choices) > 1:
+                raise ConfigError(
+                    f"the cmaes sampler cannot search the categorical {name!r}; fix it to one "
+                    f"choice in [search_space] or use --sampler tpe"
+                )
+    return replace(cfg, space=space)
+
+
+def validate_train(t: TrainConfig) -> None:
+    _positive_int("train.depth", t.depth)
+    widths = t.width if isinstance(t.width, (list, tuple)) else [t.width]
+    for w in widths:
+        _positive_int("train.width", w)
+    if isinstance(t.width, (list, tuple)) and len(t.width) != t.depth:
+        raise ConfigError(f"train.width lists {len(t.width)} widths for depth {t.depth}; give one per layer")
+    _choice("activation", t.activation, ACTIVATIONS)
+    _positive_float("train.lr", t.lr)
+    _choice("optimizer", t.optimizer, OPTIMIZERS)
+    _positive_float("train.momentum", t.momentum, allow_zero=True)
+    _positive_float("train.weight_decay", t.weight_decay, allow_zero=True)
+    _choice("scheduler", t.scheduler, SCHEDULERS)
+    _positive_int("train.step_size", t.step_size)
+    _positive_float("train.gamma", t.gamma)
+    _positive_int("train.batch_size", t.batch_size)
+    _positive_int("--max-epochs", t.max_epochs)
+    _positive_int("train.seed", t.seed, minimum=0)
+
+
+def validate_space(s: SearchSpace) -> SearchSpace:
+    return SearchSpace(
+        depth=_range("depth", s.depth, kind=int, low=1, log=False),
+        width=_range("width", s.width, kind=int, low=1, log=True),
+        lr=_range("lr", s.lr, kind=float, low=0.0, log=True),
+        activation=_choices("activation", s.activation, ACTIVATIONS),
+        scheduler=None if s.scheduler is None else _choices("scheduler", s.scheduler, SCHEDULERS),
+        optimizer=None if s.optimizer is None else _choices("optimizer", s.optimizer, OPTIMIZERS),
+        per_layer_width=_bool("search_space.per_layer_width", s.per_layer_width),
+    )
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- TOML
+
+
+_SECTIONS = {"study": StudyConfig, "data": DataConfig, "train": TrainConfig, "search_space": SearchSpace}
+_NESTED = {"data", "train", "space"}
+
+
+def _known(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)} - _NESTED
+
+
+def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a TOML file into {section: {key: value}}, rejecting unknown sections and keys."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist; check the --config path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    for section, table in raw.items():
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"unknown section [{section}] in {p}; use one of: {', '.join('[' + s + ']' for s in _SECTIONS)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section} in {p} must be a [{section}] table")
+        unknown = set(table) - _known(_SECTIONS[section])
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(
+                f"unknown key {key!r} in [{section}] of {p}; known keys: {', '.join(sorted(_known(_SECTIONS[section])))}"
+            )
+    return raw
+
+
+def build(toml: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> StudyConfig:
+    """Defaults, then the TOML tables, then CLI overrides (None = not given); validated."""
+    toml = toml or {}
+    space_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in toml.get("search_space", {}).items()}
+    train_kw = dict(toml.get("train", {}))
+    if isinstance(train_kw.get("width"), list):
+        train_kw["width"] = tuple(train_kw["width"])
+    for key in ("max_epochs",):
+        if overrides.get(key) is not None:
+            train_kw[key] = overrides[key]
+    study_kw = {**toml.get("study", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    study_kw.pop("max_epochs", None)
+    try:
+        cfg = StudyConfig(
+            **study_kw,
+            data=DataConfig(**toml.get("data", {})),
+            train=TrainConfig(**train_kw),
+            space=SearchSpace(**space_kw),
+        )
+    except TypeError as e:  # unknown override name: a programming error, not user input
+        raise ConfigError(str(e)) from None
+    return validate(cfg)
+
+
+def to_dict(cfg: StudyConfig) -> dict[str, Any]:
+    """Plain JSON-able dict, stored with the study so every setting travels with the result."""
+    return asdict(cfg)

@@ -1,0 +1,105 @@
+"""The Optuna objective: suggest -> train -> report/prune per epoch -> value.
+
+A standard objective, usable with study.optimize(Objective(...)). Each epoch's validation MSE is
+reported (so the dashboard and the pruner see the whole curve) and `TrialPruned` is raised when the
+pruner says so. A diverged trial (non-finite loss, e.g. the report's lr = 0.01 runs at depth)
+ends PRUNED with the reason in the user attr `pruned_reason`, never as a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+from .config import StudyConfig, TrainConfig
+from .data import SinData
+from .space import suggest
+from .tracking import TrialLogger
+from .train import EpochLog, TrainResult, train
+
+MODEL_FILE = "model.pt"  # artifact file name of a trial's best weights
+
+
+def trial_seed(cfg: StudyConfig, trial_number: int) -> int:
+    return cfg.seed + trial_number
+
+
+def save_model(result: TrainResult, tcfg: TrainConfig, path: Path) -> None:
+    """Weights plus the TrainConfig that rebuilds them: enough for later commands, no retraining."""
+    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    torch.save({"train_config": asdict(tcfg), "state_dict": state}, path)
+
+
+def record_result(trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -> None:
+    attrs = {
+        "test_mse": result.test_mse,
+        "final_val_mse": result.final_val_mse,
+        "best_epoch": result.best_epoch,
+        "n_params": result.n_params,
+        "epochs": result.epochs,
+        "seconds": round(result.seconds, 4),
+        "device": result.device,
+        "seed": tcfg.seed,
+        "train_config": json.dumps(asdict(tcfg)),
+    }
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+
+
+class Objective:
+    def __init__(self, cfg: StudyConfig, data: SinData, artifact_store: FileSystemArtifactStore | None):
+        self.cfg = cfg
+        self.data = data
+        self.artifact_store = artifact_store
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=trial_seed(self.cfg, trial.number))
+        logger = TrialLogger(self.cfg.log_dir, self.cfg.study, trial.number)
+        last = {"val_mse": float("inf"), "epoch": 0}
+
+        def on_epoch(log: EpochLog) -> None:
+            logger.log_epoch(log)
+            last.update(val_mse=log.val_mse, epoch=log.epoch)
+            trial.report(log.val_mse, log.epoch)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {log.epoch}")
+                raise optuna.TrialPruned(f"pruned after epoch {log.epoch}")
+
+        hparams = {k: v for k, v in trial.params.items()}
+        try:
+            result = train(tcfg, self.data, on_epoch=on_epoch)
+        except optuna.TrialPruned:
+            logger.close(hparams, {"val_mse": last["val_mse"]})
+            raise
+        logger.close(hparams, {"val_mse": result.best_val_mse, "test_mse": result.test_mse})
+
+        record_result(trial, result, tcfg)
+        if result.diverged:
+            trial.set_user_attr("pruned_reason", result.diverged)
+            raise optuna.TrialPruned(result.diverged)
+        if self.artifact_store is not None and self._is_new_best(trial, result.best_val_mse):
+            self._upload_model(trial, result, tcfg)
+        return result.best_val_mse
+
+    @staticmethod
+    def _is_new_best(trial: optuna.Trial, value: float) -> bool:
+        try:
+            return value < trial.study.best_value
+        except ValueError:  # no completed trial yet
+            return True
+
+    def _upload_model(self, trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / MODEL_FILE
+            save_model(result, tcfg, path)
+            artifact_id = upload_artifact(
+                artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial,
+                mimetype="application/octet-stream",
+            )
+        trial.set_user_attr("model_artifact", artifact_id)

@@ -1,0 +1,241 @@
+"""Create or load the study, check it matches the config, run the trials, summarise.
+
+Order matters: config and device are validated, then the storage is checked (read-only), and
+only then is anything written. A study that exists is continued, but only with the same search
+space and data: mixing trials of two spaces would make its importances and best trial meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.trial import FrozenTrial, TrialState
+
+from . import storage as storage_mod
+from .config import ConfigError, StudyConfig, to_dict
+from .data import make_data
+from .objective import Objective
+from .space import grid
+
+VERSION_ATTR = "sinstudy_version"
+
+
+def resolve_device(name: str, *, say: Callable[[str], None] = print) -> torch.device:
+    """auto -> cuda if available (saying once when it is not), else check the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        say("note: no GPU found (torch.cuda.is_available() is False); training on the CPU")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} is not available (no CUDA GPU visible); use --device cpu or auto")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
+    return dev
+
+
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    s = cfg.sampler
+    if s == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed)
+    if s == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    if s == "grid":
+        if cfg.space.per_layer_width:
+            raise ConfigError("the grid sampler cannot search per-layer widths; set per_layer_width = false")
+        return optuna.samplers.GridSampler(grid(cfg.space), seed=cfg.seed)
+    if s == "gp":
+        return optuna.samplers.GPSampler(seed=cfg.seed)
+    return optuna.samplers.CmaEsSampler(seed=cfg.seed, warn_independent_sampling=False)
+
+
+def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    epochs = cfg.train.max_epochs
+    if cfg.pruner == "hyperband":
+        # Optuna's benchmarks recommend Hyperband with TPE. Rungs from max_epochs/27 upward.
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, epochs // 27), max_resource=epochs, reduction_factor=3)
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 10))
+    if cfg.pruner == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, epochs // 27), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _identity(cfg: StudyConfig) -> dict[str, Any]:
+    """What must match for two runs to share a study: the search space and the data."""
+    d = to_dict(cfg)
+    return {"search_space": d["space"], "data": d["data"]}
+
+
+def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    identity = _identity(cfg)
+    if cfg.study in optuna.get_all_study_names(storage):
+        existing = optuna.load_study(study_name=cfg.study, storage=storage)
+        if existing.direction != optuna.study.StudyDirection.MINIMIZE:
+            raise ConfigError(f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another --study name")
+        stored = existing.user_attrs.get("identity")
+        if stored is not None and json.loads(stored) != json.loads(json.dumps(identity)):
+            diff = [k for k in identity if json.loads(stored).get(k) != json.loads(json.dumps(identity[k]))]
+            raise ConfigError(
+                f"study {cfg.study!r} was created with another {' and '.join(diff)}; run with the "
+                f"config it was created with, or start a new study with --study NAME"
+            )
+    study = optuna.create_study(
+        study_name=cfg.study, storage=storage, direction="minimize",
+        sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True,
+    )
+    if "identity" not in study.user_attrs:
+        from . import __version__
+
+        study.set_user_attr("identity", json.dumps(identity))
+        study.set_user_attr("config", json.dumps(to_dict(cfg)))
+        study.set_user_attr(VERSION_ATTR, __version__)
+    return study
+
+
+@dataclass
+class Counts:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+
+    @classmethod
+    def of(cls, trials: list[FrozenTrial]) -> "Counts":
+        states = [t.state for t in trials]
+        return cls(states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED), states.count(TrialState.FAIL))
+
+
+@dataclass
+class Summary:
+    study: str
+    storage: str
+    device: str
+    this_run: Counts
+    total: Counts
+    wall_seconds: float
+    log_dir: str
+    artifact_dir: str
+    best: FrozenTrial | None = None
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+class _Progress:
+    """tqdm bar over this run's trials with the best value so far (stderr)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="trial", disable=not enabled, dynamic_ncols=True)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.bar.update(1)
+        try:
+            self.bar.set_postfix_str(f"best val MSE {study.best_value:.3g} (trial {study.best_trial.number})")
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] = _stderr) -> Summary:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and summary replace per-trial logs
+    device = resolve_device(cfg.device, say=say)
+    storage = storage_mod.load(cfg.storage)
+    study = open_study(cfg, storage)
+    artifact_dir = Path(cfg.artifact_dir)
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    data = make_data(cfg.data, device)
+    objective = Objective(cfg, data, FileSystemArtifactStore(str(artifact_dir)))
+
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    bar = _Progress(cfg.n_trials, progress)
+    start = time.perf_counter()
+    interrupted = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout, callbacks=[bar])
+    except KeyboardInterrupt:  # Optuna has already marked the running trial FAIL
+        interrupted = True
+    finally:
+        bar.close()
+    return summarize(study, cfg, device=str(device), since=before, wall=time.perf_counter() - start, interrupted=interrupted)
+
+
+def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[int], wall: float, interrupted: bool = False) -> Summary:
+    trials = study.get_trials(deepcopy=False)
+    best = None
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        best = study.best_trial
+    return Summary(
+        study=study.study_name, storage=cfg.storage, device=device,
+        this_run=Counts.of([t for t in trials if t.number not in since]), total=Counts.of(trials),
+        wall_seconds=wall, log_dir=str(Path(cfg.log_dir) / study.study_name),
+        artifact_dir=cfg.artifact_dir, best=best, interrupted=interrupted,
+    )
+
+
+def describe_trial(t: FrozenTrial) -> list[str]:
+    """Lines that describe a finished trial: params, value, test MSE and the key attrs."""
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+    ua = t.user_attrs
+    lines = [
+        f"best trial     #{t.number}: {params}",
+        f"val MSE        {t.value:.3e}  (best epoch {ua.get('best_epoch', '?')} of {ua.get('epochs', '?')})",
+        f"test MSE       {ua.get('test_mse', float('nan')):.3e}  (report's best: 1.418e-03)",
+        f"parameters     {ua.get('n_params', '?')}, trained in {ua.get('seconds', float('nan')):.1f} s on {ua.get('device', '?')}",
+    ]
+    if "model_artifact" in ua:
+        lines.append(f"model artifact {ua['model_artifact']}")
+    return lines
+
+
+def format_summary(s: Summary) -> str:
+    r, tot = s.this_run, s.total
+    lines = [
+        f"study          {s.study}  ({'interrupted, ' if s.interrupted else ''}{s.wall_seconds:.1f} s on {s.device})",
+        f"this run       {r.complete} complete, {r.pruned} pruned, {r.failed} failed",
+        f"whole study    {tot.complete} complete, {tot.pruned} pruned, {tot.failed} failed",
+    ]
+    lines += describe_trial(s.best) if s.best else ["best trial     none complete yet"]
+    lines += [
+        f"storage        {s.storage}",
+        f"tensorboard    tensorboard --logdir {s.log_dir}",
+        f"dashboard      optuna-dashboard {s.storage} --artifact-dir {s.artifact_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def as_dict(s: Summary) -> dict[str, Any]:
+    d = asdict(s)
+    d["best"] = None if s.best is None else {"number": s.best.number, "value": s.best.value, "params": s.best.params, "user_attrs": s.best.user_attrs}
+    return d

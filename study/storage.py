@@ -1,0 +1,182 @@
+"""Storage URLs: check them before anything is written, then open them as Optuna storages.
+
+URL forms:
+  sqlite:///relative/path.db  sqlite:////absolute/path.db   RDBStorage, busy timeout 60 s
+  postgresql://user@host:port/db  (or postgresql+psycopg://)    RDBStorage, for several machines
+  journal:///relative/path.log  journal:////absolute/path.log JournalStorage on a file
+The default, sqlite:///storage/sinstudy.db, is relative to the working directory.
+
+`check()` reads (never writes) whatever the URL points at and raises StorageError with one line
+that names the fix: a corrupt file, another program's database, a directory we cannot write, an
+unreachable server. Only after it passes does `open_storage()` let Optuna create its tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+
+SQLITE_BUSY_TIMEOUT_S = 60  # wait for a lock instead of failing with "database is locked"
+PG_CONNECT_TIMEOUT_S = 5  # an unreachable server is reported after this, not a hang
+_OPTUNA_TABLES = {"studies", "trials", "alembic_version"}
+
+
+class StorageError(Exception):
+    """The storage cannot be used as given. `exit_code` is 2 for bad input, 1 for the environment."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class StorageURL:
+    url: str
+    kind: str  # sqlite | postgresql | journal
+    path: Path | None  # the file for sqlite / journal
+
+
+def parse(url: str) -> StorageURL:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "sqlite":
+        rest = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else None
+        if not rest or rest == ":memory:":
+            raise StorageError(f"storage URL {url!r} names no file; use sqlite:///path/to/study.db")
+        return StorageURL(url, "sqlite", Path(rest))
+    if scheme == "journal":
+        rest = url[len("journal:///") :] if url.lower().startswith("journal:///") else None
+        if not rest:
+            raise StorageError(f"storage URL {url!r} names no file; use journal:///path/to/study.log")
+        return StorageURL(url, "journal", Path(rest))
+    if scheme in ("postgresql", "postgresql+psycopg", "postgres"):
+        if not urlsplit(url).path.strip("/"):
+            raise StorageError(f"storage URL {url!r} names no database; use postgresql://user@host:5432/dbname")
+        fixed = "postgresql+psycopg://" + url.split("://", 1)[1]  # SQLAlchemy: use psycopg 3
+        return StorageURL(fixed, "postgresql", None)
+    raise StorageError(
+        f"unsupported storage URL {url!r}; use sqlite:///path.db, journal:///path.log "
+        "or postgresql://user@host:5432/db"
+    )
+
+
+def _check_writable_dir(path: Path) -> None:
+    """The file's folder must exist or be creatable, and be writable."""
+    folder = path.parent if str(path.parent) else Path(".")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(
+            f"cannot write to {str(folder)!r} for storage file {str(path)!r}; "
+            "choose a writable folder with --storage", exit_code=1
+        )
+
+
+def _check_sqlite(path: Path) -> None:
+    if path.is_dir():
+        raise StorageError(f"storage path {str(path)!r} is a directory; point --storage at a .db file")
+    if not path.exists() or path.stat().st_size == 0:
+        _check_writable_dir(path)
+        return
+    with open(path, "rb") as f:
+        header = f.read(16)
+    if header != b"SQLite format 3\x00":
+        raise StorageError(
+            f"{str(path)!r} is not a SQLite database (corrupt or another kind of file); "
+            "move it away or choose another --storage path"
+        )
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise StorageError(
+            f"{str(path)!r} is a damaged SQLite database ({e}); restore it from a copy or choose another --storage path"
+        ) from None
+    if tables and not _OPTUNA_TABLES <= tables:
+        raise StorageError(
+            f"{str(path)!r} is another program's SQLite database (no Optuna tables); "
+            "choose another --storage path"
+        )
+    if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StorageError(f"{str(path)!r} is read-only; make it writable or copy it elsewhere", exit_code=1)
+
+
+def _check_journal(path: Path) -> None:
+    if path.is_dir():
+        raise StorageError(f"storage path {str(path)!r} is a directory; point --storage at a .log file")
+    if not path.exists() or path.stat().st_size == 0:
+        _check_writable_dir(path)
+        return
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        ok = "op_code" in json.loads(first)
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise StorageError(
+            f"{str(path)!r} is not an Optuna journal file; move it away or choose another --storage path"
+        )
+    if not os.access(path, os.W_OK):
+        raise StorageError(f"{str(path)!r} is read-only; make it writable or copy it elsewhere", exit_code=1)
+
+
+def _check_postgresql(url: str) -> None:
+    try:
+        import psycopg
+    except ImportError:
+        raise StorageError(
+            "PostgreSQL storage needs psycopg; run: pip install 'sinstudy[postgres]'", exit_code=1
+        ) from None
+    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    try:
+        psycopg.connect(dsn, connect_timeout=PG_CONNECT_TIMEOUT_S).close()
+    except psycopg.Error as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(
+            f"cannot connect to PostgreSQL at {dsn!r} ({first}); start the server, create the "
+            "database, or fix --storage", exit_code=1
+        ) from None
+
+
+def check(url: str) -> StorageURL:
+    """Validate a storage URL without writing anything. Raises StorageError."""
+    parsed = parse(url)
+    if parsed.kind == "sqlite":
+        _check_sqlite(parsed.path)
+    elif parsed.kind == "journal":
+        _check_journal(parsed.path)
+    else:
+        _check_postgresql(parsed.url)
+    return parsed
+
+
+def open_storage(parsed: StorageURL) -> optuna.storages.BaseStorage:
+    """Open a checked URL. Creates the SQLite/journal file (and its folder) on first use."""
+    if parsed.path is not None:
+        parsed.path.parent.mkdir(parents=True, exist_ok=True)
+    if parsed.kind == "journal":
+        return JournalStorage(JournalFileBackend(str(parsed.path)))
+    if parsed.kind == "sqlite":
+        kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    else:
+        kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
+    try:
+        return RDBStorage(parsed.url, engine_kwargs=kwargs)
+    except RuntimeError as e:  # e.g. a schema from another Optuna version
+        raise StorageError(f"{parsed.url}: {str(e).splitlines()[0]}", exit_code=1) from None
+
+
+def load(url: str) -> optuna.storages.BaseStorage:
+    return open_storage(check(url))

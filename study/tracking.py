@@ -1,0 +1,39 @@
+"""TensorBoard: one run per trial under <log_dir>/<study>/trial-NNNN.
+
+Scalars are grouped the CleanRL way (loss/train, mse/val, lr), one point per epoch. When a
+trial ends (complete, pruned or diverged) its hyperparameters and final metrics go to the
+HParams tab, written into the same run folder so curves and hparams stay together.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .train import EpochLog
+
+
+def run_dir(log_dir: str | Path, study: str, trial_number: int) -> Path:
+    return Path(log_dir) / study / f"trial-{trial_number:04d}"
+
+
+class TrialLogger:
+    def __init__(self, log_dir: str | Path, study: str, trial_number: int):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: it loads tensorboard
+
+        self.path = run_dir(log_dir, study, trial_number)
+        self.writer = SummaryWriter(log_dir=str(self.path))
+
+    def log_epoch(self, log: EpochLog) -> None:
+        self.writer.add_scalar("loss/train", log.train_loss, log.epoch)
+        self.writer.add_scalar("mse/val", log.val_mse, log.epoch)
+        self.writer.add_scalar("lr", log.lr, log.epoch)
+
+    def close(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        # HParams takes only bool/number/str; None and tuples become strings. Non-finite metrics
+        # (a diverged trial) are kept out: they would hide the column's other values.
+        hp = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+        finite = {f"hparam/{k}": float(v) for k, v in metrics.items() if math.isfinite(v)}
+        self.writer.add_hparams(hp, finite, run_name=".")
+        self.writer.close()

@@ -1,0 +1,132 @@
+"""The plain training loop: what one trial means. Every faster path is tested against this.
+
+train(cfg, data) trains one MLP on the sin data set and returns a TrainResult. It knows nothing of
+Optuna; the objective passes `on_epoch`, which may raise (e.g. optuna.TrialPruned) to stop early.
+
+Semantics, top to bottom:
+  - weights from `init_model(seed)`; minibatch order from a CPU generator seeded `seed + 1`
+  - each epoch: a fresh permutation, minibatches of `batch_size` (the last one may be smaller),
+    MSE loss, one optimizer step per minibatch; then the scheduler steps once
+  - after each epoch: validation MSE on the whole validation set, reported through `on_epoch`
+  - a non-finite training loss ends training at once with `diverged` set (not an exception)
+  - the trial's value is the BEST validation MSE over its epochs; the weights of that epoch are
+    kept and the test MSE is measured on them, so value and test MSE describe the same network
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import SinData
+from .model import init_model, n_params
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    epoch: int  # 1-based: the number of epochs trained so far
+    train_loss: float  # mean minibatch loss over the epoch
+    val_mse: float
+    lr: float  # learning rate used during this epoch
+
+
+@dataclass
+class TrainResult:
+    best_val_mse: float  # the trial's value (inf if it diverged before one finite epoch)
+    best_epoch: int
+    final_val_mse: float
+    test_mse: float  # on the best epoch's weights
+    epochs: int  # epochs actually trained
+    n_params: int
+    seconds: float
+    device: str
+    diverged: str | None  # why training stopped on a non-finite loss, else None
+    model: nn.Module  # holds the best epoch's weights
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate during 0-based `epoch`: the closed form of each schedule (stepped per epoch)."""
+    if cfg.scheduler == "step":
+        return cfg.lr * cfg.gamma ** (epoch // cfg.step_size)
+    if cfg.scheduler == "exponential":
+        return cfg.lr * cfg.gamma**epoch
+    if cfg.scheduler == "cosine":  # CosineAnnealingLR(T_max=max_epochs, eta_min=0)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.max_epochs))
+    return cfg.lr
+
+
+@torch.no_grad()
+def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return torch.mean((model(x) - y) ** 2).item()  # note: a device sync on GPU, once per epoch
+
+
+def train(
+    cfg: TrainConfig,
+    data: SinData,
+    *,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> TrainResult:
+    start = time.perf_counter()
+    device = data.device
+    model = init_model(cfg.widths, cfg.activation, cfg.seed, device)
+    opt = make_optimizer(cfg, model.parameters())
+    order = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order, same on every device
+    n = data.x_train.shape[0]
+
+    best_val, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
+    val, diverged, epoch = math.inf, None, 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        lr = lr_at(cfg, epoch - 1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        perm = torch.randperm(n, generator=order).to(device)
+        model.train()
+        total = torch.zeros((), device=device)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            loss = torch.mean((model(data.x_train[idx]) - data.y_train[idx]) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * idx.numel()
+        train_loss = total.item() / n
+        if not math.isfinite(train_loss):
+            diverged = f"non-finite training loss in epoch {epoch} (lr={lr:.3g}): training diverged"
+            break
+        model.eval()
+        val = mse(model, data.x_val, data.y_val)
+        if val < best_val:
+            best_val, best_epoch = val, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        if on_epoch is not None:
+            on_epoch(EpochLog(epoch, train_loss, val, lr))
+
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        best_val_mse=best_val,
+        best_epoch=best_epoch,
+        final_val_mse=val,
+        test_mse=mse(model, data.x_test, data.y_test) if best_epoch else math.inf,
+        epochs=epoch if diverged is None else epoch - 1,
+        n_params=n_params(model),
+        seconds=time.perf_counter() - start,
+        device=str(device),
+        diverged=diverged,
+        model=model,
+    )
