@@ -46,7 +46,7 @@ def _draw(n: int, sampling: str, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g, dtype=torch.float64) * TWO_PI
 
 
-def test_grid(n: int) -> torch.Tensor:
+def grid_points(n: int) -> torch.Tensor:
     """n points at the centres of n equal cells of [0, 2*pi) (float64, raw x)."""
     return (torch.arange(n, dtype=torch.float64) + 0.5) * (TWO_PI / n)
 
@@ -55,8 +55,8 @@ def make_data(cfg: DataConfig, device: torch.device | str = "cpu") -> SinData:
     """Draw the three sets on the CPU in float64 (identical on every device), then move them."""
     g = torch.Generator().manual_seed(cfg.seed)
     x_tr = _draw(cfg.n_train, cfg.sampling, g)
-    x_va = _draw(cfg.n_val, cfg.sampling, g) if cfg.sampling == "uniform" else test_grid(cfg.n_val)
-    x_te = test_grid(cfg.n_test)
+    x_va = _draw(cfg.n_val, cfg.sampling, g) if cfg.sampling == "uniform" else grid_points(cfg.n_val)
+    x_te = grid_points(cfg.n_test)
     y_tr, y_va, y_te = torch.sin(x_tr), torch.sin(x_va), torch.sin(x_te)
     if cfg.noise > 0:
         y_tr = y_tr + cfg.noise * torch.randn(cfg.n_train, generator=g, dtype=torch.float64)

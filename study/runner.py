@@ -86,22 +86,31 @@ def _identity(cfg: StudyConfig) -> dict[str, Any]:
     return {"search_space": d["space"], "data": d["data"]}
 
 
-def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
+    """An existing study must minimise and have been made with the same space and data."""
+    if cfg.study not in optuna.get_all_study_names(storage):
+        return
+    existing = optuna.load_study(study_name=cfg.study, storage=storage)
+    if existing.direction != optuna.study.StudyDirection.MINIMIZE:
+        raise ConfigError(f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another --study name")
+    stored = existing.user_attrs.get("identity")
+    if stored is None:
+        raise ConfigError(f"study {cfg.study!r} was not made by sinstudy; use another --study name")
+    stored, identity = json.loads(stored), json.loads(json.dumps(_identity(cfg)))
+    diff = [k for k in identity if stored.get(k) != identity[k]]
+    if diff:
+        raise ConfigError(
+            f"study {cfg.study!r} was created with another {' and '.join(diff)}; run with the "
+            f"config it was created with, or start a new study with --study NAME"
+        )
+
+
+def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the study, or load it (after check_study), recording the config on creation."""
     identity = _identity(cfg)
-    if cfg.study in optuna.get_all_study_names(storage):
-        existing = optuna.load_study(study_name=cfg.study, storage=storage)
-        if existing.direction != optuna.study.StudyDirection.MINIMIZE:
-            raise ConfigError(f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another --study name")
-        stored = existing.user_attrs.get("identity")
-        if stored is not None and json.loads(stored) != json.loads(json.dumps(identity)):
-            diff = [k for k in identity if json.loads(stored).get(k) != json.loads(json.dumps(identity[k]))]
-            raise ConfigError(
-                f"study {cfg.study!r} was created with another {' and '.join(diff)}; run with the "
-                f"config it was created with, or start a new study with --study NAME"
-            )
     study = optuna.create_study(
         study_name=cfg.study, storage=storage, direction="minimize",
-        sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True,
+        sampler=sampler, pruner=make_pruner(cfg), load_if_exists=True,
     )
     if "identity" not in study.user_attrs:
         from . import __version__
@@ -164,9 +173,15 @@ class _Progress:
 
 def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] = _stderr) -> Summary:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and summary replace per-trial logs
-    device = resolve_device(cfg.device, say=say)
-    storage = storage_mod.load(cfg.storage)
-    study = open_study(cfg, storage)
+    notes: list[str] = []
+    device = resolve_device(cfg.device, say=notes.append)
+    sampler = make_sampler(cfg)
+    parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
+    storage = storage_mod.open_storage(parsed)
+    check_study(cfg, storage)
+    for note in notes:  # only once every check has passed, so a refusal stays one line
+        say(note)
+    study = open_study(cfg, storage, sampler)
     artifact_dir = Path(cfg.artifact_dir)
     artifact_dir.mkdir(parents=True, exist_ok=True)
     data = make_data(cfg.data, device)

@@ -1,0 +1,179 @@
+"""End-to-end: the real CLI in a subprocess on a temporary folder, read back with plain Optuna."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import TINY_TOML, run_cli
+
+TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def base_study(tmp_path_factory):
+    """A 12-trial study made once by `sinstudy run` in an empty folder."""
+    folder = tmp_path_factory.mktemp("base")
+    (folder / "tiny.toml").write_text(TINY_TOML)
+    r = run_cli("run", *TINY, "--n-trials", "12", cwd=folder)
+    assert r.returncode == 0, r.stderr
+    return folder, r
+
+
+@pytest.fixture
+def ran(base_study, workdir):
+    """A private copy of the base study in this test's working folder."""
+    folder, r = base_study
+    shutil.copytree(folder, workdir, dirs_exist_ok=True)
+    return workdir, r
+
+
+def test_run_creates_storage_and_everything_reads_back_with_plain_optuna(ran):
+    workdir, r = ran
+    assert (workdir / "storage/sinstudy.db").exists()
+    assert "no GPU found" in r.stderr
+    for word in ("best trial", "val MSE", "test MSE", "complete", "pruned", "tensorboard", "optuna-dashboard"):
+        assert word in r.stdout
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    trials = study.get_trials()
+    assert len(trials) == 12
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert any(t.state == TrialState.PRUNED for t in trials)  # Hyperband stops the worst early
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        assert set(t.params) == {"depth", "width", "lr", "activation"}
+        assert t.distributions["lr"] == optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)
+        assert sorted(t.intermediate_values) == list(range(1, 7))  # one value per epoch
+        assert t.value == pytest.approx(min(t.intermediate_values.values()))
+        for key in ("test_mse", "n_params", "epochs", "seconds", "device"):
+            assert key in t.user_attrs
+    best = study.best_trial
+    art = best.user_attrs["model_artifact"]
+    assert (workdir / "storage/artifacts" / art).exists()
+    assert optuna.artifacts.get_all_artifact_meta(best, storage=study._storage)
+    assert f"#{best.number}" in r.stdout
+
+
+def test_tensorboard_runs_are_readable_with_tensorboards_reader(ran):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, _ = ran
+    runs = sorted((workdir / "storage/tensorboard/sinstudy").iterdir())
+    assert [p.name for p in runs] == [f"trial-{i:04d}" for i in range(12)]
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    for t in study.get_trials():
+        acc = EventAccumulator(str(workdir / f"storage/tensorboard/sinstudy/trial-{t.number:04d}"))
+        acc.Reload()
+        assert {"loss/train", "mse/val", "lr"} <= set(acc.Tags()["scalars"])
+        vals = [e.value for e in acc.Scalars("mse/val")]
+        assert vals == pytest.approx([t.intermediate_values[s] for s in sorted(t.intermediate_values)], rel=1e-6)
+
+
+def test_resume_adds_trials_to_the_same_study(ran):
+    workdir, _ = ran
+    r = run_cli("run", *TINY, "--n-trials", "3", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    assert [t.number for t in study.trials] == list(range(15))
+    assert "whole study" in r.stdout and "this run" in r.stdout
+
+
+def test_best_prints_from_storage(ran):
+    workdir, _ = ran
+    r = run_cli("best", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    assert f"#{study.best_trial.number}" in r.stdout
+    assert f"{study.best_value:.3e}" in r.stdout
+
+
+def test_same_seed_same_params_and_values(workdir):
+    out = []
+    for name in ("a", "b"):
+        r = run_cli("run", *TINY, "--n-trials", "6", "--seed", "3", "--storage", f"sqlite:///{name}.db", cwd=workdir)
+        assert r.returncode == 0, r.stderr
+        trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{name}.db").trials
+        out.append([(t.params, t.state, t.value, t.intermediate_values) for t in trials])
+    assert out[0] == out[1]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--n-trials", "0"], "--n-trials"),
+        (["--n-trials", "many"], "invalid int value"),
+        (["--sampler", "bayes"], "unknown sampler"),
+        (["--pruner", "asha"], "unknown pruner"),
+        (["--device", "tpu"], "device"),
+        (["--device", "cuda"], "not available"),
+        (["--storage", "mongodb://x/y"], "unsupported storage URL"),
+        (["--config", "missing.toml"], "does not exist"),
+        (["--config", "bad_key.toml"], "unknown key"),
+        (["--config", "bad_act.toml"], "unknown activation"),
+        (["--config", "reversed.toml"], "reversed"),
+        (["--config", "empty.toml"], "non-empty list"),
+        (["--config", "other_space.toml"], "another search_space"),
+        (["--bogus-flag"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_leaves_storage_untouched(ran, args, fragment):
+    workdir, _ = ran
+    (workdir / "bad_key.toml").write_text("[search_space]\ndeep = [1, 2]\n")
+    (workdir / "bad_act.toml").write_text('[search_space]\nactivation = ["swish"]\n')
+    (workdir / "reversed.toml").write_text("[search_space]\nwidth = [64, 8]\n")
+    (workdir / "empty.toml").write_text("[search_space]\nactivation = []\n")
+    (workdir / "other_space.toml").write_text(TINY_TOML.replace("depth = [1, 2]", "depth = [1, 3]"))
+    db = workdir / "storage/sinstudy.db"
+    before = _digest(db)
+    r = run_cli("run", "--no-progress", "--n-trials", "1", *args, cwd=workdir)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert _digest(db) == before
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "foreign"])
+def test_corrupt_or_foreign_database_is_refused_and_unchanged(workdir, kind):
+    import sqlite3
+
+    db = workdir / "x.db"
+    if kind == "corrupt":
+        db.write_bytes(b"\x00garbage" * 64)
+    else:
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE invoices (id INTEGER)")
+        con.commit()
+        con.close()
+    before = _digest(db)
+    r = run_cli("run", *TINY, "--n-trials", "1", "--storage", "sqlite:///x.db", cwd=workdir)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert _digest(db) == before
+
+
+def test_best_on_missing_storage_or_study(workdir):
+    r = run_cli("best", cwd=workdir)
+    assert r.returncode == 2 and "run `sinstudy run` first" in r.stderr
+    assert not (workdir / "storage").exists()
+
+
+def test_module_and_console_script_are_the_same_cli(workdir):
+    import subprocess
+
+    exe = shutil.which("sinstudy")
+    assert exe is not None, "the console script `sinstudy` is not installed"
+    a = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    b = run_cli("--help", cwd=workdir)
+    assert a.returncode == b.returncode == 0
+    assert a.stdout.replace("sinstudy", "") == b.stdout.replace("sinstudy", "")

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import sqlite3
+
+import optuna
+import pytest
+
+from study import storage
+from study.storage import StorageError
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("mongodb://localhost/x", "unsupported storage URL"),
+        ("sqlite://", "names no file"),
+        ("sqlite:///:memory:", "names no file"),
+        ("journal://", "names no file"),
+        ("postgresql://localhost:5432", "names no database"),
+        ("not a url", "unsupported storage URL"),
+    ],
+)
+def test_bad_urls(url, fragment):
+    with pytest.raises(StorageError, match=fragment):
+        storage.check(url)
+
+
+def test_new_sqlite_file_is_created_on_open_not_on_check(tmp_path):
+    url = f"sqlite:///{tmp_path}/sub/dir/s.db"
+    parsed = storage.check(url)
+    assert not (tmp_path / "sub").exists()  # check() writes nothing
+    optuna.create_study(storage=storage.open_storage(parsed), study_name="x")
+    assert (tmp_path / "sub/dir/s.db").exists()
+
+
+def test_corrupt_sqlite_file(tmp_path):
+    f = tmp_path / "s.db"
+    f.write_bytes(b"this is not a database" * 10)
+    with pytest.raises(StorageError, match="not a SQLite database"):
+        storage.check(f"sqlite:///{f}")
+
+
+def test_foreign_sqlite_database(tmp_path):
+    f = tmp_path / "other.db"
+    con = sqlite3.connect(f)
+    con.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+    con.commit()
+    con.close()
+    with pytest.raises(StorageError, match="another program's SQLite database"):
+        storage.check(f"sqlite:///{f}")
+
+
+def test_path_below_a_file_cannot_be_written(tmp_path):
+    # The unwritable case that holds for root as well (CI runs as root, which ignores modes).
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StorageError, match="cannot write") as e:
+        storage.check(f"sqlite:///{tmp_path}/afile/s.db")
+    assert e.value.exit_code == 1
+
+
+def test_journal_file_round_trip_and_foreign_file(tmp_path):
+    url = f"journal:///{tmp_path}/j.log"
+    study = optuna.create_study(storage=storage.load(url), study_name="j")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name="j", storage=storage.load(url)).trials) == 2
+    (tmp_path / "notes.log").write_text("hello\n")
+    with pytest.raises(StorageError, match="not an Optuna journal"):
+        storage.check(f"journal:///{tmp_path}/notes.log")
+
+
+def test_unreachable_postgresql_is_reported_quickly():
+    # Port 9 (discard) on loopback has no PostgreSQL: refused at once, exit code 1 (environment).
+    with pytest.raises(StorageError, match="cannot connect to PostgreSQL") as e:
+        storage.check("postgresql://postgres@127.0.0.1:9/test")
+    assert e.value.exit_code == 1
