@@ -24,6 +24,14 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
 
 
+def _id_list(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--devices takes GPU ids like 0,1 (got {text!r})") from None
+    return ids
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sinstudy", description="Optuna studies of an MLP that learns sin(x) on [0, 2*pi).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -38,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pruner", help=f"one of {', '.join(config_mod.PRUNERS)} (default {DEFAULTS.pruner})")
     run.add_argument("--seed", type=int, help=f"sampler and weight seed (default {DEFAULTS.seed})")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    run.add_argument("--workers", type=int, help="worker processes on this machine sharing the study (default 1)")
+    run.add_argument("--devices", type=_id_list, help="GPU ids, one worker per GPU, e.g. 0,1,2,3")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     best = sub.add_parser("best", help="print the best trial, from storage alone")
@@ -52,10 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_mod.build(
         toml, study=args.study, storage=args.storage, n_trials=args.n_trials, timeout=args.timeout,
         max_epochs=args.max_epochs, sampler=args.sampler, pruner=args.pruner, seed=args.seed, device=args.device,
+        workers=args.workers, devices=args.devices,
     )
     summary = runner.run(cfg, progress=not args.no_progress)
     print(runner.format_summary(summary))
-    return 130 if summary.interrupted else 0
+    return 128 + summary.signum if summary.signum else 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:

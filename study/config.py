@@ -120,6 +120,16 @@ class StudyConfig:
     """seed of the sampler and of every trial's weights (trial seed = seed + trial number)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
+    workers: int = 1
+    """worker processes on this machine sharing the study; --n-trials is met exactly across them"""
+    devices: tuple[int, ...] | None = None
+    """GPU ids, one worker per id (round-robin when --workers is larger); None: --device decides"""
+    heartbeat_interval: int = 5
+    """seconds between a running trial's heartbeats (RDB: Optuna's heartbeat; journal: ours)"""
+    grace_period: int = 20
+    """a running trial silent this long is failed and retried by the next worker that looks"""
+    max_retries: int = 1
+    """how many times a crashed trial's params are retried"""
     log_dir: str = "storage/tensorboard"
     """TensorBoard runs go to <log_dir>/<study>/trial-NNNN"""
     artifact_dir: str = "storage/artifacts"
@@ -191,6 +201,20 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _choice("sampler", cfg.sampler, SAMPLERS)
     _choice("pruner", cfg.pruner, PRUNERS)
     _positive_int("seed", cfg.seed, minimum=0)
+    _positive_int("--workers", cfg.workers)
+    if cfg.devices is not None:
+        if not cfg.devices:
+            raise ConfigError("--devices needs at least one GPU id, e.g. --devices 0,1")
+        for d in cfg.devices:
+            _positive_int("--devices", d, minimum=0)
+    _positive_int("heartbeat_interval", cfg.heartbeat_interval)
+    _positive_int("grace_period", cfg.grace_period)
+    if cfg.grace_period <= cfg.heartbeat_interval:
+        raise ConfigError(
+            f"grace_period ({cfg.grace_period}) must exceed heartbeat_interval ({cfg.heartbeat_interval}); "
+            "a live trial would look dead"
+        )
+    _positive_int("max_retries", cfg.max_retries, minimum=0)
     d = cfg.data
     _positive_int("data.n_train", d.n_train, minimum=2)
     _positive_int("data.n_val", d.n_val)
@@ -299,6 +323,8 @@ def build(toml: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> St
         if overrides.get(key) is not None:
             train_kw[key] = overrides[key]
     study_kw = {**toml.get("study", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    if isinstance(study_kw.get("devices"), list):
+        study_kw["devices"] = tuple(study_kw["devices"])
     study_kw.pop("max_epochs", None)
     try:
         cfg = StudyConfig(

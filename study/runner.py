@@ -8,6 +8,7 @@ space and data: mixing trials of two spaces would make its importances and best 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import warnings
@@ -17,13 +18,11 @@ from typing import Any, Callable
 
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
+from . import recovery, workers
 from . import storage as storage_mod
 from .config import ConfigError, StudyConfig, to_dict
-from .data import make_data
-from .objective import Objective
 from .space import grid
 
 VERSION_ATTR = "sinstudy_version"
@@ -144,7 +143,7 @@ class Summary:
     log_dir: str
     artifact_dir: str
     best: FrozenTrial | None = None
-    interrupted: bool = False
+    signum: int = 0  # the signal that interrupted the run, or 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -153,7 +152,7 @@ def _stderr(line: str) -> None:
 
 
 class _Progress:
-    """tqdm bar over this run's trials with the best value so far (stderr)."""
+    """tqdm bar over this run's finished trials with the best value so far (stderr)."""
 
     def __init__(self, total: int, enabled: bool):
         from tqdm import tqdm
@@ -161,10 +160,20 @@ class _Progress:
         self.bar = tqdm(total=total, unit="trial", disable=not enabled, dynamic_ncols=True)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna callback (one worker in this process): one more trial finished."""
         self.bar.update(1)
+        self._best(study)
+
+    def to(self, n: int, study: optuna.Study) -> None:
+        """Move to n finished trials (the parent of several workers polls the storage)."""
+        if n != self.bar.n:
+            self.bar.update(n - self.bar.n)
+            self._best(study)
+
+    def _best(self, study: optuna.Study) -> None:
         try:
             self.bar.set_postfix_str(f"best val MSE {study.best_value:.3g} (trial {study.best_trial.number})")
-        except ValueError:
+        except ValueError:  # no complete trial yet
             pass
 
     def close(self) -> None:
@@ -172,37 +181,79 @@ class _Progress:
 
 
 def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] = _stderr) -> Summary:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar and summary replace per-trial logs
+    # The bar and summary replace per-trial logs; a failing trial re-raises and the CLI prints one
+    # line (SINSTUDY_DEBUG=1: traceback), so Optuna's own failure log with a traceback is noise.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     notes: list[str] = []
-    device = resolve_device(cfg.device, say=notes.append)
+    device = resolve_device(cfg.device, say=notes.append) if cfg.devices is None else check_devices(cfg.devices)
     sampler = make_sampler(cfg)
     parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
-    storage = storage_mod.open_storage(parsed)
+    storage = storage_mod.open_storage(parsed, storage_mod.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries))
     check_study(cfg, storage)
+    notes += storage_advice(parsed.kind, cfg.workers)
     for note in notes:  # only once every check has passed, so a refusal stays one line
         say(note)
     study = open_study(cfg, storage, sampler)
-    artifact_dir = Path(cfg.artifact_dir)
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    data = make_data(cfg.data, device)
-    objective = Objective(cfg, data, FileSystemArtifactStore(str(artifact_dir)))
+    Path(cfg.artifact_dir).mkdir(parents=True, exist_ok=True)
+    for n in recovery.sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries):
+        say(f"trial #{n} of an earlier run had no heartbeat for {cfg.grace_period} s: marked FAIL and queued for retry")
 
     before = {t.number for t in study.get_trials(deepcopy=False)}
     bar = _Progress(cfg.n_trials, progress)
     start = time.perf_counter()
-    interrupted = False
+    signum = 0
+    placements = workers.worker_devices(cfg, str(device))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout, callbacks=[bar])
-    except KeyboardInterrupt:  # Optuna has already marked the running trial FAIL
-        interrupted = True
+        if len(placements) == 1 and not cfg.devices:
+            signum = _run_here(cfg, str(device), bar)
+        else:
+            pool = workers.Pool(cfg, study, placements, say=say, on_progress=lambda: bar.to(workers.finished_since(study, before), study))
+            signum = pool.run()
     finally:
         bar.close()
-    return summarize(study, cfg, device=str(device), since=before, wall=time.perf_counter() - start, interrupted=interrupted)
+    return summarize(study, cfg, device=_where(placements), since=before, wall=time.perf_counter() - start, signum=signum)
 
 
-def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[int], wall: float, interrupted: bool = False) -> Summary:
+def _run_here(cfg: StudyConfig, device: str, bar: "_Progress") -> int:
+    """One worker in this process. Returns the interrupting signal, or 0."""
+    budget = workers.Budget(cfg.n_trials, cfg.timeout)
+    current = workers._CTX.Array("i", [-1])
+    try:
+        with workers.signals_raise():
+            workers.worker_loop(cfg, 0, budget, current, device=device, callbacks=[bar])
+    except workers.Interrupted as e:  # Optuna has already marked the running trial FAIL
+        return e.signum
+    except KeyboardInterrupt:
+        return signal.SIGINT
+    return 0
+
+
+def check_devices(devices: tuple[int, ...]) -> torch.device:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError("--devices needs CUDA GPUs, but none is visible; drop --devices or use --workers N")
+    bad = [d for d in devices if d >= count]
+    if bad:
+        raise ConfigError(f"--devices {bad[0]} does not exist: {count} GPU(s) visible (ids 0..{count - 1})")
+    return torch.device("cuda")
+
+
+# Measured (README "Scaling out"): SQLite with a 60 s busy timeout held 4 and 8 workers with no
+# "database is locked", but a journal file was faster per trial from 4 workers up.
+def storage_advice(kind: str, n_workers: int) -> list[str]:
+    if kind == "sqlite" and n_workers >= 4:
+        return [f"note: {n_workers} workers on SQLite work, but --storage journal:///storage/sinstudy.log is faster (README: Scaling out)"]
+    return []
+
+
+def _where(placements: list[tuple[str, dict[str, str]]]) -> str:
+    if len(placements) == 1:
+        return placements[0][0]
+    gpus = sorted({env["CUDA_VISIBLE_DEVICES"] for _, env in placements if env})
+    return f"{len(placements)} workers on " + (f"GPUs {','.join(gpus)}" if gpus else placements[0][0])
+
+
+def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[int], wall: float, signum: int = 0) -> Summary:
     trials = study.get_trials(deepcopy=False)
     best = None
     if any(t.state == TrialState.COMPLETE for t in trials):
@@ -211,7 +262,7 @@ def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[
         study=study.study_name, storage=cfg.storage, device=device,
         this_run=Counts.of([t for t in trials if t.number not in since]), total=Counts.of(trials),
         wall_seconds=wall, log_dir=str(Path(cfg.log_dir) / study.study_name),
-        artifact_dir=cfg.artifact_dir, best=best, interrupted=interrupted,
+        artifact_dir=cfg.artifact_dir, best=best, signum=int(signum),
     )
 
 
@@ -233,7 +284,7 @@ def describe_trial(t: FrozenTrial) -> list[str]:
 def format_summary(s: Summary) -> str:
     r, tot = s.this_run, s.total
     lines = [
-        f"study          {s.study}  ({'interrupted, ' if s.interrupted else ''}{s.wall_seconds:.1f} s on {s.device})",
+        f"study          {s.study}  ({'interrupted by ' + signal.Signals(s.signum).name + ', ' if s.signum else ''}{s.wall_seconds:.1f} s on {s.device})",
         f"this run       {r.complete} complete, {r.pruned} pruned, {r.failed} failed",
         f"whole study    {tot.complete} complete, {tot.pruned} pruned, {tot.failed} failed",
     ]
@@ -241,9 +292,14 @@ def format_summary(s: Summary) -> str:
     lines += [
         f"storage        {s.storage}",
         f"tensorboard    tensorboard --logdir {s.log_dir}",
-        f"dashboard      optuna-dashboard {s.storage} --artifact-dir {s.artifact_dir}",
+        f"dashboard      optuna-dashboard {dashboard_target(s.storage)} --artifact-dir {s.artifact_dir}",
     ]
     return "\n".join(lines)
+
+
+def dashboard_target(url: str) -> str:
+    """optuna-dashboard takes RDB URLs as they are and a journal file by its path."""
+    return url[len("journal:///"):] if url.startswith("journal:///") else url
 
 
 def _fmt(v: Any) -> str:

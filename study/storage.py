@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,7 +27,9 @@ from optuna.storages.journal import JournalFileBackend
 
 SQLITE_BUSY_TIMEOUT_S = 60  # wait for a lock instead of failing with "database is locked"
 PG_CONNECT_TIMEOUT_S = 5  # an unreachable server is reported after this, not a hang
-_OPTUNA_TABLES = {"studies", "trials", "alembic_version"}
+# Any of Optuna's tables marks its database: a second process may look while the first is still
+# creating the schema, and a half-made Optuna schema is not another program's database.
+_OPTUNA_TABLES = {"studies", "trials", "alembic_version", "version_info", "study_directions", "trial_values"}
 
 
 class StorageError(Exception):
@@ -103,7 +106,7 @@ def _check_sqlite(path: Path) -> None:
         raise StorageError(
             f"{str(path)!r} is a damaged SQLite database ({e}); restore it from a copy or choose another --storage path"
         ) from None
-    if tables and not _OPTUNA_TABLES <= tables:
+    if tables and not _OPTUNA_TABLES & tables:
         raise StorageError(
             f"{str(path)!r} is another program's SQLite database (no Optuna tables); "
             "choose another --storage path"
@@ -162,8 +165,19 @@ def check(url: str) -> StorageURL:
     return parsed
 
 
-def open_storage(parsed: StorageURL) -> optuna.storages.BaseStorage:
-    """Open a checked URL. Creates the SQLite/journal file (and its folder) on first use."""
+@dataclass(frozen=True)
+class Heartbeat:
+    interval: int
+    grace_period: int
+    max_retries: int
+
+
+def open_storage(parsed: StorageURL, heartbeat: Heartbeat | None = None) -> optuna.storages.BaseStorage:
+    """Open a checked URL. Creates the SQLite/journal file (and its folder) on first use.
+
+    With `heartbeat`, RDB storages run Optuna's heartbeat and retry stale trials; the journal has
+    no heartbeat in Optuna, see study.recovery for its equivalent.
+    """
     if parsed.path is not None:
         parsed.path.parent.mkdir(parents=True, exist_ok=True)
     if parsed.kind == "journal":
@@ -172,8 +186,18 @@ def open_storage(parsed: StorageURL) -> optuna.storages.BaseStorage:
         kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
         kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
+    hb = {}
+    if heartbeat is not None:
+        from .recovery import retry_callback
+
+        hb = dict(
+            heartbeat_interval=heartbeat.interval, grace_period=heartbeat.grace_period,
+            heartbeat_stale_trial_callback=retry_callback(heartbeat.max_retries),
+        )
     try:
-        return RDBStorage(parsed.url, engine_kwargs=kwargs)
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
     except RuntimeError as e:  # e.g. a schema from another Optuna version
         raise StorageError(f"{parsed.url}: {str(e).splitlines()[0]}", exit_code=1) from None
 

@@ -42,3 +42,34 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     return subprocess.run(
         [sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+PG_URL = os.environ.get("SINSTUDY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url():
+    """A throw-away PostgreSQL database on $SINSTUDY_TEST_PG's server, dropped afterwards."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL unreachable at {PG_URL} ({str(e).strip().splitlines()[0]}); set SINSTUDY_TEST_PG")
+    name = f"sinstudy_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    """Start `python -m study ARGS` in its own session (so a test can signal its process group)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "study", *args], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )

@@ -1,0 +1,167 @@
+"""Real worker processes on real storages: exact budgets, crashes, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import TINY_TOML, run_cli, start_cli
+from study import storage as storage_mod
+
+# Slow trials (no pruning, many epochs) so a signal lands mid-trial; fast heartbeat for tests.
+SLOW_TOML = TINY_TOML + "\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = \"none\"\n"
+
+
+def _load(url: str) -> optuna.Study:
+    return optuna.load_study(study_name="sinstudy", storage=storage_mod.load(url))
+
+
+def _check_exact(study: optuna.Study, n: int) -> Counter:
+    states = Counter(t.state for t in study.trials)
+    numbers = [t.number for t in study.trials]
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n
+    assert len(numbers) == len(set(numbers)) == len(study.trials)
+    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
+    return states
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_four_local_workers_meet_the_budget_exactly(workdir, kind):
+    url = {"sqlite": f"sqlite:///{workdir}/s.db", "journal": f"journal:///{workdir}/s.log"}[kind]
+    r = run_cli("run", "--config", "tiny.toml", "--max-epochs", "5", "--no-progress", "--storage", url,
+                "--n-trials", "40", "--workers", "4", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    states = _check_exact(_load(url), 40)
+    assert states[TrialState.FAIL] == 0
+    assert "4 workers" in r.stdout
+
+
+def test_eight_workers_on_postgresql(workdir, pg_url):
+    r = run_cli("run", "--config", "tiny.toml", "--max-epochs", "5", "--no-progress", "--storage", pg_url,
+                "--n-trials", "40", "--workers", "8", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert _check_exact(_load(pg_url), 40)[TrialState.FAIL] == 0
+
+
+def _wait_running(url: str, n: int, proc, timeout: float = 60) -> list[optuna.trial.FrozenTrial]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if Path(url.split(":///", 1)[1]).exists():
+            try:
+                running = _load(url).get_trials(states=(TrialState.RUNNING,))
+            except Exception:  # the study (or its schema) is still being created
+                running = []
+            if len(running) >= n:
+                return running
+        time.sleep(0.2)
+    raise AssertionError("no trial started in time")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in cmd:
+                kids.append(int(entry.name))
+    return kids
+
+
+def test_sigkilled_worker_costs_one_trial_which_is_retried(workdir):
+    (workdir / "slow.toml").write_text(SLOW_TOML)
+    url = f"sqlite:///{workdir}/s.db"
+    proc = start_cli("run", "--config", "slow.toml", "--max-epochs", "300", "--no-progress", "--storage", url,
+                     "--n-trials", "6", "--workers", "2", cwd=workdir)
+    _wait_running(url, 2, proc)
+    victim = _children(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "was killed (SIGKILL)" in err and "queued for retry" in err
+    study = _load(url)
+    states = _check_exact(study, 6)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert states[TrialState.FAIL] == 1
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1 and retries[0].params == failed[0].params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_killed_run_is_recovered_on_resume_by_heartbeat(workdir, kind):
+    (workdir / "slow.toml").write_text(SLOW_TOML)
+    url = {"sqlite": f"sqlite:///{workdir}/s.db", "journal": f"journal:///{workdir}/s.log"}[kind]
+    common = ("run", "--config", "slow.toml", "--max-epochs", "300", "--no-progress", "--storage", url)
+    proc = start_cli(*common, "--n-trials", "5", cwd=workdir)
+    victim = _wait_running(url, 1, proc)[0]
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: nobody is left to tell Optuna
+    proc.wait()
+    assert _load(url).trials[victim.number].state == TrialState.RUNNING
+    time.sleep(4)  # past the 3 s grace period
+    r = run_cli(*common, "--n-trials", "2", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    study = _load(url)
+    assert study.trials[victim.number].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    new = [t for t in study.trials if t.number > victim.number]
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in new) == 2  # the budget of the resume
+
+
+@pytest.mark.parametrize(
+    "workers, signum, target, code",
+    [
+        (1, signal.SIGTERM, "process", 143),
+        (2, signal.SIGINT, "group", 130),  # Ctrl-C in a terminal reaches the whole group
+        (2, signal.SIGTERM, "process", 143),  # `kill PID` of the parent: it stops its workers
+    ],
+)
+def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(workdir, workers, signum, target, code):
+    (workdir / "slow.toml").write_text(SLOW_TOML)
+    url = f"sqlite:///{workdir}/s.db"
+    proc = start_cli("run", "--config", "slow.toml", "--max-epochs", "300", "--no-progress", "--storage", url,
+                     "--n-trials", "20", "--workers", str(workers), cwd=workdir)
+    running = _wait_running(url, workers, proc)
+    kids = _children(proc.pid)
+    assert len(kids) == (workers if workers > 1 else 0)
+    (os.killpg if target == "group" else os.kill)(proc.pid, signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"interrupted by {signal.Signals(signum).name}" in out
+    assert "Traceback" not in err
+    study = _load(url)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    for t in running:
+        assert study.trials[t.number].state in (TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED)
+    assert any(t.state == TrialState.FAIL for t in study.trials)
+    assert not [k for k in kids if Path(f"/proc/{k}").exists()]  # the workers were stopped too
+
+
+def test_workers_zero_and_missing_gpus_are_bad_input(workdir):
+    for args, fragment in ((["--workers", "0"], "--workers"), (["--devices", "0,1"], "--devices")):
+        r = run_cli("run", "--no-progress", *args, cwd=workdir)
+        assert r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (workdir / "storage").exists()
+
+
+def test_unreachable_postgresql_fails_fast_with_one_line(workdir):
+    t0 = time.time()
+    r = run_cli("run", "--no-progress", "--storage", "postgresql://postgres@127.0.0.1:9/test", cwd=workdir)
+    assert r.returncode == 1 and "cannot connect to PostgreSQL" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert time.time() - t0 < 30  # bounded by the connect timeout, not a hang
