@@ -52,7 +52,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     best = sub.add_parser("best", help="print the best trial, from storage alone")
     _study_args(best)
+
+    plot = sub.add_parser("plot", help="write plotly HTML (and PNG) plots of a study")
+    _study_args(plot)
+    plot.add_argument("--out", help="folder (default storage/plots/<study>/)")
+    plot.add_argument("--evaluator", choices=["ped-anova", "fanova", "both"], default="both", help="importance evaluator(s) (default both)")
+    plot.add_argument("--no-png", action="store_true", help="HTML only, even where Chromium is available")
+    _artifact_arg(plot)
+
+    report = sub.add_parser("report", help="write one self-contained HTML report of a study")
+    _study_args(report)
+    report.add_argument("--out", help="file (default storage/reports/<study>.html)")
+    _artifact_arg(report)
+
+    comp = sub.add_parser("compare", help="redo one of the course report's comparisons, with repeats")
+    comp.add_argument("factor", help="depth, width, lr, scheduler or activation")
+    comp.add_argument("--max-epochs", type=int, default=1000, help="epochs per run (default 1000, as in the report)")
+    comp.add_argument("--seeds", type=int, default=3, help="runs per cell (default 3)")
+    comp.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
+    comp.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    comp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage and artifacts")
+    dash.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    dash.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    _artifact_arg(dash)
     return parser
+
+
+def _artifact_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact-dir", default=DEFAULTS.artifact_dir, help=f"artifact store folder (default {DEFAULTS.artifact_dir})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -76,9 +106,87 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import plots, results
+
+    name = args.study or DEFAULTS.study
+    study = results.load_existing(name, args.storage or DEFAULTS.storage)
+    evaluators = ("ped-anova", "fanova") if args.evaluator == "both" else (args.evaluator,)
+    out = Path(args.out or f"storage/plots/{name}")
+    files, notes = plots.plot_study(study, out, artifact_dir=args.artifact_dir, evaluators=evaluators, png=not args.no_png)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {len(files)} files to {out}/:")
+    for f in files:
+        print(f"  {f.name}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import report, results
+
+    name = args.study or DEFAULTS.study
+    study = results.load_existing(name, args.storage or DEFAULTS.storage)
+    out = Path(args.out or f"storage/reports/{name}.html")
+    text = report.build(study, args.artifact_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opens offline)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from . import compare, runner
+    from . import storage as storage_mod
+
+    if args.factor not in compare.FACTORS:
+        raise ConfigError(f"unknown comparison {args.factor!r}; choose one of: {', '.join(compare.FACTORS)}")
+    config_mod.validate_train(config_mod.TrainConfig(max_epochs=args.max_epochs))
+    if args.seeds < 2:
+        raise ConfigError(f"--seeds must be >= 2 for a spread (got {args.seeds})")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the bar and the table say it all
+    device = runner.resolve_device(args.device, say=lambda line: print(line, file=sys.stderr))
+    storage = storage_mod.load(args.storage or DEFAULTS.storage)
+    cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
+    bar = tqdm(total=cells * args.seeds, unit="run", disable=args.no_progress, desc=f"compare {args.factor}")
+    rows = compare.run(args.factor, storage, epochs=args.max_epochs, seeds=args.seeds, device=str(device),
+                       log_dir=DEFAULTS.log_dir, progress=lambda t: bar.update(1))
+    bar.close()
+    text = "\n".join([
+        f"## compare {args.factor}: {compare.FACTORS[args.factor](args.max_epochs).question}",
+        "", compare.describe_base(args.max_epochs) + f"; {args.seeds} seeds per cell, device {device}", "",
+        compare.table(rows), "", *[f"- {v}" for v in compare.verdicts(args.factor, rows)],
+    ])
+    out = Path(f"storage/compare/{args.factor}-e{args.max_epochs}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(text)
+    print(f"\n(table saved to {out}; curves: tensorboard --logdir {DEFAULTS.log_dir}/compare-{args.factor}-e{args.max_epochs})")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from . import dashboard
+
+    url = args.storage or DEFAULTS.storage
+    print(f"optuna-dashboard on {url} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    dashboard.serve(url, host=args.host, port=args.port, artifact_dir=args.artifact_dir)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "best": cmd_best}[args.command]
+    handler = {"run": cmd_run, "best": cmd_best, "plot": cmd_plot, "report": cmd_report, "dashboard": cmd_dashboard, "compare": cmd_compare}[args.command]
     try:
         return handler(args)
     except ConfigError as e:

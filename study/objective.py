@@ -17,6 +17,7 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
+from . import interrupt
 from .config import StudyConfig, TrainConfig
 from .data import SinData
 from .space import suggest
@@ -40,6 +41,7 @@ def record_result(trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -
     attrs = {
         "test_mse": result.test_mse,
         "final_val_mse": result.final_val_mse,
+        "final_test_mse": result.final_test_mse,
         "best_epoch": result.best_epoch,
         "n_params": result.n_params,
         "epochs": result.epochs,
@@ -64,6 +66,7 @@ class Objective:
         last = {"val_mse": float("inf"), "epoch": 0}
 
         def on_epoch(log: EpochLog) -> None:
+            interrupt.check()  # Ctrl-C / SIGTERM: stop here, between epochs
             logger.log_epoch(log)
             last.update(val_mse=log.val_mse, epoch=log.epoch)
             trial.report(log.val_mse, log.epoch)
@@ -76,6 +79,9 @@ class Objective:
             result = train(tcfg, self.data, on_epoch=on_epoch)
         except optuna.TrialPruned:
             logger.close(hparams, {"val_mse": last["val_mse"]})
+            raise
+        except BaseException:  # interrupted or failed: keep the curve written so far
+            logger.writer.close()
             raise
         logger.close(hparams, {"val_mse": result.best_val_mse, "test_mse": result.test_mse})
 
@@ -95,6 +101,9 @@ class Objective:
             return True
 
     def _upload_model(self, trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -> None:
+        """Weights and a fit image, while the trial runs: finished trials take no artifacts."""
+        from . import analysis, plots
+
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / MODEL_FILE
             save_model(result, tcfg, path)
@@ -102,4 +111,7 @@ class Objective:
                 artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial,
                 mimetype="application/octet-stream",
             )
+            image = Path(tmp) / f"fit-trial-{trial.number:04d}.png"
+            plots.fit_png(analysis.fit(result.model.cpu()), image, title=f"trial #{trial.number} vs sin(x)")
+            upload_artifact(artifact_store=self.artifact_store, file_path=str(image), study_or_trial=trial, mimetype="image/png")
         trial.set_user_attr("model_artifact", artifact_id)

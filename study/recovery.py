@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import optuna
 from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
@@ -25,8 +26,6 @@ HEARTBEAT_ATTR = "sinstudy:heartbeat"  # unix time of a journal trial's last bea
 
 
 def retry_callback(max_retries: int) -> RetryHeartbeatStaleTrialCallback:
-    import warnings
-
     with warnings.catch_warnings():  # experimental in Optuna 5.0; its behaviour is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
@@ -63,7 +62,9 @@ def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -
     storage = study._storage
     if not isinstance(storage, JournalStorage):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9; what the heartbeat runs
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         return sorted(before - after)
     now = time.time()

@@ -16,12 +16,17 @@ from .config import ConfigError, TrainConfig
 from .model import build_mlp
 
 
-def load_existing(study_name: str, url: str) -> optuna.Study:
-    """Load a study that must already exist; a missing file or study is a ConfigError."""
+def open_for_reading(url: str) -> optuna.storages.BaseStorage:
+    """Open a storage that must already exist (a missing file is a ConfigError, not created)."""
     parsed = storage_mod.check(url)
     if parsed.path is not None and not parsed.path.exists():
         raise ConfigError(f"no study storage at {str(parsed.path)!r}; run `sinstudy run` first or fix --storage")
-    storage = storage_mod.open_storage(parsed)
+    return storage_mod.open_storage(parsed)
+
+
+def load_existing(study_name: str, url: str) -> optuna.Study:
+    """Load a study that must already exist; a missing file or study is a ConfigError."""
+    storage = open_for_reading(url)
     names = optuna.get_all_study_names(storage)
     if study_name not in names:
         known = ", ".join(repr(n) for n in names) or "none"

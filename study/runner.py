@@ -20,7 +20,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import recovery, workers
+from . import interrupt, recovery, workers
 from . import storage as storage_mod
 from .config import ConfigError, StudyConfig, to_dict
 from .space import grid
@@ -211,6 +211,10 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
             signum = pool.run()
     finally:
         bar.close()
+    if not signum:
+        from .dashboard import publish
+
+        publish(study)
     return summarize(study, cfg, device=_where(placements), since=before, wall=time.perf_counter() - start, signum=signum)
 
 
@@ -219,13 +223,13 @@ def _run_here(cfg: StudyConfig, device: str, bar: "_Progress") -> int:
     budget = workers.Budget(cfg.n_trials, cfg.timeout)
     current = workers._CTX.Array("i", [-1])
     try:
-        with workers.signals_raise():
+        with interrupt.handle_signals():
             workers.worker_loop(cfg, 0, budget, current, device=device, callbacks=[bar])
-    except workers.Interrupted as e:  # Optuna has already marked the running trial FAIL
+            return interrupt.requested()  # 0, or a signal that arrived between trials
+    except interrupt.Interrupted as e:  # Optuna has already marked the running trial FAIL
         return e.signum
     except KeyboardInterrupt:
         return signal.SIGINT
-    return 0
 
 
 def check_devices(devices: tuple[int, ...]) -> torch.device:

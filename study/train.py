@@ -43,6 +43,7 @@ class TrainResult:
     best_epoch: int
     final_val_mse: float
     test_mse: float  # on the best epoch's weights
+    final_test_mse: float  # on the last epoch's weights (what a run without checkpointing keeps)
     epochs: int  # epochs actually trained
     n_params: int
     seconds: float
@@ -116,13 +117,15 @@ def train(
         if on_epoch is not None:
             on_epoch(EpochLog(epoch, train_loss, val, lr))
 
-    model.load_state_dict(best_state)
     model.eval()
+    final_test = mse(model, data.x_test, data.y_test) if diverged is None else math.inf
+    model.load_state_dict(best_state)
     return TrainResult(
         best_val_mse=best_val,
         best_epoch=best_epoch,
         final_val_mse=val,
         test_mse=mse(model, data.x_test, data.y_test) if best_epoch else math.inf,
+        final_test_mse=final_test,
         epochs=epoch if diverged is None else epoch - 1,
         n_params=n_params(model),
         seconds=time.perf_counter() - start,

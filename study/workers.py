@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import optuna
@@ -26,6 +26,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
+from . import interrupt
 from . import storage as storage_mod
 from .config import StudyConfig
 from .data import make_data
@@ -33,14 +34,6 @@ from .objective import Objective
 from .recovery import JournalHeartbeat, fail_and_retry, sweep_stale
 
 _CTX = mp.get_context("spawn")  # fork after torch/SQLAlchemy have threads is unsafe
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: a KeyboardInterrupt, so Optuna marks the running trial FAIL."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class Budget:
@@ -102,37 +95,22 @@ def worker_loop(
                 return objective(trial)
         return objective(trial)
 
-    while budget.claim():
+    while not interrupt.requested() and budget.claim():
         if journal:  # RDB storages: study.optimize runs Optuna's own stale-trial sweep
             sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
         study.optimize(run_one, n_trials=1, callbacks=list(callbacks))
         current[index] = -1
 
 
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGTERM (and SIGINT) raise Interrupted once; a second signal is ignored while we clean up."""
-
-    def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def _worker_main(cfg: StudyConfig, index: int, budget: Budget, current: "mp.Array", device: str) -> None:
     """Entry point of a spawned worker: exit 0 done, 128+signal interrupted, 1 error."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # see runner.run
     try:
-        with signals_raise():
+        with interrupt.handle_signals():
             worker_loop(cfg, index, budget, current, device=device)
-    except Interrupted as e:
+            if interrupt.requested():  # arrived between trials
+                sys.exit(128 + interrupt.requested())
+    except interrupt.Interrupted as e:
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -140,10 +141,18 @@ def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(workdir, wor
     kids = _children(proc.pid)
     assert len(kids) == (workers if workers > 1 else 0)
     (os.killpg if target == "group" else os.kill)(proc.pid, signum)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        import shutil
+        if shutil.which("py-spy"):
+            for pid in [proc.pid, *kids]:
+                print(subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True).stdout)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     assert proc.returncode == code, err
-    assert f"interrupted by {signal.Signals(signum).name}" in out
-    assert "Traceback" not in err
+    assert f"interrupted by {signal.Signals(signum).name}" in out, err
+    assert "Traceback" not in err, err
     study = _load(url)
     assert not study.get_trials(states=(TrialState.RUNNING,))
     for t in running:

@@ -1,0 +1,95 @@
+"""What a study says, as plain data: importances, top trials, the best fit. No drawing here.
+
+Everything reads the storage (and the best-model artifact); nothing retrains.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import optuna
+import torch
+from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from .data import TWO_PI, normalize
+
+EVALUATORS = ("ped-anova", "fanova")
+MIN_TRIALS_FOR_IMPORTANCE = 5  # complete trials; below this importances are noise (or fail)
+
+
+class Fit(NamedTuple):
+    x: np.ndarray  # (N,) raw x in [0, 2*pi)
+    target: np.ndarray  # sin(x)
+    prediction: np.ndarray  # the network's output
+    residual: np.ndarray  # prediction - target
+    mse: float
+
+
+class ImportanceRow(NamedTuple):
+    param: str
+    ped_anova: float | None
+    fanova: float | None
+
+
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def importance_shortfall(study: optuna.Study) -> str | None:
+    """None when importances can be computed; else one line saying why not."""
+    n = len(complete_trials(study))
+    if n < MIN_TRIALS_FOR_IMPORTANCE:
+        return f"parameter importance needs >= {MIN_TRIALS_FOR_IMPORTANCE} complete trials (study has {n}); run more trials"
+    return None
+
+
+def make_evaluator(name: str, seed: int = 0) -> optuna.importance.BaseImportanceEvaluator:
+    if name == "fanova":
+        return FanovaImportanceEvaluator(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna's defaults: how much each parameter matters for reaching the top 10% of the
+        # complete trials (pruned trials' values are partial curves and are left out).
+        return PedAnovaImportanceEvaluator()
+
+
+def importances(study: optuna.Study, evaluator: str, seed: int = 0) -> dict[str, float]:
+    """Normalised importances (sum 1), largest first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.importance.get_param_importances(study, evaluator=make_evaluator(evaluator, seed), normalize=True)
+
+
+def importance_table(study: optuna.Study) -> list[ImportanceRow]:
+    """Both evaluators side by side, ordered by fANOVA."""
+    ped, fan = importances(study, "ped-anova"), importances(study, "fanova")
+    params = sorted(set(ped) | set(fan), key=lambda p: -fan.get(p, 0.0))
+    return [ImportanceRow(p, ped.get(p), fan.get(p)) for p in params]
+
+
+def top_trials(study: optuna.Study, k: int = 10) -> list[FrozenTrial]:
+    return sorted(complete_trials(study), key=lambda t: t.value)[:k]
+
+
+@torch.no_grad()
+def fit(model: nn.Module, n: int = 1000) -> Fit:
+    """The model's prediction on a dense grid over [0, 2*pi) (cell centres, as the test set)."""
+    x = (torch.arange(n, dtype=torch.float64) + 0.5) * (TWO_PI / n)
+    pred = model(normalize(x).float().unsqueeze(1)).squeeze(1).double()
+    target = torch.sin(x)
+    resid = pred - target
+    return Fit(x.numpy(), target.numpy(), pred.numpy(), resid.numpy(), float(torch.mean(resid**2)))
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    return {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+
+
+def fmt_mse(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.3e}"

@@ -1,0 +1,63 @@
+"""What optuna-dashboard shows beyond Optuna's own data, and serving it.
+
+`publish(study)` runs at the end of `sinstudy run`: a markdown note summarising the study, which
+the dashboard renders on the study page. (Each trial that is best when it finishes stores its
+weights and a fit image as artifacts from the objective, so they show on its trial page.)
+`serve()` is `sinstudy dashboard`: optuna-dashboard on the same storage and artifact store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+
+from . import analysis, results
+
+FIT_MIMETYPE = "image/png"  # the fit image is the best trial's only PNG artifact
+
+
+def study_note(study: optuna.Study) -> str:
+    c = analysis.counts(study)
+    lines = [
+        f"## {study.study_name}",
+        f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed trials.",
+    ]
+    top = analysis.top_trials(study, 1)
+    if top:
+        b = top[0]
+        params = ", ".join(f"`{k}={v:.3g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in b.params.items())
+        lines += [
+            "",
+            f"**Best trial #{b.number}**: validation MSE {analysis.fmt_mse(b.value)}, "
+            f"test MSE {analysis.fmt_mse(b.user_attrs.get('test_mse'))} (course report's best: 1.418e-03).",
+            "",
+            f"Params: {params}. Its weights and fit plot are artifacts on its trial page.",
+        ]
+    if not analysis.importance_shortfall(study):
+        rows = analysis.importance_table(study)
+        lines += ["", "| parameter | PED-ANOVA | fANOVA |", "|---|---|---|"]
+        lines += [f"| {r.param} | {r.ped_anova or 0:.2f} | {r.fanova or 0:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def publish(study: optuna.Study) -> None:
+    """Write (or update) the study note the dashboard shows on the study page."""
+    from optuna_dashboard import save_note
+
+    save_note(study, study_note(study))
+
+
+def fit_artifact(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
+    """The id of the trial's fit image, if it has one."""
+    metas = get_all_artifact_meta(trial, storage=study._storage)
+    return next((m.artifact_id for m in metas if m.mimetype == FIT_MIMETYPE), None)
+
+
+def serve(url: str, *, host: str, port: int, artifact_dir: str) -> None:
+    from optuna_dashboard import run_server
+
+    storage = results.open_for_reading(url)
+    Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+    run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(artifact_dir))

@@ -1,0 +1,151 @@
+"""Drawing: plotly figures from a study and from analysis data, and writing them to files.
+
+Optuna's own visualization functions draw everything they can; only the fit of the best network
+against sin(x) is drawn here, from `analysis.Fit`. MSE axes are logarithmic: values span decades.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import optuna.visualization as vis
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from . import analysis
+from .analysis import Fit
+
+LOG_Y = {"history", "intermediate_values", "slice"}
+
+
+def fit_figure(f: Fit, title: str = "best network vs sin(x)") -> go.Figure:
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06)
+    fig.add_trace(go.Scatter(x=f.x, y=f.target, name="sin(x)", line=dict(color="black", width=3)), row=1, col=1)
+    fig.add_trace(go.Scatter(x=f.x, y=f.prediction, name="network", line=dict(color="crimson", dash="dash")), row=1, col=1)
+    fig.add_trace(go.Scatter(x=f.x, y=f.residual, name="residual", line=dict(color="steelblue")), row=2, col=1)
+    fig.update_layout(title=f"{title} (MSE {f.mse:.2e} on {len(f.x)} grid points)", height=600)
+    fig.update_yaxes(title_text="y", row=1, col=1)
+    fig.update_yaxes(title_text="network - sin(x)", row=2, col=1)
+    fig.update_xaxes(title_text="x", row=2, col=1)
+    return fig
+
+
+def fit_png(f: Fit, path: Path, title: str) -> None:
+    """The same fit as `fit_figure`, as a PNG drawn by matplotlib (Agg): ~0.1 s and no browser,
+    so the objective can store it with a trial while the trial still runs (finished trials
+    take no new artifacts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5), height_ratios=[2.3, 1], layout="constrained")
+    top.plot(f.x, f.target, color="black", lw=2.5, label="sin(x)")
+    top.plot(f.x, f.prediction, color="crimson", ls="--", lw=1.5, label="network")
+    top.set_ylabel("y")
+    top.legend(loc="upper right")
+    top.set_title(f"{title} (MSE {f.mse:.2e} on {len(f.x)} grid points)")
+    bottom.plot(f.x, f.residual, color="steelblue", lw=1)
+    bottom.axhline(0, color="gray", lw=0.5)
+    bottom.set_xlabel("x")
+    bottom.set_ylabel("network - sin(x)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def importance_figure(study: optuna.Study, evaluator: str) -> go.Figure:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fig = vis.plot_param_importances(study, evaluator=analysis.make_evaluator(evaluator))
+    fig.update_layout(title=f"Hyperparameter importance ({'PED-ANOVA' if evaluator == 'ped-anova' else 'fANOVA'})")
+    return fig
+
+
+def study_figures(study: optuna.Study, *, evaluators: tuple[str, ...] = analysis.EVALUATORS) -> tuple[dict[str, go.Figure], list[str]]:
+    """Every figure the study's data allows, by file stem; and one note per figure skipped."""
+    notes: list[str] = []
+    makers: dict[str, Callable[[], go.Figure]] = {
+        "history": lambda: vis.plot_optimization_history(study),
+        "intermediate_values": lambda: vis.plot_intermediate_values(study),
+        "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study),
+        "slice": lambda: vis.plot_slice(study),
+        "edf": lambda: vis.plot_edf(study),
+        "timeline": lambda: vis.plot_timeline(study),
+    }
+    params = {p for t in analysis.complete_trials(study) for p in t.params}
+    for other in ("depth", "width"):
+        if {"lr", other} <= params:
+            makers[f"contour_lr_{other}"] = lambda other=other: vis.plot_contour(study, params=["lr", other])
+    shortfall = analysis.importance_shortfall(study)
+    if shortfall:
+        notes.append(shortfall)
+    else:
+        for ev in evaluators:
+            makers[f"importance_{ev.replace('-', '_')}"] = lambda ev=ev: importance_figure(study, ev)
+    figs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, make in makers.items():
+            fig = make()
+            if name in LOG_Y:
+                fig.update_yaxes(type="log")
+            figs[name] = fig
+    return figs, notes
+
+
+def write(figs: dict[str, go.Figure], out_dir: Path, *, png: bool) -> list[Path]:
+    """HTML always (plotly.js once, beside them: offline and small); PNG too when asked."""
+    import plotly.io as pio
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figs.items():
+        html = out_dir / f"{name}.html"
+        fig.write_html(html, include_plotlyjs="directory")
+        written.append(html)
+    if png:  # one call: kaleido starts the browser once for all figures
+        pngs = [out_dir / f"{name}.png" for name in figs]
+        pio.write_images(list(figs.values()), pngs, width=1000, height=[700 if n == "fit" else 600 for n in figs])
+        written += pngs
+    return written
+
+
+def plot_study(study: optuna.Study, out_dir: Path, *, artifact_dir: str, evaluators: tuple[str, ...], png: bool) -> tuple[list[Path], list[str]]:
+    """`sinstudy plot`: every figure, plus the best fit from its stored weights. (files, notes)"""
+    import tempfile
+
+    from . import results
+    from .config import ConfigError
+
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
+        raise ConfigError(f"study {study.study_name!r} has no finished trial to plot; run `sinstudy run` first")
+    figs, notes = study_figures(study, evaluators=evaluators)
+    top = analysis.top_trials(study, 1)
+    if top and "model_artifact" in top[0].user_attrs:
+        with tempfile.TemporaryDirectory() as tmp:
+            model, _ = results.load_model(top[0], artifact_dir, tmp)
+        figs["fit"] = fit_figure(analysis.fit(model), title=f"best trial #{top[0].number} vs sin(x)")
+    else:
+        notes.append("best fit skipped: no complete trial with stored weights")
+    if png:
+        missing = png_available()
+        if missing:
+            notes.append(missing)
+            png = False
+    return write(figs, out_dir, png=png), notes
+
+
+def png_available() -> str | None:
+    """None when PNG export works here; else one line saying what is missing."""
+    import shutil
+
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return "PNG skipped: kaleido is not installed (pip install kaleido)"
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")):
+        return "PNG skipped: no Chromium/Chrome found (Debian: apt-get install chromium)"
+    return None

@@ -1,0 +1,84 @@
+"""`sinstudy report`: one self-contained HTML file (plotly.js inlined once: readable offline)."""
+
+from __future__ import annotations
+
+import html
+import json
+import tempfile
+from datetime import datetime
+
+import optuna
+import plotly.graph_objects as go
+
+from . import analysis, plots, results
+
+KEY_PLOTS = ("history", "importance_ped_anova", "importance_fanova", "parallel_coordinate", "intermediate_values", "contour_lr_depth")
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}h2{margin-top:2em;border-bottom:1px solid #ddd}
+.note{color:#555}
+"""
+
+
+def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(f"<{tag}{' class=l' if i < left else ''}>{html.escape(v)}</{tag}>" for i, v in enumerate(values))
+
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    return f"<table><tr>{cells('th', head)}</tr>{body}</table>"
+
+
+def _params(t: optuna.trial.FrozenTrial) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+
+
+def build(study: optuna.Study, artifact_dir: str) -> str:
+    c = analysis.counts(study)
+    top = analysis.top_trials(study, 10)
+    if not top:
+        from .config import ConfigError
+
+        raise ConfigError(f"study {study.study_name!r} has no complete trial yet; run more trials")
+    best = top[0]
+    cfg = json.loads(study.user_attrs.get("config", "{}"))
+    parts = [
+        f"<h1>sinstudy report: {html.escape(study.study_name)}</h1>",
+        f"<p class=note>Generated {datetime.now():%Y-%m-%d %H:%M} from the study storage (no retraining).</p>",
+        "<h2>Summary</h2>",
+        _table(["", ""], [
+            ["trials", f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"],
+            ["best trial", f"#{best.number}: {_params(best)}"],
+            ["best validation MSE", analysis.fmt_mse(best.value)],
+            ["its test MSE", f"{analysis.fmt_mse(best.user_attrs.get('test_mse'))} (course report's best: 1.418e-03)"],
+            ["parameters", str(best.user_attrs.get("n_params", "?"))],
+            ["epochs per trial", str(cfg.get("train", {}).get("max_epochs", "?"))],
+            ["sampler / pruner", f"{cfg.get('sampler', '?')} / {cfg.get('pruner', '?')}"],
+        ]),
+        "<h2>Hyperparameter importance</h2>",
+    ]
+    shortfall = analysis.importance_shortfall(study)
+    if shortfall:
+        parts.append(f"<p class=note>{html.escape(shortfall)}</p>")
+    else:
+        rows = analysis.importance_table(study)
+        parts.append(_table(["parameter", "PED-ANOVA", "fANOVA"], [[r.param, f"{r.ped_anova or 0:.3f}", f"{r.fanova or 0:.3f}"] for r in rows]))
+    parts += [
+        "<h2>Top 10 trials</h2>",
+        _table(["trial", "params", "val MSE", "test MSE", "best epoch", "seconds"], [
+            [f"#{t.number}", _params(t), analysis.fmt_mse(t.value), analysis.fmt_mse(t.user_attrs.get("test_mse")),
+             str(t.user_attrs.get("best_epoch", "")), f"{t.user_attrs.get('seconds', 0):.1f}"]
+            for t in top
+        ], left=2),
+        "<h2>Plots</h2>",
+    ]
+    figs, _ = plots.study_figures(study)
+    chosen: list[go.Figure] = [figs[k] for k in KEY_PLOTS if k in figs]
+    if "model_artifact" in best.user_attrs:
+        with tempfile.TemporaryDirectory() as tmp:
+            model, _ = results.load_model(best, artifact_dir, tmp)
+        chosen.insert(0, plots.fit_figure(analysis.fit(model), title=f"best trial #{best.number} vs sin(x)"))
+    for i, fig in enumerate(chosen):
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
+    return f"<!DOCTYPE html><html><head><meta charset=utf-8><title>sinstudy: {html.escape(study.study_name)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
