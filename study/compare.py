@@ -191,7 +191,7 @@ def verdicts(name: str, rows: list[CellStats]) -> list[str]:
 
 def describe_base(epochs: int) -> str:
     b = replace(BASE, max_epochs=epochs)
-    return (f"held fixed: depth {b.depth}, width {b.width}, {b.activation}, {b.optimizer} lr {b.lr:g}, "
+    return (f"held fixed unless the cell varies it: depth {b.depth}, width {b.width}, {b.activation}, {b.optimizer} lr {b.lr:g}, "
             f"no schedule, batch {b.batch_size}, {epochs} epochs; data as `sinstudy run`")
 
 
