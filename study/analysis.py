@@ -12,7 +12,6 @@ from typing import NamedTuple
 import numpy as np
 import optuna
 import torch
-from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -49,6 +48,9 @@ def importance_shortfall(study: optuna.Study) -> str | None:
 
 
 def make_evaluator(name: str, seed: int = 0) -> optuna.importance.BaseImportanceEvaluator:
+    # imported here: fANOVA pulls in scikit-learn (~2 s), which the objective's fit image never needs
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
     if name == "fanova":
         return FanovaImportanceEvaluator(seed=seed)
     with warnings.catch_warnings():

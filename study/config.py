@@ -18,6 +18,7 @@ SCHEDULERS = ("none", "step", "cosine", "exponential")
 SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes")
 PRUNERS = ("hyperband", "median", "sha", "none")
 SAMPLINGS = ("uniform", "grid")
+ENGINES = ("batched", "standard")
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,10 @@ class StudyConfig:
     """seed of the sampler and of every trial's weights (trial seed = seed + trial number)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
+    engine: str = "batched"
+    """batched: many trials as one computation (study/engine.py); standard: study.optimize, one at a time"""
+    slots: int | None = None
+    """trials the batched engine trains at once (default 64 on CPU, 1024 on a GPU)"""
     workers: int = 1
     """worker processes on this machine sharing the study; --n-trials is met exactly across them"""
     devices: tuple[int, ...] | None = None
@@ -202,6 +207,11 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _choice("pruner", cfg.pruner, PRUNERS)
     _positive_int("seed", cfg.seed, minimum=0)
     _positive_int("--workers", cfg.workers)
+    _choice("engine", cfg.engine, ENGINES)
+    if cfg.slots is not None:
+        _positive_int("--slots", cfg.slots)
+    if cfg.engine == "batched" and (cfg.workers > 1 or cfg.devices is not None):
+        raise ConfigError("--workers and --devices run the standard engine; add --engine standard")
     if cfg.devices is not None:
         if not cfg.devices:
             raise ConfigError("--devices needs at least one GPU id, e.g. --devices 0,1")

@@ -204,7 +204,9 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
     signum = 0
     placements = workers.worker_devices(cfg, str(device))
     try:
-        if len(placements) == 1 and not cfg.devices:
+        if cfg.engine == "batched":
+            signum = _run_batched(cfg, study, device, bar)
+        elif len(placements) == 1 and not cfg.devices:
             signum = _run_here(cfg, str(device), bar)
         else:
             pool = workers.Pool(cfg, study, placements, say=say, on_progress=lambda: bar.to(workers.finished_since(study, before), study))
@@ -216,6 +218,15 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
 
         publish(study)
     return summarize(study, cfg, device=_where(placements), since=before, wall=time.perf_counter() - start, signum=signum)
+
+
+def _run_batched(cfg: StudyConfig, study: optuna.Study, device: torch.device, bar: "_Progress") -> int:
+    from .engine import DEFAULT_SLOTS, BatchedEngine
+
+    slots = cfg.slots or DEFAULT_SLOTS[device.type]
+    engine = BatchedEngine(cfg, study, device, slots=slots, on_trial=lambda t: bar(study, t))
+    with interrupt.handle_signals():
+        return engine.run(workers.Budget(cfg.n_trials, cfg.timeout))
 
 
 def _run_here(cfg: StudyConfig, device: str, bar: "_Progress") -> int:

@@ -19,11 +19,21 @@ def run_dir(log_dir: str | Path, study: str, trial_number: int) -> Path:
 
 
 class TrialLogger:
-    def __init__(self, log_dir: str | Path, study: str, trial_number: int):
+    def __init__(self, log_dir: str | Path, study: str, trial_number: int, *, path: Path | None = None):
         from torch.utils.tensorboard import SummaryWriter  # imported here: it loads tensorboard
 
-        self.path = run_dir(log_dir, study, trial_number)
+        self.path = path or run_dir(log_dir, study, trial_number)
         self.writer = SummaryWriter(log_dir=str(self.path))
+
+    def move_to(self, dest: Path) -> None:
+        """After close(): give the run its final name (the batched engine learns the trial
+        number only when the trial is written to storage)."""
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        self.path.rename(dest)
+        self.path = dest
 
     def log_epoch(self, log: EpochLog) -> None:
         self.writer.add_scalar("loss/train", log.train_loss, log.epoch)

@@ -1,0 +1,250 @@
+"""The batched engine: K trials train at once in `Stack`s; Optuna decides from an in-memory mirror.
+
+Bookkeeping is the cost here, not arithmetic: on SQLite, report() + should_prune() take ~5 ms
+per trial per epoch, more than an epoch of a whole stack. So the sampler and the pruner run on an
+in-memory copy of the study (`mirror`, seeded with the stored study's finished trials), where
+ask/report/should_prune cost ~0.1 ms, and each trial reaches the real storage once, when it ends,
+in three writes: the trial with its params, every epoch's intermediate value and its user attrs
+(one transaction), its artifacts when it is a new best, and its final state. What lands in
+storage is what the standard engine writes: the same params, curves, user attrs, TensorBoard run
+and best-model artifacts. A crash or kill loses only the trials still training (never written);
+the study is never half-written. Ctrl-C / SIGTERM write those trials as FAIL with their curves.
+
+A pruned, diverged or finished slot is replaced at the next epoch by a newly asked trial (fresh
+weights, reset optimizer state), so the device never idles while the budget lasts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+
+from . import interrupt
+from .batched import Slot, Stack, new_slot
+from .config import StudyConfig
+from .data import make_data
+from .objective import MODEL_FILE
+from .space import suggest
+from .tracking import TrialLogger, run_dir
+from .train import EpochLog, lr_at, mse
+
+DEFAULT_SLOTS = {"cpu": 64, "cuda": 1024}
+
+
+@dataclass
+class Live:
+    """What the engine keeps for a slot's trial while it trains."""
+
+    trial: optuna.Trial  # in the mirror
+    logger: TrialLogger
+    started: datetime
+    values: dict[int, float] = field(default_factory=dict)  # epoch -> validation MSE
+    last_loss: float = 0.0
+
+
+@dataclass
+class Stats:
+    trials: int = 0
+    model_steps: int = 0
+    book_seconds: float = 0.0  # sampler, pruner, storage writes, TensorBoard
+    wall_seconds: float = 0.0
+
+
+def _key(slot: Slot) -> tuple[str, int]:
+    """Stack by optimizer kind and width class (next power of two): little padding, few stacks."""
+    return slot.cfg.optimizer, 1 << (max(slot.cfg.widths) - 1).bit_length()
+
+
+class BatchedEngine:
+    def __init__(self, cfg: StudyConfig, study: optuna.Study, device: torch.device, *, slots: int,
+                 on_trial: callable = lambda frozen: None):
+        self.cfg, self.study, self.device, self.k = cfg, study, device, slots
+        self.on_trial = on_trial
+        self.data = make_data(cfg.data, device)
+        self.store = FileSystemArtifactStore(cfg.artifact_dir)
+        self.stacks: dict[tuple[str, int], Stack] = {}
+        self.stats = Stats()
+        from .runner import make_pruner, make_sampler
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # Same name as the stored study: Hyperband assigns brackets by a hash of name and number.
+            self.mirror = optuna.create_study(study_name=cfg.study, direction="minimize", sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            self.mirror.add_trials(done)  # TPE's history and the pruner's rungs
+        complete = [t.value for t in done if t.state == TrialState.COMPLETE]
+        self.best_value = min(complete, default=math.inf)
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self, budget) -> int:
+        """Train until the budget is spent. Returns the interrupting signal, or 0."""
+        start = time.perf_counter()
+        try:
+            while True:
+                self._fill(budget)
+                if not self.stacks:
+                    return interrupt.requested()
+                for key, stack in list(self.stacks.items()):
+                    loss, val = stack.train_epoch()
+                    self.stats.model_steps += len(stack.slots) * math.ceil(self.data.x_train.shape[0] / stack.batch_size)
+                    self._after_epoch(key, stack, loss.tolist(), val.tolist())  # one sync per stack per epoch
+                if interrupt.requested():
+                    self._abandon()
+                    return interrupt.requested()
+        finally:
+            self.stats.wall_seconds = time.perf_counter() - start
+
+    def _fill(self, budget) -> None:
+        live = sum(len(s.slots) for s in self.stacks.values())
+        new: dict[tuple[str, int], list[Slot]] = {}
+        t0 = time.perf_counter()
+        while live < self.k and not interrupt.requested() and budget.claim():
+            trial = self.mirror.ask()
+            tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=self.cfg.seed + trial.number)
+            pending = Path(self.cfg.log_dir) / self.cfg.study / f"pending-{uuid.uuid4().hex[:12]}"
+            slot = new_slot(tcfg, self.device, tag=Live(trial, TrialLogger("", "", 0, path=pending), datetime.now()))
+            new.setdefault(_key(slot), []).append(slot)
+            live += 1
+        self.stats.book_seconds += time.perf_counter() - t0
+        for key, slots in new.items():
+            if key in self.stacks:
+                stack = self.stacks[key]
+                stack.unstack()
+                stack.slots += slots
+                stack.build()
+            else:
+                self.stacks[key] = Stack(slots, self.data)
+
+    def _after_epoch(self, key, stack: Stack, loss: list[float], val: list[float]) -> None:
+        improved = [v < x.best_val for v, x in zip(val, stack.slots)]
+        if any(improved):
+            stack.keep_best(torch.tensor(improved, device=self.device))
+        t0 = time.perf_counter()
+        done: list[tuple[int, TrialState, str | None]] = []
+        for k, x in enumerate(stack.slots):
+            live: Live = x.tag
+            if improved[k]:
+                x.best_val, x.best_epoch = val[k], x.epoch
+            if not math.isfinite(loss[k]):
+                reason = f"non-finite training loss in epoch {x.epoch} (lr={lr_at(x.cfg, x.epoch - 1):.3g}): training diverged"
+                done.append((k, TrialState.PRUNED, reason))
+                continue
+            live.values[x.epoch] = val[k]
+            live.last_loss = loss[k]
+            live.logger.log_epoch(EpochLog(x.epoch, loss[k], val[k], lr_at(x.cfg, x.epoch - 1)))
+            live.trial.report(val[k], x.epoch)
+            if live.trial.should_prune():
+                done.append((k, TrialState.PRUNED, f"pruner stopped it after epoch {x.epoch}"))
+            elif x.epoch >= x.cfg.max_epochs:
+                done.append((k, TrialState.COMPLETE, None))
+        for k, state, reason in done:
+            self._finish(stack, k, state, reason)
+        self.stats.book_seconds += time.perf_counter() - t0
+        if done:
+            gone = {k for k, _, _ in done}
+            stack.unstack()
+            stack.slots = [x for k, x in enumerate(stack.slots) if k not in gone]
+            if stack.slots:
+                stack.build()
+            else:
+                del self.stacks[key]
+
+    # ---------------------------------------------------------------- one trial to storage
+
+    def _finish(self, stack: Stack, k: int, state: TrialState, reason: str | None) -> None:
+        """Close a slot's trial as the standard engine would: same attrs, value, curve, artifacts."""
+        x = stack.slots[k]
+        live: Live = x.tag
+        diverged = reason is not None and reason.startswith("non-finite")
+        attrs = self._result_attrs(stack, k, diverged) if state == TrialState.COMPLETE or diverged else {}
+        if reason:
+            attrs["pruned_reason"] = reason
+        last = live.values[max(live.values)] if live.values else None
+        value = x.best_val if state == TrialState.COMPLETE else last  # Optuna: a pruned trial keeps its last value
+        metrics = {"val_mse": x.best_val if state == TrialState.COMPLETE else (last if last is not None else math.inf)}
+        if "test_mse" in attrs:
+            metrics["test_mse"] = attrs["test_mse"]
+        live.logger.close(dict(live.trial.params), metrics)
+        new_best = state == TrialState.COMPLETE and value < self.best_value
+        frozen = self._write(live, state, value, attrs, stack.slot_model(k, "best") if new_best else None, x)
+        live.logger.move_to(run_dir(self.cfg.log_dir, self.cfg.study, frozen.number))
+        if new_best:
+            self.best_value = value
+        self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state=state)
+        self.stats.trials += 1
+        self.on_trial(frozen)
+
+    def _result_attrs(self, stack: Stack, k: int, diverged: bool) -> dict:
+        """objective.record_result's attrs, from the stack's best and final weights."""
+        x = stack.slots[k]
+        live: Live = x.tag
+        best, final = stack.slot_model(k, "best"), stack.slot_model(k, "final")
+        d = self.data
+        return {
+            "test_mse": mse(best, d.x_test, d.y_test) if x.best_epoch else math.inf,
+            "final_val_mse": live.values[max(live.values)] if live.values else math.inf,
+            "final_test_mse": math.inf if diverged else mse(final, d.x_test, d.y_test),
+            "best_epoch": x.best_epoch,
+            "n_params": sum(p.numel() for p in final.parameters()),
+            "epochs": x.epoch - 1 if diverged else x.epoch,
+            "seconds": round((datetime.now() - live.started).total_seconds(), 4),
+            "device": str(self.device),
+            "seed": x.cfg.seed,
+            "train_config": json.dumps(asdict(x.cfg)),
+        }
+
+    def _write(self, live: Live, state: TrialState, value: float | None, attrs: dict, model, slot: Slot) -> FrozenTrial:
+        """The trial in the real storage: one transaction, artifacts, then its final state."""
+        storage = self.study._storage
+        template = FrozenTrial(
+            number=0, state=TrialState.RUNNING, value=None, datetime_start=live.started, datetime_complete=None,
+            params=live.trial.params, distributions=live.trial.distributions, user_attrs=attrs, system_attrs={},
+            intermediate_values=live.values, trial_id=0,
+        )
+        trial_id = storage.create_new_trial(self.study._study_id, template_trial=template)
+        if model is not None:
+            artifact = self._upload(storage.get_trial(trial_id), model, slot)
+            storage.set_trial_user_attr(trial_id, "model_artifact", artifact)
+        storage.set_trial_state_values(trial_id, state, None if value is None else [value])
+        return storage.get_trial(trial_id)
+
+    def _upload(self, trial: FrozenTrial, model, slot: Slot) -> str:
+        from . import analysis, plots
+        from .objective import save_model
+        from .train import TrainResult
+
+        storage = self.study._storage
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / MODEL_FILE
+            result = TrainResult(slot.best_val, slot.best_epoch, 0.0, 0.0, 0.0, slot.epoch, 0, 0.0, str(self.device), None, model)
+            save_model(result, slot.cfg, path)
+            artifact_id = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
+                                          storage=storage, mimetype="application/octet-stream")
+            image = Path(tmp) / f"fit-trial-{trial.number:04d}.png"
+            plots.fit_png(analysis.fit(model.cpu()), image, title=f"trial #{trial.number} vs sin(x)")
+            upload_artifact(artifact_store=self.store, file_path=str(image), study_or_trial=trial, storage=storage, mimetype="image/png")
+        return artifact_id
+
+    def _abandon(self) -> None:
+        """Interrupted: write every training trial as FAIL with the curve it has."""
+        for stack in self.stacks.values():
+            for x in stack.slots:
+                live: Live = x.tag
+                live.logger.close(dict(live.trial.params), {})
+                frozen = self._write(live, TrialState.FAIL, None, {"failed_reason": "interrupted"}, None, x)
+                live.logger.move_to(run_dir(self.cfg.log_dir, self.cfg.study, frozen.number))
+                self.mirror.tell(live.trial, state=TrialState.FAIL)
+        self.stacks.clear()

@@ -1,0 +1,185 @@
+"""The batched engine against the reference loop (train.py), and end to end through the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from dataclasses import replace
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from conftest import run_cli, start_cli
+from study.batched import Stack, new_slot
+from study.config import DataConfig, TrainConfig
+from study.data import make_data
+from study.train import train
+
+REL = 1e-4  # float32 on CPU: per-epoch validation MSE within this relative error
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data(DataConfig(n_train=200, n_val=64, n_test=128))
+
+
+MIX = [  # different depth, width (also per layer), activation, lr, schedule, weight decay
+    TrainConfig(depth=1, width=8, activation="tanh", lr=1e-2, seed=1),
+    TrainConfig(depth=3, width=(16, 4, 9), activation="relu", lr=3e-3, scheduler="step", step_size=2, gamma=0.5, seed=2),
+    TrainConfig(depth=2, width=12, activation="gelu", lr=5e-3, scheduler="exponential", gamma=0.8, weight_decay=1e-3, seed=3),
+    TrainConfig(depth=4, width=6, activation="identity", lr=1e-3, scheduler="cosine", seed=4),
+    TrainConfig(depth=2, width=20, activation="sigmoid", lr=2e-2, scheduler="none", seed=5),
+    TrainConfig(depth=2, width=10, activation="silu", lr=4e-3, seed=6),
+    TrainConfig(depth=3, width=7, activation="leaky_relu", lr=6e-3, seed=7),
+    TrainConfig(depth=1, width=24, activation="elu", lr=8e-3, seed=8),
+]
+
+
+def _reference(cfg: TrainConfig, data) -> tuple[list[float], list[float]]:
+    logs = []
+    train(cfg, data, on_epoch=logs.append)
+    return [log.val_mse for log in logs], [log.train_loss for log in logs]
+
+
+def _close(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert abs(g - w) <= REL * abs(w), (got, want)
+
+
+def _run(stack: Stack, epochs: int) -> tuple[list[list[float]], list[list[float]]]:
+    vals, losses = [[] for _ in stack.slots], [[] for _ in stack.slots]
+    for _ in range(epochs):
+        loss, val = stack.train_epoch()
+        for k in range(len(stack.slots)):
+            vals[k].append(val[k].item())
+            losses[k].append(loss[k].item())
+    return vals, losses
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_equivalence_mixed_configs_match_train_py_every_epoch(data, optimizer):
+    cfgs = [replace(c, optimizer=optimizer, max_epochs=8, lr=c.lr * (5 if optimizer == "sgd" else 1),
+                    weight_decay=c.weight_decay or (1e-2 if optimizer == "adamw" else 0.0)) for c in MIX]
+    stack = Stack([new_slot(c, "cpu") for c in cfgs], data)
+    vals, losses = _run(stack, 8)
+    for k, c in enumerate(cfgs):
+        want_val, want_loss = _reference(c, data)
+        _close(vals[k], want_val)
+        _close(losses[k], want_loss)
+
+
+def test_equivalence_survives_restacking_and_refill(data):
+    """Remove a slot and add a fresh one between epochs: everyone still follows train.py."""
+    cfgs = [replace(c, max_epochs=6) for c in MIX[:4]]
+    stack = Stack([new_slot(c, "cpu") for c in cfgs], data)
+    first, _ = _run(stack, 3)
+    stack.unstack()
+    newcomer = replace(MIX[5], max_epochs=3)
+    stack.slots = [stack.slots[0], stack.slots[2], stack.slots[3], new_slot(newcomer, "cpu")]  # slot 1 leaves
+    stack.build()
+    second, _ = _run(stack, 3)
+    for k_old, k_new in ((0, 0), (2, 1), (3, 2)):
+        _close(first[k_old] + second[k_new], _reference(cfgs[k_old], data)[0])
+    _close(second[3], _reference(newcomer, data)[0])
+
+
+def test_equivalence_best_weights_and_test_mse(data):
+    cfgs = [replace(c, max_epochs=10) for c in MIX[:3]]
+    stack = Stack([new_slot(c, "cpu") for c in cfgs], data)
+    best = [float("inf")] * 3
+    for _ in range(10):
+        _, val = stack.train_epoch()
+        improved = [v < b for v, b in zip(val.tolist(), best)]
+        best = [min(v, b) for v, b in zip(val.tolist(), best)]
+        stack.keep_best(torch.tensor(improved))
+    for k, c in enumerate(cfgs):
+        ref = train(c, data)
+        model = stack.slot_model(k, "best")
+        got = torch.mean((model(data.x_test) - data.y_test) ** 2).item()
+        assert got == pytest.approx(ref.test_mse, rel=1e-3)
+        assert best[k] == pytest.approx(ref.best_val_mse, rel=REL)
+        assert sum(p.numel() for p in model.parameters()) == ref.n_params
+
+
+def test_a_diverging_slot_leaves_the_others_alone(data):
+    wild = TrainConfig(depth=3, width=16, activation="relu", lr=1e6, optimizer="sgd", scheduler="none", max_epochs=5, seed=9)
+    calm = [replace(c, optimizer="sgd", lr=0.05, max_epochs=5) for c in MIX[:3]]
+    stack = Stack([new_slot(c, "cpu") for c in [wild, *calm]], data)
+    vals, losses = _run(stack, 5)
+    assert not all(map(lambda v: v == v and abs(v) < float("inf"), losses[0]))  # NaN or inf appeared
+    for k, c in enumerate(calm, start=1):
+        _close(vals[k], _reference(c, data)[0])
+
+
+# ------------------------------------------------------------------ the engine, end to end
+
+TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
+
+
+def test_batched_run_writes_what_the_standard_engine_writes(workdir):
+    r = run_cli("run", *TINY, "--engine", "batched", "--slots", "4", "--n-trials", "14", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    trials = study.trials
+    assert len(trials) == 14 and [t.number for t in trials] == list(range(14))  # 14 > 4 slots: refilled
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        assert set(t.params) == {"depth", "width", "lr", "activation"}
+        assert sorted(t.intermediate_values) == list(range(1, 7))
+        assert t.value == pytest.approx(min(t.intermediate_values.values()))
+        for key in ("test_mse", "final_val_mse", "final_test_mse", "best_epoch", "n_params", "epochs", "seconds", "device", "seed", "train_config"):
+            assert key in t.user_attrs, key
+        assert t.datetime_complete >= t.datetime_start
+    for t in trials:
+        if t.state == TrialState.PRUNED:
+            assert "pruned_reason" in t.user_attrs
+            assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+    best = study.best_trial
+    metas = optuna.artifacts.get_all_artifact_meta(best, storage=study._storage)
+    assert {m.mimetype for m in metas} == {"application/octet-stream", "image/png"}
+    runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").iterdir())
+    assert runs == [f"trial-{i:04d}" for i in range(14)]
+    r = run_cli("best", cwd=workdir)
+    assert r.returncode == 0 and f"#{best.number}" in r.stdout
+
+
+def test_batched_same_seed_same_study(workdir):
+    out = []
+    for name in ("a", "b"):
+        r = run_cli("run", *TINY, "--slots", "3", "--n-trials", "8", "--storage", f"sqlite:///{name}.db", cwd=workdir)
+        assert r.returncode == 0, r.stderr
+        trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{name}.db").trials
+        out.append(sorted((str(t.params), t.state.name, t.value) for t in trials))
+    assert out[0] == out[1]
+
+
+def test_batched_interrupt_writes_live_trials_as_fail(workdir):
+    (workdir / "slow.toml").write_text((workdir / "tiny.toml").read_text() + '\n[study]\npruner = "none"\n')
+    proc = start_cli("run", "--config", "slow.toml", "--max-epochs", "400", "--no-progress", "--slots", "3",
+                     "--n-trials", "20", cwd=workdir)
+    import time
+
+    deadline = time.time() + 60
+    while not list((workdir / "storage/tensorboard/sinstudy").glob("pending-*")) if (workdir / "storage/tensorboard/sinstudy").exists() else True:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM" in out
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    states = Counter(t.state for t in study.trials)
+    assert states[TrialState.FAIL] == 3 and states[TrialState.RUNNING] == 0
+    assert not list((workdir / "storage/tensorboard/sinstudy").glob("pending-*"))
+
+
+def test_batched_refuses_workers(workdir):
+    r = run_cli("run", "--workers", "2", "--no-progress", cwd=workdir)
+    assert r.returncode == 2 and "--engine standard" in r.stderr
