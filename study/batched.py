@@ -6,7 +6,7 @@ of them. Models in one stack may differ in depth, width, activation, learning ra
     outputs exactly 0, so its incoming and outgoing weights get exactly zero gradient and the
     optimizer leaves them at 0 (Adam: m = v = 0 -> update 0);
   - depths are padded with pass-through layers: h = where(active, act(h W + b), h);
-  - activations are applied per group of slots (index_select / index_copy);
+  - activations are applied per group of slots (slots sorted by activation: contiguous slices);
   - learning rates are a [K, 1, 1] tensor in a hand-written Adam / AdamW / SGD that follows
     torch.optim's formulas; every slot has its own step count and moments;
   - each slot draws its own minibatch order from its own generator, as train.py does.
@@ -81,6 +81,7 @@ class Stack:
     """The slots of one optimizer kind, trained together. Rebuild with `build` after changes."""
 
     def __init__(self, slots: list[Slot], data: SinData):
+        """Note: `build` sorts `slots` by activation; index results by `self.slots`."""
         self.data = data
         self.slots = slots
         self.build()
@@ -88,9 +89,12 @@ class Stack:
     # ---------------------------------------------------------------- (re)stacking
 
     def build(self) -> None:
-        s = self.slots
-        if not s:
+        if not self.slots:
             return
+        # Slots sorted by activation: each activation then applies to a contiguous slice (a view),
+        # and one torch.cat joins them, instead of a gather and a full-size copy per activation.
+        self.slots.sort(key=lambda x: x.cfg.activation)
+        s = self.slots
         dev = self.data.device
         self.kind = s[0].cfg.optimizer
         assert all(x.cfg.optimizer == self.kind for x in s), "one optimizer kind per stack"
@@ -118,7 +122,7 @@ class Stack:
         groups: dict[str, list[int]] = {}
         for k, x in enumerate(s):
             groups.setdefault(x.cfg.activation, []).append(k)
-        self.groups = [(_ACT[a], torch.tensor(ix, device=dev)) for a, ix in groups.items()]
+        self.groups = [(_ACT[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]  # (fn, start, stop)
         self.wd = torch.tensor([x.cfg.weight_decay for x in s], device=dev).view(-1, 1, 1)
         self.momentum = torch.tensor([x.cfg.momentum for x in s], device=dev).view(-1, 1, 1)
         self.any_wd = any(x.cfg.weight_decay for x in s)
@@ -158,9 +162,7 @@ class Stack:
             if len(self.groups) == 1:
                 a = self.groups[0][0](z)
             else:
-                a = torch.zeros_like(z)
-                for fn, ix in self.groups:
-                    a = a.index_copy(0, ix, fn(z.index_select(0, ix)))
+                a = torch.cat([fn(z[lo:hi]) for fn, lo, hi in self.groups])
             a = a * self.unit_mask[layer]
             h = a if layer == 0 else torch.where(self.active[layer], a, h)
         return torch.baddbmm(p[-1], h, p[-2])  # [K, B, 1]

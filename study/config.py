@@ -18,7 +18,7 @@ SCHEDULERS = ("none", "step", "cosine", "exponential")
 SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes")
 PRUNERS = ("hyperband", "median", "sha", "none")
 SAMPLINGS = ("uniform", "grid")
-ENGINES = ("batched", "standard")
+ENGINES = ("auto", "batched", "standard")
 
 
 class ConfigError(ValueError):
@@ -121,8 +121,9 @@ class StudyConfig:
     """seed of the sampler and of every trial's weights (trial seed = seed + trial number)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
-    engine: str = "batched"
-    """batched: many trials as one computation (study/engine.py); standard: study.optimize, one at a time"""
+    engine: str = "auto"
+    """batched: many trials as one computation (study/engine.py); standard: study.optimize, one at
+    a time; auto: batched, or standard when --workers / --devices ask for worker processes"""
     slots: int | None = None
     """trials the batched engine trains at once (default 64 on CPU, 1024 on a GPU)"""
     workers: int = 1
@@ -210,8 +211,9 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _choice("engine", cfg.engine, ENGINES)
     if cfg.slots is not None:
         _positive_int("--slots", cfg.slots)
-    if cfg.engine == "batched" and (cfg.workers > 1 or cfg.devices is not None):
-        raise ConfigError("--workers and --devices run the standard engine; add --engine standard")
+    parallel = cfg.workers > 1 or cfg.devices is not None
+    if cfg.engine == "batched" and parallel:
+        raise ConfigError("--workers and --devices run the standard engine; use --engine standard (or auto)")
     if cfg.devices is not None:
         if not cfg.devices:
             raise ConfigError("--devices needs at least one GPU id, e.g. --devices 0,1")
@@ -243,7 +245,8 @@ def validate(cfg: StudyConfig) -> StudyConfig:
                     f"the cmaes sampler cannot search the categorical {name!r}; fix it to one "
                     f"choice in [search_space] or use --sampler tpe"
                 )
-    return replace(cfg, space=space)
+    engine = cfg.engine if cfg.engine != "auto" else ("standard" if parallel else "batched")
+    return replace(cfg, space=space, engine=engine)
 
 
 def validate_train(t: TrainConfig) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -35,7 +37,7 @@ from . import interrupt
 from .batched import Slot, Stack, new_slot
 from .config import StudyConfig
 from .data import make_data
-from .objective import MODEL_FILE
+from .objective import MODEL_FILE, WORKER
 from .space import suggest
 from .tracking import TrialLogger, run_dir
 from .train import EpochLog, lr_at, mse
@@ -58,13 +60,53 @@ class Live:
 class Stats:
     trials: int = 0
     model_steps: int = 0
-    book_seconds: float = 0.0  # sampler, pruner, storage writes, TensorBoard
+    book_seconds: float = 0.0  # sampler, pruner and TensorBoard in the training loop's thread
+    write_seconds: float = 0.0  # storage writes, on the writer thread (overlaps training)
     wall_seconds: float = 0.0
 
 
+class _Writer:
+    """Writes finished trials to storage on a thread of its own, so SQLite's ~50 ms per trial
+    overlaps training instead of stalling it. `close()` drains the queue: a run returns only
+    when every finished trial is stored; a crash loses at most the queued ones."""
+
+    def __init__(self, engine: "BatchedEngine"):
+        self.engine = engine
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="sinstudy-writer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, item: tuple) -> None:
+        self.queue.put(item)
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.engine.write(*item)
+                except BaseException as e:  # reported in the training thread
+                    self.error = e
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self.raise_if_failed()
+
+
 def _key(slot: Slot) -> tuple[str, int]:
-    """Stack by optimizer kind and width class (next power of two): little padding, few stacks."""
-    return slot.cfg.optimizer, 1 << (max(slot.cfg.widths) - 1).bit_length()
+    """Stack by optimizer kind and width class. Up to 64 units a step costs overhead, not
+    arithmetic, so one class holds them all; wider models go by the next power of two, where
+    padding a 100-unit model to 256 would double its arithmetic."""
+    w = max(slot.cfg.widths)
+    return slot.cfg.optimizer, 64 if w <= 64 else 1 << (w - 1).bit_length()
 
 
 class BatchedEngine:
@@ -76,6 +118,8 @@ class BatchedEngine:
         self.store = FileSystemArtifactStore(cfg.artifact_dir)
         self.stacks: dict[tuple[str, int], Stack] = {}
         self.stats = Stats()
+        self.writer = _Writer(self)
+        self.dirty: set[tuple[str, int]] = set()  # stacks whose slots changed since their build
         from .runner import make_pruner, make_sampler
 
         with warnings.catch_warnings():
@@ -92,6 +136,7 @@ class BatchedEngine:
     def run(self, budget) -> int:
         """Train until the budget is spent. Returns the interrupting signal, or 0."""
         start = time.perf_counter()
+        self.writer.start()
         try:
             while True:
                 self._fill(budget)
@@ -104,7 +149,9 @@ class BatchedEngine:
                 if interrupt.requested():
                     self._abandon()
                     return interrupt.requested()
+                self.writer.raise_if_failed()
         finally:
+            self.writer.close()  # every finished trial is in storage before we return
             self.stats.wall_seconds = time.perf_counter() - start
 
     def _fill(self, budget) -> None:
@@ -119,14 +166,21 @@ class BatchedEngine:
             new.setdefault(_key(slot), []).append(slot)
             live += 1
         self.stats.book_seconds += time.perf_counter() - t0
-        for key, slots in new.items():
-            if key in self.stacks:
-                stack = self.stacks[key]
+        # One restack per changed stack per epoch: the slots that left (already unstacked in
+        # _after_epoch) and the ones that arrive are applied together.
+        for key in set(new) | self.dirty:
+            stack = self.stacks.get(key)
+            if stack is None:
+                self.stacks[key] = Stack(new[key], self.data)
+                continue
+            if key not in self.dirty:
                 stack.unstack()
-                stack.slots += slots
+            stack.slots += new.get(key, [])
+            if stack.slots:
                 stack.build()
             else:
-                self.stacks[key] = Stack(slots, self.data)
+                del self.stacks[key]
+        self.dirty.clear()
 
     def _after_epoch(self, key, stack: Stack, loss: list[float], val: list[float]) -> None:
         improved = [v < x.best_val for v, x in zip(val, stack.slots)]
@@ -157,10 +211,7 @@ class BatchedEngine:
             gone = {k for k, _, _ in done}
             stack.unstack()
             stack.slots = [x for k, x in enumerate(stack.slots) if k not in gone]
-            if stack.slots:
-                stack.build()
-            else:
-                del self.stacks[key]
+            self.dirty.add(key)  # rebuilt in _fill, together with the newcomers
 
     # ---------------------------------------------------------------- one trial to storage
 
@@ -172,6 +223,7 @@ class BatchedEngine:
         attrs = self._result_attrs(stack, k, diverged) if state == TrialState.COMPLETE or diverged else {}
         if reason:
             attrs["pruned_reason"] = reason
+        attrs["worker"] = WORKER
         last = live.values[max(live.values)] if live.values else None
         value = x.best_val if state == TrialState.COMPLETE else last  # Optuna: a pruned trial keeps its last value
         metrics = {"val_mse": x.best_val if state == TrialState.COMPLETE else (last if last is not None else math.inf)}
@@ -179,13 +231,12 @@ class BatchedEngine:
             metrics["test_mse"] = attrs["test_mse"]
         live.logger.close(dict(live.trial.params), metrics)
         new_best = state == TrialState.COMPLETE and value < self.best_value
-        frozen = self._write(live, state, value, attrs, stack.slot_model(k, "best") if new_best else None, x)
-        live.logger.move_to(run_dir(self.cfg.log_dir, self.cfg.study, frozen.number))
         if new_best:
             self.best_value = value
+        model = stack.slot_model(k, "best").cpu() if new_best else None
+        self.writer.put((live, state, value, attrs, model, x.cfg, x.best_val, x.best_epoch, x.epoch))
         self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state=state)
         self.stats.trials += 1
-        self.on_trial(frozen)
 
     def _result_attrs(self, stack: Stack, k: int, diverged: bool) -> dict:
         """objective.record_result's attrs, from the stack's best and final weights."""
@@ -206,8 +257,10 @@ class BatchedEngine:
             "train_config": json.dumps(asdict(x.cfg)),
         }
 
-    def _write(self, live: Live, state: TrialState, value: float | None, attrs: dict, model, slot: Slot) -> FrozenTrial:
-        """The trial in the real storage: one transaction, artifacts, then its final state."""
+    def write(self, live: Live, state: TrialState, value, attrs: dict, model, cfg, best_val, best_epoch, epochs) -> None:
+        """The trial in the real storage (writer thread): one transaction with params, curve and
+        attrs; its artifacts when it was a new best; then its final state; then its TB run name."""
+        t0 = time.perf_counter()
         storage = self.study._storage
         template = FrozenTrial(
             number=0, state=TrialState.RUNNING, value=None, datetime_start=live.started, datetime_complete=None,
@@ -216,12 +269,15 @@ class BatchedEngine:
         )
         trial_id = storage.create_new_trial(self.study._study_id, template_trial=template)
         if model is not None:
-            artifact = self._upload(storage.get_trial(trial_id), model, slot)
+            artifact = self._upload(storage.get_trial(trial_id), model, cfg, best_val, best_epoch, epochs)
             storage.set_trial_user_attr(trial_id, "model_artifact", artifact)
         storage.set_trial_state_values(trial_id, state, None if value is None else [value])
-        return storage.get_trial(trial_id)
+        frozen = storage.get_trial(trial_id)
+        live.logger.move_to(run_dir(self.cfg.log_dir, self.cfg.study, frozen.number))
+        self.stats.write_seconds += time.perf_counter() - t0
+        self.on_trial(frozen)
 
-    def _upload(self, trial: FrozenTrial, model, slot: Slot) -> str:
+    def _upload(self, trial: FrozenTrial, model, cfg, best_val: float, best_epoch: int, epochs: int) -> str:
         from . import analysis, plots
         from .objective import save_model
         from .train import TrainResult
@@ -229,12 +285,12 @@ class BatchedEngine:
         storage = self.study._storage
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / MODEL_FILE
-            result = TrainResult(slot.best_val, slot.best_epoch, 0.0, 0.0, 0.0, slot.epoch, 0, 0.0, str(self.device), None, model)
-            save_model(result, slot.cfg, path)
+            result = TrainResult(best_val, best_epoch, 0.0, 0.0, 0.0, epochs, 0, 0.0, str(self.device), None, model)
+            save_model(result, cfg, path)
             artifact_id = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
                                           storage=storage, mimetype="application/octet-stream")
             image = Path(tmp) / f"fit-trial-{trial.number:04d}.png"
-            plots.fit_png(analysis.fit(model.cpu()), image, title=f"trial #{trial.number} vs sin(x)")
+            plots.fit_png(analysis.fit(model), image, title=f"trial #{trial.number} vs sin(x)")
             upload_artifact(artifact_store=self.store, file_path=str(image), study_or_trial=trial, storage=storage, mimetype="image/png")
         return artifact_id
 
@@ -244,7 +300,6 @@ class BatchedEngine:
             for x in stack.slots:
                 live: Live = x.tag
                 live.logger.close(dict(live.trial.params), {})
-                frozen = self._write(live, TrialState.FAIL, None, {"failed_reason": "interrupted"}, None, x)
-                live.logger.move_to(run_dir(self.cfg.log_dir, self.cfg.study, frozen.number))
+                self.writer.put((live, TrialState.FAIL, None, {"failed_reason": "interrupted", "worker": WORKER}, None, x.cfg, x.best_val, x.best_epoch, x.epoch))
                 self.mirror.tell(live.trial, state=TrialState.FAIL)
         self.stacks.clear()

@@ -9,7 +9,10 @@ ends PRUNED with the reason in the user attr `pruned_reason`, never as a crash.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from .tracking import TrialLogger
 from .train import EpochLog, TrainResult, train
 
 MODEL_FILE = "model.pt"  # artifact file name of a trial's best weights
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def trial_seed(cfg: StudyConfig, trial_number: int) -> int:
@@ -59,18 +63,33 @@ class Objective:
         self.cfg = cfg
         self.data = data
         self.artifact_store = artifact_store
+        # For the benchmark's bookkeeping share: time inside __call__, and the part of it spent
+        # on reporting, pruning decisions and TensorBoard (the rest of a run is ask/tell).
+        self.seconds_inside = 0.0
+        self.seconds_reporting = 0.0
 
     def __call__(self, trial: optuna.Trial) -> float:
+        start = time.perf_counter()
+        try:
+            return self._trial(trial)
+        finally:
+            self.seconds_inside += time.perf_counter() - start
+
+    def _trial(self, trial: optuna.Trial) -> float:
         tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=trial_seed(self.cfg, trial.number))
+        trial.set_user_attr("worker", WORKER)  # which machine and process ran it (scale-out, crashes)
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, trial.number)
         last = {"val_mse": float("inf"), "epoch": 0}
 
         def on_epoch(log: EpochLog) -> None:
             interrupt.check()  # Ctrl-C / SIGTERM: stop here, between epochs
+            t0 = time.perf_counter()
             logger.log_epoch(log)
             last.update(val_mse=log.val_mse, epoch=log.epoch)
             trial.report(log.val_mse, log.epoch)
-            if trial.should_prune():
+            prune = trial.should_prune()
+            self.seconds_reporting += time.perf_counter() - t0
+            if prune:
                 trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {log.epoch}")
                 raise optuna.TrialPruned(f"pruned after epoch {log.epoch}")
 

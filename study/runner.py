@@ -144,6 +144,7 @@ class Summary:
     artifact_dir: str
     best: FrozenTrial | None = None
     signum: int = 0  # the signal that interrupted the run, or 0
+    bookkeeping_seconds: float | None = None  # sampler, pruner, storage, TensorBoard (one process)
     notes: list[str] = field(default_factory=list)
 
 
@@ -186,6 +187,9 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     notes: list[str] = []
     device = resolve_device(cfg.device, say=notes.append) if cfg.devices is None else check_devices(cfg.devices)
+    if device.type == "cuda":  # full float32 matmuls: the engines must agree with train.py
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     sampler = make_sampler(cfg)
     parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
     storage = storage_mod.open_storage(parsed, storage_mod.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries))
@@ -203,11 +207,12 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
     start = time.perf_counter()
     signum = 0
     placements = workers.worker_devices(cfg, str(device))
+    book = None
     try:
         if cfg.engine == "batched":
-            signum = _run_batched(cfg, study, device, bar)
+            signum, book = _run_batched(cfg, study, device, bar)
         elif len(placements) == 1 and not cfg.devices:
-            signum = _run_here(cfg, str(device), bar)
+            signum, book = _run_here(cfg, str(device), bar, start)
         else:
             pool = workers.Pool(cfg, study, placements, say=say, on_progress=lambda: bar.to(workers.finished_since(study, before), study))
             signum = pool.run()
@@ -217,30 +222,36 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
         from .dashboard import publish
 
         publish(study)
-    return summarize(study, cfg, device=_where(placements), since=before, wall=time.perf_counter() - start, signum=signum)
+    summary = summarize(study, cfg, device=_where(placements), since=before, wall=time.perf_counter() - start, signum=signum)
+    summary.bookkeeping_seconds = book
+    return summary
 
 
-def _run_batched(cfg: StudyConfig, study: optuna.Study, device: torch.device, bar: "_Progress") -> int:
+def _run_batched(cfg: StudyConfig, study: optuna.Study, device: torch.device, bar: "_Progress") -> tuple[int, float]:
+    """Returns (interrupting signal or 0, bookkeeping seconds)."""
     from .engine import DEFAULT_SLOTS, BatchedEngine
 
     slots = cfg.slots or DEFAULT_SLOTS[device.type]
     engine = BatchedEngine(cfg, study, device, slots=slots, on_trial=lambda t: bar(study, t))
     with interrupt.handle_signals():
-        return engine.run(workers.Budget(cfg.n_trials, cfg.timeout))
+        signum = engine.run(workers.Budget(cfg.n_trials, cfg.timeout))
+    return signum, engine.stats.book_seconds
 
 
-def _run_here(cfg: StudyConfig, device: str, bar: "_Progress") -> int:
-    """One worker in this process. Returns the interrupting signal, or 0."""
+def _run_here(cfg: StudyConfig, device: str, bar: "_Progress", start: float) -> tuple[int, float | None]:
+    """One worker in this process. Returns (interrupting signal or 0, bookkeeping seconds)."""
     budget = workers.Budget(cfg.n_trials, cfg.timeout)
     current = workers._CTX.Array("i", [-1])
     try:
         with interrupt.handle_signals():
-            workers.worker_loop(cfg, 0, budget, current, device=device, callbacks=[bar])
-            return interrupt.requested()  # 0, or a signal that arrived between trials
+            objective = workers.worker_loop(cfg, 0, budget, current, device=device, callbacks=[bar])
+            # everything outside the objective (ask, tell, sampler) plus its reporting and pruning
+            book = (time.perf_counter() - start) - objective.seconds_inside + objective.seconds_reporting
+            return interrupt.requested(), book
     except interrupt.Interrupted as e:  # Optuna has already marked the running trial FAIL
-        return e.signum
+        return e.signum, None
     except KeyboardInterrupt:
-        return signal.SIGINT
+        return signal.SIGINT, None
 
 
 def check_devices(devices: tuple[int, ...]) -> torch.device:

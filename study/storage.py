@@ -13,10 +13,13 @@ unreachable server. Only after it passes does `open_storage()` let Optuna create
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sqlite3
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -195,11 +198,26 @@ def open_storage(parsed: StorageURL, heartbeat: Heartbeat | None = None) -> optu
             heartbeat_stale_trial_callback=retry_callback(heartbeat.max_retries),
         )
     try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5.0
+        with warnings.catch_warnings(), _schema_lock(parsed):  # heartbeat: "experimental" in Optuna 5.0
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
     except RuntimeError as e:  # e.g. a schema from another Optuna version
         raise StorageError(f"{parsed.url}: {str(e).splitlines()[0]}", exit_code=1) from None
+
+
+@contextlib.contextmanager
+def _schema_lock(parsed: StorageURL) -> Iterator[None]:
+    """Serialise opening a SQLite file across processes: RDBStorage creates the schema on first
+    open, and two processes doing it at once fail ("table ... already exists")."""
+    if parsed.kind != "sqlite":
+        yield
+        return
+    with open(parsed.path.with_name(parsed.path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load(url: str) -> optuna.storages.BaseStorage:

@@ -75,7 +75,7 @@ def worker_loop(
     *,
     device: str,
     callbacks: list[Callable] = (),
-) -> None:
+) -> Objective:
     """Claim, run one trial, repeat. `current[index]` holds the running trial's number."""
     from .runner import make_pruner, make_sampler  # runner imports this module
 
@@ -100,6 +100,7 @@ def worker_loop(
             sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
         study.optimize(run_one, n_trials=1, callbacks=list(callbacks))
         current[index] = -1
+    return objective
 
 
 def _worker_main(cfg: StudyConfig, index: int, budget: Budget, current: "mp.Array", device: str) -> None:

@@ -1,0 +1,81 @@
+"""Standard engine vs batched engine on the same study budget, in one run.
+
+    python scripts/bench.py [--n-trials 128] [--max-epochs 100] [--space small|default] [--device cpu|cuda] [--slots K]
+
+Both engines get the same search space (the default), seed, trial count, epochs, pruner and
+storage kind (a fresh SQLite file each). Printed per engine: model-steps/s (one minibatch of one
+model), trials/min, the share of wall time spent on bookkeeping (sampler, pruner, storage,
+TensorBoard) and the best validation MSE. The last line is `speedup <X>x`: trials/min, batched
+over standard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from study import config, runner
+
+
+# The DESIGN's anchor region (width <= 64): trials cost overhead, not arithmetic, which is
+# what batching removes. The full default space (width up to 256, depth up to 6) is
+# arithmetic-bound on a 2-core CPU; run it with --space default.
+SPACES = {
+    "small": {"depth": [1, 4], "width": [8, 64], "lr": [1e-4, 3e-2]},
+    "default": {},
+}
+
+
+def one(engine: str, args: argparse.Namespace, folder: Path) -> dict:
+    cfg = config.build(
+        {"search_space": SPACES[args.space]},
+        study=f"bench-{engine}", storage=f"sqlite:///{folder}/bench-{engine}.db", n_trials=args.n_trials,
+        max_epochs=args.max_epochs, seed=args.seed, device=args.device, engine=engine, slots=args.slots,
+        log_dir=str(folder / "tensorboard"), artifact_dir=str(folder / "artifacts"),
+    )
+    t0 = time.perf_counter()
+    s = runner.run(cfg, progress=False, say=lambda line: None)
+    wall = time.perf_counter() - t0
+    study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
+    steps_per_epoch = math.ceil(cfg.data.n_train / cfg.train.batch_size)
+    epochs = sum(len(t.intermediate_values) for t in study.trials)
+    finished = s.this_run.complete + s.this_run.pruned
+    return {
+        "engine": engine, "trials": finished, "complete": s.this_run.complete, "wall_s": wall,
+        "model_steps_per_s": epochs * steps_per_epoch / wall, "trials_per_min": 60 * finished / wall,
+        "bookkeeping": (s.bookkeeping_seconds or math.nan) / wall, "best_val_mse": s.best.value if s.best else math.nan,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-trials", type=int, default=128)
+    ap.add_argument("--max-epochs", type=int, default=100)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--slots", type=int, default=None, help="batched engine slots (default: 64 CPU, 1024 GPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engines", default="standard,batched")
+    ap.add_argument("--space", choices=list(SPACES), default="small", help="small: width <= 64, depth <= 4 (default)")
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [one(e, args, Path(tmp)) for e in args.engines.split(",")]
+    space = ", ".join(f"{k} {v}" for k, v in SPACES[args.space].items()) or "the default space"
+    print(f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, TPE + Hyperband, SQLite")
+    print("| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best val MSE |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['trials']} | {r['complete']} | {r['wall_s']:.1f} | {r['model_steps_per_s']:,.0f} | "
+              f"{r['trials_per_min']:.1f} | {100 * r['bookkeeping']:.0f}% | {r['best_val_mse']:.2e} |")
+    by = {r["engine"]: r for r in rows}
+    if {"standard", "batched"} <= set(by):
+        print(f"speedup {by['batched']['trials_per_min'] / by['standard']['trials_per_min']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
