@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import queue
-import tempfile
 import threading
 import time
 import uuid
@@ -30,14 +29,14 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from . import interrupt
 from .batched import Slot, Stack, new_slot
 from .config import StudyConfig
 from .data import make_data
-from .objective import MODEL_FILE, WORKER
+from .objective import WORKER, upload_model
 from .space import suggest
 from .tracking import TrialLogger, run_dir
 from .train import EpochLog, lr_at, mse
@@ -234,7 +233,7 @@ class BatchedEngine:
         if new_best:
             self.best_value = value
         model = stack.slot_model(k, "best").cpu() if new_best else None
-        self.writer.put((live, state, value, attrs, model, x.cfg, x.best_val, x.best_epoch, x.epoch))
+        self.writer.put((live, state, value, attrs, model, x.cfg))
         self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state=state)
         self.stats.trials += 1
 
@@ -257,7 +256,7 @@ class BatchedEngine:
             "train_config": json.dumps(asdict(x.cfg)),
         }
 
-    def write(self, live: Live, state: TrialState, value, attrs: dict, model, cfg, best_val, best_epoch, epochs) -> None:
+    def write(self, live: Live, state: TrialState, value, attrs: dict, model, cfg) -> None:
         """The trial in the real storage (writer thread): one transaction with params, curve and
         attrs; its artifacts when it was a new best; then its final state; then its TB run name."""
         t0 = time.perf_counter()
@@ -269,7 +268,8 @@ class BatchedEngine:
         )
         trial_id = storage.create_new_trial(self.study._study_id, template_trial=template)
         if model is not None:
-            artifact = self._upload(storage.get_trial(trial_id), model, cfg, best_val, best_epoch, epochs)
+            number = storage.get_trial_number_from_id(trial_id)
+            artifact = upload_model(self.store, storage.get_trial(trial_id), number, model, cfg, storage)
             storage.set_trial_user_attr(trial_id, "model_artifact", artifact)
         storage.set_trial_state_values(trial_id, state, None if value is None else [value])
         frozen = storage.get_trial(trial_id)
@@ -277,29 +277,12 @@ class BatchedEngine:
         self.stats.write_seconds += time.perf_counter() - t0
         self.on_trial(frozen)
 
-    def _upload(self, trial: FrozenTrial, model, cfg, best_val: float, best_epoch: int, epochs: int) -> str:
-        from . import analysis, plots
-        from .objective import save_model
-        from .train import TrainResult
-
-        storage = self.study._storage
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / MODEL_FILE
-            result = TrainResult(best_val, best_epoch, 0.0, 0.0, 0.0, epochs, 0, 0.0, str(self.device), None, model)
-            save_model(result, cfg, path)
-            artifact_id = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
-                                          storage=storage, mimetype="application/octet-stream")
-            image = Path(tmp) / f"fit-trial-{trial.number:04d}.png"
-            plots.fit_png(analysis.fit(model), image, title=f"trial #{trial.number} vs sin(x)")
-            upload_artifact(artifact_store=self.store, file_path=str(image), study_or_trial=trial, storage=storage, mimetype="image/png")
-        return artifact_id
-
     def _abandon(self) -> None:
         """Interrupted: write every training trial as FAIL with the curve it has."""
         for stack in self.stacks.values():
             for x in stack.slots:
                 live: Live = x.tag
                 live.logger.close(dict(live.trial.params), {})
-                self.writer.put((live, TrialState.FAIL, None, {"failed_reason": "interrupted", "worker": WORKER}, None, x.cfg, x.best_val, x.best_epoch, x.epoch))
+                self.writer.put((live, TrialState.FAIL, None, {"failed_reason": "interrupted", "worker": WORKER}, None, x.cfg))
                 self.mirror.tell(live.trial, state=TrialState.FAIL)
         self.stacks.clear()

@@ -35,10 +35,27 @@ def trial_seed(cfg: StudyConfig, trial_number: int) -> int:
     return cfg.seed + trial_number
 
 
-def save_model(result: TrainResult, tcfg: TrainConfig, path: Path) -> None:
+def save_model(model: torch.nn.Module, tcfg: TrainConfig, path: Path) -> None:
     """Weights plus the TrainConfig that rebuilds them: enough for later commands, no retraining."""
-    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"train_config": asdict(tcfg), "state_dict": state}, path)
+
+
+def upload_model(store: FileSystemArtifactStore, trial: optuna.Trial | optuna.trial.FrozenTrial, number: int,
+                 model: torch.nn.Module, tcfg: TrainConfig, storage: optuna.storages.BaseStorage | None = None) -> str:
+    """A new best's weights and its fit image as artifacts of its (still running) trial: finished
+    trials take no artifacts. Returns the weights' artifact id. Used by both engines."""
+    from . import analysis, plots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_FILE
+        save_model(model, tcfg, path)
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
+                                      storage=storage, mimetype="application/octet-stream")
+        image = Path(tmp) / f"fit-trial-{number:04d}.png"
+        plots.fit_png(analysis.fit(model.cpu()), image, title=f"trial #{number} vs sin(x)")
+        upload_artifact(artifact_store=store, file_path=str(image), study_or_trial=trial, storage=storage, mimetype="image/png")
+    return artifact_id
 
 
 def record_result(trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -> None:
@@ -120,17 +137,5 @@ class Objective:
             return True
 
     def _upload_model(self, trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -> None:
-        """Weights and a fit image, while the trial runs: finished trials take no artifacts."""
-        from . import analysis, plots
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / MODEL_FILE
-            save_model(result, tcfg, path)
-            artifact_id = upload_artifact(
-                artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial,
-                mimetype="application/octet-stream",
-            )
-            image = Path(tmp) / f"fit-trial-{trial.number:04d}.png"
-            plots.fit_png(analysis.fit(result.model.cpu()), image, title=f"trial #{trial.number} vs sin(x)")
-            upload_artifact(artifact_store=self.artifact_store, file_path=str(image), study_or_trial=trial, mimetype="image/png")
+        artifact_id = upload_model(self.artifact_store, trial, trial.number, result.model, tcfg)
         trial.set_user_attr("model_artifact", artifact_id)

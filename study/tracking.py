@@ -43,7 +43,15 @@ class TrialLogger:
     def close(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         # HParams takes only bool/number/str; None and tuples become strings. Non-finite metrics
         # (a diverged trial) are kept out: they would hide the column's other values.
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
         hp = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
         finite = {f"hparam/{k}": float(v) for k, v in metrics.items() if math.isfinite(v)}
-        self.writer.add_hparams(hp, finite, run_name=".")
+        # What SummaryWriter.add_hparams writes, but into this run's own event file: add_hparams
+        # opens a second writer (and file) per call, a cost paid once per trial.
+        file_writer = self.writer._get_file_writer()
+        for summary in hparams_summary(hp, finite):
+            file_writer.add_summary(summary)
+        for k, v in finite.items():
+            self.writer.add_scalar(k, v)
         self.writer.close()

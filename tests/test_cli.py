@@ -75,6 +75,7 @@ def test_tensorboard_runs_are_readable_with_tensorboards_reader(ran):
         acc = EventAccumulator(str(workdir / f"storage/tensorboard/sinstudy/trial-{t.number:04d}"))
         acc.Reload()
         assert {"loss/train", "mse/val", "lr"} <= set(acc.Tags()["scalars"])
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")  # the HParams tab
         vals = [e.value for e in acc.Scalars("mse/val")]
         assert vals == pytest.approx([t.intermediate_values[s] for s in sorted(t.intermediate_values)], rel=1e-6)
 
@@ -97,10 +98,11 @@ def test_best_prints_from_storage(ran):
     assert f"{study.best_value:.3e}" in r.stdout
 
 
-def test_same_seed_same_params_and_values(workdir):
+def test_standard_engine_same_seed_same_params_and_values(workdir):
     out = []
     for name in ("a", "b"):
-        r = run_cli("run", *TINY, "--n-trials", "6", "--seed", "3", "--storage", f"sqlite:///{name}.db", cwd=workdir)
+        r = run_cli("run", *TINY, "--n-trials", "6", "--seed", "3", "--storage", f"sqlite:///{name}.db",
+                    "--engine", "standard", cwd=workdir)  # the batched engine: test_batched.py
         assert r.returncode == 0, r.stderr
         trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{name}.db").trials
         out.append([(t.params, t.state, t.value, t.intermediate_values) for t in trials])
