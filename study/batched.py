@@ -18,7 +18,7 @@ slots and padding follows the current members, not the search space's extremes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +48,7 @@ class Slot:
     best_val: float = math.inf
     best_epoch: int = 0
     best_params: list[torch.Tensor] | None = None
-    tag: object = None  # the caller's handle (an Optuna trial)
-    history: list = field(default_factory=list)
+    tag: object = None  # the caller's handle (the engine's Live record)
 
 
 def new_slot(cfg: TrainConfig, device: torch.device | str, tag: object = None) -> Slot:

@@ -52,16 +52,12 @@ class Live:
     logger: TrialLogger
     started: datetime
     values: dict[int, float] = field(default_factory=dict)  # epoch -> validation MSE
-    last_loss: float = 0.0
 
 
 @dataclass
 class Stats:
-    trials: int = 0
-    model_steps: int = 0
     book_seconds: float = 0.0  # sampler, pruner and TensorBoard in the training loop's thread
-    write_seconds: float = 0.0  # storage writes, on the writer thread (overlaps training)
-    wall_seconds: float = 0.0
+    # (storage writes run on the writer thread, overlapping training: not counted here)
 
 
 class _Writer:
@@ -134,7 +130,6 @@ class BatchedEngine:
 
     def run(self, budget) -> int:
         """Train until the budget is spent. Returns the interrupting signal, or 0."""
-        start = time.perf_counter()
         self.writer.start()
         try:
             while True:
@@ -143,7 +138,6 @@ class BatchedEngine:
                     return interrupt.requested()
                 for key, stack in list(self.stacks.items()):
                     loss, val = stack.train_epoch()
-                    self.stats.model_steps += len(stack.slots) * math.ceil(self.data.x_train.shape[0] / stack.batch_size)
                     self._after_epoch(key, stack, loss.tolist(), val.tolist())  # one sync per stack per epoch
                 if interrupt.requested():
                     self._abandon()
@@ -151,7 +145,6 @@ class BatchedEngine:
                 self.writer.raise_if_failed()
         finally:
             self.writer.close()  # every finished trial is in storage before we return
-            self.stats.wall_seconds = time.perf_counter() - start
 
     def _fill(self, budget) -> None:
         live = sum(len(s.slots) for s in self.stacks.values())
@@ -196,7 +189,6 @@ class BatchedEngine:
                 done.append((k, TrialState.PRUNED, reason))
                 continue
             live.values[x.epoch] = val[k]
-            live.last_loss = loss[k]
             live.logger.log_epoch(EpochLog(x.epoch, loss[k], val[k], lr_at(x.cfg, x.epoch - 1)))
             live.trial.report(val[k], x.epoch)
             if live.trial.should_prune():
@@ -235,7 +227,6 @@ class BatchedEngine:
         model = stack.slot_model(k, "best").cpu() if new_best else None
         self.writer.put((live, state, value, attrs, model, x.cfg))
         self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state=state)
-        self.stats.trials += 1
 
     def _result_attrs(self, stack: Stack, k: int, diverged: bool) -> dict:
         """objective.record_result's attrs, from the stack's best and final weights."""
@@ -259,7 +250,6 @@ class BatchedEngine:
     def write(self, live: Live, state: TrialState, value, attrs: dict, model, cfg) -> None:
         """The trial in the real storage (writer thread): one transaction with params, curve and
         attrs; its artifacts when it was a new best; then its final state; then its TB run name."""
-        t0 = time.perf_counter()
         storage = self.study._storage
         template = FrozenTrial(
             number=0, state=TrialState.RUNNING, value=None, datetime_start=live.started, datetime_complete=None,
@@ -274,7 +264,6 @@ class BatchedEngine:
         storage.set_trial_state_values(trial_id, state, None if value is None else [value])
         frozen = storage.get_trial(trial_id)
         live.logger.move_to(run_dir(self.cfg.log_dir, self.cfg.study, frozen.number))
-        self.stats.write_seconds += time.perf_counter() - t0
         self.on_trial(frozen)
 
     def _abandon(self) -> None:
