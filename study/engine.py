@@ -37,7 +37,7 @@ from .batched import Slot, Stack, new_slot
 from .config import StudyConfig
 from .data import make_data
 from .objective import WORKER, upload_model
-from .space import suggest
+from .space import grid, suggest
 from .tracking import TrialLogger, run_dir
 from .train import EpochLog, lr_at, mse
 
@@ -150,7 +150,7 @@ class BatchedEngine:
         live = sum(len(s.slots) for s in self.stacks.values())
         new: dict[tuple[str, int], list[Slot]] = {}
         t0 = time.perf_counter()
-        while live < self.k and not interrupt.requested() and budget.claim():
+        while live < self.k and not interrupt.requested() and not self._grid_started() and budget.claim():
             trial = self.mirror.ask()
             tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=self.cfg.seed + trial.number)
             pending = Path(self.cfg.log_dir) / self.cfg.study / f"pending-{uuid.uuid4().hex[:12]}"
@@ -226,7 +226,23 @@ class BatchedEngine:
             self.best_value = value
         model = stack.slot_model(k, "best").cpu() if new_best else None
         self.writer.put((live, state, value, attrs, model, x.cfg))
-        self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state=state)
+        self._tell(live.trial, value if state == TrialState.COMPLETE else None, state)
+
+    def _grid_started(self) -> bool:
+        """With the grid sampler: has every grid point been started? (GridSampler would hand
+        out a running point again, which suits it for parallel workers, not for a budget.)"""
+        if self.cfg.sampler != "grid":
+            return False
+        size = math.prod(len(v) for v in grid(self.cfg.space).values())
+        started = {t.system_attrs.get("grid_id") for t in self.mirror.get_trials(deepcopy=False)} - {None}
+        return len(started) >= size
+
+    def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> None:
+        try:
+            self.mirror.tell(trial, value, state=state)
+        except RuntimeError as e:  # GridSampler calls study.stop() when its grid is done; the
+            if "Study.stop" not in str(e):  # trial's state is already stored (tell's finally)
+                raise
 
     def _result_attrs(self, stack: Stack, k: int, diverged: bool) -> dict:
         """objective.record_result's attrs, from the stack's best and final weights."""
@@ -273,5 +289,5 @@ class BatchedEngine:
                 live: Live = x.tag
                 live.logger.close(dict(live.trial.params), {})
                 self.writer.put((live, TrialState.FAIL, None, {"failed_reason": "interrupted", "worker": WORKER}, None, x.cfg))
-                self.mirror.tell(live.trial, state=TrialState.FAIL)
+                self._tell(live.trial, None, TrialState.FAIL)
         self.stacks.clear()

@@ -100,7 +100,14 @@ def worker_loop(
             sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
         study.optimize(run_one, n_trials=1, callbacks=list(callbacks))
         current[index] = -1
+        if grid_exhausted(study):  # GridSampler's own stop() ends only the optimize() call
+            break
     return objective
+
+
+def grid_exhausted(study: optuna.Study) -> bool:
+    s = study.sampler
+    return isinstance(s, optuna.samplers.GridSampler) and s.is_exhausted(study)
 
 
 def _worker_main(cfg: StudyConfig, index: int, budget: Budget, current: "mp.Array", device: str) -> None:

@@ -179,3 +179,14 @@ def test_module_and_console_script_are_the_same_cli(workdir):
     b = run_cli("--help", cwd=workdir)
     assert a.returncode == b.returncode == 0
     assert a.stdout.replace("sinstudy", "") == b.stdout.replace("sinstudy", "")
+
+
+@pytest.mark.parametrize("engine", ["batched", "standard"])
+def test_grid_sampler_stops_when_the_grid_is_done(workdir, engine):
+    (workdir / "g.toml").write_text(TINY_TOML.replace("depth = [1, 2]", "depth = [1]").replace(
+        "width = [4, 16]", "width = [4]").replace("lr = [1e-3, 3e-2]", "lr = [1e-3]"))  # 3 activations: 3 points
+    r = run_cli("run", "--config", "g.toml", "--max-epochs", "3", "--no-progress", "--sampler", "grid",
+                "--pruner", "none", "--engine", engine, "--n-trials", "8", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    trials = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db").trials
+    assert sorted(t.params["activation"] for t in trials) == ["identity", "relu", "tanh"]
