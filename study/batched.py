@@ -117,11 +117,17 @@ class Stack:
             for k, w in enumerate(widths):
                 mask[k, 0, :w] = 1.0
             self.unit_mask.append(mask)
-            self.active.append(torch.tensor([layer < x.cfg.depth for x in s], device=dev).view(-1, 1, 1))
+            flags = [layer < x.cfg.depth for x in s]
+            # None where every slot has this layer: no pass-through select needed
+            self.active.append(None if all(flags) else torch.tensor(flags, device=dev).view(-1, 1, 1))
         groups: dict[str, list[int]] = {}
         for k, x in enumerate(s):
             groups.setdefault(x.cfg.activation, []).append(k)
         self.groups = [(_ACT[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]  # (fn, start, stop)
+        # Padded units need the unit mask only where act(0) != 0: every other activation maps a
+        # padded unit (zero weights, zero bias) to exactly 0, so its weights get exactly zero
+        # gradient without a mask. Sigmoid (0.5) needs it; its slots form one slice.
+        self.masked = [(lo, hi) for a, ix in groups.items() if a == "sigmoid" for lo, hi in [(ix[0], ix[-1] + 1)]]
         self.wd = torch.tensor([x.cfg.weight_decay for x in s], device=dev).view(-1, 1, 1)
         self.momentum = torch.tensor([x.cfg.momentum for x in s], device=dev).view(-1, 1, 1)
         self.any_wd = any(x.cfg.weight_decay for x in s)
@@ -162,8 +168,10 @@ class Stack:
                 a = self.groups[0][0](z)
             else:
                 a = torch.cat([fn(z[lo:hi]) for fn, lo, hi in self.groups])
-            a = a * self.unit_mask[layer]
-            h = a if layer == 0 else torch.where(self.active[layer], a, h)
+            for lo, hi in self.masked:
+                a = torch.cat([a[:lo], a[lo:hi] * self.unit_mask[layer][lo:hi], a[hi:]])
+            active = self.active[layer]
+            h = a if layer == 0 or active is None else torch.where(active, a, h)
         return torch.baddbmm(p[-1], h, p[-2])  # [K, B, 1]
 
     def lrs(self) -> torch.Tensor:
@@ -172,6 +180,9 @@ class Stack:
 
     @torch.no_grad()
     def _step(self, lr: torch.Tensor, t: torch.Tensor) -> None:
+        if self.kind != "sgd":  # per-slot bias corrections, once per step for every tensor
+            step_size = lr / (1 - BETA1**t)
+            bc2_sqrt = (1 - BETA2**t).sqrt()
         for p, st in zip(self.params, self.state):
             g = p.grad
             if self.kind == "sgd":
@@ -188,9 +199,8 @@ class Stack:
             m, v = st
             m.lerp_(g, 1 - BETA1)
             v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
-            bc1 = 1 - BETA1**t
-            bc2_sqrt = (1 - BETA2**t).sqrt()
-            p.sub_((lr / bc1) * m / (v.sqrt() / bc2_sqrt + EPS))
+            denom = v.sqrt().div_(bc2_sqrt).add_(EPS)
+            p.sub_(m.div(denom).mul_(step_size))  # torch: p.addcdiv_(m, denom, value=-lr / bc1)
 
     def train_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One epoch for every slot. Returns (train loss, validation MSE), each [K], on device.

@@ -72,6 +72,13 @@ def test_equivalence_mixed_configs_match_train_py_every_epoch(data, optimizer):
         want_val, want_loss = _reference(slot.cfg, data)
         _close(vals[k], want_val)
         _close(losses[k], want_loss)
+        # padding stays exactly zero: units past a slot's width, layers past its depth
+        w = slot.cfg.widths
+        for layer in range(stack.depth):
+            weight, bias = stack.params[2 * layer][k], stack.params[2 * layer + 1][k]
+            units = w[layer] if layer < slot.cfg.depth else 0
+            assert not weight[:, units:].any() and not bias[:, units:].any()
+        assert not stack.params[-2][k, w[-1]:].any()
 
 
 def test_equivalence_survives_restacking_and_refill(data):
