@@ -88,9 +88,20 @@ def fit(model: nn.Module, n: int = 1000) -> Fit:
     return Fit(x.numpy(), target.numpy(), pred.numpy(), resid.numpy(), float(torch.mean(resid**2)))
 
 
-def counts(study: optuna.Study) -> dict[str, int]:
-    trials = study.get_trials(deepcopy=False)
-    return {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+class Counts(NamedTuple):
+    complete: int
+    pruned: int
+    failed: int
+
+    @classmethod
+    def of(cls, trials: list[FrozenTrial]) -> "Counts":
+        states = [t.state for t in trials]
+        return cls(states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED), states.count(TrialState.FAIL))
+
+
+def params_text(params: dict) -> str:
+    """depth=3, width=149, lr=0.0054, activation=tanh"""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def fmt_mse(v: float | None) -> str:

@@ -11,29 +11,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+from optuna.artifacts import FileSystemArtifactStore
 
 from . import analysis, results
 
-FIT_MIMETYPE = "image/png"  # the fit image is the best trial's only PNG artifact
-
-
 def study_note(study: optuna.Study) -> str:
-    c = analysis.counts(study)
+    c = analysis.Counts.of(study.get_trials(deepcopy=False))
     lines = [
         f"## {study.study_name}",
-        f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed trials.",
+        f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed trials.",
     ]
     top = analysis.top_trials(study, 1)
     if top:
         b = top[0]
-        params = ", ".join(f"`{k}={v:.3g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in b.params.items())
         lines += [
             "",
             f"**Best trial #{b.number}**: validation MSE {analysis.fmt_mse(b.value)}, "
             f"test MSE {analysis.fmt_mse(b.user_attrs.get('test_mse'))} (course report's best: 1.418e-03).",
             "",
-            f"Params: {params}. Its weights and fit plot are artifacts on its trial page.",
+            f"Params: `{analysis.params_text(b.params)}`. Its weights and fit plot are artifacts on its trial page.",
         ]
     if not analysis.importance_shortfall(study):
         rows = analysis.importance_table(study)
@@ -47,12 +43,6 @@ def publish(study: optuna.Study) -> None:
     from optuna_dashboard import save_note
 
     save_note(study, study_note(study))
-
-
-def fit_artifact(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
-    """The id of the trial's fit image, if it has one."""
-    metas = get_all_artifact_meta(trial, storage=study._storage)
-    return next((m.artifact_id for m in metas if m.mimetype == FIT_MIMETYPE), None)
 
 
 def serve(url: str, *, host: str, port: int, artifact_dir: str) -> None:

@@ -16,14 +16,13 @@ weights, reset optimizer state), so the device never idles while the budget last
 
 from __future__ import annotations
 
-import json
 import math
 import queue
 import threading
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -36,10 +35,11 @@ from . import interrupt
 from .batched import Slot, Stack, new_slot
 from .config import StudyConfig
 from .data import make_data
-from .objective import WORKER, upload_model
-from .space import grid, suggest
+from .model import n_params
+from .objective import WORKER, result_attrs, trial_seed, upload_model
+from .space import grid_started, suggest
 from .tracking import TrialLogger, run_dir
-from .train import EpochLog, lr_at, mse
+from .train import EpochLog, TrainResult, lr_at, mse
 
 DEFAULT_SLOTS = {"cpu": 64, "cuda": 1024}
 
@@ -152,7 +152,7 @@ class BatchedEngine:
         t0 = time.perf_counter()
         while live < self.k and not interrupt.requested() and not self._grid_started() and budget.claim():
             trial = self.mirror.ask()
-            tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=self.cfg.seed + trial.number)
+            tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=trial_seed(self.cfg, trial.number))
             pending = Path(self.cfg.log_dir) / self.cfg.study / f"pending-{uuid.uuid4().hex[:12]}"
             slot = new_slot(tcfg, self.device, tag=Live(trial, TrialLogger("", "", 0, path=pending), datetime.now()))
             new.setdefault(_key(slot), []).append(slot)
@@ -211,7 +211,8 @@ class BatchedEngine:
         x = stack.slots[k]
         live: Live = x.tag
         diverged = reason is not None and reason.startswith("non-finite")
-        attrs = self._result_attrs(stack, k, diverged) if state == TrialState.COMPLETE or diverged else {}
+        result = self._result(stack, k, reason if diverged else None) if state == TrialState.COMPLETE or diverged else None
+        attrs = result_attrs(result, x.cfg) if result else {}
         if reason:
             attrs["pruned_reason"] = reason
         attrs["worker"] = WORKER
@@ -224,18 +225,11 @@ class BatchedEngine:
         new_best = state == TrialState.COMPLETE and value < self.best_value
         if new_best:
             self.best_value = value
-        model = stack.slot_model(k, "best").cpu() if new_best else None
-        self.writer.put((live, state, value, attrs, model, x.cfg))
+        self.writer.put((live, state, value, attrs, result.model.cpu() if new_best else None, x.cfg))
         self._tell(live.trial, value if state == TrialState.COMPLETE else None, state)
 
     def _grid_started(self) -> bool:
-        """With the grid sampler: has every grid point been started? (GridSampler would hand
-        out a running point again, which suits it for parallel workers, not for a budget.)"""
-        if self.cfg.sampler != "grid":
-            return False
-        size = math.prod(len(v) for v in grid(self.cfg.space).values())
-        started = {t.system_attrs.get("grid_id") for t in self.mirror.get_trials(deepcopy=False)} - {None}
-        return len(started) >= size
+        return self.cfg.sampler == "grid" and grid_started(self.mirror, self.cfg.space)
 
     def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> None:
         try:
@@ -244,24 +238,22 @@ class BatchedEngine:
             if "Study.stop" not in str(e):  # trial's state is already stored (tell's finally)
                 raise
 
-    def _result_attrs(self, stack: Stack, k: int, diverged: bool) -> dict:
-        """objective.record_result's attrs, from the stack's best and final weights."""
+    def _result(self, stack: Stack, k: int, reason: str | None) -> TrainResult:
+        """What train() returns for this slot, from the stack's best and final weights."""
         x = stack.slots[k]
         live: Live = x.tag
+        diverged = reason is not None
         best, final = stack.slot_model(k, "best"), stack.slot_model(k, "final")
         d = self.data
-        return {
-            "test_mse": mse(best, d.x_test, d.y_test) if x.best_epoch else math.inf,
-            "final_val_mse": live.values[max(live.values)] if live.values else math.inf,
-            "final_test_mse": math.inf if diverged else mse(final, d.x_test, d.y_test),
-            "best_epoch": x.best_epoch,
-            "n_params": sum(p.numel() for p in final.parameters()),
-            "epochs": x.epoch - 1 if diverged else x.epoch,
-            "seconds": round((datetime.now() - live.started).total_seconds(), 4),
-            "device": str(self.device),
-            "seed": x.cfg.seed,
-            "train_config": json.dumps(asdict(x.cfg)),
-        }
+        return TrainResult(
+            best_val_mse=x.best_val, best_epoch=x.best_epoch,
+            final_val_mse=live.values[max(live.values)] if live.values else math.inf,
+            test_mse=mse(best, d.x_test, d.y_test) if x.best_epoch else math.inf,
+            final_test_mse=math.inf if diverged else mse(final, d.x_test, d.y_test),
+            epochs=x.epoch - 1 if diverged else x.epoch, n_params=n_params(final),
+            seconds=(datetime.now() - live.started).total_seconds(), device=str(self.device),
+            diverged=reason, model=best,
+        )
 
     def write(self, live: Live, state: TrialState, value, attrs: dict, model, cfg) -> None:
         """The trial in the real storage (writer thread): one transaction with params, curve and

@@ -58,8 +58,9 @@ def upload_model(store: FileSystemArtifactStore, trial: optuna.Trial | optuna.tr
     return artifact_id
 
 
-def record_result(trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -> None:
-    attrs = {
+def result_attrs(result: TrainResult, tcfg: TrainConfig) -> dict:
+    """The user attrs every finished trial carries, from either engine."""
+    return {
         "test_mse": result.test_mse,
         "final_val_mse": result.final_val_mse,
         "final_test_mse": result.final_test_mse,
@@ -71,7 +72,10 @@ def record_result(trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -
         "seed": tcfg.seed,
         "train_config": json.dumps(asdict(tcfg)),
     }
-    for k, v in attrs.items():
+
+
+def record_result(trial: optuna.Trial, result: TrainResult, tcfg: TrainConfig) -> None:
+    for k, v in result_attrs(result, tcfg).items():
         trial.set_user_attr(k, v)
 
 

@@ -30,12 +30,8 @@ def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
     return f"<table><tr>{cells('th', head)}</tr>{body}</table>"
 
 
-def _params(t: optuna.trial.FrozenTrial) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
-
-
 def build(study: optuna.Study, artifact_dir: str) -> str:
-    c = analysis.counts(study)
+    c = analysis.Counts.of(study.get_trials(deepcopy=False))
     top = analysis.top_trials(study, 10)
     if not top:
         from .config import ConfigError
@@ -48,8 +44,8 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
         f"<p class=note>Generated {datetime.now():%Y-%m-%d %H:%M} from the study storage (no retraining).</p>",
         "<h2>Summary</h2>",
         _table(["", ""], [
-            ["trials", f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"],
-            ["best trial", f"#{best.number}: {_params(best)}"],
+            ["trials", f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed"],
+            ["best trial", f"#{best.number}: {analysis.params_text(best.params)}"],
             ["best validation MSE", analysis.fmt_mse(best.value)],
             ["its test MSE", f"{analysis.fmt_mse(best.user_attrs.get('test_mse'))} (course report's best: 1.418e-03)"],
             ["parameters", str(best.user_attrs.get("n_params", "?"))],
@@ -67,7 +63,7 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
     parts += [
         "<h2>Top 10 trials</h2>",
         _table(["trial", "params", "val MSE", "test MSE", "best epoch", "seconds"], [
-            [f"#{t.number}", _params(t), analysis.fmt_mse(t.value), analysis.fmt_mse(t.user_attrs.get("test_mse")),
+            [f"#{t.number}", analysis.params_text(t.params), analysis.fmt_mse(t.value), analysis.fmt_mse(t.user_attrs.get("test_mse")),
              str(t.user_attrs.get("best_epoch", "")), f"{t.user_attrs.get('seconds', 0):.1f}"]
             for t in top
         ], left=2),

@@ -58,7 +58,8 @@ def load_model(trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path
 
 
 def best_text(study_name: str, url: str) -> str:
-    from .runner import Counts, describe_trial
+    from .analysis import Counts
+    from .runner import describe_trial
 
     study = load_existing(study_name, url)
     trial = best_trial(study)

@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import interrupt, recovery, workers
 from . import storage as storage_mod
+from .analysis import Counts, params_text
 from .config import ConfigError, StudyConfig, to_dict
 from .space import grid
 
@@ -120,18 +121,6 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, sampler: 
 
 
 @dataclass
-class Counts:
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-
-    @classmethod
-    def of(cls, trials: list[FrozenTrial]) -> "Counts":
-        states = [t.state for t in trials]
-        return cls(states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED), states.count(TrialState.FAIL))
-
-
-@dataclass
 class Summary:
     study: str
     storage: str
@@ -144,7 +133,6 @@ class Summary:
     best: FrozenTrial | None = None
     signum: int = 0  # the signal that interrupted the run, or 0
     bookkeeping_seconds: float | None = None  # sampler, pruner, storage, TensorBoard (one process)
-    notes: list[str] = field(default_factory=list)
 
 
 def _stderr(line: str) -> None:
@@ -191,7 +179,7 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
         torch.backends.cudnn.allow_tf32 = False
     sampler = make_sampler(cfg)
     parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
-    storage = storage_mod.open_storage(parsed, storage_mod.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries))
+    storage = workers.open_study_storage(cfg, parsed)
     check_study(cfg, storage)
     notes += storage_advice(parsed.kind, cfg.workers)
     for note in notes:  # only once every check has passed, so a refusal stays one line
@@ -211,7 +199,7 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
         if cfg.engine == "batched":
             signum, book = _run_batched(cfg, study, device, bar)
         elif len(placements) == 1 and not cfg.devices:
-            signum, book = _run_here(cfg, str(device), bar, start)
+            signum, book = _run_here(cfg, storage, str(device), bar, start)
         else:
             pool = workers.Pool(cfg, study, placements, say=say, on_progress=lambda: bar.to(workers.finished_since(study, before), study))
             signum = pool.run()
@@ -237,13 +225,13 @@ def _run_batched(cfg: StudyConfig, study: optuna.Study, device: torch.device, ba
     return signum, engine.stats.book_seconds
 
 
-def _run_here(cfg: StudyConfig, device: str, bar: "_Progress", start: float) -> tuple[int, float | None]:
+def _run_here(cfg: StudyConfig, storage: optuna.storages.BaseStorage, device: str, bar: "_Progress", start: float) -> tuple[int, float | None]:
     """One worker in this process. Returns (interrupting signal or 0, bookkeeping seconds)."""
     budget = workers.Budget(cfg.n_trials, cfg.timeout)
     current = workers._CTX.Array("i", [-1])
     try:
         with interrupt.handle_signals():
-            objective = workers.worker_loop(cfg, 0, budget, current, device=device, callbacks=[bar])
+            objective = workers.worker_loop(cfg, 0, budget, current, device=device, callbacks=[bar], storage=storage)
             # everything outside the objective (ask, tell, sampler) plus its reporting and pruning
             book = (time.perf_counter() - start) - objective.seconds_inside + objective.seconds_reporting
             return interrupt.requested(), book
@@ -293,7 +281,7 @@ def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[
 
 def describe_trial(t: FrozenTrial) -> list[str]:
     """Lines that describe a finished trial: params, value, test MSE and the key attrs."""
-    params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+    params = params_text(t.params)
     ua = t.user_attrs
     lines = [
         f"best trial     #{t.number}: {params}",
@@ -325,13 +313,3 @@ def format_summary(s: Summary) -> str:
 def dashboard_target(url: str) -> str:
     """optuna-dashboard takes RDB URLs as they are and a journal file by its path."""
     return url[len("journal:///"):] if url.startswith("journal:///") else url
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def as_dict(s: Summary) -> dict[str, Any]:
-    d = asdict(s)
-    d["best"] = None if s.best is None else {"number": s.best.number, "value": s.best.value, "params": s.best.params, "user_attrs": s.best.user_attrs}
-    return d

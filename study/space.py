@@ -35,6 +35,15 @@ def suggest(trial: optuna.Trial, space: SearchSpace, base: TrainConfig, *, seed:
     return replace(base, depth=depth, width=width, lr=lr, activation=activation, seed=seed, **chosen)
 
 
+def grid_started(study: optuna.Study, space: SearchSpace) -> bool:
+    """With the grid sampler: has every grid point been started (running or finished)?
+    GridSampler itself hands out a running point again once none is left, which suits parallel
+    workers without a budget but would repeat points within one."""
+    size = math.prod(len(v) for v in grid(space).values())
+    started = {t.system_attrs.get("grid_id") for t in study.get_trials(deepcopy=False)} - {None}
+    return len(started) >= size
+
+
 def grid(space: SearchSpace) -> dict[str, list[Any]]:
     """A finite grid over the space for GridSampler: every depth, widths at powers of two,
     learning rates at decades (plus each range's end points), every categorical choice."""

@@ -32,6 +32,7 @@ from .config import StudyConfig
 from .data import make_data
 from .objective import Objective
 from .recovery import JournalHeartbeat, fail_and_retry, sweep_stale
+from .space import grid_started
 
 _CTX = mp.get_context("spawn")  # fork after torch/SQLAlchemy have threads is unsafe
 
@@ -62,9 +63,10 @@ class Budget:
         self._stopped.value = 1
 
 
-def open_study_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
+def open_study_storage(cfg: StudyConfig, parsed: storage_mod.StorageURL | None = None) -> optuna.storages.BaseStorage:
+    """The study's storage with the heartbeat settings of the config (parent and workers alike)."""
     hb = storage_mod.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries)
-    return storage_mod.open_storage(storage_mod.parse(cfg.storage), hb)
+    return storage_mod.open_storage(parsed or storage_mod.parse(cfg.storage), hb)
 
 
 def worker_loop(
@@ -75,11 +77,13 @@ def worker_loop(
     *,
     device: str,
     callbacks: list[Callable] = (),
+    storage: optuna.storages.BaseStorage | None = None,
 ) -> Objective:
-    """Claim, run one trial, repeat. `current[index]` holds the running trial's number."""
+    """Claim, run one trial, repeat. `current[index]` holds the running trial's number.
+    `storage`: the caller's, when it runs in the caller's process; else opened here."""
     from .runner import make_pruner, make_sampler  # runner imports this module
 
-    storage = open_study_storage(cfg)
+    storage = storage or open_study_storage(cfg)
     # Each worker its own sampler seed: identical seeds would make parallel workers ask for
     # identical params at the same moment. Worker 0 keeps the study seed (single-process runs).
     sampler = make_sampler(replace(cfg, seed=cfg.seed + index))
@@ -95,19 +99,15 @@ def worker_loop(
                 return objective(trial)
         return objective(trial)
 
-    while not interrupt.requested() and budget.claim():
+    def grid_done() -> bool:
+        return cfg.sampler == "grid" and grid_started(study, cfg.space)
+
+    while not interrupt.requested() and not grid_done() and budget.claim():
         if journal:  # RDB storages: study.optimize runs Optuna's own stale-trial sweep
             sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
         study.optimize(run_one, n_trials=1, callbacks=list(callbacks))
         current[index] = -1
-        if grid_exhausted(study):  # GridSampler's own stop() ends only the optimize() call
-            break
     return objective
-
-
-def grid_exhausted(study: optuna.Study) -> bool:
-    s = study.sampler
-    return isinstance(s, optuna.samplers.GridSampler) and s.is_exhausted(study)
 
 
 def _worker_main(cfg: StudyConfig, index: int, budget: Budget, current: "mp.Array", device: str) -> None:
