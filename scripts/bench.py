@@ -3,7 +3,7 @@
     python scripts/bench.py [--n-trials 128] [--max-epochs 100] [--space small|default] [--device cpu|cuda] [--slots K]
 
 Both engines get the same search space (the default), seed, trial count, epochs, pruner and
-storage kind (a fresh SQLite file each). Printed per engine: model-steps/s (one minibatch of one
+storage (a fresh SQLite file each, or --storage journal). Printed per engine: model-steps/s (one minibatch of one
 model), trials/min, the share of wall time spent on bookkeeping (sampler, pruner, storage,
 TensorBoard) and the best validation MSE. The last line is `speedup <X>x`: trials/min, batched
 over standard.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 
-from study import config, runner
+from study import config, results, runner
 
 
 # The DESIGN's anchor region (width <= 64): trials cost overhead, not arithmetic, which is
@@ -31,17 +31,20 @@ SPACES = {
 }
 
 
+STORAGES = {"sqlite": "sqlite:///{folder}/bench-{engine}.db", "journal": "journal:///{folder}/bench-{engine}.log"}
+
+
 def one(engine: str, args: argparse.Namespace, folder: Path) -> dict:
     cfg = config.build(
         {"search_space": SPACES[args.space]},
-        study=f"bench-{engine}", storage=f"sqlite:///{folder}/bench-{engine}.db", n_trials=args.n_trials,
+        study=f"bench-{engine}", storage=STORAGES[args.storage].format(folder=folder, engine=engine), n_trials=args.n_trials,
         max_epochs=args.max_epochs, seed=args.seed, device=args.device, engine=engine, slots=args.slots,
         log_dir=str(folder / "tensorboard"), artifact_dir=str(folder / "artifacts"),
     )
     t0 = time.perf_counter()
     s = runner.run(cfg, progress=False, say=lambda line: None)
     wall = time.perf_counter() - t0
-    study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
+    study = results.load_existing(cfg.study, cfg.storage)
     steps_per_epoch = math.ceil(cfg.data.n_train / cfg.train.batch_size)
     epochs = sum(len(t.intermediate_values) for t in study.trials)
     finished = s.this_run.complete + s.this_run.pruned
@@ -61,12 +64,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="standard,batched")
     ap.add_argument("--space", choices=list(SPACES), default="small", help="small: width <= 64, depth <= 4 (default)")
+    ap.add_argument("--storage", choices=list(STORAGES), default="sqlite", help="a fresh file of this kind per engine")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [one(e, args, Path(tmp)) for e in args.engines.split(",")]
     space = ", ".join(f"{k} {v}" for k, v in SPACES[args.space].items()) or "the default space"
-    print(f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, TPE + Hyperband, SQLite")
+    print(f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, TPE + Hyperband, {args.storage}")
     print("| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best val MSE |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

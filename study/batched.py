@@ -1,24 +1,34 @@
 """Many trials trained as one computation, with the semantics of train.py.
 
-A `Stack` holds K models side by side: weights [K, in, out], one torch.baddbmm per layer for all
-of them. Models in one stack may differ in depth, width, activation, learning rate and schedule:
-  - widths are padded to the widest member with zero weights and a 0/1 unit mask; a masked unit
-    outputs exactly 0, so its incoming and outgoing weights get exactly zero gradient and the
-    optimizer leaves them at 0 (Adam: m = v = 0 -> update 0);
+A `Stack` holds K models side by side. All of a model's numbers live in one row of a flat
+[K, N] tensor (weights, biases); each layer's weight is a [K, in, out] view of it, so one
+torch.baddbmm per layer runs every model, and the optimizer updates all K rows in a few fused
+passes. Models in one stack may differ in depth, width, activation, learning rate and schedule:
+  - widths are padded with zero weights to the widest member. A padded unit outputs exactly 0
+    (every activation but sigmoid maps 0 to 0; sigmoid slots multiply by a 0/1 unit mask), so
+    its weights get exactly zero gradient and Adam / SGD leave them at 0;
   - depths are padded with pass-through layers: h = where(active, act(h W + b), h);
-  - activations are applied per group of slots (slots sorted by activation: contiguous slices);
-  - learning rates are a [K, 1, 1] tensor in a hand-written Adam / AdamW / SGD that follows
-    torch.optim's formulas; every slot has its own step count and moments;
-  - each slot draws its own minibatch order from its own generator, as train.py does.
-One stack has one optimizer kind (the engine groups by it). Membership changes only between
-epochs: `Stack.build` restacks the surviving and new slots, so no compute is spent on empty
-slots and padding follows the current members, not the search space's extremes.
+  - activations apply per group of slots (slots sorted by activation: contiguous slices);
+  - the learning rate is a [K, 1] tensor; each slot has its own step count and moments.
+Forward and backward are written out (four lines per layer, ATen's own derivative kernels)
+instead of going through autograd: autograd's per-slice backward of the activation groups
+allocated and zero-filled a full-size gradient per group and layer, which was half the time.
+Adam is torch's fused kernel (torch._fused_adam_, the one behind Adam(fused=True)) run with
+lr = 1 on a zeroed scratch row per slot, which leaves -m_hat / (sqrt(v_hat) + eps) there with
+each slot's own bias correction; one addcmul then applies each slot's learning rate.
+Each slot draws its own minibatch order from its own generator, as train.py does.
+
+One stack has one optimizer kind and one batch size (the engine groups by them). Membership
+changes only between epochs: `unstack` hands each slot its rows, `build` joins the current
+members (one torch.cat per buffer) and re-lays-out only slots whose padded shape changed, so
+no compute is spent on empty slots and padding follows the members, not the search space.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -28,52 +38,146 @@ from .data import SinData
 from .model import build_mlp, init_model
 from .train import lr_at
 
+aten = torch.ops.aten
+nn_ = torch._C._nn
+
+
+@dataclass(frozen=True)
+class Act:
+    """An activation as the batched step uses it: forward into a given slice (`out=`), and the
+    derivative kernel autograd itself calls for the module, written in place over the incoming
+    gradient. So a batched step computes exactly what loss.backward() computes, with no copies."""
+
+    forward: callable  # (z, out) -> None
+    backward: callable  # (grad, z, a) -> None, grad becomes d loss / d z in place
+
+
+_threshold_bwd, _tanh_bwd, _sigmoid_bwd = aten.threshold_backward.grad_input, aten.tanh_backward.grad_input, aten.sigmoid_backward.grad_input
+_silu_bwd, _gelu_bwd = aten.silu_backward.grad_input, aten.gelu_backward.grad_input
+_leaky_bwd, _elu_bwd = aten.leaky_relu_backward.grad_input, aten.elu_backward.grad_input
 _ACT = {
-    "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "gelu": F.gelu,
-    "leaky_relu": lambda z: F.leaky_relu(z, 0.01), "elu": F.elu, "identity": lambda z: z,
+    "relu": Act(lambda z, o: torch.clamp_min(z, 0, out=o), lambda g, z, a: _threshold_bwd(g, a, 0, grad_input=g)),
+    "tanh": Act(lambda z, o: torch.tanh(z, out=o), lambda g, z, a: _tanh_bwd(g, a, grad_input=g)),
+    "sigmoid": Act(lambda z, o: torch.sigmoid(z, out=o), lambda g, z, a: _sigmoid_bwd(g, a, grad_input=g)),
+    "silu": Act(lambda z, o: nn_.silu(z, out=o), lambda g, z, a: _silu_bwd(g, z, grad_input=g)),
+    "gelu": Act(lambda z, o: nn_.gelu(z, out=o), lambda g, z, a: _gelu_bwd(g, z, grad_input=g)),
+    "leaky_relu": Act(lambda z, o: nn_.leaky_relu(z, 0.01, out=o), lambda g, z, a: _leaky_bwd(g, z, 0.01, False, grad_input=g)),
+    "elu": Act(lambda z, o: nn_.elu(z, out=o), lambda g, z, a: _elu_bwd(g, 1.0, 1.0, 1.0, False, z, grad_input=g)),
+    "identity": Act(lambda z, o: o.copy_(z), lambda g, z, a: None),
 }
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
+
+Layout = tuple[int, int]  # (depth, width) of a padded row
+
+
+@lru_cache(maxsize=None)
+def segments(layout: Layout) -> tuple[tuple[int, int, int], ...]:
+    """(offset, rows, cols) of each weight and bias in a row: W0, b0, ..., W_out, b_out."""
+    depth, width = layout
+    shapes = [(1, width), (1, width)]
+    for _ in range(depth - 1):
+        shapes += [(width, width), (1, width)]
+    shapes += [(width, 1), (1, 1)]
+    out, off = [], 0
+    for r, c in shapes:
+        out.append((off, r, c))
+        off += r * c
+    return tuple(out)
+
+
+def row_size(layout: Layout) -> int:
+    off, r, c = segments(layout)[-1]
+    return off + r * c
+
+
+class _Buffers:
+    """The activations of one batch size, allocated once per build: every step writes into the
+    same memory (no allocator work per step, and the static addresses a CUDA graph needs). The
+    per-group slices of each buffer are made here once, not in every step (~2 us each)."""
+
+    def __init__(self, stack: "Stack", b: int):
+        k, w, dev = len(stack.slots), stack.width, stack.data.device
+        depth = stack.depth
+        self.z = [torch.empty(k, b, w, device=dev) for _ in range(depth)]  # pre-activations
+        self.h = [torch.empty(k, b, w, device=dev) for _ in range(depth)]  # activations
+        self.h_t = [h.transpose(1, 2) for h in self.h]  # for dW = h^T @ dz
+        self.y = torch.empty(k, b, 1, device=dev)
+        self.diff = torch.empty(k, b, 1, device=dev)
+        self.sq = torch.empty(k, b, 1, device=dev)
+        # two gradient buffers, alternating from the top layer down (bmm's out must not alias its input)
+        self.dh = [torch.empty(k, b, w, device=dev) for _ in range(2)]
+        self.top = self.dh[0]
+        self.fwd, self.bwd, self.mask, self.dz = [], [], [], []
+        for layer in range(depth):
+            z, a, dz = self.z[layer], self.h[layer], self.dh[(depth - 1 - layer) % 2]
+            self.dz.append(dz)
+            self.fwd.append([(act.forward, z[lo:hi], a[lo:hi]) for act, lo, hi in stack.groups])
+            self.bwd.append([(act.backward, dz[lo:hi], z[lo:hi], a[lo:hi]) for act, lo, hi in stack.groups if act is not _ACT["identity"]])
+            self.mask.append([(a[lo:hi], stack.unit_mask[layer][lo:hi]) for lo, hi in stack.masked])
+
+
+def _own(cfg: TrainConfig, depth: int) -> list[tuple[int, int, int]]:
+    """(segment index in a layout of `depth` layers, rows, cols) of each of the slot's own tensors."""
+    dims = [1, *cfg.widths, 1]
+    out = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        j = 2 * i if i < cfg.depth else 2 * depth  # the output layer is always last
+        out += [(j, a, b), (j + 1, 1, b)]
+    return out
+
+
+def _views(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """[K, N] -> per segment [K, rows, cols] views (no copy)."""
+    k = flat.shape[0]
+    return [flat[:, off : off + r * c].view(k, r, c) for off, r, c in segments(layout)]
 
 
 @dataclass
 class Slot:
-    """One model's own state, kept between restacks (tensors hold this slot's rows only)."""
+    """One model's own state, kept between restacks: rows [1, N] in `layout`."""
 
     cfg: TrainConfig
-    params: list[torch.Tensor]  # padded to the slot's own shape: [1, in, out] per layer
-    state: list[list[torch.Tensor]]  # optimizer buffers per param (Adam: m, v; SGD: buf)
+    layout: Layout
+    rows: list[torch.Tensor]  # params, optimizer buffers (Adam: m, v; SGD: momentum), best params
     order: torch.Generator  # minibatch order, seeded as train.py seeds it
     steps: int = 0  # optimizer steps taken
     epoch: int = 0  # epochs trained
     best_val: float = math.inf
     best_epoch: int = 0
-    best_params: list[torch.Tensor] | None = None
     tag: object = None  # the caller's handle (the engine's Live record)
 
 
 def new_slot(cfg: TrainConfig, device: torch.device | str, tag: object = None) -> Slot:
-    """Weights exactly as train.py draws them (init_model), as [1, in, out] tensors."""
+    """Weights exactly as train.py draws them (init_model), laid out in a row of the slot's own size."""
     model = init_model(cfg.widths, cfg.activation, cfg.seed, device)
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-    params = []
-    for lin in linears:
-        params += [lin.weight.detach().t().unsqueeze(0).clone(), lin.bias.detach().view(1, 1, -1).clone()]
+    layout = (cfg.depth, max(cfg.widths))
+    p = torch.zeros(1, row_size(layout), device=device)
+    views = _views(p, layout)
+    own = iter(_own(cfg, cfg.depth))
+    with torch.no_grad():
+        for lin in linears:
+            (j, r, c), (jb, _, _) = next(own), next(own)
+            views[j][0, :r, :c] = lin.weight.t()
+            views[jb][0, 0, :c] = lin.bias
     n_buf = 1 if cfg.optimizer == "sgd" else 2
-    state = [[torch.zeros_like(p) for _ in range(n_buf)] for p in params]
-    return Slot(cfg, params, state, torch.Generator().manual_seed(cfg.seed + 1), tag=tag)
+    rows = [p] + [torch.zeros_like(p) for _ in range(n_buf)] + [p.clone()]
+    return Slot(cfg, layout, rows, torch.Generator().manual_seed(cfg.seed + 1), tag=tag)
 
 
-def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """[1, r, c] -> [1, rows, cols] with zeros."""
-    return F.pad(t, (0, cols - t.shape[2], 0, rows - t.shape[1]))
-
-
-def _layout(depth: int, width: int) -> list[tuple[int, int]]:
-    """(rows, cols) of each padded weight and bias of a stack: in order W0, b0, ..., Wout, bout."""
-    shapes = [(1, width), (1, width)]
-    for _ in range(depth - 1):
-        shapes += [(width, width), (1, width)]
-    return shapes + [(width, 1), (1, 1)]
+def relayout(slot: Slot, layout: Layout) -> None:
+    """Move the slot's rows into another padded shape (same numbers, zero padding)."""
+    if slot.layout == layout:
+        return
+    src_own, dst_own = _own(slot.cfg, slot.layout[0]), _own(slot.cfg, layout[0])
+    new = []
+    for row in slot.rows:
+        out = torch.zeros(1, row_size(layout), device=row.device)
+        src, dst = _views(row, slot.layout), _views(out, layout)
+        for (i, r, c), (j, _, _) in zip(src_own, dst_own):
+            dst[j][:, :r, :c] = src[i][:, :r, :c]
+        new.append(out)
+    slot.rows, slot.layout = new, layout
 
 
 class Stack:
@@ -90,8 +194,7 @@ class Stack:
     def build(self) -> None:
         if not self.slots:
             return
-        # Slots sorted by activation: each activation then applies to a contiguous slice (a view),
-        # and one torch.cat joins them, instead of a gather and a full-size copy per activation.
+        # Slots sorted by activation: each activation then applies to a contiguous slice (a view).
         self.slots.sort(key=lambda x: x.cfg.activation)
         s = self.slots
         dev = self.data.device
@@ -102,159 +205,170 @@ class Stack:
         self.batch_size = bs.pop()
         self.depth = max(x.cfg.depth for x in s)
         self.width = max(max(x.cfg.widths) for x in s)
-        layout = _layout(self.depth, self.width)
-        self.params = [torch.cat([self._padded(x, x.params, i, r, c) for x in s]) .requires_grad_() for i, (r, c) in enumerate(layout)]
-        n_buf = len(s[0].state[0])
-        self.state = [[torch.cat([self._padded(x, [st[j] for st in x.state], i, r, c) for x in s]) for j in range(n_buf)]
-                      for i, (r, c) in enumerate(layout)]
-        self.best = [torch.cat([self._padded(x, x.best_params or x.params, i, r, c) for x in s]) for i, (r, c) in enumerate(layout)]
-        # per layer: unit mask [K, 1, W] (1 where the unit exists) and active flag [K, 1, 1]
-        self.unit_mask = []
-        self.active = []
+        self.layout = (self.depth, self.width)
+        for x in s:
+            relayout(x, self.layout)
+        # one [K, N] tensor per buffer: params, optimizer state, best params
+        self.flat = [torch.cat([x.rows[j] for x in s]) for j in range(len(s[0].rows))]
+        self.p, self.state, self.best = self.flat[0], self.flat[1:-1], self.flat[-1]
+        self.params = _views(self.p, self.layout)
+        self.weights_t = [w.transpose(1, 2) for w in self.params[0::2]]  # W^T per layer, for dh = dz @ W^T
+        k = len(s)
+        self.grad = torch.empty_like(self.p)
+        self.grads = [torch.empty(k, r, c, device=dev) for _, r, c in segments(self.layout)]  # bmm/sum write here
+        self._grad_rows = [g.view(k, -1) for g in self.grads]
+        self._bufs: dict[int, _Buffers] = {}
+        n = self.data.x_train.shape[0]
+        self.xs = torch.empty(k, n, 1, device=dev)  # this epoch's inputs and targets, in each slot's order
+        self.ys = torch.empty(k, n, 1, device=dev)
+        self.x_val = self.data.x_val.expand(k, -1, -1)
+        self.batches = [(i, min(self.batch_size, n - i)) for i in range(0, n, self.batch_size)]
+        self.losses = torch.empty(len(self.batches), k, device=dev)
+        self.batch_sizes = torch.tensor([b for _, b in self.batches], dtype=torch.float32, device=dev).view(-1, 1)
+        # per layer: unit mask [K, 1, W] (used for sigmoid slots only), and the rows that pass
+        # through the layer (slots shallower than the stack), or None where every slot has it
+        self.unit_mask, self.passing = [], []
         for layer in range(self.depth):
-            widths = [x.cfg.widths[layer] if layer < x.cfg.depth else 0 for x in s]
-            mask = torch.zeros(len(s), 1, self.width, device=dev)
-            for k, w in enumerate(widths):
-                mask[k, 0, :w] = 1.0
+            mask = torch.zeros(k, 1, self.width, device=dev)
+            for i, x in enumerate(s):
+                mask[i, 0, : (x.cfg.widths[layer] if layer < x.cfg.depth else 0)] = 1.0
             self.unit_mask.append(mask)
-            flags = [layer < x.cfg.depth for x in s]
-            # None where every slot has this layer: no pass-through select needed
-            self.active.append(None if all(flags) else torch.tensor(flags, device=dev).view(-1, 1, 1))
+            rows = [i for i, x in enumerate(s) if x.cfg.depth <= layer]
+            self.passing.append(torch.tensor(rows, device=dev) if rows else None)
         groups: dict[str, list[int]] = {}
-        for k, x in enumerate(s):
-            groups.setdefault(x.cfg.activation, []).append(k)
-        self.groups = [(_ACT[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]  # (fn, start, stop)
-        # Padded units need the unit mask only where act(0) != 0: every other activation maps a
-        # padded unit (zero weights, zero bias) to exactly 0, so its weights get exactly zero
-        # gradient without a mask. Sigmoid (0.5) needs it; its slots form one slice.
-        self.masked = [(lo, hi) for a, ix in groups.items() if a == "sigmoid" for lo, hi in [(ix[0], ix[-1] + 1)]]
-        self.wd = torch.tensor([x.cfg.weight_decay for x in s], device=dev).view(-1, 1, 1)
-        self.momentum = torch.tensor([x.cfg.momentum for x in s], device=dev).view(-1, 1, 1)
+        for i, x in enumerate(s):
+            groups.setdefault(x.cfg.activation, []).append(i)
+        self.groups = [(_ACT[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]  # ((fwd, bwd), start, stop)
+        self.masked = [(ix[0], ix[-1] + 1) for a, ix in groups.items() if a == "sigmoid"]
+        self.wd = torch.tensor([x.cfg.weight_decay for x in s], device=dev).view(-1, 1)
         self.any_wd = any(x.cfg.weight_decay for x in s)
-        self.t = torch.tensor([float(x.steps) for x in s], device=dev).view(-1, 1, 1)  # step counts
-
-    def _padded(self, slot: Slot, tensors: list[torch.Tensor], i: int, rows: int, cols: int) -> torch.Tensor:
-        """Slot tensor i placed in the stack layout: the output layer stays last; hidden layers
-        the slot lacks are zero (pass-through)."""
-        n_own = len(tensors)
-        n_stack = 2 * self.depth + 2
-        if i >= n_stack - 2:  # output layer: the slot's last two tensors
-            t = tensors[n_own - (n_stack - i)]
-        elif i < n_own - 2:
-            t = tensors[i]
-        else:
-            return torch.zeros(1, rows, cols, device=self.data.device)
-        return _pad(t.detach(), rows, cols)
+        self.momentum = torch.tensor([x.cfg.momentum for x in s], device=dev).view(-1, 1)
+        self.t = torch.tensor([float(x.steps) for x in s], device=dev)  # Adam's step counts
+        if self.kind != "sgd":  # the fused kernel's per-slot lists (views, built once per build)
+            self.scratch = torch.empty_like(self.p)
+            self._lists = [list(t.unbind()) for t in (self.scratch, self.grad, *self.state, self.t)]
 
     def unstack(self) -> None:
-        """Copy the stacked tensors back into each slot (before a rebuild)."""
-        n_stack = 2 * self.depth + 2
+        """Hand each slot its rows back (views; the next build copies them into a new stack)."""
         for k, x in enumerate(self.slots):
-            own = _own_shapes(x.cfg)
-            idx = [i for i in range(len(own) - 2)] + [n_stack - 2, n_stack - 1]
-            x.params = [self.params[j][k : k + 1, : r, : c].detach().clone() for j, (r, c) in zip(idx, own)]
-            x.state = [[self.state[j][b][k : k + 1, : r, : c].clone() for b in range(len(self.state[j]))] for j, (r, c) in zip(idx, own)]
-            x.best_params = [self.best[j][k : k + 1, : r, : c].clone() for j, (r, c) in zip(idx, own)]
+            x.rows = [f[k : k + 1] for f in self.flat]
+            x.layout = self.layout
 
     # ---------------------------------------------------------------- computation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [K, B, 1] -> [K, B, 1], every slot its own network."""
+    def _buffers(self, b: int) -> _Buffers:
+        if b not in self._bufs:
+            self._bufs[b] = _Buffers(self, b)
+        return self._bufs[b]
+
+    def forward(self, x: torch.Tensor, buf: _Buffers) -> torch.Tensor:
+        """x [K, B, 1] -> [K, B, 1], every slot its own network, into `buf`: the
+        pre-activations and activations stay there for the backward pass."""
         h = x
         p = self.params
         for layer in range(self.depth):
-            z = torch.baddbmm(p[2 * layer + 1], h, p[2 * layer])  # [K, B, W]
-            if len(self.groups) == 1:
-                a = self.groups[0][0](z)
-            else:
-                a = torch.cat([fn(z[lo:hi]) for fn, lo, hi in self.groups])
-            for lo, hi in self.masked:
-                a = torch.cat([a[:lo], a[lo:hi] * self.unit_mask[layer][lo:hi], a[hi:]])
-            active = self.active[layer]
-            h = a if layer == 0 or active is None else torch.where(active, a, h)
-        return torch.baddbmm(p[-1], h, p[-2])  # [K, B, 1]
+            torch.baddbmm(p[2 * layer + 1], h, p[2 * layer], out=buf.z[layer])  # [K, B, W]
+            for forward, z, a in buf.fwd[layer]:
+                forward(z, a)
+            for a, mask in buf.mask[layer]:
+                a *= mask
+            a = buf.h[layer]
+            rows = self.passing[layer]
+            if rows is not None:  # a layer these slots lack: their h passes through unchanged
+                a.index_copy_(0, rows, h.index_select(0, rows))
+            h = a
+        return torch.baddbmm(p[-1], h, p[-2], out=buf.y)  # [K, B, 1]
+
+    def _backward(self, x: torch.Tensor, dy: torch.Tensor, buf: _Buffers) -> None:
+        """Gradients of the sum over slots of their losses into self.grads, given
+        dy = d loss / d output [K, B, 1]: what autograd computes for forward(), kernel for kernel."""
+        g, d, wt = self.grads, self.depth, self.weights_t
+        torch.bmm(buf.h_t[d - 1], dy, out=g[-2])
+        torch.sum(dy, 1, keepdim=True, out=g[-1])
+        torch.bmm(dy, wt[-1], out=buf.top)
+        for layer in reversed(range(d)):
+            dz = buf.dz[layer]
+            rows = self.passing[layer]
+            if rows is not None:  # pass-through rows: their gradient skips the layer
+                carry = dz.index_select(0, rows)
+                dz.index_fill_(0, rows, 0.0)
+            for backward, grad, z, a in buf.bwd[layer]:
+                backward(grad, z, a)  # d loss / d activation becomes d loss / d z, in place
+            torch.bmm(buf.h_t[layer - 1] if layer else x.transpose(1, 2), dz, out=g[2 * layer])
+            torch.sum(dz, 1, keepdim=True, out=g[2 * layer + 1])
+            if layer:
+                below = torch.bmm(dz, wt[layer], out=buf.dz[layer - 1])
+                if rows is not None:  # their rows of dz @ W^T are exactly 0 (zero weights)
+                    below.index_copy_(0, rows, carry)
 
     def lrs(self) -> torch.Tensor:
-        """This epoch's learning rate per slot, [K, 1, 1] (schedules stepped per epoch)."""
-        return torch.tensor([lr_at(x.cfg, x.epoch) for x in self.slots], device=self.data.device).view(-1, 1, 1)
+        """This epoch's learning rate per slot, [K, 1] (schedules stepped per epoch)."""
+        return torch.tensor([lr_at(x.cfg, x.epoch) for x in self.slots], device=self.data.device).view(-1, 1)
 
     @torch.no_grad()
-    def _step(self, lr: torch.Tensor, t: torch.Tensor) -> None:
-        if self.kind != "sgd":  # per-slot bias corrections, once per step for every tensor
-            step_size = lr / (1 - BETA1**t)
-            bc2_sqrt = (1 - BETA2**t).sqrt()
-        for p, st in zip(self.params, self.state):
-            g = p.grad
-            if self.kind == "sgd":
-                if self.any_wd:
-                    g = g + self.wd * p
-                buf = st[0]
-                buf.mul_(self.momentum).add_(g)  # first step: buf = 0 * m + g = g, as torch.optim.SGD
-                p.sub_(lr * buf)
-                continue
-            if self.kind == "adamw" and self.any_wd:
-                p.mul_(1 - lr * self.wd)
-            elif self.any_wd:
-                g = g + self.wd * p
-            m, v = st
-            m.lerp_(g, 1 - BETA1)
-            v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
-            denom = v.sqrt().div_(bc2_sqrt).add_(EPS)
-            p.sub_(m.div(denom).mul_(step_size))  # torch: p.addcdiv_(m, denom, value=-lr / bc1)
+    def _step(self, lr: torch.Tensor) -> None:
+        """One optimizer step for every slot, as torch.optim does it (self.grad holds the gradients)."""
+        p, g = self.p, self.grad
+        if self.kind == "sgd":
+            if self.any_wd:
+                g.addcmul_(p, self.wd)
+            buf = self.state[0]
+            buf.mul_(self.momentum).add_(g)  # first step: buf = 0 * m + g = g, as torch.optim.SGD
+            p.addcmul_(buf, lr, value=-1.0)
+            return
+        if self.kind == "adamw" and self.any_wd:
+            p.mul_(1 - lr * self.wd)
+        elif self.any_wd:
+            g.addcmul_(p, self.wd)
+        self.t += 1
+        self.scratch.zero_()
+        torch._fused_adam_(*self._lists[:4], [], self._lists[4], lr=1.0, beta1=BETA1, beta2=BETA2,
+                           weight_decay=0.0, eps=EPS, amsgrad=False, maximize=False)
+        p.addcmul_(self.scratch, lr)  # scratch = -m_hat / (sqrt(v_hat) + eps), per slot
 
+    @torch.no_grad()
     def train_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One epoch for every slot. Returns (train loss, validation MSE), each [K], on device.
 
         No host synchronisation inside: the caller reads both once per epoch."""
         d = self.data
         n = d.x_train.shape[0]
+        k = len(self.slots)
         perm = torch.stack([torch.randperm(n, generator=x.order) for x in self.slots]).to(d.device)  # [K, n]
-        xs, ys = d.x_train[perm], d.y_train[perm]  # [K, n, 1]
+        torch.index_select(d.x_train, 0, perm.view(-1), out=self.xs.view(-1, 1))
+        torch.index_select(d.y_train, 0, perm.view(-1), out=self.ys.view(-1, 1))
         lr = self.lrs()
-        total = torch.zeros(len(self.slots), device=d.device)
-        for i in range(0, n, self.batch_size):
-            xb, yb = xs[:, i : i + self.batch_size], ys[:, i : i + self.batch_size]
-            loss = torch.mean((self.forward(xb) - yb) ** 2, dim=(1, 2))  # [K]: each slot's mean
-            for p in self.params:
-                p.grad = None
-            loss.sum().backward()  # slots are independent: d(sum)/d(loss_k) = 1
-            self.t += 1
-            self._step(lr, self.t)
-            total += loss.detach() * xb.shape[1]
-        n_batches = math.ceil(n / self.batch_size)
+        for step, (i, b) in enumerate(self.batches):
+            buf = self._buffers(b)
+            xb, yb = self.xs[:, i : i + b], self.ys[:, i : i + b]
+            diff = torch.sub(self.forward(xb, buf), yb, out=buf.diff)
+            torch.mean(torch.mul(diff, diff, out=buf.sq), dim=(1, 2), out=self.losses[step])  # each slot's mean
+            self._backward(xb, torch.mul(diff, 2.0 / b, out=buf.sq), buf)  # d mean(diff^2) / d output
+            torch.cat(self._grad_rows, dim=1, out=self.grad)
+            self._step(lr)
+        n_batches = len(self.batches)
         for x in self.slots:
             x.epoch += 1
             x.steps += n_batches
-        with torch.no_grad():
-            k = len(self.slots)
-            val = torch.mean((self.forward(d.x_val.expand(k, -1, -1)) - d.y_val) ** 2, dim=(1, 2))
-        return total / n, val
+        val_buf = self._buffers(self.x_val.shape[1])
+        val = torch.mean((self.forward(self.x_val, val_buf) - d.y_val) ** 2, dim=(1, 2))
+        return (self.losses * self.batch_sizes).sum(0) / n, val
 
     @torch.no_grad()
     def keep_best(self, improved: torch.Tensor) -> None:
-        """Copy this epoch's weights into the best-weights buffers where `improved` [K] is set."""
-        m = improved.view(-1, 1, 1)
-        for b, p in zip(self.best, self.params):
-            b.copy_(torch.where(m, p, b))
+        """Copy this epoch's weights into the best-weights rows where `improved` [K] is set."""
+        self.best.copy_(torch.where(improved.view(-1, 1), self.p, self.best))
 
     @torch.no_grad()
     def slot_model(self, k: int, which: str = "best") -> torch.nn.Sequential:
         """Slot k as a plain nn.Sequential (the exact train.py architecture, unpadded)."""
         x = self.slots[k]
-        src = self.best if which == "best" else self.params
+        src = _views((self.best if which == "best" else self.p)[k : k + 1], self.layout)
         model = build_mlp(x.cfg.widths, x.cfg.activation).to(self.data.device)
         linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-        n_stack = 2 * self.depth + 2
-        for li, lin in enumerate(linears):
-            wi = n_stack - 2 if li == len(linears) - 1 else 2 * li
-            lin.weight.copy_(src[wi][k, : lin.in_features, : lin.out_features].t())
-            lin.bias.copy_(src[wi + 1][k, 0, : lin.out_features])
+        own = iter(_own(x.cfg, self.depth))
+        for lin in linears:
+            (j, r, c), (jb, _, _) = next(own), next(own)
+            lin.weight.copy_(src[j][0, :r, :c].t())
+            lin.bias.copy_(src[jb][0, 0, :c])
         return model.eval()
-
-
-def _own_shapes(cfg: TrainConfig) -> list[tuple[int, int]]:
-    dims = [1, *cfg.widths, 1]
-    shapes = []
-    for a, b in zip(dims[:-1], dims[1:]):
-        shapes += [(a, b), (1, b)]
-    return shapes

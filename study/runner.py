@@ -8,6 +8,7 @@ space and data: mixing trials of two spaces would make its importances and best 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from . import storage as storage_mod
 from .analysis import Counts, params_text
 from .config import ConfigError, StudyConfig, to_dict
 from .space import grid
+from .writer import Written
 
 VERSION_ATTR = "sinstudy_version"
 
@@ -146,11 +148,20 @@ class _Progress:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="trial", disable=not enabled, dynamic_ncols=True)
+        self.best: tuple[float, int] | None = None  # (value, number), batched engine only
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna callback (one worker in this process): one more trial finished."""
         self.bar.update(1)
         self._best(study)
+
+    def written(self, w: "Written") -> None:
+        """The batched engine's writer stored one more trial."""
+        self.bar.update(1)
+        if w.state == TrialState.COMPLETE and w.value is not None and (self.best is None or w.value < self.best[0]):
+            self.best = (w.value, w.number)
+        if self.best is not None:
+            self.bar.set_postfix_str(f"best val MSE {self.best[0]:.3g} (trial {self.best[1]})")
 
     def to(self, n: int, study: optuna.Study) -> None:
         """Move to n finished trials (the parent of several workers polls the storage)."""
@@ -205,7 +216,7 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
             signum = pool.run()
     finally:
         bar.close()
-    if not signum:
+    if not signum and cfg.engine != "batched":  # the batched engine's writer has done it
         from .dashboard import publish
 
         publish(study)
@@ -219,9 +230,12 @@ def _run_batched(cfg: StudyConfig, study: optuna.Study, device: torch.device, ba
     from .engine import DEFAULT_SLOTS, BatchedEngine
 
     slots = cfg.slots or DEFAULT_SLOTS[device.type]
-    engine = BatchedEngine(cfg, study, device, slots=slots, on_trial=lambda t: bar(study, t))
+    engine = BatchedEngine(cfg, study, device, slots=slots, on_trial=bar.written)
+    if engine.best_value < math.inf:
+        bar.best = (engine.best_value, study.best_trial.number)
     with interrupt.handle_signals():
-        signum = engine.run(workers.Budget(cfg.n_trials, cfg.timeout))
+        # the writer process also writes the study note (publish), off the training process
+        signum = engine.run(workers.Budget(cfg.n_trials, cfg.timeout), publish=True)
     return signum, engine.stats.book_seconds
 
 

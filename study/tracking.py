@@ -19,26 +19,17 @@ def run_dir(log_dir: str | Path, study: str, trial_number: int) -> Path:
 
 
 class TrialLogger:
-    def __init__(self, log_dir: str | Path, study: str, trial_number: int, *, path: Path | None = None):
+    def __init__(self, log_dir: str | Path, study: str, trial_number: int):
         from torch.utils.tensorboard import SummaryWriter  # imported here: it loads tensorboard
 
-        self.path = path or run_dir(log_dir, study, trial_number)
+        self.path = run_dir(log_dir, study, trial_number)
         self.writer = SummaryWriter(log_dir=str(self.path))
 
-    def move_to(self, dest: Path) -> None:
-        """After close(): give the run its final name (the batched engine learns the trial
-        number only when the trial is written to storage)."""
-        if dest.exists():
-            import shutil
-
-            shutil.rmtree(dest)
-        self.path.rename(dest)
-        self.path = dest
-
-    def log_epoch(self, log: EpochLog) -> None:
-        self.writer.add_scalar("loss/train", log.train_loss, log.epoch)
-        self.writer.add_scalar("mse/val", log.val_mse, log.epoch)
-        self.writer.add_scalar("lr", log.lr, log.epoch)
+    def log_epoch(self, log: EpochLog, walltime: float | None = None) -> None:
+        """`walltime`: when the epoch ended, for a run written after the fact (batched engine)."""
+        self.writer.add_scalar("loss/train", log.train_loss, log.epoch, walltime=walltime)
+        self.writer.add_scalar("mse/val", log.val_mse, log.epoch, walltime=walltime)
+        self.writer.add_scalar("lr", log.lr, log.epoch, walltime=walltime)
 
     def close(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         # HParams takes only bool/number/str; None and tuples become strings. Non-finite metrics

@@ -6,6 +6,7 @@ import os
 import signal
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import optuna
 import pytest
@@ -181,10 +182,12 @@ def test_batched_interrupt_writes_live_trials_as_fail(workdir):
                      "--n-trials", "20", cwd=workdir)
     import time
 
+    # The engine starts its writer process inside the signal handlers' scope: once the CLI has a
+    # child process, Ctrl-C / SIGTERM are handled; a second later, epochs are under way.
     deadline = time.time() + 60
-    while not list((workdir / "storage/tensorboard/sinstudy").glob("pending-*")) if (workdir / "storage/tensorboard/sinstudy").exists() else True:
+    while not _children(proc.pid):
         assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.2)
+        time.sleep(0.1)
     time.sleep(1.0)
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
@@ -193,9 +196,115 @@ def test_batched_interrupt_writes_live_trials_as_fail(workdir):
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     states = Counter(t.state for t in study.trials)
     assert states == Counter({TrialState.FAIL: 3}), (states, err)
-    assert not list((workdir / "storage/tensorboard/sinstudy").glob("pending-*"))
+    runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").iterdir())
+    assert runs == [f"trial-{t.number:04d}" for t in study.trials]  # each FAIL trial's curve so far
+    for t in study.trials:
+        assert t.intermediate_values and t.user_attrs["failed_reason"] == "interrupted"
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def test_batched_refuses_workers(workdir):
     r = run_cli("run", "--engine", "batched", "--workers", "2", "--no-progress", cwd=workdir)
     assert r.returncode == 2 and "--engine standard" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def _wait_for_writer(proc, workdir, trials_done: int = 0) -> None:
+    """Until the run's writer process exists (and, with `trials_done`, that many trials are stored)."""
+    import time
+
+    deadline = time.time() + 60
+    while not _children(proc.pid) or (trials_done and _stored(workdir) < trials_done):
+        assert time.time() < deadline and proc.poll() is None, proc.poll()
+        time.sleep(0.1)
+
+
+def _stored(workdir) -> int:
+    db = workdir / "storage/sinstudy.db"
+    if not db.exists():
+        return 0
+    try:
+        return len(optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{db}").trials)
+    except Exception:  # the study is being created
+        return 0
+
+
+def test_ctrl_c_to_the_process_group_leaves_the_writer_draining(workdir):
+    """A terminal's Ctrl-C reaches every process of the group: the writer ignores it, the
+    trainer writes its live trials as FAIL, and everything finished before is stored."""
+    import time
+
+    proc = start_cli("run", *TINY[:2], "--max-epochs", "3000", "--no-progress", "--slots", "2",
+                     "--n-trials", "40", cwd=workdir)
+    _wait_for_writer(proc, workdir)
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in out and "Traceback" not in err
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    states = Counter(t.state for t in study.trials)
+    assert states[TrialState.FAIL] == 2 and TrialState.RUNNING not in states, states
+    assert len(study.trials) == sum(states.values())
+    runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").iterdir())
+    assert runs == [f"trial-{t.number:04d}" for t in study.trials]
+
+
+def test_killed_trainer_loses_only_unstored_trials(workdir):
+    """SIGKILL of the trainer: the writer stores what it was handed and exits; the study holds
+    only whole trials (no RUNNING, every curve complete) and can be resumed."""
+    import time
+
+    proc = start_cli("run", *TINY[:2], "--max-epochs", "40", "--no-progress", "--slots", "3",
+                     "--n-trials", "400", cwd=workdir)
+    _wait_for_writer(proc, workdir, trials_done=3)
+    writer = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in writer):
+        assert time.time() < deadline, "the writer outlived its trainer"
+        time.sleep(0.2)
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    assert study.trials and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    for t in study.trials:
+        assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+        if t.state == TrialState.COMPLETE:
+            assert len(t.intermediate_values) == 40 and "test_mse" in t.user_attrs
+    before = len(study.trials)
+    r = run_cli("run", *TINY, "--n-trials", "4", "--slots", "2", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert len(optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db").trials) == before + 4
+
+
+def test_a_failing_writer_is_one_clear_error(tmp_path):
+    """The writer cannot store (here: the study it should write to does not exist): the trainer
+    gets one line naming the cause, not a hang or a traceback from another process."""
+    from study import config
+    from study.writer import Writer, WriterError
+
+    optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/s.db")
+    cfg = config.build({}, study="missing", storage=f"sqlite:///{tmp_path}/s.db", log_dir=str(tmp_path / "tb"),
+                       artifact_dir=str(tmp_path / "art"))
+    w = Writer(cfg)
+    with pytest.raises(WriterError) as e:
+        import time
+
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            w.poll()
+            time.sleep(0.1)
+    assert "missing" in str(e.value) and "\n" not in str(e.value)
+    w.close(publish=False)
+    assert w.proc.exitcode == 0

@@ -57,7 +57,8 @@ def _wait_running(url: str, n: int, proc, timeout: float = 60) -> list[optuna.tr
         assert proc.poll() is None, proc.communicate()
         if Path(url.split(":///", 1)[1]).exists():
             try:
-                running = _load(url).get_trials(states=(TrialState.RUNNING,))
+                # with all its params: a trial killed mid-suggest has none to retry with
+                running = [t for t in _load(url).get_trials(states=(TrialState.RUNNING,)) if len(t.params) >= 4]
             except Exception:  # the study (or its schema) is still being created
                 running = []
             if len(running) >= n:
