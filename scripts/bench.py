@@ -1,20 +1,27 @@
 """Standard engine vs batched engine on the same study budget, in one run.
 
-    python scripts/bench.py [--n-trials 128] [--max-epochs 100] [--space small|default] [--device cpu|cuda] [--slots K]
+    python scripts/bench.py [--n-trials 128] [--max-epochs 100] [--space small|default] [--device cpu|cuda]
+                            [--slots K] [--storage sqlite|journal] [--raw K]
 
 Both engines get the same search space (the default), seed, trial count, epochs, pruner and
 storage (a fresh SQLite file each, or --storage journal). Printed per engine: model-steps/s (one minibatch of one
 model), trials/min, the share of wall time spent on bookkeeping (sampler, pruner, storage,
 TensorBoard) and the best validation MSE. The last line is `speedup <X>x`: trials/min, batched
 over standard.
+
+First, unless --raw 0, the raw engine: K models drawn at random from the space (mixed depth,
+width, activation, lr), stacked as the engine stacks them, trained for a few epochs with no
+Optuna at all, against train.py training such models one at a time: model-steps/s of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -55,20 +62,71 @@ def one(engine: str, args: argparse.Namespace, folder: Path) -> dict:
     }
 
 
+def raw(args: argparse.Namespace) -> str:
+    """The engine without Optuna: model-steps/s of K stacked mixed models vs train.py's loop."""
+    import torch
+
+    from study.batched import Stack, new_slot
+    from study.data import make_data
+    from study.engine import _key
+    from study.train import train
+
+    cfg = config.build({"search_space": SPACES[args.space]})
+    sp, device = cfg.space, torch.device(args.device)
+    data = make_data(cfg.data, device)
+    rng = random.Random(args.seed)
+
+    def draw(i: int):
+        log_uniform = lambda lo, hi: math.exp(rng.uniform(math.log(lo), math.log(hi)))  # noqa: E731
+        return replace(cfg.train, depth=rng.randint(*sp.depth), width=round(log_uniform(*sp.width)),
+                       lr=log_uniform(*sp.lr), activation=rng.choice(sp.activation), seed=i)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    steps_per_epoch = math.ceil(cfg.data.n_train / cfg.train.batch_size)
+    groups: dict = {}
+    for slot in (new_slot(draw(i), device) for i in range(args.raw)):
+        groups.setdefault(_key(slot), []).append(slot)
+    stacks = [Stack(g, data) for g in groups.values()]
+    for s in stacks:  # warm-up: buffers, kernels
+        s.train_epoch()
+    epochs = 5
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for s in stacks:
+            s.train_epoch()[1].tolist()  # the engine's one sync per stack per epoch
+    batched = args.raw * epochs * steps_per_epoch / (time.perf_counter() - t0)
+    train(replace(draw(-1), max_epochs=1), data)  # warm-up
+    t0 = time.perf_counter()
+    n_models, one_epochs = 4, 3
+    for i in range(n_models):
+        train(replace(draw(args.raw + i), max_epochs=one_epochs), data)
+    single = n_models * one_epochs * steps_per_epoch / (time.perf_counter() - t0)
+    return (f"raw engine, {args.raw} mixed models in {len(stacks)} stacks: {batched:,.0f} model-steps/s; "
+            f"train.py one at a time: {single:,.0f} model-steps/s; {batched / single:,.0f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-trials", type=int, default=128)
     ap.add_argument("--max-epochs", type=int, default=100)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--slots", type=int, default=None, help="batched engine slots (default: 64 CPU, 1024 GPU)")
+    ap.add_argument("--slots", type=int, default=None, help="batched engine slots (default: 32 CPU, 1024 GPU)")
+    ap.add_argument("--raw", type=int, default=32, help="models in the raw-engine measurement (0: skip it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="standard,batched")
     ap.add_argument("--space", choices=list(SPACES), default="small", help="small: width <= 64, depth <= 4 (default)")
     ap.add_argument("--storage", choices=list(STORAGES), default="sqlite", help="a fresh file of this kind per engine")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    raw_line = raw(args) if args.raw else None
     with tempfile.TemporaryDirectory() as tmp:
         rows = [one(e, args, Path(tmp)) for e in args.engines.split(",")]
+    if raw_line:
+        print(raw_line)
     space = ", ".join(f"{k} {v}" for k, v in SPACES[args.space].items()) or "the default space"
     print(f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, TPE + Hyperband, {args.storage}")
     print("| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best val MSE |")

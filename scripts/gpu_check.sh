@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 echo "== equivalence on cuda (per-epoch validation MSE vs train.py, 1e-4 relative)"
 SINSTUDY_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_batched.py -k equivalence
-echo "== 1,000-trial study, batched engine, TPE + Hyperband, <= 200 epochs, SQLite"
-timeout 150 python3 scripts/bench.py --device cuda --space default --n-trials 1000 --max-epochs 200 --engines batched
+echo "== raw engine (1,024 mixed models vs train.py), then a 1,000-trial study: batched, TPE + Hyperband, <= 200 epochs, SQLite"
+timeout 170 python3 scripts/bench.py --device cuda --raw 1024 --space default --n-trials 1000 --max-epochs 200 --engines batched
 echo "== standard vs batched, same budget"
-timeout 150 python3 scripts/bench.py --device cuda --n-trials 64 --max-epochs 30
+timeout 130 python3 scripts/bench.py --device cuda --raw 0 --n-trials 64 --max-epochs 30

@@ -308,3 +308,24 @@ def test_a_failing_writer_is_one_clear_error(tmp_path):
     assert "missing" in str(e.value) and "\n" not in str(e.value)
     w.close(publish=False)
     assert w.proc.exitcode == 0
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_bench_script_runs_both_engines_and_ends_with_the_speedup(tmp_path, storage):
+    """scripts/bench.py on a tiny budget: the raw line, both engines' rows, and the ratio as its
+    last line (the numbers themselves are for the README, not for a test)."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts/bench.py"), "--n-trials", "6", "--max-epochs", "3",
+                        "--raw", "4", "--storage", storage], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("raw engine, 4 mixed models in ")
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| standard") or line.startswith("| batched")}
+    assert set(rows) == {"standard", "batched"}
+    for line in rows.values():
+        assert line.split("|")[2].strip() == "6"  # every trial of the budget finished
+    assert re.fullmatch(r"speedup \d+\.\dx", lines[-1])
