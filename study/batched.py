@@ -7,7 +7,8 @@ passes. Models in one stack may differ in depth, width, activation, learning rat
   - widths are padded with zero weights to the widest member. A padded unit outputs exactly 0
     (every activation but sigmoid maps 0 to 0; sigmoid slots multiply by a 0/1 unit mask), so
     its weights get exactly zero gradient and Adam / SGD leave them at 0;
-  - depths are padded with pass-through layers: h = where(active, act(h W + b), h);
+  - depths are padded with pass-through layers: a slot's rows skip the layers it lacks (h is
+    copied through, its gradient carried past them);
   - activations apply per group of slots (slots sorted by activation: contiguous slices);
   - the learning rate is a [K, 1] tensor; each slot has its own step count and moments.
 Forward and backward are written out (four lines per layer, ATen's own derivative kernels)
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import SinData
@@ -238,7 +238,7 @@ class Stack:
         groups: dict[str, list[int]] = {}
         for i, x in enumerate(s):
             groups.setdefault(x.cfg.activation, []).append(i)
-        self.groups = [(_ACT[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]  # ((fwd, bwd), start, stop)
+        self.groups = [(_ACT[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]  # (Act, start, stop)
         self.masked = [(ix[0], ix[-1] + 1) for a, ix in groups.items() if a == "sigmoid"]
         self.wd = torch.tensor([x.cfg.weight_decay for x in s], device=dev).view(-1, 1)
         self.any_wd = any(x.cfg.weight_decay for x in s)
@@ -333,7 +333,6 @@ class Stack:
         No host synchronisation inside: the caller reads both once per epoch."""
         d = self.data
         n = d.x_train.shape[0]
-        k = len(self.slots)
         perm = torch.stack([torch.randperm(n, generator=x.order) for x in self.slots]).to(d.device)  # [K, n]
         torch.index_select(d.x_train, 0, perm.view(-1), out=self.xs.view(-1, 1))
         torch.index_select(d.y_train, 0, perm.view(-1), out=self.ys.view(-1, 1))

@@ -53,7 +53,6 @@ class Live:
 @dataclass
 class Stats:
     book_seconds: float = 0.0  # sampler and pruner in the training loop, plus the final wait for the writer
-    writer_seconds: float = 0.0  # the writer process's own time (overlaps training; not in book_seconds)
 
 
 def _key(slot: Slot) -> tuple[str, int, int]:
@@ -122,7 +121,6 @@ class BatchedEngine:
             t0 = time.perf_counter()
             written = self.writer.close(publish=publish and clean and not interrupt.requested())
             self.stats.book_seconds += time.perf_counter() - t0
-            self.stats.writer_seconds = self.writer.busy_seconds
         self._collect(written)
         return interrupt.requested()
 

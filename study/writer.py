@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -83,7 +82,6 @@ class Writer:
             self.proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        self.busy_seconds = 0.0  # the writer's own time per trial, reported at close
         self._closed = False
 
     def put(self, record: Record) -> None:
@@ -103,7 +101,9 @@ class Writer:
         return out
 
     def close(self, *, publish: bool) -> list[Written]:
-        """Wait until every record put so far is stored (and the note written if `publish`)."""
+        """Wait until every record put so far is stored (and the note written if `publish`).
+        The close message goes first: if this wait is interrupted (a second Ctrl-C), the writer
+        still drains and exits by itself, and the interpreter's exit waits for it."""
         if self._closed:
             return []
         self._closed = True
@@ -117,16 +117,10 @@ class Writer:
                     raise WriterError(f"the storage writer process died (exit code {self.proc.exitcode}) before storing every trial") from None
                 continue
             if msg[0] == "closed":
-                self.busy_seconds = msg[1]
                 break
             out += self._handle(msg)
         self.proc.join()
         return out
-
-    def kill(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
 
     @staticmethod
     def _handle(msg: tuple) -> list[Written]:
@@ -146,7 +140,7 @@ def _main(cfg: StudyConfig, jobs: mp.Queue, results: mp.Queue, parent: int) -> N
     import torch
 
     torch.set_num_threads(1)  # the trainer has the cores; this process draws one small image at most
-    busy, failed = 0.0, False
+    failed = False
     try:
         sink = _Sink(cfg)
         # Paid now, while the first trials train, instead of at the first new best / the note:
@@ -173,7 +167,7 @@ def _main(cfg: StudyConfig, jobs: mp.Queue, results: mp.Queue, parent: int) -> N
                     sink.publish()
                 except BaseException as e:
                     results.put(("error", f"the study note was not written: {_one_line(e)}"))
-            results.put(("closed", busy))
+            results.put(("closed",))
             results.close()
             results.join_thread()  # the message is in the pipe
             # Everything is committed and closed; skip the interpreter's teardown of torch,
@@ -181,13 +175,11 @@ def _main(cfg: StudyConfig, jobs: mp.Queue, results: mp.Queue, parent: int) -> N
             os._exit(0)
         if failed:
             continue
-        t0 = time.perf_counter()
         try:
             results.put(("written", *sink.write(item)))
         except BaseException as e:
             results.put(("error", _one_line(e)))
             failed = True
-        busy += time.perf_counter() - t0
 
 
 def _drain_then_close(jobs: mp.Queue, results: mp.Queue, close: tuple, sink: "_Sink | None") -> bool:
