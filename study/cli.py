@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help=f"sampler and weight seed (default {DEFAULTS.seed})")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--engine", help="auto (default: batched, or standard with --workers/--devices), batched or standard")
-    run.add_argument("--slots", type=int, help="trials the batched engine trains at once (default 64 on CPU, 1024 on GPU)")
+    run.add_argument("--slots", type=int, help="trials the batched engine trains at once (default 32 on CPU, 1024 on GPU)")
     run.add_argument("--workers", type=int, help="worker processes on this machine sharing the study (default 1)")
     run.add_argument("--devices", type=_id_list, help="GPU ids, one worker per GPU, e.g. 0,1,2,3")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
