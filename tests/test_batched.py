@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections import Counter
@@ -165,13 +166,35 @@ def test_batched_run_writes_what_the_standard_engine_writes(workdir):
     assert r.returncode == 0 and f"#{best.number}" in r.stdout
 
 
-def test_batched_same_seed_same_study(workdir):
+def test_batched_diverging_trials_are_stored_pruned_with_the_reason(workdir):
+    """Diverged slots leave the stack as the standard engine's trials do: PRUNED, with
+    pruned_reason and the attrs of the epochs they had; the others are unaffected."""
+    toml = (workdir / "tiny.toml").read_text().replace("lr = [1e-3, 3e-2]", "lr = [1e-3, 1e6]")
+    (workdir / "wild.toml").write_text(toml.replace("[train]\n", '[train]\noptimizer = "sgd"\nscheduler = "none"\n') + '\n[study]\npruner = "none"\n')
+    r = run_cli("run", "--config", "wild.toml", "--max-epochs", "5", "--no-progress", "--slots", "4", "--n-trials", "12", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    diverged = [t for t in study.trials if "non-finite" in t.user_attrs.get("pruned_reason", "")]
+    calm = [t for t in study.trials if t.params["lr"] < 1e-1]
+    assert diverged and calm, [(t.params["lr"], t.state) for t in study.trials]
+    for t in diverged:
+        assert t.state == TrialState.PRUNED and t.user_attrs["epochs"] == len(t.intermediate_values) < 5
+        assert all(math.isfinite(v) for v in t.intermediate_values.values())
+    for t in calm:
+        assert t.state == TrialState.COMPLETE and sorted(t.intermediate_values) == [1, 2, 3, 4, 5]
+
+
+def test_batched_same_seed_same_study(workdir, monkeypatch):
+    """Also across processes whose str hashing differs (PYTHONHASHSEED): with several stacks
+    (two depths here), their order must not come from iterating a set."""
     out = []
-    for name in ("a", "b"):
-        r = run_cli("run", *TINY, "--slots", "3", "--n-trials", "8", "--storage", f"sqlite:///{name}.db", cwd=workdir)
+    for name, hash_seed in (("a", "1"), ("b", "2")):
+        monkeypatch.setenv("PYTHONHASHSEED", hash_seed)
+        r = run_cli("run", *TINY, "--slots", "6", "--n-trials", "14", "--storage", f"sqlite:///{name}.db", cwd=workdir)
         assert r.returncode == 0, r.stderr
         trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{name}.db").trials
-        out.append(sorted((str(t.params), t.state.name, t.value) for t in trials))
+        assert {t.params["depth"] for t in trials} == {1, 2}
+        out.append([(t.number, str(t.params), t.state.name, t.value) for t in trials])
     assert out[0] == out[1]
 
 
