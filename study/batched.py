@@ -102,8 +102,7 @@ class _Buffers:
         self.h = [torch.empty(k, b, w, device=dev) for _ in range(depth)]  # activations
         self.h_t = [h.transpose(1, 2) for h in self.h]  # for dW = h^T @ dz
         self.y = torch.empty(k, b, 1, device=dev)
-        self.diff = torch.empty(k, b, 1, device=dev)
-        self.sq = torch.empty(k, b, 1, device=dev)
+        self.dy = torch.empty(k, b, 1, device=dev)  # d loss / d output
         # two gradient buffers, alternating from the top layer down (bmm's out must not alias its input)
         self.dh = [torch.empty(k, b, w, device=dev) for _ in range(2)]
         self.top = self.dh[0]
@@ -223,8 +222,7 @@ class Stack:
         self.ys = torch.empty(k, n, 1, device=dev)
         self.x_val = self.data.x_val.expand(k, -1, -1)
         self.batches = [(i, min(self.batch_size, n - i)) for i in range(0, n, self.batch_size)]
-        self.losses = torch.empty(len(self.batches), k, device=dev)
-        self.batch_sizes = torch.tensor([b for _, b in self.batches], dtype=torch.float32, device=dev).view(-1, 1)
+        self.diffs = torch.empty(k, n, 1, device=dev)  # output - target of the epoch's every point
         # per layer: unit mask [K, 1, W] (used for sigmoid slots only), and the rows that pass
         # through the layer (slots shallower than the stack), or None where every slot has it
         self.unit_mask, self.passing = [], []
@@ -246,7 +244,8 @@ class Stack:
         self.t = torch.tensor([float(x.steps) for x in s], device=dev)  # Adam's step counts
         if self.kind != "sgd":  # the fused kernel's per-slot lists (views, built once per build)
             self.scratch = torch.empty_like(self.p)
-            self._lists = [list(t.unbind()) for t in (self.scratch, self.grad, *self.state, self.t)]
+            rows = [list(t.unbind()) for t in (self.scratch, self.grad, *self.state, self.t)]
+            self._adam_args = (*rows[:4], [], rows[4])
 
     def unstack(self) -> None:
         """Hand each slot its rows back (views; the next build copies them into a new stack)."""
@@ -322,8 +321,8 @@ class Stack:
             g.addcmul_(p, self.wd)
         self.t += 1
         self.scratch.zero_()
-        torch._fused_adam_(*self._lists[:4], [], self._lists[4], lr=1.0, beta1=BETA1, beta2=BETA2,
-                           weight_decay=0.0, eps=EPS, amsgrad=False, maximize=False)
+        torch._fused_adam_(*self._adam_args, lr=1.0, beta1=BETA1, beta2=BETA2, weight_decay=0.0, eps=EPS,
+                           amsgrad=False, maximize=False)
         p.addcmul_(self.scratch, lr)  # scratch = -m_hat / (sqrt(v_hat) + eps), per slot
 
     @torch.no_grad()
@@ -337,12 +336,11 @@ class Stack:
         torch.index_select(d.x_train, 0, perm.view(-1), out=self.xs.view(-1, 1))
         torch.index_select(d.y_train, 0, perm.view(-1), out=self.ys.view(-1, 1))
         lr = self.lrs()
-        for step, (i, b) in enumerate(self.batches):
+        for i, b in self.batches:
             buf = self._buffers(b)
             xb, yb = self.xs[:, i : i + b], self.ys[:, i : i + b]
-            diff = torch.sub(self.forward(xb, buf), yb, out=buf.diff)
-            torch.mean(torch.mul(diff, diff, out=buf.sq), dim=(1, 2), out=self.losses[step])  # each slot's mean
-            self._backward(xb, torch.mul(diff, 2.0 / b, out=buf.sq), buf)  # d mean(diff^2) / d output
+            diff = torch.sub(self.forward(xb, buf), yb, out=self.diffs[:, i : i + b])  # kept for the epoch's loss
+            self._backward(xb, torch.mul(diff, 2.0 / b, out=buf.dy), buf)  # d mean(diff^2) / d output
             torch.cat(self._grad_rows, dim=1, out=self.grad)
             self._step(lr)
         n_batches = len(self.batches)
@@ -351,7 +349,8 @@ class Stack:
             x.steps += n_batches
         val_buf = self._buffers(self.x_val.shape[1])
         val = torch.mean((self.forward(self.x_val, val_buf) - d.y_val) ** 2, dim=(1, 2))
-        return (self.losses * self.batch_sizes).sum(0) / n, val
+        # sum over batches of (batch mean x batch size) / n, as train.py adds it up: the mean of all
+        return torch.mean(self.diffs * self.diffs, dim=(1, 2)), val
 
     @torch.no_grad()
     def keep_best(self, improved: torch.Tensor) -> None:
