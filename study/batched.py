@@ -131,6 +131,16 @@ def _views(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     return [flat[:, off : off + r * c].view(k, r, c) for off, r, c in segments(layout)]
 
 
+def _linears(model: torch.nn.Sequential, cfg: TrainConfig, row: torch.Tensor, layout: Layout):
+    """Each nn.Linear of a train.py model with the views of its weight^T [in, out] and bias [out]
+    in a row [1, N] laid out as `layout` (the same numbers, both directions)."""
+    views = _views(row, layout)
+    own = iter(_own(cfg, layout[0]))
+    for lin in (m for m in model if isinstance(m, torch.nn.Linear)):
+        (j, r, c), (jb, _, _) = next(own), next(own)
+        yield lin, views[j][0, :r, :c], views[jb][0, 0, :c]
+
+
 @dataclass
 class Slot:
     """One model's own state, kept between restacks: rows [1, N] in `layout`."""
@@ -149,16 +159,12 @@ class Slot:
 def new_slot(cfg: TrainConfig, device: torch.device | str, tag: object = None) -> Slot:
     """Weights exactly as train.py draws them (init_model), laid out in a row of the slot's own size."""
     model = init_model(cfg.widths, cfg.activation, cfg.seed, device)
-    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     layout = (cfg.depth, max(cfg.widths))
     p = torch.zeros(1, row_size(layout), device=device)
-    views = _views(p, layout)
-    own = iter(_own(cfg, cfg.depth))
     with torch.no_grad():
-        for lin in linears:
-            (j, r, c), (jb, _, _) = next(own), next(own)
-            views[j][0, :r, :c] = lin.weight.t()
-            views[jb][0, 0, :c] = lin.bias
+        for lin, weight, bias in _linears(model, cfg, p, layout):
+            weight.copy_(lin.weight.t())
+            bias.copy_(lin.bias)
     n_buf = 1 if cfg.optimizer == "sgd" else 2
     rows = [p] + [torch.zeros_like(p) for _ in range(n_buf)] + [p.clone()]
     return Slot(cfg, layout, rows, torch.Generator().manual_seed(cfg.seed + 1), tag=tag)
@@ -223,21 +229,22 @@ class Stack:
         self.x_val = self.data.x_val.expand(k, -1, -1)
         self.batches = [(i, min(self.batch_size, n - i)) for i in range(0, n, self.batch_size)]
         self.diffs = torch.empty(k, n, 1, device=dev)  # output - target of the epoch's every point
-        # per layer: unit mask [K, 1, W] (used for sigmoid slots only), and the rows that pass
-        # through the layer (slots shallower than the stack), or None where every slot has it
-        self.unit_mask, self.passing = [], []
-        for layer in range(self.depth):
-            mask = torch.zeros(k, 1, self.width, device=dev)
-            for i, x in enumerate(s):
-                mask[i, 0, : (x.cfg.widths[layer] if layer < x.cfg.depth else 0)] = 1.0
-            self.unit_mask.append(mask)
-            rows = [i for i, x in enumerate(s) if x.cfg.depth <= layer]
-            self.passing.append(torch.tensor(rows, device=dev) if rows else None)
         groups: dict[str, list[int]] = {}
         for i, x in enumerate(s):
             groups.setdefault(x.cfg.activation, []).append(i)
         self.groups = [(_ACT[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]  # (Act, start, stop)
         self.masked = [(ix[0], ix[-1] + 1) for a, ix in groups.items() if a == "sigmoid"]
+        # per layer: the rows that pass through it (slots shallower than the stack), or None
+        # where every slot has it; and, only with sigmoid slots, the unit mask [K, 1, W]
+        self.unit_mask, self.passing = [], []
+        for layer in range(self.depth):
+            rows = [i for i, x in enumerate(s) if x.cfg.depth <= layer]
+            self.passing.append(torch.tensor(rows, device=dev) if rows else None)
+            if self.masked:
+                mask = torch.zeros(k, 1, self.width, device=dev)
+                for i, x in enumerate(s):
+                    mask[i, 0, : (x.cfg.widths[layer] if layer < x.cfg.depth else 0)] = 1.0
+                self.unit_mask.append(mask)
         self.wd = torch.tensor([x.cfg.weight_decay for x in s], device=dev).view(-1, 1)
         self.any_wd = any(x.cfg.weight_decay for x in s)
         self.momentum = torch.tensor([x.cfg.momentum for x in s], device=dev).view(-1, 1)
@@ -361,12 +368,9 @@ class Stack:
     def slot_model(self, k: int, which: str = "best") -> torch.nn.Sequential:
         """Slot k as a plain nn.Sequential (the exact train.py architecture, unpadded)."""
         x = self.slots[k]
-        src = _views((self.best if which == "best" else self.p)[k : k + 1], self.layout)
         model = build_mlp(x.cfg.widths, x.cfg.activation).to(self.data.device)
-        linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-        own = iter(_own(x.cfg, self.depth))
-        for lin in linears:
-            (j, r, c), (jb, _, _) = next(own), next(own)
-            lin.weight.copy_(src[j][0, :r, :c].t())
-            lin.bias.copy_(src[jb][0, 0, :c])
+        row = (self.best if which == "best" else self.p)[k : k + 1]
+        for lin, weight, bias in _linears(model, x.cfg, row, self.layout):
+            lin.weight.copy_(weight.t())
+            lin.bias.copy_(bias)
         return model.eval()
