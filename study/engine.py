@@ -67,7 +67,7 @@ def _key(slot: Slot) -> tuple[str, int, int]:
 class BatchedEngine:
     def __init__(self, cfg: StudyConfig, study: optuna.Study, device: torch.device, *, slots: int,
                  on_trial: Callable[[Written], None] = lambda written: None):
-        self.cfg, self.study, self.device, self.k = cfg, study, device, slots
+        self.cfg, self.device, self.k = cfg, device, slots
         self.on_trial = on_trial
         self.data = make_data(cfg.data, device)
         self.stacks: dict[tuple[str, int, int], Stack] = {}
@@ -87,10 +87,10 @@ class BatchedEngine:
 
     # ---------------------------------------------------------------- the loop
 
-    def run(self, budget, *, publish: bool = True) -> int:
+    def run(self, budget) -> int:
         """Train until the budget is spent. Returns the interrupting signal, or 0. Returns only
-        when every finished trial is stored; with `publish` (and no interrupt) the writer then
-        updates the study note the dashboard shows."""
+        when every finished trial is stored; unless interrupted, the writer then updates the
+        study note the dashboard shows."""
         self.writer = Writer(self.cfg)
         clean = False
         threads = torch.get_num_threads()
@@ -119,7 +119,7 @@ class BatchedEngine:
         finally:
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
-            written = self.writer.close(publish=publish and clean and not interrupt.requested())
+            written = self.writer.close(publish=clean and not interrupt.requested())
             self.stats.book_seconds += time.perf_counter() - t0
         self._collect(written)
         return interrupt.requested()
@@ -140,7 +140,7 @@ class BatchedEngine:
             live += 1
         self.stats.book_seconds += time.perf_counter() - t0
         # One restack per changed stack per epoch: the slots that left (already unstacked in
-        # _after_epoch) and the ones that arrive are applied together.
+        # _end) and the ones that arrive are applied together.
         for key in sorted(set(new) | self.dirty):
             stack = self.stacks.get(key)
             if stack is None:
@@ -221,8 +221,7 @@ class BatchedEngine:
         new_best = state == TrialState.COMPLETE and value < self.best_value
         if new_best:
             self.best_value = value
-        model = {n: t.detach().cpu() for n, t in result.model.state_dict().items()} if new_best else None
-        self._put(live, state, value, attrs, metrics, model, x.cfg)
+        self._put(live, state, value, attrs, metrics, result.model.cpu() if new_best else None, x.cfg)
         self._tell(live.trial, value if state == TrialState.COMPLETE else None, state)
 
     def _put(self, live: Live, state: TrialState, value, attrs: dict, metrics: dict, model, tcfg) -> None:

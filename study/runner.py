@@ -234,8 +234,8 @@ def _run_batched(cfg: StudyConfig, study: optuna.Study, device: torch.device, ba
     if engine.best_value < math.inf:
         bar.best = (engine.best_value, study.best_trial.number)
     with interrupt.handle_signals():
-        # the writer process also writes the study note (publish), off the training process
-        signum = engine.run(workers.Budget(cfg.n_trials, cfg.timeout), publish=True)
+        # its writer process also writes the study note (publish), off the training process
+        signum = engine.run(workers.Budget(cfg.n_trials, cfg.timeout))
     return signum, engine.stats.book_seconds
 
 

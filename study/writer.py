@@ -31,6 +31,7 @@ import signal
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import torch
 from optuna.trial import TrialState
 
 from .config import StudyConfig, TrainConfig
@@ -53,7 +54,7 @@ class Record:
     completed: datetime
     epochs: list[tuple[EpochLog, float]] = field(default_factory=list)  # with wall-clock time
     metrics: dict[str, float] = field(default_factory=dict)  # TensorBoard HParams metrics
-    model: dict | None = None  # state_dict (CPU) of a new best, stored as an artifact
+    model: torch.nn.Module | None = None  # a new best's network (on the CPU), stored as an artifact
     tcfg: TrainConfig | None = None
 
 
@@ -137,10 +138,8 @@ def _main(cfg: StudyConfig, jobs: mp.Queue, results: mp.Queue, parent: int) -> N
     for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    import torch
-
     torch.set_num_threads(1)  # the trainer has the cores; this process draws one small image at most
-    failed = False
+    sink: _Sink | None = None  # None once it has failed: later records are drained, not written
     try:
         sink = _Sink(cfg)
         # Paid now, while the first trials train, instead of at the first new best / the note:
@@ -149,52 +148,38 @@ def _main(cfg: StudyConfig, jobs: mp.Queue, results: mp.Queue, parent: int) -> N
         matplotlib.use("Agg")
         import matplotlib.pyplot  # noqa: F401  (~0.4 s)
         import optuna_dashboard  # noqa: F401  (~1 s)
-    except BaseException as e:  # reported once; then drain until told to close
+    except BaseException as e:
         results.put(("error", _one_line(e)))
-        failed = True
+        sink = None
+    close = None  # ("close", publish) once told to stop: then write what is queued and go
     while True:
         try:
-            item = jobs.get(timeout=1.0)
+            item = jobs.get_nowait() if close else jobs.get(timeout=1.0)
         except queue.Empty:
+            if close:
+                break
             if os.getppid() != parent:  # the trainer died: store what is queued, then go
-                item = ("close", False)
-            else:
-                continue
-        if isinstance(item, tuple) and item[0] == "close":
-            item = _drain_then_close(jobs, results, item, sink if not failed else None)
-            if not failed and item:
-                try:
-                    sink.publish()
-                except BaseException as e:
-                    results.put(("error", f"the study note was not written: {_one_line(e)}"))
-            results.put(("closed",))
-            results.close()
-            results.join_thread()  # the message is in the pipe
-            # Everything is committed and closed; skip the interpreter's teardown of torch,
-            # SQLAlchemy and matplotlib (~0.8 s), which the trainer would otherwise wait for.
-            os._exit(0)
-        if failed:
+                close = ("close", False)
             continue
-        try:
-            results.put(("written", *sink.write(item)))
-        except BaseException as e:
-            results.put(("error", _one_line(e)))
-            failed = True
-
-
-def _drain_then_close(jobs: mp.Queue, results: mp.Queue, close: tuple, sink: "_Sink | None") -> bool:
-    """Write any record still queued behind (or before) the close message. Returns `publish`."""
-    while True:
-        try:
-            item = jobs.get_nowait()
-        except queue.Empty:
-            return close[1]
-        if sink is not None and isinstance(item, Record):
+        if isinstance(item, tuple):
+            close = item
+        elif sink is not None:
             try:
                 results.put(("written", *sink.write(item)))
             except BaseException as e:
                 results.put(("error", _one_line(e)))
                 sink = None
+    if sink is not None and close[1]:
+        try:
+            sink.publish()
+        except BaseException as e:
+            results.put(("error", f"the study note was not written: {_one_line(e)}"))
+    results.put(("closed",))
+    results.close()
+    results.join_thread()  # the message is in the pipe
+    # Everything is committed and closed; skip the interpreter's teardown of torch,
+    # SQLAlchemy and matplotlib (~0.8 s), which the trainer would otherwise wait for.
+    os._exit(0)
 
 
 def _one_line(e: BaseException) -> str:
@@ -221,7 +206,6 @@ class _Sink:
     def write(self, r: Record) -> tuple[int, str, float | None]:
         from optuna.trial import FrozenTrial
 
-        from .model import build_mlp
         from .objective import upload_model
         from .tracking import TrialLogger
 
@@ -236,9 +220,7 @@ class _Sink:
         trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
         number = self.storage.get_trial_number_from_id(trial_id)
         if with_artifacts:
-            model = build_mlp(r.tcfg.widths, r.tcfg.activation)
-            model.load_state_dict(r.model)
-            artifact = upload_model(self.store, self.storage.get_trial(trial_id), number, model.eval(), r.tcfg, self.storage)
+            artifact = upload_model(self.store, self.storage.get_trial(trial_id), number, r.model, r.tcfg, self.storage)
             self.storage.set_trial_user_attr(trial_id, "model_artifact", artifact)
             self.storage.set_trial_state_values(trial_id, r.state, None if r.value is None else [r.value])
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, number)
