@@ -9,16 +9,16 @@ model), trials/min, the share of wall time spent on bookkeeping (sampler, pruner
 TensorBoard) and the best validation MSE. The last line is `speedup <X>x`: trials/min, batched
 over standard.
 
-First, unless --raw 0, the raw engine: K models drawn at random from the space (mixed depth,
-width, activation, lr), stacked as the engine stacks them, trained for a few epochs with no
-Optuna at all, against train.py training such models one at a time: model-steps/s of each.
+First, unless --raw 0, the raw engine: K models drawn at random from the space (RandomSampler
+through space.suggest: mixed depth, width, activation, lr), stacked as the engine stacks them,
+trained for a few epochs with no Optuna in the timed loop, against train.py training such models
+one at a time: model-steps/s of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import random
 import tempfile
 import time
 from dataclasses import replace
@@ -69,17 +69,16 @@ def raw(args: argparse.Namespace) -> str:
     from study.batched import Stack, new_slot
     from study.data import make_data
     from study.engine import _key
+    from study.space import suggest
     from study.train import train
 
     cfg = config.build({"search_space": SPACES[args.space]})
-    sp, device = cfg.space, torch.device(args.device)
+    device = torch.device(args.device)
     data = make_data(cfg.data, device)
-    rng = random.Random(args.seed)
+    drawn = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))
 
-    def draw(i: int):
-        log_uniform = lambda lo, hi: math.exp(rng.uniform(math.log(lo), math.log(hi)))  # noqa: E731
-        return replace(cfg.train, depth=rng.randint(*sp.depth), width=round(log_uniform(*sp.width)),
-                       lr=log_uniform(*sp.lr), activation=rng.choice(sp.activation), seed=i)
+    def draw(seed: int):  # a random point of the space, as a trial of the study would get it
+        return suggest(drawn.ask(), cfg.space, cfg.train, seed=seed)
 
     def sync() -> None:
         if device.type == "cuda":
