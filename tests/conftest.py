@@ -73,3 +73,20 @@ def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
         [sys.executable, "-m", "study", *args], cwd=cwd, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )
+
+
+def spawned_children(pid: int) -> list[int]:
+    """Processes that `pid` started through multiprocessing's spawn (Linux /proc): the
+    standard engine's workers, the batched engine's writer."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in cmd:
+                kids.append(int(entry.name))
+    return kids

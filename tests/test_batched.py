@@ -14,7 +14,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import run_cli, start_cli
+from conftest import run_cli, spawned_children, start_cli
 from study.batched import Stack, new_slot
 from study.config import DataConfig, TrainConfig
 from study.data import make_data
@@ -228,19 +228,6 @@ def test_batched_interrupt_writes_live_trials_as_fail(workdir, signum, target, c
         assert t.intermediate_values and t.user_attrs["failed_reason"] == "interrupted"
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (Linux /proc)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def test_batched_refuses_workers(workdir):
     r = run_cli("run", "--engine", "batched", "--workers", "2", "--no-progress", cwd=workdir)
     assert r.returncode == 2 and "--engine standard" in r.stderr and len(r.stderr.splitlines()) == 1
@@ -251,7 +238,7 @@ def _wait_for_writer(proc, workdir, trials_done: int = 0) -> None:
     import time
 
     deadline = time.time() + 60
-    while not _children(proc.pid) or (trials_done and _stored(workdir) < trials_done):
+    while not spawned_children(proc.pid) or (trials_done and _stored(workdir) < trials_done):
         assert time.time() < deadline and proc.poll() is None, proc.poll()
         time.sleep(0.1)
 
@@ -274,7 +261,7 @@ def test_killed_trainer_loses_only_unstored_trials(workdir):
     proc = start_cli("run", *TINY[:2], "--max-epochs", "40", "--no-progress", "--slots", "3",
                      "--n-trials", "400", cwd=workdir)
     _wait_for_writer(proc, workdir, trials_done=3)
-    writer = _children(proc.pid)
+    writer = spawned_children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     deadline = time.time() + 30

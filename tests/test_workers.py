@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import TINY_TOML, run_cli, start_cli
+from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from study import storage as storage_mod
 
 # Slow trials (no pruning, many epochs) so a signal lands mid-trial; fast heartbeat for tests.
@@ -67,21 +67,6 @@ def _wait_running(url: str, n: int, proc, timeout: float = 60) -> list[optuna.tr
     raise AssertionError("no trial started in time")
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid and b"spawn_main" in cmd:
-                kids.append(int(entry.name))
-    return kids
-
-
 def test_sigkilled_worker_costs_one_trial_which_is_retried(workdir):
     (workdir / "slow.toml").write_text(SLOW_TOML)
     url = f"sqlite:///{workdir}/s.db"
@@ -89,7 +74,7 @@ def test_sigkilled_worker_costs_one_trial_which_is_retried(workdir):
                      "--n-trials", "6", "--workers", "2", cwd=workdir)
     running = _wait_running(url, 2, proc)
     pid = next(int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in running if "worker" in t.user_attrs)
-    assert pid in _children(proc.pid)
+    assert pid in spawned_children(proc.pid)
     os.kill(pid, signal.SIGKILL)  # a worker that is running a trial
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -142,7 +127,7 @@ def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(workdir, wor
     proc = start_cli("run", "--config", "slow.toml", "--max-epochs", "300", "--no-progress", "--storage", url,
                      "--n-trials", "20", "--workers", str(workers), "--engine", "standard", cwd=workdir)
     running = _wait_running(url, workers, proc)
-    kids = _children(proc.pid)
+    kids = spawned_children(proc.pid)
     assert len(kids) == (workers if workers > 1 else 0)
     (os.killpg if target == "group" else os.kill)(proc.pid, signum)
     try:
