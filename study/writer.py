@@ -8,8 +8,8 @@ back to the end and 16 s with the writer thread beside it; epochs of 2-3 slots t
 instead of ~3 ms. In a process of its own the writer costs the trainer nothing but a pickle.
 
 What the writer does with a trial, in order: one storage transaction with its params, state,
-value, every epoch's intermediate value and its user attrs (Optuna's create_new_trial with a
-finished template, as study.add_trial does); for a new best, the trial is created RUNNING
+value, every epoch's intermediate value and its user attrs (study.bulk: one INSERT per table
+on an RDB storage, Optuna's create_new_trial on the journal); for a new best, the trial is created RUNNING
 first, its weights and fit image are uploaded as artifacts (finished trials take none) and then
 it is finished; then its TensorBoard run, written under the trial's number with each epoch's
 original wall time. It reports (number, state, value) back for the progress bar. At the end of
@@ -206,6 +206,7 @@ class _Sink:
     def write(self, r: Record) -> tuple[int, str, float | None]:
         from optuna.trial import FrozenTrial
 
+        from .bulk import add_trial
         from .objective import upload_model
         from .tracking import TrialLogger
 
@@ -217,8 +218,7 @@ class _Sink:
             params=r.params, distributions=r.distributions, user_attrs=r.attrs, system_attrs={},
             intermediate_values=r.values, trial_id=0,
         )
-        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
-        number = self.storage.get_trial_number_from_id(trial_id)
+        trial_id, number = add_trial(self.storage, self.study_id, template)
         if with_artifacts:
             artifact = upload_model(self.store, self.storage.get_trial(trial_id), number, r.model, r.tcfg, self.storage)
             self.storage.set_trial_user_attr(trial_id, "model_artifact", artifact)

@@ -1,0 +1,109 @@
+"""study.bulk stores a finished trial exactly as Optuna's create_new_trial stores it."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import uuid
+from datetime import datetime, timedelta
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from study import storage
+from study.bulk import add_trial
+
+DISTRIBUTIONS = {
+    "depth": IntDistribution(1, 6),
+    "width": IntDistribution(8, 256, log=True),
+    "lr": FloatDistribution(1e-5, 1e-1, log=True),
+    "dropout": FloatDistribution(0.0, 0.5, step=0.1),
+    "activation": CategoricalDistribution(["relu", "tanh", None]),
+}
+
+
+def trials() -> list[FrozenTrial]:
+    start = datetime(2026, 11, 26, 9, 30, 15, 123456)
+    common = dict(distributions=DISTRIBUTIONS, trial_id=0, number=0, datetime_start=start)
+    params = {"depth": 3, "width": 64, "lr": 0.00123, "dropout": 0.2, "activation": "tanh"}
+    return [
+        FrozenTrial(state=TrialState.COMPLETE, value=1.5e-7, datetime_complete=start + timedelta(seconds=3.25),
+                    params=params, user_attrs={"test_mse": 2e-7, "curve": [1.0, 0.5], "nested": {"a": None, "b": "x"}},
+                    system_attrs={"fixed": True}, intermediate_values={i: 1.0 / i for i in range(1, 101)}, **common),
+        FrozenTrial(state=TrialState.PRUNED, value=0.25, datetime_complete=start + timedelta(seconds=1),
+                    params={**params, "activation": None}, user_attrs={"pruned_reason": "pruner stopped it after epoch 3"},
+                    system_attrs={}, intermediate_values={1: 0.5, 2: math.inf, 3: 0.25}, **common),
+        FrozenTrial(state=TrialState.PRUNED, value=math.inf, datetime_complete=start + timedelta(seconds=1),
+                    params=params, user_attrs={}, system_attrs={}, intermediate_values={1: math.nan, 2: -math.inf}, **common),
+        FrozenTrial(state=TrialState.FAIL, value=None, datetime_complete=start + timedelta(seconds=2),
+                    params=params, user_attrs={"failed_reason": "interrupted"}, system_attrs={}, intermediate_values={}, **common),
+        FrozenTrial(state=TrialState.RUNNING, value=None, datetime_complete=None,
+                    params={}, user_attrs={}, system_attrs={}, intermediate_values={1: 3.0}, distributions={},
+                    trial_id=0, number=0, datetime_start=start),
+    ]
+
+
+def fields(t: FrozenTrial) -> dict:
+    """Everything a stored trial has but its id; NaN made comparable."""
+    d = {k: getattr(t, k) for k in ("number", "state", "values", "datetime_start", "datetime_complete", "params",
+                                   "distributions", "user_attrs", "system_attrs")}
+    d["intermediate_values"] = {k: "nan" if math.isnan(v) else v for k, v in t.intermediate_values.items()}
+    return d
+
+
+def compare_on(url: str) -> None:
+    s = storage.open_storage(storage.parse(url))
+    name = uuid.uuid4().hex[:8]
+    ref = optuna.create_study(storage=s, study_name=f"optuna-{name}")
+    ours = optuna.create_study(storage=s, study_name=f"bulk-{name}")
+    numbers = []
+    for t in trials():
+        s.create_new_trial(ref._study_id, template_trial=t)
+        numbers.append(add_trial(s, ours._study_id, t)[1])
+    expected = [fields(t) for t in ref.get_trials(deepcopy=False)]
+    got = [fields(t) for t in ours.get_trials(deepcopy=False)]
+    assert numbers == list(range(len(expected)))
+    assert got == expected
+    # and Optuna reads them as it reads its own: best trial, values of the pruned one
+    assert ours.best_trial.number == 0 and ours.best_value == pytest.approx(1.5e-7, rel=0)
+
+
+def test_bulk_trial_equals_optunas_on_sqlite(tmp_path):
+    compare_on(f"sqlite:///{tmp_path}/s.db")
+
+
+def test_bulk_trial_equals_optunas_on_postgresql(pg_url):
+    compare_on(pg_url)
+
+
+def test_bulk_trial_on_journal_goes_through_optuna(tmp_path):
+    s = storage.open_storage(storage.parse(f"journal:///{tmp_path}/s.log"))
+    study = optuna.create_study(storage=s, study_name="j")
+    for t in trials():
+        add_trial(s, study._study_id, t)
+    assert [t.state for t in study.get_trials()] == [t.state for t in trials()]
+
+
+def _add_many(url: str, study: str, n: int) -> None:
+    s = storage.open_storage(storage.parse(url))
+    sid = s.get_study_id_from_name(study)
+    for _ in range(n):
+        add_trial(s, sid, trials()[0])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_concurrent_bulk_writers_number_trials_without_gaps_or_repeats(tmp_path, backend, request):
+    url = f"sqlite:///{tmp_path}/s.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    name = f"concurrent-{uuid.uuid4().hex[:8]}"
+    optuna.create_study(storage=storage.open_storage(storage.parse(url)), study_name=name)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_add_many, args=(url, name, 15)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    study = optuna.load_study(study_name=name, storage=storage.open_storage(storage.parse(url)))
+    assert sorted(t.number for t in study.get_trials()) == list(range(45))
