@@ -21,6 +21,8 @@ engine's in-memory mirror when the trial was asked.
 from __future__ import annotations
 
 import json
+import random
+import time
 
 import optuna
 from optuna.distributions import distribution_to_json
@@ -30,7 +32,7 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial
 from sqlalchemy import insert
 
-_RETRIES = 5  # as Optuna's create_new_trial: a deadlock between writers is retried
+_RETRIES = 5  # as Optuna's create_new_trial: a deadlock between writers is retried after a pause
 
 
 def add_trial(storage: optuna.storages.BaseStorage, study_id: int, trial: FrozenTrial) -> tuple[int, int]:
@@ -47,6 +49,7 @@ def add_trial(storage: optuna.storages.BaseStorage, study_id: int, trial: Frozen
         except optuna.exceptions.StorageInternalError:
             if attempt == _RETRIES:
                 raise
+            time.sleep(random.random() * 2.0)  # Optuna's own back-off for the same case
     raise AssertionError("unreachable")
 
 
