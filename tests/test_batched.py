@@ -137,10 +137,13 @@ def test_a_diverging_slot_leaves_the_others_alone(data):
 TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
 
 
-def test_batched_run_writes_what_the_standard_engine_writes(workdir):
-    r = run_cli("run", *TINY, "--engine", "batched", "--slots", "4", "--n-trials", "14", cwd=workdir)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_batched_run_writes_what_the_standard_engine_writes(workdir, backend, request):
+    """On both RDB backends: the writer's bulk trial writes (study.bulk) end to end."""
+    url = "sqlite:///storage/sinstudy.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    r = run_cli("run", *TINY, "--engine", "batched", "--slots", "4", "--n-trials", "14", "--storage", url, cwd=workdir)
     assert r.returncode == 0, r.stderr
-    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    study = optuna.load_study(study_name="sinstudy", storage=url)
     trials = study.trials
     assert len(trials) == 14 and [t.number for t in trials] == list(range(14))  # 14 > 4 slots: refilled
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
@@ -162,7 +165,7 @@ def test_batched_run_writes_what_the_standard_engine_writes(workdir):
     assert {m.mimetype for m in metas} == {"application/octet-stream", "image/png"}
     runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").iterdir())
     assert runs == [f"trial-{i:04d}" for i in range(14)]
-    r = run_cli("best", cwd=workdir)
+    r = run_cli("best", "--storage", url, cwd=workdir)
     assert r.returncode == 0 and f"#{best.number}" in r.stdout
 
 
