@@ -61,12 +61,11 @@ def _insert(session, study_id: int, t: FrozenTrial) -> tuple[int, int]:
     session.add(row)
     session.flush()  # its trial_id
     tid = row.trial_id
-    values = t.values if t.values is not None else []
+    values = [(i, *models.TrialValueModel.value_to_stored_repr(v)) for i, v in enumerate(t.values or [])]
+    steps = [(step, *models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(v))
+             for step, v in t.intermediate_values.items()]
     tables = {
-        models.TrialValueModel: [
-            dict(trial_id=tid, objective=i, **dict(zip(("value", "value_type"), models.TrialValueModel.value_to_stored_repr(v))))
-            for i, v in enumerate(values)
-        ],
+        models.TrialValueModel: [dict(trial_id=tid, objective=i, value=v, value_type=kind) for i, v, kind in values],
         models.TrialParamModel: [
             dict(trial_id=tid, param_name=name, param_value=t.distributions[name].to_internal_repr(value),
                  distribution_json=distribution_to_json(t.distributions[name]))
@@ -75,9 +74,7 @@ def _insert(session, study_id: int, t: FrozenTrial) -> tuple[int, int]:
         models.TrialUserAttributeModel: [dict(trial_id=tid, key=k, value_json=json.dumps(v)) for k, v in t.user_attrs.items()],
         models.TrialSystemAttributeModel: [dict(trial_id=tid, key=k, value_json=json.dumps(v)) for k, v in t.system_attrs.items()],
         models.TrialIntermediateValueModel: [
-            dict(trial_id=tid, step=step, **dict(zip(("intermediate_value", "intermediate_value_type"),
-                                                     models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(v))))
-            for step, v in t.intermediate_values.items()
+            dict(trial_id=tid, step=step, intermediate_value=v, intermediate_value_type=kind) for step, v, kind in steps
         ],
     }
     for model, rows in tables.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -208,8 +209,6 @@ def test_batched_same_seed_same_study(workdir, monkeypatch):
 def test_batched_interrupt_writes_live_trials_as_fail(workdir, signum, target, code):
     """The trainer writes its live trials as FAIL with their curves; the writer ignores the
     signal and stays to store them."""
-    import time
-
     (workdir / "slow.toml").write_text((workdir / "tiny.toml").read_text() + '\n[study]\npruner = "none"\n')
     # 20,000 epochs: far longer than the test waits (the engine does 400 tiny epochs in ~1 s)
     proc = start_cli("run", "--config", "slow.toml", "--max-epochs", "20000", "--no-progress", "--slots", "3",
@@ -238,8 +237,6 @@ def test_batched_refuses_workers(workdir):
 
 def _wait_for_writer(proc, workdir, trials_done: int = 0) -> None:
     """Until the run's writer process exists (and, with `trials_done`, that many trials are stored)."""
-    import time
-
     deadline = time.time() + 60
     while not spawned_children(proc.pid) or (trials_done and _stored(workdir) < trials_done):
         assert time.time() < deadline and proc.poll() is None, proc.poll()
@@ -259,8 +256,6 @@ def _stored(workdir) -> int:
 def test_killed_trainer_loses_only_unstored_trials(workdir):
     """SIGKILL of the trainer: the writer stores what it was handed and exits; the study holds
     only whole trials (no RUNNING, every curve complete) and can be resumed."""
-    import time
-
     proc = start_cli("run", *TINY[:2], "--max-epochs", "40", "--no-progress", "--slots", "3",
                      "--n-trials", "400", cwd=workdir)
     _wait_for_writer(proc, workdir, trials_done=3)
@@ -294,8 +289,6 @@ def test_a_failing_writer_is_one_clear_error(tmp_path):
                        artifact_dir=str(tmp_path / "art"))
     w = Writer(cfg)
     with pytest.raises(WriterError) as e:
-        import time
-
         deadline = time.time() + 60
         while time.time() < deadline:
             w.poll()
