@@ -66,9 +66,9 @@ def raw(args: argparse.Namespace) -> str:
     """The engine without Optuna: model-steps/s of K stacked mixed models vs train.py's loop."""
     import torch
 
-    from study.batched import Stack, new_slot
+    from study.batched.stack import Stack, new_slot
     from study.data import make_data
-    from study.engine import _key
+    from study.batched.engine import _key
     from study.space import suggest
     from study.train import train
 

@@ -1,10 +1,13 @@
-"""Run one study per (storage, workers) on a tiny problem and print what survived.
+"""Run one study per (engine, storage, workers) on a tiny problem and print what survived.
 
-    python scripts/scale_check.py [--trials 40] [--workers 1,4,8] [--storages sqlite,journal,postgresql]
+    python scripts/scale_check.py [--trials 40] [--workers 1,4,8] [--engines batched,standard]
+                                  [--storages sqlite,journal,postgresql]
 
-Columns: trials asked, finished (COMPLETE + PRUNED), lost (FAIL), duplicate numbers, trials
-left RUNNING, "database is locked" messages, wall seconds. PostgreSQL uses a throw-away database
-on $SINSTUDY_TEST_PG (default postgresql://postgres@127.0.0.1:5432/postgres) and drops it after.
+Each worker runs one engine (--workers N: N batched engines, or N standard ones). Columns:
+trials asked, finished (COMPLETE + PRUNED), lost (FAIL), duplicate numbers, parameter sets
+trained twice, trials left RUNNING or WAITING, "database is locked" messages, wall seconds.
+PostgreSQL uses a throw-away database on $SINSTUDY_TEST_PG (default
+postgresql://postgres@127.0.0.1:5432/postgres) and drops it after.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def pg_database() -> tuple[str, callable]:
     return PG_ADMIN.rsplit("/", 1)[0] + "/" + name, drop
 
 
-def one(kind: str, workers: int, trials: int, epochs: int) -> dict:
+def one(engine: str, kind: str, workers: int, trials: int, epochs: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tiny.toml").write_text(TINY_TOML)
         drop = None
@@ -54,21 +57,23 @@ def one(kind: str, workers: int, trials: int, epochs: int) -> dict:
             t0 = time.perf_counter()
             r = subprocess.run(
                 [sys.executable, "-m", "study", "run", "--config", "tiny.toml", "--no-progress", "--storage", url,
-                 "--n-trials", str(trials), "--workers", str(workers), "--max-epochs", str(epochs)],
+                 "--n-trials", str(trials), "--workers", str(workers), "--max-epochs", str(epochs), "--engine", engine],
                 cwd=tmp, capture_output=True, text=True,
             )
             wall = time.perf_counter() - t0
             study = optuna.load_study(study_name="sinstudy", storage=storage_mod.load(url))
             states = Counter(t.state.name for t in study.trials)
             numbers = [t.number for t in study.trials]
+            points = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name != "FAIL"]
             del study
         finally:
             if drop:
                 drop()
     return {
-        "storage": kind, "workers": workers, "asked": trials, "exit": r.returncode,
+        "engine": engine, "storage": kind, "workers": workers, "asked": trials, "exit": r.returncode,
         "finished": states["COMPLETE"] + states["PRUNED"], "lost": states["FAIL"],
-        "duplicates": len(numbers) - len(set(numbers)), "running": states["RUNNING"],
+        "duplicates": len(numbers) - len(set(numbers)), "twice": len(points) - len(set(points)),
+        "running": states["RUNNING"] + states["WAITING"],
         "locked": (r.stdout + r.stderr).count("database is locked"), "wall_s": round(wall, 1),
     }
 
@@ -79,8 +84,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--workers", default="1,4,8")
     ap.add_argument("--storages", default="sqlite,journal,postgresql")
+    ap.add_argument("--engines", default="batched,standard")
     a = ap.parse_args()
-    rows = [one(k, int(w), a.trials, a.epochs) for k in a.storages.split(",") for w in a.workers.split(",")]
+    rows = [one(e, k, int(w), a.trials, a.epochs)
+            for e in a.engines.split(",") for k in a.storages.split(",") for w in a.workers.split(",")]
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

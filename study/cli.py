@@ -46,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pruner", help=f"one of {', '.join(config_mod.PRUNERS)} (default {DEFAULTS.pruner})")
     run.add_argument("--seed", type=int, help=f"sampler and weight seed (default {DEFAULTS.seed})")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    run.add_argument("--engine", help="auto (default: batched, or standard with --workers/--devices), batched or standard")
-    run.add_argument("--slots", type=int, help="trials the batched engine trains at once (default 32 on CPU, 1024 on GPU)")
-    run.add_argument("--workers", type=int, help="worker processes on this machine sharing the study (default 1)")
-    run.add_argument("--devices", type=_id_list, help="GPU ids, one worker per GPU, e.g. 0,1,2,3")
+    run.add_argument("--engine", help="auto (default: batched), batched or standard")
+    run.add_argument("--slots", type=int, help="trials the batched engine trains at once, per worker (default 32 on CPU, 1024 on GPU)")
+    run.add_argument("--workers", type=int, help="worker processes on this machine sharing the study, one engine each (default 1)")
+    run.add_argument("--devices", type=_id_list, help="GPU ids, one worker (one batched engine) per GPU, e.g. 0,1,2,3")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     best = sub.add_parser("best", help="print the best trial, from storage alone")
@@ -89,6 +89,7 @@ def _artifact_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import runner  # imported here so `--help` and bad flags answer fast (torch is slow to load)
+    from .summary import format_summary
 
     toml = config_mod.load_toml(args.config) if args.config else None
     cfg = config_mod.build(
@@ -97,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers, devices=args.devices, engine=args.engine, slots=args.slots,
     )
     summary = runner.run(cfg, progress=not args.no_progress)
-    print(runner.format_summary(summary))
+    print(format_summary(summary))
     return 128 + summary.signum if summary.signum else 0
 
 
@@ -146,7 +147,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from . import compare, runner
+    from . import compare
+    from .opening import resolve_device
     from . import storage as storage_mod
 
     if args.factor not in compare.FACTORS:
@@ -157,7 +159,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the bar and the table say it all
-    device = runner.resolve_device(args.device, say=lambda line: print(line, file=sys.stderr))
+    device = resolve_device(args.device, say=lambda line: print(line, file=sys.stderr))
     storage = storage_mod.load(args.storage or DEFAULTS.storage)
     cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
     bar = tqdm(total=cells * args.seeds, unit="run", disable=args.no_progress, desc=f"compare {args.factor}")

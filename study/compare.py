@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import ConfigError, DataConfig, TrainConfig
 from .data import make_data
-from .objective import record_result
+from .trial_attrs import result_attrs
 from .tracking import TrialLogger
 from .train import train
 
@@ -113,7 +113,8 @@ def run(name: str, storage: optuna.storages.BaseStorage, *, epochs: int, seeds: 
         result = train(cfg, data, on_epoch=logger.log_epoch)
         logger.close({"cell": cell, "seed": seed, **{k: str(v) for k, v in factor.cells[cell].items()}},
                      {"val_mse": result.best_val_mse, "test_mse": result.test_mse})
-        record_result(trial, result, cfg)
+        for k, v in result_attrs(result, cfg).items():
+            trial.set_user_attr(k, v)
         if result.diverged:
             trial.set_user_attr("pruned_reason", result.diverged)
             raise optuna.TrialPruned(result.diverged)

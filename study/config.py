@@ -122,14 +122,16 @@ class StudyConfig:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     engine: str = "auto"
-    """batched: many trials as one computation (study/engine.py); standard: study.optimize, one at
-    a time; auto: batched, or standard when --workers / --devices ask for worker processes"""
+    """batched: many trials as one computation (study/batched/); standard: study.optimize, one at
+    a time; auto: batched"""
     slots: int | None = None
-    """trials the batched engine trains at once (default 64 on CPU, 1024 on a GPU)"""
+    """trials the batched engine trains at once, per worker (default 32 on CPU, 1024 on a GPU)"""
     workers: int = 1
-    """worker processes on this machine sharing the study; --n-trials is met exactly across them"""
+    """worker processes on this machine sharing the study, one engine each; --n-trials is met
+    exactly across them"""
     devices: tuple[int, ...] | None = None
-    """GPU ids, one worker per id (round-robin when --workers is larger); None: --device decides"""
+    """GPU ids, one worker (one engine) per id, round-robin when --workers is larger; None:
+    --device decides"""
     heartbeat_interval: int = 5
     """seconds between a running trial's heartbeats (RDB: Optuna's heartbeat; journal: ours)"""
     grace_period: int = 20
@@ -211,9 +213,6 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _choice("engine", cfg.engine, ENGINES)
     if cfg.slots is not None:
         _positive_int("--slots", cfg.slots)
-    parallel = cfg.workers > 1 or cfg.devices is not None
-    if cfg.engine == "batched" and parallel:
-        raise ConfigError("--workers and --devices run the standard engine; use --engine standard (or auto)")
     if cfg.devices is not None:
         if not cfg.devices:
             raise ConfigError("--devices needs at least one GPU id, e.g. --devices 0,1")
@@ -245,7 +244,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
                     f"the cmaes sampler cannot search the categorical {name!r}; fix it to one "
                     f"choice in [search_space] or use --sampler tpe"
                 )
-    engine = cfg.engine if cfg.engine != "auto" else ("standard" if parallel else "batched")
+    engine = "batched" if cfg.engine == "auto" else cfg.engine
     return replace(cfg, space=space, engine=engine)
 
 

@@ -14,6 +14,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
 from . import analysis, results
+from .summary import REPORT_BEST_TEST_MSE
 
 def study_note(study: optuna.Study) -> str:
     c = analysis.Counts.of(study.get_trials(deepcopy=False))
@@ -27,7 +28,7 @@ def study_note(study: optuna.Study) -> str:
         lines += [
             "",
             f"**Best trial #{b.number}**: validation MSE {analysis.fmt_mse(b.value)}, "
-            f"test MSE {analysis.fmt_mse(b.user_attrs.get('test_mse'))} (course report's best: 1.418e-03).",
+            f"test MSE {analysis.fmt_mse(b.user_attrs.get('test_mse'))} (course report's best: {REPORT_BEST_TEST_MSE:.3e}).",
             "",
             f"Params: `{analysis.params_text(b.params)}`. Its weights and fit plot are artifacts on its trial page.",
         ]

@@ -120,7 +120,7 @@ def plot_study(study: optuna.Study, out_dir: Path, *, artifact_dir: str, evaluat
     """`sinstudy plot`: every figure, plus the best fit from its stored weights. (files, notes)"""
     import tempfile
 
-    from . import results
+    from .artifacts import load_model
     from .config import ConfigError
 
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
@@ -129,7 +129,7 @@ def plot_study(study: optuna.Study, out_dir: Path, *, artifact_dir: str, evaluat
     top = analysis.top_trials(study, 1)
     if top and "model_artifact" in top[0].user_attrs:
         with tempfile.TemporaryDirectory() as tmp:
-            model, _ = results.load_model(top[0], artifact_dir, tmp)
+            model, _ = load_model(top[0], artifact_dir, tmp)
         figs["fit"] = fit_figure(analysis.fit(model), title=f"best trial #{top[0].number} vs sin(x)")
     else:
         notes.append("best fit skipped: no complete trial with stored weights")

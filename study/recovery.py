@@ -7,7 +7,8 @@ Three ways a trial's worker can vanish, and who notices:
     Optuna's heartbeat. Each running trial beats every `heartbeat_interval` s; any later worker
     fails trials silent for `grace_period` s and the stale-trial callback enqueues a retry;
   - the same on a journal file, which has no heartbeat in Optuna: `JournalHeartbeat` writes a
-    system attr every interval and `sweep_journal` plays the stale-trial check.
+    system attr every interval and `sweep_stale` plays the stale-trial check. The batched engine
+    beats and sweeps from its writer process (study.batched.writer).
 Retries use Optuna's RetryHeartbeatStaleTrialCallback, so a retried trial carries
 `failed_trial` / `retry_history` system attrs exactly as Optuna's own heartbeat writes them.
 """

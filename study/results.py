@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import optuna
-import torch
-from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.trial import FrozenTrial, TrialState
-from torch import nn
 
 from . import storage as storage_mod
-from .config import ConfigError, TrainConfig
-from .model import build_mlp
+from .analysis import Counts
+from .config import ConfigError
+from .summary import describe_trial
 
 
 def open_for_reading(url: str) -> optuna.storages.BaseStorage:
@@ -40,27 +37,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
     return study.best_trial
 
 
-def load_model(trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """The trial's stored best-epoch weights, rebuilt as a CPU model in eval mode."""
-    artifact_id = trial.user_attrs.get("model_artifact")
-    if artifact_id is None:
-        raise ConfigError(f"trial {trial.number} has no stored model; only trials that were best when they finished keep one")
-    path = Path(tmp_dir) / f"trial-{trial.number}.pt"
-    download_artifact(artifact_store=FileSystemArtifactStore(str(artifact_dir)), file_path=str(path), artifact_id=artifact_id)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    tc = saved["train_config"]
-    if isinstance(tc.get("width"), list):
-        tc["width"] = tuple(tc["width"])
-    tcfg = TrainConfig(**tc)
-    model = build_mlp(tcfg.widths, tcfg.activation)
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), tcfg
-
-
 def best_text(study_name: str, url: str) -> str:
-    from .analysis import Counts
-    from .runner import describe_trial
-
     study = load_existing(study_name, url)
     trial = best_trial(study)
     c = Counts.of(study.get_trials(deepcopy=False))

@@ -26,10 +26,11 @@ from urllib.parse import urlsplit
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 SQLITE_BUSY_TIMEOUT_S = 60  # wait for a lock instead of failing with "database is locked"
-PG_CONNECT_TIMEOUT_S = 5  # an unreachable server is reported after this, not a hang
+PG_CONNECT_TIMEOUT_S = 5
+JOURNAL_LOCK_GRACE_S = 10  # a journal lock older than this is broken (its holder died mid-append)  # an unreachable server is reported after this, not a hang
 # Any of Optuna's tables marks its database: a second process may look while the first is still
 # creating the schema, and a half-made Optuna schema is not another program's database.
 _OPTUNA_TABLES = {"studies", "trials", "alembic_version", "version_info", "study_directions", "trial_values"}
@@ -184,7 +185,12 @@ def open_storage(parsed: StorageURL, heartbeat: Heartbeat | None = None) -> optu
     if parsed.path is not None:
         parsed.path.parent.mkdir(parents=True, exist_ok=True)
     if parsed.kind == "journal":
-        return JournalStorage(JournalFileBackend(str(parsed.path)))
+        # An absolute path: Optuna's lock is a symlink to the journal, and with a relative
+        # target the link dangles, so a lock left by a killed process is never broken (every
+        # later run hangs). Held for one append at a time, a lock this old has a dead holder.
+        path = str(parsed.path.resolve())
+        lock = JournalFileSymlinkLock(path, grace_period=JOURNAL_LOCK_GRACE_S)
+        return JournalStorage(JournalFileBackend(path, lock_obj=lock))
     if parsed.kind == "sqlite":
         kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:

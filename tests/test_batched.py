@@ -16,7 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import run_cli, spawned_children, start_cli
-from study.batched import Stack, new_slot
+from study.batched.stack import Stack, new_slot
 from study.config import DataConfig, TrainConfig
 from study.data import make_data
 from study.train import train
@@ -230,11 +230,6 @@ def test_batched_interrupt_writes_live_trials_as_fail(workdir, signum, target, c
         assert t.intermediate_values and t.user_attrs["failed_reason"] == "interrupted"
 
 
-def test_batched_refuses_workers(workdir):
-    r = run_cli("run", "--engine", "batched", "--workers", "2", "--no-progress", cwd=workdir)
-    assert r.returncode == 2 and "--engine standard" in r.stderr and len(r.stderr.splitlines()) == 1
-
-
 def _wait_for_writer(proc, workdir, trials_done: int = 0) -> None:
     """Until the run's writer process exists (and, with `trials_done`, that many trials are stored)."""
     deadline = time.time() + 60
@@ -253,41 +248,49 @@ def _stored(workdir) -> int:
         return 0
 
 
-def test_killed_trainer_loses_only_unstored_trials(workdir):
-    """SIGKILL of the trainer: the writer stores what it was handed and exits; the study holds
-    only whole trials (no RUNNING, every curve complete) and can be resumed."""
+def test_killed_trainer_fails_its_trials_at_once_and_the_resume_retries_them(workdir):
+    """SIGKILL of the trainer: the writer stores what it was handed, fails the trials still
+    training and queues their retries (no waiting for the grace period), then exits with one
+    line; a resumed run takes the retries first."""
     proc = start_cli("run", *TINY[:2], "--max-epochs", "40", "--no-progress", "--slots", "3",
                      "--n-trials", "400", cwd=workdir)
     _wait_for_writer(proc, workdir, trials_done=3)
     writer = spawned_children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    deadline = time.time() + 30
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in writer):
-        assert time.time() < deadline, "the writer outlived its trainer"
-        time.sleep(0.2)
+    _, err = proc.communicate(timeout=60)  # its pipes close when the writer has gone too
+    assert not [pid for pid in writer if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+    assert "Traceback" not in err and "the training process died" in err, err
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
-    assert study.trials and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    states = Counter(t.state for t in study.trials)
+    assert states[TrialState.RUNNING] == 0 and 1 <= states[TrialState.FAIL] == states[TrialState.WAITING] <= 3, states
+    failed = {t.number: t for t in study.trials if t.state == TrialState.FAIL}
     for t in study.trials:
         assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
         if t.state == TrialState.COMPLETE:
             assert len(t.intermediate_values) == 40 and "test_mse" in t.user_attrs
-    before = len(study.trials)
+        if t.state == TrialState.WAITING:
+            assert t.params == failed[t.system_attrs["failed_trial"]].params
     r = run_cli("run", *TINY, "--n-trials", "4", "--slots", "2", cwd=workdir)
     assert r.returncode == 0, r.stderr
-    assert len(optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db").trials) == before + 4
+    study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    retried = {t.system_attrs["failed_trial"]: t for t in study.trials if "failed_trial" in t.system_attrs}
+    assert set(retried) == set(failed)
+    for number, t in retried.items():
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.params == failed[number].params
+        assert t.user_attrs["seed"] == t.number  # a retry trains as the trial it now is
 
 
 def test_a_failing_writer_is_one_clear_error(tmp_path):
     """The writer cannot store (here: the study it should write to does not exist): the trainer
     gets one line naming the cause, not a hang or a traceback from another process."""
     from study import config
-    from study.writer import Writer, WriterError
+    from study.batched.writer import Known, Writer, WriterError
 
     optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/s.db")
     cfg = config.build({}, study="missing", storage=f"sqlite:///{tmp_path}/s.db", log_dir=str(tmp_path / "tb"),
                        artifact_dir=str(tmp_path / "art"))
-    w = Writer(cfg)
+    w = Writer(cfg, Known(-1, {}))
     with pytest.raises(WriterError) as e:
         deadline = time.time() + 60
         while time.time() < deadline:

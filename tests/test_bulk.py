@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from study import storage
-from study.bulk import add_trial
+from study.batched.bulk import add_trial
 
 DISTRIBUTIONS = {
     "depth": IntDistribution(1, 6),

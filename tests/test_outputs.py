@@ -132,7 +132,9 @@ def test_dashboard_in_a_real_browser(studied):
             page.goto(f"{base}/dashboard/studies/{study_id}/trials")
             page.wait_for_function("document.body.innerText.includes('Trial 11')", timeout=30000)
             trials_text = page.inner_text("body")
-            # trial 0 was the best when it finished: its fit image shows among its artifacts
+            # the best trial was the best when it finished: its fit image shows among its artifacts
+            best = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db").best_trial.number
+            page.get_by_text(f"Trial {best}", exact=True).first.click()
             page.wait_for_selector("img[src*='/artifacts/']", timeout=30000)
             page.screenshot(path=str(ARTIFACTS / "dashboard-trials.png"), full_page=True)
             browser.close()

@@ -73,3 +73,18 @@ def test_unreachable_postgresql_is_reported_quickly():
     with pytest.raises(StorageError, match="cannot connect to PostgreSQL") as e:
         storage.check("postgresql://postgres@127.0.0.1:9/test")
     assert e.value.exit_code == 1
+
+
+def test_a_journal_lock_left_by_a_killed_process_is_broken(tmp_path, monkeypatch):
+    """A process killed mid-append leaves Optuna's journal lock behind; the next run must break
+    it after the lock's grace period instead of waiting forever (a relative journal path made
+    the lock a dangling symlink that was never broken)."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    first = storage.open_storage(storage.parse("journal:///storage/s.log"))
+    optuna.create_study(storage=first, study_name="a")
+    first._backend._lock.acquire()  # taken and never released: its holder "died"
+    t0 = time.monotonic()
+    optuna.create_study(storage=storage.open_storage(storage.parse("journal:///storage/s.log")), study_name="b")
+    assert time.monotonic() - t0 < storage.JOURNAL_LOCK_GRACE_S + 10

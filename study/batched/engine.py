@@ -1,43 +1,43 @@
-"""The batched engine: K trials train at once in `Stack`s; Optuna decides from an in-memory mirror.
+"""The batched engine: K trials train at once in `Stack`s; Optuna decides on an in-memory mirror.
 
-Bookkeeping is the cost here, not arithmetic: on SQLite, report() + should_prune() take ~5 ms
-per trial per epoch, more than an epoch of a whole stack. So the sampler and the pruner run on an
-in-memory copy of the study (`mirror`, seeded with the stored study's finished trials), where
-ask/report/should_prune cost ~0.1 ms, and each trial reaches the real storage once, when it ends,
-through the writer process (study.writer): its params, every epoch's intermediate value and its
-user attrs in one transaction, its artifacts when it is a new best, its TensorBoard run. What
-lands in storage is what the standard engine writes. A crash or kill loses only the trials still
-training or not yet handed to the writer; the study is never half-written. Ctrl-C / SIGTERM
-write the trials still training as FAIL with their curves.
-
-A pruned, diverged or finished slot is replaced at the next epoch by a newly asked trial (fresh
-weights, reset optimizer state), so the device never idles while the budget lasts.
+Each fill asks the mirror for trials until K slots are busy (queued trials first), hands them to
+the writer process, which creates them RUNNING in storage, and starts training them at once.
+After every epoch each slot's validation MSE is reported to the mirror and the pruner decides;
+about once a second the new values go to the writer, so storage (and optuna-dashboard) shows
+live curves; a trial that ends is told to the mirror and handed to the writer whole (state,
+value, attrs, a new best's weights). A pruned, diverged or finished slot is replaced at the next
+epoch by a newly asked trial (fresh weights, reset optimizer state), so the device never idles
+while the budget lasts. The trainer never waits on storage: every write is the writer's.
+Ctrl-C / SIGTERM end the trials still training as FAIL with their curves.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from . import interrupt
-from .batched import Slot, Stack, new_slot
-from .config import StudyConfig
-from .data import make_data
-from .model import n_params
-from .objective import WORKER, result_attrs, trial_seed
-from .space import grid_started, suggest
-from .train import EpochLog, TrainResult, lr_at, mse
-from .writer import Record, Writer, Written
+from .. import interrupt
+from ..artifacts import model_state
+from ..config import StudyConfig
+from ..data import make_data
+from ..model import n_params
+from ..opening import open_study_storage
+from ..space import grid_started, suggest
+from ..train import EpochLog, TrainResult, lr_at, mse
+from ..trial_attrs import result_attrs, start_attrs, trial_seed
+from .mirror import Mirror
+from .stack import Slot, Stack, new_slot
+from .writer import Finish, Start, Writer
 
 DEFAULT_SLOTS = {"cpu": 32, "cuda": 1024}
+FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
 
 
 @dataclass
@@ -45,8 +45,10 @@ class Live:
     """What the engine keeps for a slot's trial while it trains."""
 
     trial: optuna.Trial  # in the mirror
+    claim: tuple[int, int] | None  # (stored trial_id, number) of a queued trial it took
     started: datetime
     values: dict[int, float] = field(default_factory=dict)  # epoch -> validation MSE
+    flushed: int = 0  # epochs already handed to the writer
     epochs: list[tuple[EpochLog, float]] = field(default_factory=list)  # TensorBoard points, wall time
 
 
@@ -57,16 +59,28 @@ class Stats:
 
 def _key(slot: Slot) -> tuple[str, int, int]:
     """Stack by optimizer kind, depth and width class (<= 32, <= 64, then powers of two), so
-    little compute goes to padding. Measured on the 2-core CPU, one epoch of 64 mixed small-space
-    trials: one stack 159 ms, one per depth 96 ms, per depth and width class 80 ms (classes
-    from 16 up: 89 ms, the extra stacks' fixed cost outweighs the padding they save)."""
+    little compute goes to padding (measured: docs/design.md)."""
     w = max(slot.cfg.widths)
     return slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
 
 
+def run_batched(cfg: StudyConfig, budget, *, seed: int, device: torch.device,
+                on_trial: Callable[[int, TrialState, float | None], None] | None = None,
+                storage: optuna.storages.BaseStorage | None = None) -> float:
+    """One batched engine on this process's device until the budget is spent. Returns its
+    bookkeeping seconds. The caller handles signals (interrupt.handle_signals)."""
+    storage = storage or open_study_storage(cfg)
+    study = optuna.load_study(study_name=cfg.study, storage=storage)
+    slots = cfg.slots or DEFAULT_SLOTS[device.type]
+    engine = BatchedEngine(cfg, study.get_trials(deepcopy=False), device, slots=slots, seed=seed,
+                           on_trial=on_trial or (lambda number, state, value: None))
+    engine.run(budget)
+    return engine.stats.book_seconds
+
+
 class BatchedEngine:
-    def __init__(self, cfg: StudyConfig, study: optuna.Study, device: torch.device, *, slots: int,
-                 on_trial: Callable[[Written], None] = lambda written: None):
+    def __init__(self, cfg: StudyConfig, stored: list[FrozenTrial], device: torch.device, *, slots: int, seed: int,
+                 on_trial: Callable[[int, TrialState, float | None], None]):
         self.cfg, self.device, self.k = cfg, device, slots
         self.on_trial = on_trial
         self.data = make_data(cfg.data, device)
@@ -74,16 +88,10 @@ class BatchedEngine:
         self.stats = Stats()
         self.writer: Writer | None = None
         self.dirty: set[tuple[str, int, int]] = set()  # stacks whose slots changed since their build
-        from .runner import make_pruner, make_sampler
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # Same name as the stored study: Hyperband assigns brackets by a hash of name and number.
-            self.mirror = optuna.create_study(study_name=cfg.study, direction="minimize", sampler=make_sampler(cfg), pruner=make_pruner(cfg))
-            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            self.mirror.add_trials(done)  # TPE's history and the pruner's rungs
-        complete = [t.value for t in done if t.state == TrialState.COMPLETE]
-        self.best_value = min(complete, default=math.inf)
+        self.mirror = Mirror(cfg, stored, seed=seed)
+        self.best_value = min((t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf)
+        self.last_flush = time.monotonic()
+        self.pending: set[int] = set()  # trials handed to the writer, not yet confirmed stored
 
     # ---------------------------------------------------------------- the loop
 
@@ -91,19 +99,24 @@ class BatchedEngine:
         """Train until the budget is spent. Returns the interrupting signal, or 0. Returns only
         when every finished trial is stored; unless interrupted, the writer then updates the
         study note the dashboard shows."""
-        self.writer = Writer(self.cfg)
+        self.writer = Writer(self.cfg, self.mirror.known, budget)
         clean = False
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and threads > 1:
             # Leave the writer process a core. Torch's OpenMP threads spin at every parallel
-            # region's barrier; with one of them descheduled by the writer, an epoch took 1.5x
-            # as long (2-core CPU: training 13.3 s with 2 threads, 8.7 s with 1).
+            # region's barrier; with one of them descheduled by the writer, an epoch took 1.5x as long.
             torch.set_num_threads(threads - 1)
         try:
             while True:
+                self._messages(self.writer.poll())
                 self._fill(budget)
                 if not self.stacks:
-                    break
+                    if not self.pending or interrupt.requested():
+                        break
+                    # The budget looks spent, but the writer has not confirmed every start yet:
+                    # one it could not store gives its claim back and is replaced.
+                    time.sleep(0.05)
+                    continue
                 # sorted: the same order in every process (str hashing is salted per process),
                 # so the mirror sees reports and tells in the same order and a seed repeats
                 ended: list[tuple[tuple, int, TrialState, str | None]] = []
@@ -111,7 +124,7 @@ class BatchedEngine:
                     loss, val = self.stacks[key].train_epoch()
                     ended += [(key, *e) for e in self._after_epoch(key, loss.tolist(), val.tolist())]  # one sync per stack per epoch
                 self._end(ended)
-                self._collect(self.writer.poll())
+                self._flush()
                 if interrupt.requested():
                     self._abandon()
                     break
@@ -119,25 +132,60 @@ class BatchedEngine:
         finally:
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
-            written = self.writer.close(publish=clean and not interrupt.requested())
+            messages = self.writer.close(publish=clean and not interrupt.requested())
             self.stats.book_seconds += time.perf_counter() - t0
-        self._collect(written)
+        self._messages(messages)
         return interrupt.requested()
 
-    def _collect(self, written: list[Written]) -> None:
-        for w in written:
-            self.on_trial(w)
+    def _messages(self, messages: list[tuple]) -> None:
+        lost = []
+        for msg in messages:
+            if msg[0] == "written":
+                self.on_trial(msg[1], TrialState[msg[2]], msg[3])
+            elif msg[0] == "sync":
+                self.mirror.apply(msg[1], msg[2])
+            elif msg[0] == "started":
+                self.pending.discard(msg[1])
+            elif msg[0] == "lost":
+                self.pending.discard(msg[1])
+                lost.append(msg[1])
+        if lost:
+            self._drop(set(lost))
+
+    def _drop(self, keys: set[int]) -> None:
+        """Trials the writer could not start (it gave their budget back): nothing of them is
+        stored, and those still training leave their stacks (the others ended already)."""
+        for key, stack in self.stacks.items():
+            gone = [k for k, x in enumerate(stack.slots) if x.tag.trial.number in keys]
+            for k in gone:
+                live: Live = stack.slots[k].tag
+                self.mirror.lost(live.trial, live.claim)
+            if gone:
+                self._remove(key, set(gone))
+        self.mirror.collided()
 
     def _fill(self, budget) -> None:
         live = sum(len(s.slots) for s in self.stacks.values())
         new: dict[tuple[str, int, int], list[Slot]] = {}
+        starts: list[Start] = []
         t0 = time.perf_counter()
         while live < self.k and not interrupt.requested() and not self._grid_started() and budget.claim():
-            trial = self.mirror.ask()
-            tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=trial_seed(self.cfg, trial.number))
-            slot = new_slot(tcfg, self.device, tag=Live(trial, datetime.now()))
+            self.writer.claimed()
+            trial, claim = self.mirror.ask()
+            seed = trial_seed(self.cfg, claim[1] if claim else trial.number)
+            tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=seed)
+            now = datetime.now()
+            starts.append(Start(trial.number, FrozenTrial(
+                number=trial.number, state=TrialState.RUNNING, value=None, datetime_start=now, datetime_complete=None,
+                params=dict(trial.params), distributions=dict(trial.distributions), user_attrs=start_attrs("batched", seed),
+                system_attrs=self.mirror.system_attrs(trial), intermediate_values={}, trial_id=0,
+            ), claim=claim[0] if claim else None, seen=self.mirror.seen))
+            slot = new_slot(tcfg, self.device, tag=Live(trial, claim, now))
             new.setdefault(_key(slot), []).append(slot)
             live += 1
+        if starts:
+            self.writer.put(starts)
+            self.pending.update(st.key for st in starts)
         self.stats.book_seconds += time.perf_counter() - t0
         # One restack per changed stack per epoch: the slots that left (already unstacked in
         # _end) and the ones that arrive are applied together.
@@ -182,6 +230,22 @@ class BatchedEngine:
         self.stats.book_seconds += time.perf_counter() - t0
         return done
 
+    def _flush(self) -> None:
+        """Every FLUSH_S: the epochs since the last flush, of every training trial, in one job."""
+        now = time.monotonic()
+        if now - self.last_flush < FLUSH_S:
+            return
+        self.last_flush = now
+        out = {}
+        for stack in self.stacks.values():
+            for x in stack.slots:
+                live: Live = x.tag
+                if len(live.values) > live.flushed:
+                    out[live.trial.number] = dict(list(live.values.items())[live.flushed:])
+                    live.flushed = len(live.values)
+        if out:
+            self.writer.put(out)
+
     def _end(self, ended: list[tuple[tuple, int, TrialState, str | None]]) -> None:
         """Tell and hand over the trials that ended this epoch, then take them out of their stacks."""
         t0 = time.perf_counter()
@@ -195,11 +259,14 @@ class BatchedEngine:
             self._finish(self.stacks[key], k, state, reason)
         self.stats.book_seconds += time.perf_counter() - t0
         for key in {e[0] for e in ended}:
-            stack = self.stacks[key]
-            gone = {k for kk, k, _, _ in ended if kk == key}
+            self._remove(key, {k for kk, k, _, _ in ended if kk == key})
+
+    def _remove(self, key, gone: set[int]) -> None:
+        stack = self.stacks[key]
+        if key not in self.dirty:
             stack.unstack()
-            stack.slots = [x for k, x in enumerate(stack.slots) if k not in gone]
-            self.dirty.add(key)  # rebuilt in _fill, together with the newcomers
+        stack.slots = [x for k, x in enumerate(stack.slots) if k not in gone]
+        self.dirty.add(key)  # rebuilt in _fill, together with the newcomers
 
     # ---------------------------------------------------------------- one trial to storage
 
@@ -212,7 +279,6 @@ class BatchedEngine:
         attrs = result_attrs(result, x.cfg) if result else {}
         if reason:
             attrs["pruned_reason"] = reason
-        attrs["worker"] = WORKER
         last = live.values[max(live.values)] if live.values else None
         value = x.best_val if state == TrialState.COMPLETE else last  # Optuna: a pruned trial keeps its last value
         metrics = {"val_mse": x.best_val if state == TrialState.COMPLETE else (last if last is not None else math.inf)}
@@ -221,25 +287,18 @@ class BatchedEngine:
         new_best = state == TrialState.COMPLETE and value < self.best_value
         if new_best:
             self.best_value = value
-        self._put(live, state, value, attrs, metrics, result.model.cpu() if new_best else None, x.cfg)
-        self._tell(live.trial, value if state == TrialState.COMPLETE else None, state)
+        self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state)
+        self._put(live, state, value, attrs, metrics, model_state(result.model) if new_best else None, x.cfg)
 
     def _put(self, live: Live, state: TrialState, value, attrs: dict, metrics: dict, model, tcfg) -> None:
-        self.writer.put(Record(
-            params=dict(live.trial.params), distributions=dict(live.trial.distributions), values=dict(live.values),
-            attrs=attrs, state=state, value=value, started=live.started, completed=datetime.now(),
+        self.writer.put(Finish(
+            key=live.trial.number, state=state, value=value, values=dict(list(live.values.items())[live.flushed:]),
+            attrs=attrs, system_attrs=self.mirror.system_attrs(live.trial), completed=datetime.now(),
             epochs=live.epochs, metrics=metrics, model=model, tcfg=tcfg,
         ))
 
     def _grid_started(self) -> bool:
-        return self.cfg.sampler == "grid" and grid_started(self.mirror, self.cfg.space)
-
-    def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> None:
-        try:
-            self.mirror.tell(trial, value, state=state)
-        except RuntimeError as e:  # GridSampler calls study.stop() when its grid is done; the
-            if "Study.stop" not in str(e):  # trial's state is already stored (tell's finally)
-                raise
+        return self.cfg.sampler == "grid" and grid_started(self.mirror.study, self.cfg.space)
 
     def _result(self, stack: Stack, k: int, reason: str | None) -> TrainResult:
         """What train() returns for this slot, from the stack's best and final weights."""
@@ -263,6 +322,6 @@ class BatchedEngine:
         for stack in self.stacks.values():
             for x in stack.slots:
                 live: Live = x.tag
-                self._put(live, TrialState.FAIL, None, {"failed_reason": "interrupted", "worker": WORKER}, {}, None, x.cfg)
-                self._tell(live.trial, None, TrialState.FAIL)
+                self.mirror.tell(live.trial, None, TrialState.FAIL)
+                self._put(live, TrialState.FAIL, None, {"failed_reason": "interrupted"}, {}, None, x.cfg)
         self.stacks.clear()

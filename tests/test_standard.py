@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 
 from study import config
 from study.data import make_data
-from study.objective import Objective
+from study.standard import Objective
 
 
 @pytest.fixture

@@ -33,10 +33,10 @@ from functools import lru_cache
 
 import torch
 
-from .config import TrainConfig
-from .data import SinData
-from .model import build_mlp, init_model
-from .train import lr_at
+from ..config import TrainConfig
+from ..data import SinData
+from ..model import build_mlp, init_model
+from ..train import lr_at
 
 aten = torch.ops.aten
 nn_ = torch._C._nn

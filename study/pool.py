@@ -1,13 +1,14 @@
 """Worker processes: N local workers share one study, and the trial budget is met exactly.
 
-Every worker (the single in-process one too) runs the same loop: claim a slot from the shared
-`Budget`, run one trial through `study.optimize(n_trials=1)` (so Optuna's heartbeat, stale-trial
-sweep and WAITING-trial queue work as documented), repeat. A slot is claimed before the trial
-exists, so N workers never start more than --n-trials trials between them; a slot whose worker
-was killed is given back after its trial is failed, and the retry runs in that slot.
+A worker runs one engine: the batched engine (the default: many trials per device) or the
+standard engine (`study.optimize`, one trial at a time). Every worker claims each trial from the
+shared `Budget` before it starts it, so N workers never start more than --n-trials trials
+between them; a slot whose trial was failed by a crash is given back, and the retry runs in it.
 
-The parent of `--workers N` (N > 1) starts spawn-context processes, watches them, replaces one
-that was killed (its trial FAIL, params retried), forwards SIGINT/SIGTERM and waits for them.
+The parent of `--workers N` / `--devices ...` starts spawn-context processes, watches them,
+replaces one that was killed, forwards SIGINT/SIGTERM and waits for them. A killed standard
+worker's trial is failed and retried by the parent; a killed batched worker's writer process
+outlives it and does the same for every trial it was training (study.batched.writer).
 """
 
 from __future__ import annotations
@@ -16,25 +17,26 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import JournalStorage
+import torch
 from optuna.trial import TrialState
 
 from . import interrupt
-from . import storage as storage_mod
 from .config import StudyConfig
-from .data import make_data
-from .objective import Objective
-from .recovery import JournalHeartbeat, fail_and_retry, sweep_stale
-from .space import grid_started
+from .recovery import fail_and_retry
 
 _CTX = mp.get_context("spawn")  # fork after torch/SQLAlchemy have threads is unsafe
+# Our queues' and counters' semaphores are registered with multiprocessing's resource tracker,
+# which warns about them on stderr when their process is killed: noise after a crash whose
+# cleanup sinstudy reports in one line. The tracker starts with this process's -W options.
+_QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
+if _QUIET_TRACKER not in sys.warnoptions:
+    sys.warnoptions.append(_QUIET_TRACKER)
 
 
 class Budget:
@@ -55,67 +57,49 @@ class Budget:
             self._claimed.value += 1
             return True
 
-    def release(self) -> None:
+    def release(self, n: int = 1) -> None:
         with self._claimed.get_lock():
-            self._claimed.value -= 1
+            self._claimed.value -= n
 
     def stop(self) -> None:
         self._stopped.value = 1
 
 
-def open_study_storage(cfg: StudyConfig, parsed: storage_mod.StorageURL | None = None) -> optuna.storages.BaseStorage:
-    """The study's storage with the heartbeat settings of the config (parent and workers alike)."""
-    hb = storage_mod.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries)
-    return storage_mod.open_storage(parsed or storage_mod.parse(cfg.storage), hb)
+def worker_seed(cfg: StudyConfig, index: int, n_workers: int, generation: int) -> int:
+    """Each worker its own sampler seed: identical seeds would make parallel workers propose
+    identical params. A replacement worker gets a fresh one, so it does not re-propose what
+    the worker it replaces proposed. Worker 0 of the first generation keeps the study seed."""
+    return cfg.seed + index + n_workers * generation
 
 
-def worker_loop(
-    cfg: StudyConfig,
-    index: int,
-    budget: Budget,
-    current: "mp.Array",
-    *,
-    device: str,
-    callbacks: list[Callable] = (),
-    storage: optuna.storages.BaseStorage | None = None,
-) -> Objective:
-    """Claim, run one trial, repeat. `current[index]` holds the running trial's number.
-    `storage`: the caller's, when it runs in the caller's process; else opened here."""
-    from .runner import make_pruner, make_sampler  # runner imports this module
+def run_engine(cfg: StudyConfig, budget: Budget, *, seed: int, device: str, current: "mp.Array | None" = None,
+               index: int = 0, on_trial: Callable | None = None, storage=None) -> float | None:
+    """Run this process's engine until the budget is spent. Returns its bookkeeping seconds
+    (None where the engine does not measure them)."""
+    if cfg.engine == "batched":
+        from .batched.engine import run_batched  # torch-heavy: only in processes that train
 
-    storage = storage or open_study_storage(cfg)
-    # Each worker its own sampler seed: identical seeds would make parallel workers ask for
-    # identical params at the same moment. Worker 0 keeps the study seed (single-process runs).
-    sampler = make_sampler(replace(cfg, seed=cfg.seed + index))
-    study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=make_pruner(cfg))
-    data = make_data(cfg.data, device)
-    objective = Objective(cfg, data, FileSystemArtifactStore(cfg.artifact_dir))
-    journal = isinstance(storage, JournalStorage)
+        return run_batched(cfg, budget, seed=seed, device=torch.device(device), on_trial=on_trial, storage=storage)
+    from .standard import run_trials
 
-    def run_one(trial: optuna.Trial) -> float:
-        current[index] = trial.number
-        if journal:
-            with JournalHeartbeat(study, trial, cfg.heartbeat_interval):
-                return objective(trial)
-        return objective(trial)
+    def on_start(number: int) -> None:
+        if current is not None:
+            current[index] = number
 
-    def grid_done() -> bool:
-        return cfg.sampler == "grid" and grid_started(study, cfg.space)
-
-    while not interrupt.requested() and not grid_done() and budget.claim():
-        if journal:  # RDB storages: study.optimize runs Optuna's own stale-trial sweep
-            sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
-        study.optimize(run_one, n_trials=1, callbacks=list(callbacks))
-        current[index] = -1
-    return objective
+    start = time.perf_counter()
+    objective = run_trials(cfg, budget, seed=seed, device=device, on_start=on_start,
+                           callbacks=[on_trial] if on_trial else [], storage=storage)
+    # everything outside the objective (ask, tell, sampler) plus its reporting and pruning
+    return (time.perf_counter() - start) - objective.seconds_inside + objective.seconds_reporting
 
 
-def _worker_main(cfg: StudyConfig, index: int, budget: Budget, current: "mp.Array", device: str) -> None:
+def _worker_main(cfg: StudyConfig, index: int, seed: int, budget: Budget, current: "mp.Array", device: str, threads: int) -> None:
     """Entry point of a spawned worker: exit 0 done, 128+signal interrupted, 1 error."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # see runner.run
+    torch.set_num_threads(threads)
     try:
         with interrupt.handle_signals():
-            worker_loop(cfg, index, budget, current, device=device)
+            run_engine(cfg, budget, seed=seed, device=device, current=current, index=index)
             if interrupt.requested():  # arrived between trials
                 sys.exit(128 + interrupt.requested())
     except interrupt.Interrupted as e:
@@ -140,23 +124,30 @@ def worker_devices(cfg: StudyConfig, device: str) -> list[tuple[str, dict[str, s
 
 
 class Pool:
-    """The parent's side of `--workers N`."""
+    """The parent's side of `--workers N` / `--devices ...`."""
 
     def __init__(self, cfg: StudyConfig, study: optuna.Study, placements: list[tuple[str, dict[str, str]]],
                  *, say: Callable[[str], None], on_progress: Callable[[], None]):
         self.cfg, self.study, self.placements = cfg, study, placements
         self.say, self.on_progress = say, on_progress
         self.budget = Budget(cfg.n_trials, cfg.timeout)
-        self.current = _CTX.Array("i", [-1] * len(placements))
+        self.current = _CTX.Array("i", [-1] * len(placements))  # standard workers' running trial
         self.procs: dict[int, mp.Process] = {}
+        self.workers: set[str] = set()  # every worker process's `worker` attr
+        self.generation = [0] * len(placements)
+        cpu_workers = sum(dev == "cpu" for dev, _ in placements)
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))  # cores split between CPU workers
         self.signum = 0
 
     def _start(self, i: int) -> None:
         device, env = self.placements[i]
+        seed = worker_seed(self.cfg, i, len(self.placements), self.generation[i])
+        self.generation[i] += 1
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # a spawned child copies the environment at start
         try:
-            p = _CTX.Process(target=_worker_main, args=(self.cfg, i, self.budget, self.current, device), name=f"sinstudy-worker-{i}")
+            p = _CTX.Process(target=_worker_main, args=(self.cfg, i, seed, self.budget, self.current, device, self.threads),
+                             name=f"sinstudy-worker-{i}")
             p.start()
         finally:
             for k, v in saved.items():
@@ -165,6 +156,7 @@ class Pool:
                 else:
                     os.environ[k] = v
         self.procs[i] = p
+        self.workers.add(f"{socket.gethostname()}:{p.pid}")  # as trial_attrs.WORKER in that process
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self.signum:
@@ -205,10 +197,11 @@ class Pool:
             return None
         if code < 0:  # killed by a signal we did not send: fail its trial, retry, replace it
             self.current[i] = -1
+            what = "its trials are failed and retried by its writer"
             if trial >= 0 and fail_and_retry(self.study, trial, self.cfg.max_retries):
                 self.budget.release()
-                self.say(f"worker {i} was killed ({signal.Signals(-code).name}); trial #{trial} marked FAIL"
-                         f"{' and queued for retry' if self.cfg.max_retries else ''}")
+                what = f"trial #{trial} marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}"
+            self.say(f"worker {i} was killed ({signal.Signals(-code).name}); {what}; starting a replacement")
             self._start(i)
             return None
         self.budget.stop()
@@ -227,4 +220,3 @@ class Pool:
 def finished_since(study: optuna.Study, before: set[int]) -> int:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     return sum(t.number not in before for t in done)
-

@@ -1,0 +1,75 @@
+"""The saved-model format, written and read in one place: a trial's best weights as an Optuna
+artifact (`model.pt`: the TrainConfig that rebuilds the network plus its state_dict), and the
+fit image stored beside it. Both engines write through `upload_model`; `best`, `plot` and
+`report` read through `load_model`, so nothing ever retrains."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.trial import FrozenTrial
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .model import build_mlp
+
+MODEL_FILE = "model.pt"  # artifact file name of a trial's best weights
+
+State = dict[str, np.ndarray]  # a network's weights as plain arrays: picklable by value
+
+
+def model_state(model: nn.Module) -> State:
+    """The weights as plain CPU arrays. Plain data, not tensors: a tensor sent to another
+    process travels as a handle into the sender's memory, unreadable once the sender is gone."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def build_model(tcfg: TrainConfig, state: State) -> nn.Sequential:
+    model = build_mlp(tcfg.widths, tcfg.activation)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    return model.eval()
+
+
+def save_model(tcfg: TrainConfig, state: State, path: Path) -> None:
+    """Weights plus the TrainConfig that rebuilds them: enough for later commands, no retraining."""
+    torch.save({"train_config": asdict(tcfg), "state_dict": {k: torch.as_tensor(v) for k, v in state.items()}}, path)
+
+
+def upload_model(store: FileSystemArtifactStore, trial: optuna.Trial | FrozenTrial, number: int, tcfg: TrainConfig,
+                 state: State, storage: optuna.storages.BaseStorage | None = None) -> str:
+    """A new best's weights and its fit image as artifacts of its (still running) trial: Optuna
+    takes no artifacts on finished trials. Returns the weights' artifact id."""
+    from . import analysis, plots  # drawing: only for a new best
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_FILE
+        save_model(tcfg, state, path)
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
+                                      storage=storage, mimetype="application/octet-stream")
+        image = Path(tmp) / f"fit-trial-{number:04d}.png"
+        plots.fit_png(analysis.fit(build_model(tcfg, state)), image, title=f"trial #{number} vs sin(x)")
+        upload_artifact(artifact_store=store, file_path=str(image), study_or_trial=trial, storage=storage, mimetype="image/png")
+    return artifact_id
+
+
+def load_model(trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path) -> tuple[nn.Module, TrainConfig]:
+    """The trial's stored best-epoch weights, rebuilt as a CPU model in eval mode."""
+    artifact_id = trial.user_attrs.get("model_artifact")
+    if artifact_id is None:
+        raise ConfigError(f"trial {trial.number} has no stored model; only trials that were best when they finished keep one")
+    path = Path(tmp_dir) / f"trial-{trial.number}.pt"
+    download_artifact(artifact_store=FileSystemArtifactStore(str(artifact_dir)), file_path=str(path), artifact_id=artifact_id)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    tc = saved["train_config"]
+    if isinstance(tc.get("width"), list):
+        tc["width"] = tuple(tc["width"])
+    tcfg = TrainConfig(**tc)
+    model = build_mlp(tcfg.widths, tcfg.activation)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), tcfg

@@ -1,0 +1,236 @@
+"""The batched engine's trial writes, each one transaction of bulk statements on an RDB storage
+(SQLite, PostgreSQL); the journal file goes through Optuna's own calls.
+
+Why: Optuna's `create_new_trial(template_trial=...)` (what `study.add_trial` calls) stores a
+trial's params, user attrs and intermediate values one row at a time, and each row costs two
+SELECTs (the trial, then an existing row for the same key) before its INSERT. Measured on the
+2-core CPU with SQLite: 14 ms per trial plus 0.85 ms per intermediate value. Here a write is one
+transaction whatever its size:
+  - `add_trials`: new RUNNING trials (params, distributions, user and system attrs, a
+    heartbeat row) numbered as Optuna numbers them, under the same lock on the study row;
+  - `append_values`: intermediate values of many running trials;
+  - `finish_trial`: state, value, remaining values and attrs of one trial;
+  - `beat`: the heartbeat of many running trials.
+
+What it writes is what Optuna writes: the same ORM models, the same stored representation of
+values (Optuna's own `*_to_stored_repr`), the same JSON for attrs and distributions. Tests
+compare trials stored both ways field by field, on SQLite and PostgreSQL; the models are
+Optuna's private module, so those tests are what tells when an Optuna release changes them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+from optuna.distributions import distribution_to_json
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import delete, insert, update
+
+_RETRIES = 5  # as Optuna's create_new_trial: a deadlock between writers is retried after a pause
+T = TypeVar("T")
+
+ParamSet = frozenset  # of (name, internal value): what "the same parameter set" means
+
+
+def param_set(params: dict[str, Any], distributions: dict) -> ParamSet:
+    return frozenset((name, distributions[name].to_internal_repr(v)) for name, v in params.items())
+
+
+def _transaction(storage: RDBStorage, body: Callable[[Any], T]) -> T:
+    for attempt in range(1, _RETRIES + 1):
+        try:
+            with _create_scoped_session(storage.scoped_session) as session:
+                return body(session)
+        except optuna.exceptions.StorageInternalError:
+            if attempt == _RETRIES:
+                raise
+            time.sleep(random.random() * 2.0)  # Optuna's own back-off for the same case
+    raise AssertionError("unreachable")
+
+
+def add_trial(storage: optuna.storages.BaseStorage, study_id: int, trial: FrozenTrial) -> tuple[int, int]:
+    """Store one trial (any state). Returns (trial_id, number)."""
+    return add_trials(storage, study_id, [trial], heartbeat=False)[0]
+
+
+def add_trials(storage: optuna.storages.BaseStorage, study_id: int, trials: list[FrozenTrial], *, heartbeat: bool,
+               after_id: int = -1, avoid: Iterable[ParamSet] = (), own: set[int] = frozenset()) -> list[tuple[int, int] | None]:
+    """Store `trials` as new trials of the study, numbered in list order, in one transaction.
+    Returns (trial_id, number) per trial, or None for a trial not stored because another engine
+    already has its parameter set: one in `avoid`, or one stored by someone else (not in `own`)
+    after trial id `after_id`, checked under the study lock. `heartbeat`: give each a heartbeat
+    row, which Optuna's stale-trial check needs to see it."""
+    if not isinstance(storage, RDBStorage):
+        return [_journal_add(storage, study_id, t, set(avoid)) for t in trials]
+    return _transaction(storage, lambda s: _insert(s, study_id, trials, heartbeat, after_id, set(avoid), own))
+
+
+def _journal_add(storage, study_id: int, t: FrozenTrial, avoid: set) -> tuple[int, int] | None:
+    # The journal has no transaction: the check runs just before the append (a file lock each).
+    if t.params and avoid and param_set(t.params, t.distributions) in avoid:
+        return None
+    trial_id = storage.create_new_trial(study_id, template_trial=t)
+    return trial_id, storage.get_trial_number_from_id(trial_id)
+
+
+def _insert(session, study_id: int, trials: list[FrozenTrial], heartbeat: bool, after_id: int,
+            avoid: set, own: set[int]) -> list[tuple[int, int] | None]:
+    # The lock Optuna takes while it numbers a trial (trial numbers have no unique constraint).
+    models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+    if after_id >= 0:
+        avoid = avoid | _param_sets_after(session, study_id, after_id, own)
+    rows: list[models.TrialModel | None] = []
+    for t in trials:
+        if t.params and avoid and param_set(t.params, t.distributions) in avoid:
+            rows.append(None)
+            continue
+        row = models.TrialModel(study_id=study_id, number=None, state=t.state,
+                                datetime_start=t.datetime_start, datetime_complete=t.datetime_complete)
+        session.add(row)
+        rows.append(row)
+    stored = [(r, t) for r, t in zip(rows, trials) if r is not None]
+    if not stored:
+        return [None] * len(trials)
+    session.flush()  # their trial_ids
+    first = stored[0][0].count_past_trials(session)
+    for i, (row, _) in enumerate(stored):
+        row.number = first + i  # ids rise in insert order and the study row is locked
+    tables: dict[Any, list[dict]] = {m: [] for m in (models.TrialValueModel, models.TrialParamModel, models.TrialUserAttributeModel,
+                                                     models.TrialSystemAttributeModel, models.TrialIntermediateValueModel)}
+    for row, t in stored:
+        tid = row.trial_id
+        tables[models.TrialValueModel] += _value_rows(tid, t.values or [])
+        tables[models.TrialParamModel] += [
+            dict(trial_id=tid, param_name=name, param_value=t.distributions[name].to_internal_repr(value),
+                 distribution_json=distribution_to_json(t.distributions[name]))
+            for name, value in t.params.items()
+        ]
+        tables[models.TrialUserAttributeModel] += _attr_rows(tid, t.user_attrs)
+        tables[models.TrialSystemAttributeModel] += _attr_rows(tid, t.system_attrs)
+        tables[models.TrialIntermediateValueModel] += _step_rows(tid, t.intermediate_values)
+    if heartbeat:
+        now = session.execute(sqlalchemy.func.now()).scalar()  # the database's clock, as Optuna's heartbeat
+        tables[models.TrialHeartbeatModel] = [dict(trial_id=row.trial_id, heartbeat=now) for row, _ in stored]
+    for model, table_rows in tables.items():
+        if table_rows:
+            session.execute(insert(model), table_rows)
+    return [None if r is None else (r.trial_id, r.number) for r in rows]
+
+
+def _param_sets_after(session, study_id: int, after_id: int, own: set[int]) -> set[ParamSet]:
+    """Parameter sets of trials others stored after `after_id` (not FAIL: a retry repeats those)."""
+    rows = session.execute(
+        sqlalchemy.select(models.TrialParamModel.trial_id, models.TrialParamModel.param_name, models.TrialParamModel.param_value)
+        .join(models.TrialModel, models.TrialModel.trial_id == models.TrialParamModel.trial_id)
+        .where(models.TrialModel.study_id == study_id, models.TrialModel.trial_id > after_id,
+               models.TrialModel.state != TrialState.FAIL)
+    ).all()
+    sets: dict[int, set] = {}
+    for tid, name, value in rows:
+        if tid not in own:
+            sets.setdefault(tid, set()).add((name, value))
+    return {frozenset(s) for s in sets.values()}
+
+
+def _value_rows(tid: int, values: list[float]) -> list[dict]:
+    out = []
+    for i, v in enumerate(values):
+        stored, kind = models.TrialValueModel.value_to_stored_repr(v)
+        out.append(dict(trial_id=tid, objective=i, value=stored, value_type=kind))
+    return out
+
+
+def _attr_rows(tid: int, attrs: dict[str, Any]) -> list[dict]:
+    return [dict(trial_id=tid, key=k, value_json=json.dumps(v)) for k, v in attrs.items()]
+
+
+def _step_rows(tid: int, steps: dict[int, float]) -> list[dict]:
+    out = []
+    for step, v in steps.items():
+        stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(v)
+        out.append(dict(trial_id=tid, step=step, intermediate_value=stored, intermediate_value_type=kind))
+    return out
+
+
+def append_values(storage: optuna.storages.BaseStorage, values: dict[int, dict[int, float]]) -> None:
+    """New intermediate values {trial_id: {step: value}} of running trials, in one transaction."""
+    if not isinstance(storage, RDBStorage):
+        for tid, steps in values.items():
+            for step, v in steps.items():
+                storage.set_trial_intermediate_value(tid, step, v)
+        return
+
+    def body(session) -> None:
+        rows = [r for tid, steps in values.items() for r in _step_rows(tid, steps)]
+        if rows:
+            session.execute(insert(models.TrialIntermediateValueModel), rows)
+
+    _transaction(storage, body)
+
+
+def finish_trial(storage: optuna.storages.BaseStorage, trial_id: int, *, state: TrialState, value: float | None,
+                 values: dict[int, float], user_attrs: dict[str, Any], system_attrs: dict[str, Any],
+                 completed: datetime) -> bool:
+    """End a running trial: its remaining intermediate values, attrs (replacing those of the same
+    key), value and state, in one transaction. False, and nothing written, when the trial had
+    already been finished (e.g. failed as stale by another engine)."""
+    if not isinstance(storage, RDBStorage):
+        try:
+            append_values(storage, {trial_id: values})
+            for k, v in user_attrs.items():
+                storage.set_trial_user_attr(trial_id, k, v)
+            for k, v in system_attrs.items():
+                storage.set_trial_system_attr(trial_id, k, v)
+            return storage.set_trial_state_values(trial_id, state, None if value is None else [value])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+
+    def body(session) -> bool:
+        row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+        if row.state.is_finished():
+            return False
+        row.state, row.datetime_complete = state, completed
+        for model, attrs in ((models.TrialUserAttributeModel, user_attrs), (models.TrialSystemAttributeModel, system_attrs)):
+            if attrs:
+                session.execute(delete(model).where(model.trial_id == trial_id, model.key.in_(list(attrs))))
+                session.execute(insert(model), _attr_rows(trial_id, attrs))
+        for model, table_rows in ((models.TrialValueModel, _value_rows(trial_id, [] if value is None else [value])),
+                                  (models.TrialIntermediateValueModel, _step_rows(trial_id, values))):
+            if table_rows:
+                session.execute(insert(model), table_rows)
+        return True
+
+    return _transaction(storage, body)
+
+
+def beat(storage: optuna.storages.BaseStorage, trial_ids: Iterable[int], journal_attr: str) -> None:
+    """A heartbeat for each running trial: one UPDATE on an RDB storage (the rows exist since
+    add_trials), Optuna's system attr `journal_attr` per trial on the journal."""
+    ids = list(trial_ids)
+    if not ids:
+        return
+    if not isinstance(storage, RDBStorage):
+        now = time.time()
+        for tid in ids:
+            try:
+                storage.set_trial_system_attr(tid, journal_attr, now)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+        return
+
+    def body(session) -> None:
+        now = session.execute(sqlalchemy.func.now()).scalar()
+        m = models.TrialHeartbeatModel
+        session.execute(update(m).where(m.trial_id.in_(ids)).values(heartbeat=now))
+
+    _transaction(storage, body)

@@ -1,0 +1,114 @@
+"""The batched engine's in-memory copy of the stored study, where the sampler and the pruner run.
+
+On an RDB storage, Optuna's report() + should_prune() cost ~5 ms per trial per epoch, and TPE's
+ask reads the whole study: more than an epoch of a whole stack. On the mirror (Optuna's
+in-memory storage) each costs ~0.1 ms. The mirror holds every stored trial, in number order, so
+a trial asked here gets the number the storage will give it when one engine runs (trial k then
+trains with seed + k); other engines' trials arrive through the writer's sync (new ones, and
+changes of state), so the sampler sees their finished trials and, for TPE's constant liar, their
+running ones. WAITING trials (enqueue_trial, retries of crashed trials) are in the mirror as
+WAITING, so the mirror's ask() takes them first, as Optuna's does; the writer then claims the
+stored trial atomically.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..config import StudyConfig
+from ..opening import make_pruner, make_sampler
+from .writer import Known
+
+
+class Mirror:
+    def __init__(self, cfg: StudyConfig, stored: list[FrozenTrial], *, seed: int):
+        # A resumed study must not replay the points its first run proposed from the same seed.
+        seed += len(stored)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # Same name as the stored study: Hyperband assigns brackets by a hash of name and number.
+            self.study = optuna.create_study(study_name=cfg.study, direction="minimize",
+                                             sampler=make_sampler(cfg, seed=seed), pruner=make_pruner(cfg))
+        self._storage, self._id = self.study._storage, self.study._study_id
+        self.unfinished: dict[int, int] = {}  # stored trial_id -> mirror trial_id, others' RUNNING/WAITING
+        self.waiting: dict[int, tuple[int, int]] = {}  # mirror trial_id -> (stored trial_id, number)
+        self.seen = 0  # sync messages applied
+        self.reseeded = False
+        for t in sorted(stored, key=lambda t: t.number):
+            self._add(t)
+        self.known = Known(max((t._trial_id for t in stored), default=-1),
+                           {t._trial_id: t.state for t in stored if t.state in (TrialState.RUNNING, TrialState.WAITING)})
+
+    def _add(self, t: FrozenTrial) -> None:
+        mirror_id = self._storage.create_new_trial(self._id, template_trial=t)
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            self.unfinished[t._trial_id] = mirror_id
+        if t.state == TrialState.WAITING:
+            self.waiting[mirror_id] = (t._trial_id, t.number)
+
+    def ask(self) -> tuple[optuna.Trial, tuple[int, int] | None]:
+        """A trial to start, and (stored trial_id, number) when it is a queued trial to claim."""
+        trial = self.study.ask()
+        claim = self.waiting.pop(trial._trial_id, None)
+        if claim is not None:
+            del self.unfinished[claim[0]]
+        return trial, claim
+
+    def apply(self, seq: int, trials: list[FrozenTrial]) -> None:
+        """Other engines' new or changed trials, from the writer's sync."""
+        self.seen = seq
+        for t in trials:
+            mirror_id = self.unfinished.get(t._trial_id)
+            if mirror_id is None:
+                self._add(t)
+                continue
+            if t.state == TrialState.WAITING:
+                continue
+            self.waiting.pop(mirror_id, None)
+            if t.state == TrialState.RUNNING:  # taken from the queue by another engine
+                self._storage.set_trial_state_values(mirror_id, TrialState.RUNNING)
+                continue
+            self._finish(mirror_id, t)
+            del self.unfinished[t._trial_id]
+
+    def _finish(self, mirror_id: int, t: FrozenTrial) -> None:
+        s = self._storage
+        if s.get_trial(mirror_id).state == TrialState.WAITING:
+            s.set_trial_state_values(mirror_id, TrialState.RUNNING)
+        for name, value in t.params.items():
+            if name not in s.get_trial(mirror_id).params:
+                s.set_trial_param(mirror_id, name, t.distributions[name].to_internal_repr(value), t.distributions[name])
+        for step, v in t.intermediate_values.items():
+            s.set_trial_intermediate_value(mirror_id, step, v)
+        for k, v in t.system_attrs.items():
+            s.set_trial_system_attr(mirror_id, k, v)
+        s.set_trial_state_values(mirror_id, t.state, t.values)
+
+    def lost(self, trial: optuna.Trial, claim: tuple[int, int] | None) -> None:
+        """The writer could not start `trial`: a queued trial another engine claimed first (it is
+        that engine's running trial now), or a parameter set another engine already trains (a
+        duplicate: failed here, so the sampler moves on)."""
+        if claim is not None:
+            self.unfinished[claim[0]] = trial._trial_id
+        else:
+            self.tell(trial, None, TrialState.FAIL)
+
+    def collided(self) -> None:
+        """Another engine proposes what this one proposes (the same seed, started at the same
+        moment): from now on this sampler draws from fresh OS entropy instead."""
+        if not self.reseeded:
+            self.reseeded = True
+            self.study.sampler.reseed_rng()
+
+    def tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> None:
+        try:
+            self.study.tell(trial, value, state=state)
+        except RuntimeError as e:  # GridSampler calls study.stop() when its grid is done; the
+            if "Study.stop" not in str(e):  # trial's state is already stored (tell's finally)
+                raise
+
+    def system_attrs(self, trial: optuna.Trial) -> dict:
+        return dict(self._storage.get_trial(trial._trial_id).system_attrs)

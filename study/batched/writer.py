@@ -1,0 +1,443 @@
+"""The batched engine's storage I/O, in a process of its own: the trainer never waits on storage.
+
+What the writer does, in the order the trainer hands it over (one queue):
+  - `Start`: a trial the engine has just asked is created RUNNING in storage (params,
+    distributions, the sampler's system attrs, `engine`/`seed`/`worker` user attrs, a heartbeat),
+    all of one fill in one transaction, numbered in start order. A WAITING trial the engine
+    took from Optuna's queue (enqueue_trial, retries) is claimed atomically, as Optuna's ask()
+    claims it; if another engine was first, or another engine already trains the same parameter
+    set, the trainer is told (`lost`) and drops the slot;
+  - intermediate values, flushed by the trainer about once a second, in one transaction;
+  - `Finish`: a new best's weights and fit image are uploaded as artifacts (the trial is still
+    RUNNING: Optuna takes none on finished trials), then its state, value, remaining values
+    and attrs in one transaction, then its TensorBoard run with each epoch's original time.
+Between jobs: the heartbeat of every trial it holds (`heartbeat_interval`), the trials other
+engines stored (sent to the trainer's mirror, `SYNC_S`), and the stale-trial sweep that fails
+and retries trials of dead runs (`grace_period`), as Optuna's heartbeat does for study.optimize.
+
+Why a process and not a thread: every torch op releases the GIL and takes it back when its
+kernel is done. While a writer *thread* ran Python (SQLAlchemy, TensorBoard, matplotlib), each
+take-back waited up to the interpreter's switch interval (5 ms) for a kernel of ~20 us; on the
+2-core CPU the training loop took twice as long.
+
+Crashes. The writer ignores SIGINT/SIGTERM (a Ctrl-C reaches the whole process group): the
+trainer decides what an interrupt means and the writer drains its queue. If the trainer dies,
+the writer stores what it was handed, then fails the trials it still holds and queues their
+retries (`max_retries`), at once rather than after the grace period. If the writer dies, the
+trainer stops with one line; its trials stay RUNNING until a later run or a sibling engine
+fails and retries them after `grace_period`. Everything handed over is plain data (weights as
+arrays), so the writer can store it after the trainer is gone.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from optuna.trial import FrozenTrial, TrialState
+
+from ..artifacts import State
+from ..config import StudyConfig, TrainConfig
+from ..train import EpochLog
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+SYNC_S = 2.0  # how often other engines' trials are read from storage for the mirror
+
+
+@dataclass
+class Start:
+    key: int  # the engine's handle for the trial (its number in the engine's mirror)
+    trial: FrozenTrial  # RUNNING: params, distributions, user and system attrs, datetime_start
+    claim: int | None = None  # storage trial_id of a WAITING trial to take; None: a new trial
+    seen: int = 0  # sync messages the mirror had applied when the trial was asked
+
+
+@dataclass
+class Finish:
+    """One ended trial as the engine hands it over (plain data: no storage or tensor handles)."""
+
+    key: int
+    state: TrialState
+    value: float | None
+    values: dict[int, float]  # intermediate values not flushed yet
+    attrs: dict
+    system_attrs: dict  # the pruner's (rungs), for other engines' pruners
+    completed: datetime
+    epochs: list[tuple[EpochLog, float]] = field(default_factory=list)  # TensorBoard points, wall time
+    metrics: dict[str, float] = field(default_factory=dict)  # TensorBoard HParams metrics
+    model: State | None = None  # a new best's weights, stored as an artifact
+    tcfg: TrainConfig | None = None
+
+
+@dataclass(frozen=True)
+class Known:
+    """The stored trials the engine's mirror was loaded with (trial ids)."""
+
+    max_id: int
+    unfinished: dict[int, TrialState]  # RUNNING / WAITING trials of others
+
+
+class WriterError(RuntimeError):
+    """The writer process failed; its message is one line (the CLI prints it)."""
+
+
+class Writer:
+    """The trainer's side: put(), poll() what came back, close() at the end."""
+
+    def __init__(self, cfg: StudyConfig, known: Known, budget=None):
+        ctx = mp.get_context("spawn")  # no fork: the trainer has torch's thread pools running
+        self.jobs, self.results = ctx.Queue(), ctx.Queue()
+        # Budget claims the trainer has made: the writer gives back those of trials it could not
+        # store, and, if the trainer dies, those it never received.
+        self.claims = ctx.Value("i", 0)
+        self.proc = ctx.Process(target=_main, args=(cfg, known, self.jobs, self.results, os.getpid(),
+                                                    _Claims(budget, self.claims)), name="sinstudy-writer")
+        # Signals blocked across the start: the child inherits the mask, ignores both signals
+        # first thing, then unblocks, so a Ctrl-C during its start-up cannot kill it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            self.proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self._closed = False
+
+    def claimed(self) -> None:
+        """The trainer claimed one trial of the budget (before handing the trial over)."""
+        with self.claims.get_lock():
+            self.claims.value += 1
+
+    def put(self, job) -> None:
+        self.jobs.put(job)
+
+    def poll(self) -> list[tuple]:
+        """Messages since the last poll (never waits). Raises WriterError if the writer failed or died."""
+        out = []
+        while True:
+            try:
+                msg = self.results.get_nowait()
+            except queue.Empty:
+                break
+            out.append(self._check(msg))
+        if not out and not self.proc.is_alive():
+            self._died()
+        return out
+
+    def close(self, *, publish: bool) -> list[tuple]:
+        """Wait until every job put so far is done (and the note written if `publish`).
+        The close message goes first: if this wait is interrupted (a second Ctrl-C), the writer
+        still drains and exits by itself, and the interpreter's exit waits for it."""
+        if self._closed:
+            return []
+        self._closed = True
+        self.jobs.put(("close", publish))
+        out = []
+        while True:
+            try:
+                msg = self.results.get(timeout=1.0)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    self._died()
+                continue
+            if msg[0] == "closed":
+                break
+            out.append(self._check(msg))
+        self.proc.join()
+        return out
+
+    def _died(self):
+        # Nothing reads the queue any more: without this, the interpreter's exit would wait
+        # forever for its feeder thread to flush into a full pipe.
+        self.jobs.cancel_join_thread()
+        self._closed = True
+        raise WriterError(f"the storage writer process died (exit code {self.proc.exitcode}); the trials it held stay "
+                          "RUNNING until a later run fails and retries them after grace_period")
+
+    @staticmethod
+    def _check(msg: tuple) -> tuple:
+        if msg[0] == "error":
+            raise WriterError(msg[1])
+        return msg
+
+
+class _Claims:
+    """The writer's side of the budget: claims it gives back (the budget may be None in tests)."""
+
+    def __init__(self, budget, claims):
+        self.budget, self.claims = budget, claims
+
+    def give_back(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self.claims.get_lock():
+            self.claims.value -= n
+        if self.budget is not None:
+            self.budget.release(n)
+
+
+# ------------------------------------------------------------------------ the writer process
+
+def _main(cfg: StudyConfig, known: Known, jobs: mp.Queue, results: mp.Queue, parent: int, claims: _Claims) -> None:
+    for s in _SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    import torch
+
+    torch.set_num_threads(1)  # the trainer has the cores; this process draws one small image at most
+    sink: _Sink | None = None  # None once it has failed: later jobs are drained, not written
+    try:
+        sink = _Sink(cfg, known, results, claims)
+    except BaseException as e:
+        results.put(("error", _one_line(e)))
+    # This process never puts jobs: closing its copy of the pipe's sending end means a trainer
+    # killed in the middle of a put leaves an EOF here, not a read that waits forever.
+    jobs._writer.close()
+    close, orphaned, warmed = None, False, False
+    while True:
+        try:
+            item = jobs.get_nowait() if close else jobs.get(timeout=0.2)
+        except (EOFError, OSError):  # the trainer died mid-put: nothing more will come
+            if close:
+                break
+            close, orphaned = ("close", False), True
+            continue
+        except queue.Empty:
+            if close:
+                break
+            if os.getppid() != parent:  # the trainer died: store what is queued, then go
+                close, orphaned = ("close", False), True
+                continue
+            if not warmed:  # the first idle moment: imports a new best and the note will need
+                warmed = True
+                _warm_up()
+            item = None
+        if isinstance(item, tuple):
+            close = item
+        elif item is not None and sink is not None:
+            sink = _guarded(sink, results, sink.handle, item)
+        if sink is not None and not close:
+            sink = _guarded(sink, results, sink.periodic)
+    if sink is not None and orphaned:
+        sink = _guarded(sink, results, sink.fail_held)
+    if sink is not None and close[1]:
+        _guarded(sink, results, sink.publish)
+    if orphaned:  # nobody reads the results any more: a full pipe must not keep this process
+        results.cancel_join_thread()
+    else:
+        results.put(("closed",))
+        results.close()
+        results.join_thread()  # the message is in the pipe
+    # Everything is committed and closed; skip the interpreter's teardown of torch,
+    # SQLAlchemy and matplotlib (~0.8 s), which the trainer would otherwise wait for.
+    os._exit(0)
+
+
+def _guarded(sink: "_Sink", results: mp.Queue, fn, *args) -> "_Sink | None":
+    try:
+        fn(*args)
+        return sink
+    except BaseException as e:
+        results.put(("error", _one_line(e)))
+        return None
+
+
+def _warm_up() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (~0.4 s)
+    import optuna_dashboard  # noqa: F401  (~1 s)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"storage writer: {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class _Sink:
+    """The writer process's storage, artifact store and TensorBoard folder, and the trials it holds."""
+
+    def __init__(self, cfg: StudyConfig, known: Known, results: mp.Queue, claims: _Claims):
+        import optuna
+        from optuna.artifacts import FileSystemArtifactStore
+        from optuna.storages import JournalStorage
+
+        from ..opening import open_study_storage
+
+        self.cfg, self.results, self.claims = cfg, results, claims
+        self.storage = open_study_storage(cfg)
+        self.journal = isinstance(self.storage, JournalStorage)
+        try:
+            self.study_id = self.storage.get_study_id_from_name(cfg.study)
+        except KeyError:  # Optuna says only "Record does not exist."
+            raise LookupError(f"study {cfg.study!r} is not in {cfg.storage} (deleted while the run started?)") from None
+        self.study = optuna.load_study(study_name=cfg.study, storage=self.storage)
+        self.store = FileSystemArtifactStore(cfg.artifact_dir)
+        self.ids: dict[int, int] = {}  # engine key -> trial_id, while the trial runs
+        self.numbers: dict[int, int] = {}  # trial_id -> number, while it runs
+        self.own: set[int] = set()  # trial ids this engine started
+        self.held_ever = 0  # trials stored for the trainer: each used one of its budget claims
+        self.max_id = known.max_id  # highest trial id the mirror has seen
+        self.unfinished = dict(known.unfinished)  # others' RUNNING / WAITING trials, by id
+        self.synced: list[tuple[int, frozenset]] = []  # (sync seq, parameter set) of others' new trials
+        self.seq = 0
+        now = time.monotonic()
+        self.due = {"beat": now + cfg.heartbeat_interval, "sync": now + SYNC_S, "sweep": now + cfg.grace_period}
+
+    # ---------------------------------------------------------------- jobs
+
+    def handle(self, item) -> None:
+        if isinstance(item, list):
+            self.start(item)
+        elif isinstance(item, dict):
+            self.values(item)
+        else:
+            self.finish(item)
+
+    def start(self, starts: list[Start]) -> None:
+        from .bulk import add_trials, beat, param_set
+
+        from ..recovery import HEARTBEAT_ATTR
+
+        for s in starts:
+            if self.journal:  # the journal's heartbeat is a system attr, beaten from the start
+                s.trial.system_attrs[HEARTBEAT_ATTR] = time.time()
+        new = [s for s in starts if s.claim is None]
+        if new:
+            seen = min(s.seen for s in new)
+            avoid = {ps for seq, ps in self.synced if seq > seen}  # stored by others after the mirror looked
+            stored = add_trials(self.storage, self.study_id, [s.trial for s in new], heartbeat=True,
+                                after_id=self.max_id, avoid=avoid, own=self.own)
+            for s, got in zip(new, stored):
+                if got is None:
+                    self._lost(s.key, "another engine already trains the same parameter set")
+                    self.synced.append((self.seq, param_set(s.trial.params, s.trial.distributions)))
+                else:
+                    self._hold(s.key, *got)
+        for s in starts:
+            if s.claim is not None:
+                if self._claim(s):
+                    self._hold(s.key, s.claim, self.storage.get_trial_number_from_id(s.claim))
+                    beat(self.storage, [s.claim], HEARTBEAT_ATTR)
+                else:
+                    self._lost(s.key, "another engine took it first")
+
+    def _lost(self, key: int, why: str) -> None:
+        self.claims.give_back(1)
+        self.results.put(("lost", key, why))
+
+    def _hold(self, key: int, trial_id: int, number: int) -> None:
+        self.held_ever += 1
+        self.ids[key] = trial_id
+        self.numbers[trial_id] = number
+        self.own.add(trial_id)
+        self.results.put(("started", key, number))
+
+    def _claim(self, s: Start) -> bool:
+        """Take a WAITING trial as Optuna's ask() does: the state change is the atomic step."""
+        if not self.storage.set_trial_state_values(s.claim, TrialState.RUNNING):
+            return False
+        if not self.journal:  # its heartbeat row: Optuna's stale check skips trials without one
+            self.storage.record_heartbeat(s.claim)
+        stored = self.storage.get_trial(s.claim)
+        for name, value in s.trial.params.items():
+            if name not in stored.params:  # enqueue_trial stores fixed params, not params
+                dist = s.trial.distributions[name]
+                self.storage.set_trial_param(s.claim, name, dist.to_internal_repr(value), dist)
+        for k, v in s.trial.user_attrs.items():
+            self.storage.set_trial_user_attr(s.claim, k, v)
+        return True
+
+    def values(self, values: dict[int, dict[int, float]]) -> None:
+        from .bulk import append_values
+
+        append_values(self.storage, {self.ids[k]: v for k, v in values.items() if k in self.ids and v})
+
+    def finish(self, f: Finish) -> None:
+        from ..artifacts import upload_model
+        from ..tracking import TrialLogger
+        from .bulk import finish_trial
+
+        trial_id = self.ids.pop(f.key, None)
+        if trial_id is None:  # never stored (lost to another engine)
+            return
+        number = self.numbers.pop(trial_id)
+        attrs = dict(f.attrs)
+        if f.model is not None:
+            attrs["model_artifact"] = upload_model(self.store, self.storage.get_trial(trial_id), number, f.tcfg, f.model, self.storage)
+        if not finish_trial(self.storage, trial_id, state=f.state, value=f.value, values=f.values, user_attrs=attrs,
+                            system_attrs=f.system_attrs, completed=f.completed):
+            print(f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for {self.cfg.grace_period} s); "
+                  "its result is not stored", file=sys.stderr)
+            return
+        logger = TrialLogger(self.cfg.log_dir, self.cfg.study, number)
+        for log, walltime in f.epochs:
+            logger.log_epoch(log, walltime=walltime)
+        logger.close(dict(self.storage.get_trial(trial_id).params), f.metrics)
+        value = f.value if f.value is None or abs(f.value) != float("inf") else None
+        self.results.put(("written", number, f.state.name, value))
+
+    # ---------------------------------------------------------------- between jobs
+
+    def periodic(self) -> None:
+        from ..recovery import HEARTBEAT_ATTR, sweep_stale
+        from .bulk import beat
+
+        now = time.monotonic()
+        if now >= self.due["beat"]:
+            beat(self.storage, self.ids.values(), HEARTBEAT_ATTR)
+            self.due["beat"] = now + self.cfg.heartbeat_interval
+        if now >= self.due["sync"]:
+            self.sync()
+            self.due["sync"] = now + SYNC_S
+        if now >= self.due["sweep"]:
+            for n in sweep_stale(self.study, grace_period=self.cfg.grace_period, max_retries=self.cfg.max_retries):
+                print(f"sinstudy: trial #{n} had no heartbeat for {self.cfg.grace_period} s: marked FAIL"
+                      f"{' and queued for retry' if self.cfg.max_retries else ''}", file=sys.stderr)
+            self.due["sweep"] = now + max(self.cfg.heartbeat_interval, self.cfg.grace_period / 2)
+
+    def sync(self) -> None:
+        """Send the trainer the trials others stored or changed since the last look."""
+        from .bulk import param_set
+
+        if self.journal:
+            trials = [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False)
+                      if t._trial_id > self.max_id or t._trial_id in self.unfinished]
+        else:  # only the new rows and the unfinished ones: Optuna's own incremental read
+            trials = self.storage._get_trials(self.study_id, None, set(self.unfinished), self.max_id)
+        changed = []
+        for t in trials:
+            self.max_id = max(self.max_id, t._trial_id)
+            if t._trial_id in self.own or self.unfinished.get(t._trial_id) == t.state:
+                continue
+            if t._trial_id not in self.unfinished and t.params and t.state != TrialState.FAIL:
+                self.synced.append((self.seq + 1, param_set(t.params, t.distributions)))
+            if t.state in (TrialState.RUNNING, TrialState.WAITING):
+                self.unfinished[t._trial_id] = t.state
+            else:
+                self.unfinished.pop(t._trial_id, None)
+            changed.append(t)
+        if changed:
+            self.seq += 1
+            self.results.put(("sync", self.seq, changed))
+
+    def fail_held(self) -> None:
+        """The trainer died: fail the trials it was training and queue their retries, and give
+        back their budget (the retries run in their places) and that of trials never handed over."""
+        from ..recovery import fail_and_retry
+
+        failed = [n for n in self.numbers.values() if fail_and_retry(self.study, n, self.cfg.max_retries)]
+        self.claims.give_back(self.claims.claims.value - self.held_ever + len(failed))
+        if failed:
+            print(f"sinstudy: the training process died; trials {', '.join(f'#{n}' for n in sorted(failed))} "
+                  f"marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}", file=sys.stderr)
+
+    def publish(self) -> None:
+        from ..dashboard import publish
+
+        publish(self.study)

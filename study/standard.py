@@ -1,0 +1,124 @@
+"""The standard engine: Optuna's own `study.optimize`, one trial at a time per process.
+
+`Objective` is a plain Optuna objective: suggest -> train -> report/prune per epoch -> value.
+Each epoch's validation MSE is reported (so the dashboard and the pruner see the whole curve)
+and `TrialPruned` is raised when the pruner says so. A diverged trial (non-finite loss, e.g. the
+report's lr = 0.01 runs at depth) ends PRUNED with the reason in the user attr `pruned_reason`,
+never as a crash. It is the reference for the batched engine, and the engine for users who
+bring their own objective.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import JournalStorage
+
+from . import interrupt
+from .artifacts import model_state, upload_model
+from .config import StudyConfig
+from .data import SinData, make_data
+from .opening import make_pruner, make_sampler, open_study_storage
+from .recovery import JournalHeartbeat, sweep_stale
+from .space import grid_started, suggest
+from .tracking import TrialLogger
+from .train import EpochLog, train
+from .trial_attrs import result_attrs, start_attrs, trial_seed
+
+
+class Objective:
+    def __init__(self, cfg: StudyConfig, data: SinData, artifact_store: FileSystemArtifactStore | None):
+        self.cfg = cfg
+        self.data = data
+        self.artifact_store = artifact_store
+        # For the benchmark's bookkeeping share: time inside __call__, and the part of it spent
+        # on reporting, pruning decisions and TensorBoard (the rest of a run is ask/tell).
+        self.seconds_inside = 0.0
+        self.seconds_reporting = 0.0
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        start = time.perf_counter()
+        try:
+            return self._trial(trial)
+        finally:
+            self.seconds_inside += time.perf_counter() - start
+
+    def _trial(self, trial: optuna.Trial) -> float:
+        tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=trial_seed(self.cfg, trial.number))
+        for k, v in start_attrs("standard", tcfg.seed).items():
+            trial.set_user_attr(k, v)
+        logger = TrialLogger(self.cfg.log_dir, self.cfg.study, trial.number)
+        last = {"val_mse": float("inf"), "epoch": 0}
+
+        def on_epoch(log: EpochLog) -> None:
+            interrupt.check()  # Ctrl-C / SIGTERM: stop here, between epochs
+            t0 = time.perf_counter()
+            logger.log_epoch(log)
+            last.update(val_mse=log.val_mse, epoch=log.epoch)
+            trial.report(log.val_mse, log.epoch)
+            prune = trial.should_prune()
+            self.seconds_reporting += time.perf_counter() - t0
+            if prune:
+                trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {log.epoch}")
+                raise optuna.TrialPruned(f"pruned after epoch {log.epoch}")
+
+        hparams = dict(trial.params)
+        try:
+            result = train(tcfg, self.data, on_epoch=on_epoch)
+        except optuna.TrialPruned:
+            logger.close(hparams, {"val_mse": last["val_mse"]})
+            raise
+        except BaseException:  # interrupted or failed: keep the curve written so far
+            logger.writer.close()
+            raise
+        logger.close(hparams, {"val_mse": result.best_val_mse, "test_mse": result.test_mse})
+
+        for k, v in result_attrs(result, tcfg).items():
+            trial.set_user_attr(k, v)
+        if result.diverged:
+            trial.set_user_attr("pruned_reason", result.diverged)
+            raise optuna.TrialPruned(result.diverged)
+        if self.artifact_store is not None and self._is_new_best(trial, result.best_val_mse):
+            artifact_id = upload_model(self.artifact_store, trial, trial.number, tcfg, model_state(result.model))
+            trial.set_user_attr("model_artifact", artifact_id)
+        return result.best_val_mse
+
+    @staticmethod
+    def _is_new_best(trial: optuna.Trial, value: float) -> bool:
+        try:
+            return value < trial.study.best_value
+        except ValueError:  # no completed trial yet
+            return True
+
+
+def run_trials(cfg: StudyConfig, budget, *, seed: int, device: str, on_start: Callable[[int], None] = lambda n: None,
+               callbacks: list[Callable] = (), storage: optuna.storages.BaseStorage | None = None) -> Objective:
+    """Claim, run one trial, repeat, until the budget or the grid is spent or a signal arrives.
+    `on_start(number)` is told each trial's number as it starts (-1 when it ends); `storage`:
+    the caller's, when it runs in the caller's process, else opened here."""
+    storage = storage or open_study_storage(cfg)
+    study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=make_pruner(cfg))
+    # A resumed study must not replay the points its first run proposed from the same seed.
+    study.sampler = make_sampler(cfg, seed=seed + len(study.get_trials(deepcopy=False)))
+    objective = Objective(cfg, make_data(cfg.data, device), FileSystemArtifactStore(cfg.artifact_dir))
+    journal = isinstance(storage, JournalStorage)
+
+    def run_one(trial: optuna.Trial) -> float:
+        on_start(trial.number)
+        if journal:
+            with JournalHeartbeat(study, trial, cfg.heartbeat_interval):
+                return objective(trial)
+        return objective(trial)
+
+    def grid_done() -> bool:
+        return cfg.sampler == "grid" and grid_started(study, cfg.space)
+
+    while not interrupt.requested() and not grid_done() and budget.claim():
+        if journal:  # RDB storages: study.optimize runs Optuna's own stale-trial sweep
+            sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
+        study.optimize(run_one, n_trials=1, callbacks=list(callbacks))
+        on_start(-1)
+    return objective

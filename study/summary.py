@@ -1,0 +1,120 @@
+"""What a run shows: the progress bar while it runs and the summary at its end (one rendering)."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .analysis import Counts, params_text
+from .config import StudyConfig
+
+REPORT_BEST_TEST_MSE = 1.418e-03  # the course report's best test MSE (its "deep" network)
+
+
+@dataclass
+class Summary:
+    study: str
+    storage: str
+    device: str
+    this_run: Counts
+    total: Counts
+    wall_seconds: float
+    log_dir: str
+    artifact_dir: str
+    best: FrozenTrial | None = None
+    signum: int = 0  # the signal that interrupted the run, or 0
+    bookkeeping_seconds: float | None = None  # sampler, pruner, storage, TensorBoard (one process)
+
+
+class Progress:
+    """tqdm bar over this run's finished trials with the best value so far (stderr)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="trial", disable=not enabled, dynamic_ncols=True)
+        self.best: tuple[float, int] | None = None  # (value, number)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna callback (the standard engine in this process): one more trial finished."""
+        self.bar.update(1)
+        if trial.state == TrialState.COMPLETE:
+            self.finished(trial.number, trial.value)
+
+    def written(self, number: int, state: TrialState, value: float | None) -> None:
+        """The batched engine's writer stored one more finished trial."""
+        self.bar.update(1)
+        if state == TrialState.COMPLETE:
+            self.finished(number, value)
+
+    def finished(self, number: int, value: float | None) -> None:
+        if value is not None and (self.best is None or value < self.best[0]):
+            self.best = (value, number)
+        if self.best is not None:
+            self.bar.set_postfix_str(f"best val MSE {self.best[0]:.3g} (trial {self.best[1]})")
+
+    def to(self, n: int, study: optuna.Study) -> None:
+        """Move to n finished trials (the parent of several workers polls the storage)."""
+        if n != self.bar.n:
+            self.bar.update(n - self.bar.n)
+            try:
+                self.finished(study.best_trial.number, study.best_value)
+            except ValueError:  # no complete trial yet
+                pass
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[int], workers: set[str], wall: float,
+              signum: int = 0) -> Summary:
+    """`since`: the trial numbers stored before the run; `workers`: its processes (the `worker`
+    attr), which tells its trials from those other runs add to the study at the same time."""
+    trials = study.get_trials(deepcopy=False)
+    best = study.best_trial if any(t.state == TrialState.COMPLETE for t in trials) else None
+    ours = [t for t in trials if t.number not in since and t.user_attrs.get("worker") in workers]
+    return Summary(
+        study=study.study_name, storage=cfg.storage, device=device,
+        this_run=Counts.of(ours), total=Counts.of(trials),
+        wall_seconds=wall, log_dir=str(Path(cfg.log_dir) / study.study_name),
+        artifact_dir=cfg.artifact_dir, best=best, signum=int(signum),
+    )
+
+
+def describe_trial(t: FrozenTrial) -> list[str]:
+    """Lines that describe a finished trial: params, value, test MSE and the key attrs."""
+    ua = t.user_attrs
+    lines = [
+        f"best trial     #{t.number}: {params_text(t.params)}",
+        f"val MSE        {t.value:.3e}  (best epoch {ua.get('best_epoch', '?')} of {ua.get('epochs', '?')})",
+        f"test MSE       {ua.get('test_mse', float('nan')):.3e}  (report's best: {REPORT_BEST_TEST_MSE:.3e})",
+        f"parameters     {ua.get('n_params', '?')}, trained in {ua.get('seconds', float('nan')):.1f} s on {ua.get('device', '?')}",
+    ]
+    if "model_artifact" in ua:
+        lines.append(f"model artifact {ua['model_artifact']}")
+    return lines
+
+
+def format_summary(s: Summary) -> str:
+    r, tot = s.this_run, s.total
+    lines = [
+        f"study          {s.study}  ({'interrupted by ' + signal.Signals(s.signum).name + ', ' if s.signum else ''}{s.wall_seconds:.1f} s on {s.device})",
+        f"this run       {r.complete} complete, {r.pruned} pruned, {r.failed} failed",
+        f"whole study    {tot.complete} complete, {tot.pruned} pruned, {tot.failed} failed",
+    ]
+    lines += describe_trial(s.best) if s.best else ["best trial     none complete yet"]
+    lines += [
+        f"storage        {s.storage}",
+        f"tensorboard    tensorboard --logdir {s.log_dir}",
+        f"dashboard      optuna-dashboard {dashboard_target(s.storage)} --artifact-dir {s.artifact_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def dashboard_target(url: str) -> str:
+    """optuna-dashboard takes RDB URLs as they are and a journal file by its path."""
+    return url[len("journal:///"):] if url.startswith("journal:///") else url
