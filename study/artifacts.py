@@ -16,6 +16,7 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_
 from optuna.trial import FrozenTrial
 from torch import nn
 
+from . import analysis
 from .config import ConfigError, TrainConfig
 from .model import build_mlp
 
@@ -45,7 +46,7 @@ def upload_model(store: FileSystemArtifactStore, trial: optuna.Trial | FrozenTri
                  state: State, storage: optuna.storages.BaseStorage | None = None) -> str:
     """A new best's weights and its fit image as artifacts of its (still running) trial: Optuna
     takes no artifacts on finished trials. Returns the weights' artifact id."""
-    from . import analysis, plots  # drawing: only for a new best
+    from . import plots  # plotly and matplotlib: loaded only when a new best is drawn
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_FILE
@@ -56,6 +57,17 @@ def upload_model(store: FileSystemArtifactStore, trial: optuna.Trial | FrozenTri
         plots.fit_png(analysis.fit(build_model(tcfg, state)), image, title=f"trial #{number} vs sin(x)")
         upload_artifact(artifact_store=store, file_path=str(image), study_or_trial=trial, storage=storage, mimetype="image/png")
     return artifact_id
+
+
+def best_fit(study: optuna.Study, artifact_dir: str | Path):
+    """(analysis.Fit of the best trial's stored network, its trial), or (None, None) when no
+    complete trial has stored weights."""
+    top = analysis.top_trials(study, 1)
+    if not top or "model_artifact" not in top[0].user_attrs:
+        return None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = load_model(top[0], artifact_dir, tmp)
+    return analysis.fit(model), top[0]
 
 
 def load_model(trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path) -> tuple[nn.Module, TrainConfig]:

@@ -1,4 +1,7 @@
-"""Thin command line: parse, call the library, print, exit. 0 ok, 2 bad input, 1 other failure."""
+"""Thin command line: parse, call the library, print, exit. 0 ok, 2 bad input, 1 other failure.
+
+Each command imports what it needs inside its function: `--help` and a bad flag then answer
+at once instead of after loading torch and Optuna (seconds)."""
 
 from __future__ import annotations
 
@@ -113,12 +116,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import plots, results
+    from .artifacts import best_fit
 
     name = args.study or DEFAULTS.study
     study = results.load_existing(name, args.storage or DEFAULTS.storage)
     evaluators = ("ped-anova", "fanova") if args.evaluator == "both" else (args.evaluator,)
     out = Path(args.out or f"storage/plots/{name}")
-    files, notes = plots.plot_study(study, out, artifact_dir=args.artifact_dir, evaluators=evaluators, png=not args.no_png)
+    files, notes = plots.plot_study(study, out, best_fit=best_fit(study, args.artifact_dir), evaluators=evaluators,
+                                    png=not args.no_png)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {len(files)} files to {out}/:")

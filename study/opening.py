@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import torch
 
+from . import __version__
 from . import storage as storage_mod
 from .config import ConfigError, StudyConfig, to_dict
 from .space import grid
@@ -121,8 +122,6 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
 
 def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study, or load it (after check_study), recording the config on creation."""
-    from . import __version__
-
     study = optuna.create_study(
         study_name=cfg.study, storage=storage, direction="minimize",
         sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True,

@@ -6,6 +6,7 @@ against sin(x) is drawn here, from `analysis.Fit`. MSE axes are logarithmic: val
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -13,10 +14,12 @@ from pathlib import Path
 import optuna
 import optuna.visualization as vis
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from . import analysis
 from .analysis import Fit
+from .config import ConfigError
 
 LOG_Y = {"history", "intermediate_values", "slice"}
 
@@ -101,8 +104,6 @@ def study_figures(study: optuna.Study, *, evaluators: tuple[str, ...] = analysis
 
 def write(figs: dict[str, go.Figure], out_dir: Path, *, png: bool) -> list[Path]:
     """HTML always (plotly.js once, beside them: offline and small); PNG too when asked."""
-    import plotly.io as pio
-
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in figs.items():
@@ -116,21 +117,16 @@ def write(figs: dict[str, go.Figure], out_dir: Path, *, png: bool) -> list[Path]
     return written
 
 
-def plot_study(study: optuna.Study, out_dir: Path, *, artifact_dir: str, evaluators: tuple[str, ...], png: bool) -> tuple[list[Path], list[str]]:
-    """`sinstudy plot`: every figure, plus the best fit from its stored weights. (files, notes)"""
-    import tempfile
-
-    from .artifacts import load_model
-    from .config import ConfigError
-
+def plot_study(study: optuna.Study, out_dir: Path, *, best_fit: tuple[Fit | None, object], evaluators: tuple[str, ...],
+               png: bool) -> tuple[list[Path], list[str]]:
+    """`sinstudy plot`: every figure, plus `best_fit` = (the best network's fit, its trial) from
+    its stored weights (artifacts.best_fit). Returns (files, notes)."""
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
         raise ConfigError(f"study {study.study_name!r} has no finished trial to plot; run `sinstudy run` first")
     figs, notes = study_figures(study, evaluators=evaluators)
-    top = analysis.top_trials(study, 1)
-    if top and "model_artifact" in top[0].user_attrs:
-        with tempfile.TemporaryDirectory() as tmp:
-            model, _ = load_model(top[0], artifact_dir, tmp)
-        figs["fit"] = fit_figure(analysis.fit(model), title=f"best trial #{top[0].number} vs sin(x)")
+    fit, trial = best_fit
+    if fit is not None:
+        figs["fit"] = fit_figure(fit, title=f"best trial #{trial.number} vs sin(x)")
     else:
         notes.append("best fit skipped: no complete trial with stored weights")
     if png:
@@ -143,8 +139,6 @@ def plot_study(study: optuna.Study, out_dir: Path, *, artifact_dir: str, evaluat
 
 def png_available() -> str | None:
     """None when PNG export works here; else one line saying what is missing."""
-    import shutil
-
     try:
         import kaleido  # noqa: F401
     except ImportError:

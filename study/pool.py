@@ -28,7 +28,9 @@ from optuna.trial import TrialState
 
 from . import interrupt
 from .config import StudyConfig
+from .batched.engine import run_batched
 from .recovery import fail_and_retry
+from .standard import run_trials
 
 _CTX = mp.get_context("spawn")  # fork after torch/SQLAlchemy have threads is unsafe
 # Our queues' and counters' semaphores are registered with multiprocessing's resource tracker,
@@ -77,11 +79,7 @@ def run_engine(cfg: StudyConfig, budget: Budget, *, seed: int, device: str, curr
     """Run this process's engine until the budget is spent. Returns its bookkeeping seconds
     (None where the engine does not measure them)."""
     if cfg.engine == "batched":
-        from .batched.engine import run_batched  # torch-heavy: only in processes that train
-
         return run_batched(cfg, budget, seed=seed, device=torch.device(device), on_trial=on_trial, storage=storage)
-    from .standard import run_trials
-
     def on_start(number: int) -> None:
         if current is not None:
             current[index] = number

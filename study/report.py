@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import html
 import json
-import tempfile
 from datetime import datetime
 
 import optuna
 import plotly.graph_objects as go
 
 from . import analysis, plots
-from .artifacts import load_model
+from .artifacts import best_fit
+from .config import ConfigError
 from .summary import REPORT_BEST_TEST_MSE
 
 KEY_PLOTS = ("history", "importance_ped_anova", "importance_fanova", "parallel_coordinate", "intermediate_values", "contour_lr_depth")
@@ -36,8 +36,6 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
     c = analysis.Counts.of(study.get_trials(deepcopy=False))
     top = analysis.top_trials(study, 10)
     if not top:
-        from .config import ConfigError
-
         raise ConfigError(f"study {study.study_name!r} has no complete trial yet; run more trials")
     best = top[0]
     cfg = json.loads(study.user_attrs.get("config", "{}"))
@@ -73,10 +71,9 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
     ]
     figs, _ = plots.study_figures(study)
     chosen: list[go.Figure] = [figs[k] for k in KEY_PLOTS if k in figs]
-    if "model_artifact" in best.user_attrs:
-        with tempfile.TemporaryDirectory() as tmp:
-            model, _ = load_model(best, artifact_dir, tmp)
-        chosen.insert(0, plots.fit_figure(analysis.fit(model), title=f"best trial #{best.number} vs sin(x)"))
+    fit, trial = best_fit(study, artifact_dir)
+    if fit is not None:
+        chosen.insert(0, plots.fit_figure(fit, title=f"best trial #{trial.number} vs sin(x)"))
     for i, fig in enumerate(chosen):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
     return f"<!DOCTYPE html><html><head><meta charset=utf-8><title>sinstudy: {html.escape(study.study_name)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from . import interrupt, recovery
 from . import storage as storage_mod
 from .config import StudyConfig
+from .dashboard import publish
 from .opening import check_devices, check_study, open_study, open_study_storage, resolve_device, storage_advice
 from .pool import Budget, Pool, finished_since, run_engine, worker_devices
 from .summary import Progress, Summary, summarize
@@ -66,8 +67,6 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
     finally:
         bar.close()
     if not signum and cfg.engine == "standard":  # the batched engine's writer has done it
-        from .dashboard import publish
-
         publish(study)
     summary = summarize(study, cfg, device=_where(placements), since=before, workers=workers, wall=time.perf_counter() - start, signum=signum)
     summary.bookkeeping_seconds = book

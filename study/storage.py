@@ -28,6 +28,8 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
+from .recovery import retry_callback
+
 SQLITE_BUSY_TIMEOUT_S = 60  # wait for a lock instead of failing with "database is locked"
 PG_CONNECT_TIMEOUT_S = 5
 JOURNAL_LOCK_GRACE_S = 10  # a journal lock older than this is broken (its holder died mid-append)  # an unreachable server is reported after this, not a hang
@@ -197,8 +199,6 @@ def open_storage(parsed: StorageURL, heartbeat: Heartbeat | None = None) -> optu
         kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
     hb = {}
     if heartbeat is not None:
-        from .recovery import retry_callback
-
         hb = dict(
             heartbeat_interval=heartbeat.interval, grace_period=heartbeat.grace_period,
             heartbeat_stale_trial_callback=retry_callback(heartbeat.max_retries),

@@ -40,11 +40,19 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ..artifacts import State
+from ..artifacts import State, upload_model
 from ..config import StudyConfig, TrainConfig
+from ..dashboard import publish
+from ..opening import open_study_storage
+from ..recovery import HEARTBEAT_ATTR, fail_and_retry, sweep_stale
+from ..tracking import TrialLogger
 from ..train import EpochLog
+from .bulk import add_trials, append_values, beat, finish_trial, param_set
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
 SYNC_S = 2.0  # how often other engines' trials are read from storage for the mirror
@@ -263,12 +271,6 @@ class _Sink:
     """The writer process's storage, artifact store and TensorBoard folder, and the trials it holds."""
 
     def __init__(self, cfg: StudyConfig, known: Known, results: mp.Queue, claims: _Claims):
-        import optuna
-        from optuna.artifacts import FileSystemArtifactStore
-        from optuna.storages import JournalStorage
-
-        from ..opening import open_study_storage
-
         self.cfg, self.results, self.claims = cfg, results, claims
         self.storage = open_study_storage(cfg)
         self.journal = isinstance(self.storage, JournalStorage)
@@ -300,10 +302,6 @@ class _Sink:
             self.finish(item)
 
     def start(self, starts: list[Start]) -> None:
-        from .bulk import add_trials, beat, param_set
-
-        from ..recovery import HEARTBEAT_ATTR
-
         for s in starts:
             if self.journal:  # the journal's heartbeat is a system attr, beaten from the start
                 s.trial.system_attrs[HEARTBEAT_ATTR] = time.time()
@@ -354,15 +352,9 @@ class _Sink:
         return True
 
     def values(self, values: dict[int, dict[int, float]]) -> None:
-        from .bulk import append_values
-
         append_values(self.storage, {self.ids[k]: v for k, v in values.items() if k in self.ids and v})
 
     def finish(self, f: Finish) -> None:
-        from ..artifacts import upload_model
-        from ..tracking import TrialLogger
-        from .bulk import finish_trial
-
         trial_id = self.ids.pop(f.key, None)
         if trial_id is None:  # never stored (lost to another engine)
             return
@@ -385,9 +377,6 @@ class _Sink:
     # ---------------------------------------------------------------- between jobs
 
     def periodic(self) -> None:
-        from ..recovery import HEARTBEAT_ATTR, sweep_stale
-        from .bulk import beat
-
         now = time.monotonic()
         if now >= self.due["beat"]:
             beat(self.storage, self.ids.values(), HEARTBEAT_ATTR)
@@ -403,8 +392,6 @@ class _Sink:
 
     def sync(self) -> None:
         """Send the trainer the trials others stored or changed since the last look."""
-        from .bulk import param_set
-
         if self.journal:
             trials = [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False)
                       if t._trial_id > self.max_id or t._trial_id in self.unfinished]
@@ -429,8 +416,6 @@ class _Sink:
     def fail_held(self) -> None:
         """The trainer died: fail the trials it was training and queue their retries, and give
         back their budget (the retries run in their places) and that of trials never handed over."""
-        from ..recovery import fail_and_retry
-
         failed = [n for n in self.numbers.values() if fail_and_retry(self.study, n, self.cfg.max_retries)]
         self.claims.give_back(self.claims.claims.value - self.held_ever + len(failed))
         if failed:
@@ -438,6 +423,4 @@ class _Sink:
                   f"marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}", file=sys.stderr)
 
     def publish(self) -> None:
-        from ..dashboard import publish
-
         publish(self.study)

@@ -1,0 +1,53 @@
+"""The package's house rules: dependencies point down, never in a circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+STUDY = Path(__file__).resolve().parents[1] / "study"
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the study modules it imports (module level and inside functions)."""
+    mods = {}
+    for p in STUDY.rglob("*.py"):
+        name = ".".join(p.relative_to(STUDY.parent).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        package = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    name = f"{target}.{alias.name}"
+                    graph[m].add(name if name in mods else target)
+    # `from . import __version__` reads the package's version, not a module
+    return {m: {d for d in ds if d in mods and d != m and d != "study"} for m, ds in graph.items()}
+
+
+def test_study_modules_import_each_other_without_a_cycle():
+    graph, cycles, done = _imports(), [], set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycles.append(path[path.index(node):] + [node])
+            return
+        if node in done:
+            return
+        for dep in sorted(graph[node]):
+            visit(dep, path + [node])
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert not cycles, cycles
+
+
+def test_each_engine_has_a_module_named_for_it():
+    graph = _imports()
+    assert {"study.standard", "study.batched.engine", "study.batched.stack", "study.opening", "study.summary",
+            "study.artifacts"} <= set(graph)
+    assert [m for m, deps in graph.items() if "study.runner" in deps] == ["study.cli"]  # the top: nothing else runs a run
