@@ -1,18 +1,19 @@
 """Standard engine vs batched engine on the same study budget, in one run.
 
     python scripts/bench.py [--n-trials 128] [--max-epochs 100] [--space small|default] [--device cpu|cuda]
-                            [--slots K] [--storage sqlite|journal] [--raw K]
+                            [--slots K] [--storage sqlite|journal] [--raw K] [--engines standard,batched]
 
-Both engines get the same search space (the default), seed, trial count, epochs, pruner and
-storage (a fresh SQLite file each, or --storage journal). Printed per engine: model-steps/s (one minibatch of one
-model), trials/min, the share of wall time spent on bookkeeping (sampler, pruner, storage,
-TensorBoard) and the best validation MSE. The last line is `speedup <X>x`: trials/min, batched
-over standard.
-
-First, unless --raw 0, the raw engine: K models drawn at random from the space (RandomSampler
-through space.suggest: mixed depth, width, activation, lr), stacked as the engine stacks them,
-trained for a few epochs with no Optuna in the timed loop, against train.py training such models
-one at a time: model-steps/s of each.
+Printed, in order:
+  - unless --raw 0, the raw engine: K models drawn at random from the space (RandomSampler
+    through space.suggest: mixed depth, width, activation, lr), stacked as the engine stacks
+    them, trained for a few epochs with no Optuna in the timed loop, against train.py training
+    such models one at a time: model-steps/s of each (a model-step: one minibatch of one model);
+  - what the batched engine's writer pays per storage write (start, flush, heartbeat, end);
+  - both engines on the same budget: the same search space, seed, trial count, epochs, pruner
+    and storage (a fresh file each): model-steps/s, trials/min, the share of wall time spent on
+    bookkeeping (sampler, pruner, storage, TensorBoard; for the batched engine, in its training
+    process) and the best validation MSE. The last line is `speedup <X>x`: trials/min, batched
+    over standard.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import optuna
 from study import config, results, runner
 
 
-# The DESIGN's anchor region (width <= 64): trials cost overhead, not arithmetic, which is
-# what batching removes. The full default space (width up to 256, depth up to 6) is
+# Small models (width <= 64): trials cost overhead, not arithmetic, which is what batching
+# removes. The full default space (width up to 256, depth up to 6) is
 # arithmetic-bound on a 2-core CPU; run it with --space default.
 SPACES = {
     "small": {"depth": [1, 4], "width": [8, 64], "lr": [1e-4, 3e-2]},
@@ -108,6 +109,58 @@ def raw(args: argparse.Namespace) -> str:
             f"train.py one at a time: {single:,.0f} model-steps/s; {batched / single:,.0f}x")
 
 
+def writes(args: argparse.Namespace, folder: Path) -> str:
+    """What the batched engine's writer pays per storage write, on a fresh study: creating one
+    trial at its start, one flush of `--raw` running trials' new values (one epoch each), one
+    heartbeat of them all, and finishing a trial of `--max-epochs` epochs (median of 20 each)."""
+    import statistics
+    from datetime import datetime
+
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    from study import storage as storage_mod
+    from study.batched import bulk
+    from study.recovery import HEARTBEAT_ATTR
+
+    url = STORAGES[args.storage].format(folder=folder, engine="writes")
+    st = storage_mod.open_storage(storage_mod.parse(url))
+    study_id = optuna.create_study(storage=st, study_name="writes")._study_id
+    dists = {"depth": IntDistribution(1, 6), "width": IntDistribution(8, 256, log=True),
+             "lr": FloatDistribution(1e-4, 3e-2, log=True), "activation": CategoricalDistribution(["relu", "tanh"])}
+
+    def template() -> FrozenTrial:
+        return FrozenTrial(number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+                           datetime_complete=None, params={"depth": 3, "width": 64, "lr": 1e-3, "activation": "tanh"},
+                           distributions=dists, user_attrs={"engine": "batched", "seed": 0, "worker": "bench"},
+                           system_attrs={}, intermediate_values={}, trial_id=0)
+
+    def ms(fn) -> float:
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    k = max(args.raw, 1)
+    ids = [tid for tid, _ in bulk.add_trials(st, study_id, [template() for _ in range(k)], heartbeat=True)]
+    step = iter(range(1, 10**6))
+    start = ms(lambda: bulk.add_trials(st, study_id, [template()], heartbeat=True))
+    flush = ms(lambda: bulk.append_values(st, {tid: {s: 0.5} for tid, s in zip(ids, [next(step)] * k)}))
+    beat = ms(lambda: bulk.beat(st, ids, HEARTBEAT_ATTR))
+    values = {e: 1.0 / e for e in range(1, args.max_epochs + 1)}
+
+    def finish() -> None:
+        (tid, _), = bulk.add_trials(st, study_id, [template()], heartbeat=True)
+        bulk.finish_trial(st, tid, state=TrialState.COMPLETE, value=1e-6, values=values,
+                          user_attrs={"test_mse": 1e-6, "epochs": args.max_epochs}, system_attrs={}, completed=datetime.now())
+
+    end = ms(finish) - start
+    return (f"writer, {args.storage}: trial start {start:.1f} ms, flush of {k} trials' values {flush:.1f} ms, "
+            f"heartbeat of {k} trials {beat:.1f} ms, trial end with {args.max_epochs} values {end:.1f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-trials", type=int, default=128)
@@ -123,9 +176,11 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     raw_line = raw(args) if args.raw else None
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [one(e, args, Path(tmp)) for e in args.engines.split(",")]
+        writes_line = writes(args, Path(tmp))
+        rows = [one(e, args, Path(tmp)) for e in args.engines.split(",") if e]
     if raw_line:
         print(raw_line)
+    print(writes_line)
     space = ", ".join(f"{k} {v}" for k, v in SPACES[args.space].items()) or "the default space"
     print(f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, TPE + Hyperband, {args.storage}")
     print("| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best val MSE |")

@@ -315,6 +315,7 @@ def test_bench_script_runs_both_engines_and_ends_with_the_speedup(tmp_path, stor
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("raw engine, 4 mixed models in ")
+    assert lines[1].startswith(f"writer, {storage}: trial start ")
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| standard") or line.startswith("| batched")}
     assert set(rows) == {"standard", "batched"}
     for line in rows.values():
