@@ -42,26 +42,43 @@ if _QUIET_TRACKER not in sys.warnoptions:
 
 
 class Budget:
-    """Trials this run may still start, shared by the local workers (exact across them)."""
+    """Trials this run may still start, shared by the local workers (exact across them).
+
+    A claim given back for a crashed trial whose retry was queued is `reserved` for a queued
+    trial: a worker about to start a new trial cannot take it before the retry is seen."""
 
     def __init__(self, n_trials: int, timeout: float | None):
         self.n_trials = n_trials
         self.deadline = None if timeout is None else time.time() + timeout
         self._claimed = _CTX.Value("i", 0)
+        self._reserved = _CTX.Value("i", 0)
         self._stopped = _CTX.Value("b", 0)
 
-    def claim(self) -> bool:
+    def claim(self, *, queued: bool = False) -> bool:
+        """One trial may start; `queued`: it is a queued trial (a retry, an enqueued trial)."""
         with self._claimed.get_lock():
-            if self._stopped.value or self._claimed.value >= self.n_trials:
+            if self._stopped.value:
+                return False
+            if queued and self._reserved.value > 0:
+                self._reserved.value -= 1
+                self._claimed.value += 1
+                return True
+            if self._claimed.value + self._reserved.value >= self.n_trials:
                 return False
             if self.deadline is not None and time.time() >= self.deadline:
                 return False
             self._claimed.value += 1
             return True
 
-    def release(self, n: int = 1) -> None:
+    def release(self, n: int = 1, *, for_queued: bool = False) -> None:
+        """Give back n claims; `for_queued`: their trials' retries are queued, keep the claims for them."""
         with self._claimed.get_lock():
             self._claimed.value -= n
+            if for_queued:
+                self._reserved.value += n
+
+    def reserved(self) -> int:
+        return self._reserved.value
 
     def stop(self) -> None:
         self._stopped.value = 1
@@ -78,11 +95,13 @@ def run_engine(cfg: StudyConfig, budget: Budget, *, seed: int, device: str, curr
                index: int = 0, on_trial: Callable | None = None, storage=None) -> float | None:
     """Run this process's engine until the budget is spent. Returns its bookkeeping seconds
     (None where the engine does not measure them)."""
-    if cfg.engine == "batched":
-        return run_batched(cfg, budget, seed=seed, device=torch.device(device), on_trial=on_trial, storage=storage)
-    def on_start(number: int) -> None:
+    def on_start(number: int) -> None:  # standard: the running trial; batched: its writer's pid
         if current is not None:
             current[index] = number
+
+    if cfg.engine == "batched":
+        return run_batched(cfg, budget, seed=seed, device=torch.device(device), on_trial=on_trial, storage=storage,
+                           on_writer=on_start)
 
     start = time.perf_counter()
     objective = run_trials(cfg, budget, seed=seed, device=device, on_start=on_start,
@@ -190,16 +209,21 @@ class Pool:
         return self.signum
 
     def _on_exit(self, i: int, code: int) -> str | None:
-        trial = self.current[i]
+        held = self.current[i]
         if code == 0 or self.signum:
             return None
-        if code < 0:  # killed by a signal we did not send: fail its trial, retry, replace it
+        if code < 0:  # killed by a signal we did not send: fail its trials, retry them, replace it
             self.current[i] = -1
-            what = "its trials are failed and retried by its writer"
-            if trial >= 0 and fail_and_retry(self.study, trial, self.cfg.max_retries):
+            name = signal.Signals(-code).name
+            if self.cfg.engine == "batched":
+                # Its writer stores what it was handed, fails and requeues the rest and gives
+                # their budget back: the replacement starts once that is done, so it finds them.
+                self.say(f"worker {i} was killed ({name}); its writer fails and requeues its trials; starting a replacement")
+                _wait_gone(held, timeout=self.cfg.grace_period + 30)
+            elif held >= 0 and fail_and_retry(self.study, held, self.cfg.max_retries):
                 self.budget.release()
-                what = f"trial #{trial} marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}"
-            self.say(f"worker {i} was killed ({signal.Signals(-code).name}); {what}; starting a replacement")
+                self.say(f"worker {i} was killed ({name}); trial #{held} marked FAIL"
+                         f"{' and queued for retry' if self.cfg.max_retries else ''}; starting a replacement")
             self._start(i)
             return None
         self.budget.stop()
@@ -209,10 +233,25 @@ class Pool:
 
     def _fail_orphans(self) -> None:
         """After an interrupt, a trial whose worker died without telling Optuna is marked FAIL."""
+        if self.cfg.engine == "batched":  # their writers do it
+            return
         for i, trial in enumerate(self.current):
             if trial >= 0:
                 fail_and_retry(self.study, trial, max_retries=0)
                 self.current[i] = -1
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Until process `pid` has exited (a zombie counts as gone: nobody may reap it)."""
+    deadline = time.time() + timeout
+    while pid > 0 and time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.1)
 
 
 def finished_since(study: optuna.Study, before: set[int]) -> int:

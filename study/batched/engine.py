@@ -34,7 +34,7 @@ from ..train import EpochLog, TrainResult, lr_at, mse
 from ..trial_attrs import result_attrs, start_attrs, trial_seed
 from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
-from .writer import Finish, Start, Writer
+from .writer import SYNC_S, Finish, Start, Writer
 
 DEFAULT_SLOTS = {"cpu": 32, "cuda": 1024}
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
@@ -66,7 +66,8 @@ def _key(slot: Slot) -> tuple[str, int, int]:
 
 def run_batched(cfg: StudyConfig, budget, *, seed: int, device: torch.device,
                 on_trial: Callable[[int, TrialState, float | None], None] | None = None,
-                storage: optuna.storages.BaseStorage | None = None) -> float:
+                storage: optuna.storages.BaseStorage | None = None,
+                on_writer: Callable[[int], None] = lambda pid: None) -> float:
     """One batched engine on this process's device until the budget is spent. Returns its
     bookkeeping seconds. The caller handles signals (interrupt.handle_signals)."""
     storage = storage or open_study_storage(cfg)
@@ -74,7 +75,7 @@ def run_batched(cfg: StudyConfig, budget, *, seed: int, device: torch.device,
     slots = cfg.slots or DEFAULT_SLOTS[device.type]
     engine = BatchedEngine(cfg, study.get_trials(deepcopy=False), device, slots=slots, seed=seed,
                            on_trial=on_trial or (lambda number, state, value: None))
-    engine.run(budget)
+    engine.run(budget, on_writer=on_writer)
     return engine.stats.book_seconds
 
 
@@ -92,14 +93,16 @@ class BatchedEngine:
         self.best_value = min((t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf)
         self.last_flush = time.monotonic()
         self.pending: set[int] = set()  # trials handed to the writer, not yet confirmed stored
+        self.retry_wait: float | None = None  # until when the loop waits for a queued retry
 
     # ---------------------------------------------------------------- the loop
 
-    def run(self, budget) -> int:
+    def run(self, budget, on_writer: Callable[[int], None] = lambda pid: None) -> int:
         """Train until the budget is spent. Returns the interrupting signal, or 0. Returns only
         when every finished trial is stored; unless interrupted, the writer then updates the
         study note the dashboard shows."""
         self.writer = Writer(self.cfg, self.mirror.known, budget)
+        on_writer(self.writer.proc.pid)
         clean = False
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and threads > 1:
@@ -111,10 +114,11 @@ class BatchedEngine:
                 self._messages(self.writer.poll())
                 self._fill(budget)
                 if not self.stacks:
-                    if not self.pending or interrupt.requested():
+                    if interrupt.requested() or not (self.pending or self._awaiting_retry(budget)):
                         break
-                    # The budget looks spent, but the writer has not confirmed every start yet:
-                    # one it could not store gives its claim back and is replaced.
+                    # The budget looks spent, but the writer has not confirmed every start yet
+                    # (one it could not store gives its claim back), or a crashed worker's retry
+                    # has a claim reserved and the mirror has not seen it yet: wait for them.
                     time.sleep(0.05)
                     continue
                 # sorted: the same order in every process (str hashing is salted per process),
@@ -152,6 +156,15 @@ class BatchedEngine:
         if lost:
             self._drop(set(lost))
 
+    def _awaiting_retry(self, budget) -> bool:
+        """A claim is reserved for a queued retry: worth a few syncs' wait, not forever (another
+        run on the study may take the retry)."""
+        if not budget.reserved():
+            return False
+        if self.retry_wait is None:
+            self.retry_wait = time.monotonic() + 3 * SYNC_S
+        return time.monotonic() < self.retry_wait
+
     def _drop(self, keys: set[int]) -> None:
         """Trials the writer could not start (it gave their budget back): nothing of them is
         stored, and those still training leave their stacks (the others ended already)."""
@@ -169,7 +182,8 @@ class BatchedEngine:
         new: dict[tuple[str, int, int], list[Slot]] = {}
         starts: list[Start] = []
         t0 = time.perf_counter()
-        while live < self.k and not interrupt.requested() and not self._grid_started() and budget.claim():
+        while (live < self.k and not interrupt.requested() and not self._grid_started()
+               and budget.claim(queued=bool(self.mirror.waiting))):
             self.writer.claimed()
             trial, claim = self.mirror.ask()
             seed = trial_seed(self.cfg, claim[1] if claim else trial.number)

@@ -179,13 +179,13 @@ class _Claims:
     def __init__(self, budget, claims):
         self.budget, self.claims = budget, claims
 
-    def give_back(self, n: int) -> None:
+    def give_back(self, n: int, *, for_queued: bool = False) -> None:
         if n <= 0:
             return
         with self.claims.get_lock():
             self.claims.value -= n
         if self.budget is not None:
-            self.budget.release(n)
+            self.budget.release(n, for_queued=for_queued)
 
 
 # ------------------------------------------------------------------------ the writer process
@@ -417,7 +417,8 @@ class _Sink:
         """The trainer died: fail the trials it was training and queue their retries, and give
         back their budget (the retries run in their places) and that of trials never handed over."""
         failed = [n for n in self.numbers.values() if fail_and_retry(self.study, n, self.cfg.max_retries)]
-        self.claims.give_back(self.claims.claims.value - self.held_ever + len(failed))
+        self.claims.give_back(self.claims.claims.value - self.held_ever)
+        self.claims.give_back(len(failed), for_queued=self.cfg.max_retries > 0)
         if failed:
             print(f"sinstudy: the training process died; trials {', '.join(f'#{n}' for n in sorted(failed))} "
                   f"marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}", file=sys.stderr)
