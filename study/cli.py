@@ -108,17 +108,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from . import results
 
-    print(results.best_text(args.study or DEFAULTS.study, args.storage or DEFAULTS.storage))
+    print(results.best_text(config_mod.check_study_name(args.study or DEFAULTS.study), args.storage or DEFAULTS.storage))
     return 0
+
+
+def _quiet() -> None:
+    """Optuna's own log lines ([W ...]) and its experimental-feature warnings are noise on a
+    command whose output is its files and one summary."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import plots, results
+
+    _quiet()
     from .artifacts import best_fit
 
-    name = args.study or DEFAULTS.study
+    name = config_mod.check_study_name(args.study or DEFAULTS.study)
     study = results.load_existing(name, args.storage or DEFAULTS.storage)
     evaluators = ("ped-anova", "fanova") if args.evaluator == "both" else (args.evaluator,)
     out = Path(args.out or f"storage/plots/{name}")
@@ -137,7 +150,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from . import report, results
 
-    name = args.study or DEFAULTS.study
+    _quiet()
+    name = config_mod.check_study_name(args.study or DEFAULTS.study)
     study = results.load_existing(name, args.storage or DEFAULTS.storage)
     out = Path(args.out or f"storage/reports/{name}.html")
     text = report.build(study, args.artifact_dir)
@@ -186,10 +200,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from . import dashboard
+    from .storage import redact
 
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be from 1 to 65535, got {args.port}")
     url = args.storage or DEFAULTS.storage
-    print(f"optuna-dashboard on {url} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    dashboard.serve(url, host=args.host, port=args.port, artifact_dir=args.artifact_dir)
+    server = dashboard.bind(url, host=args.host, port=args.port, artifact_dir=args.artifact_dir)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: --host {args.host} opens the dashboard to the network, and it can delete studies; "
+              "prefer an SSH tunnel to 127.0.0.1", file=sys.stderr)
+    print(f"optuna-dashboard on {redact(url)} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    server.serve_forever()
     return 0
 
 

@@ -7,6 +7,7 @@ names the fix; the CLI prints it and exits 2. Nothing here touches storage or th
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes")
 PRUNERS = ("hyperband", "median", "sha", "none")
 SAMPLINGS = ("uniform", "grid")
 ENGINES = ("auto", "batched", "standard")
+DEFAULT_SLOTS = {"cpu": 32, "cuda": 1024}  # trials the batched engine trains at once, by device type
 
 
 class ConfigError(ValueError):
@@ -150,9 +152,32 @@ class StudyConfig:
 # ---------------------------------------------------------------- validation
 
 
-def _positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+# Upper bounds: far above any sensible study, low enough that a typo fails here, in one line,
+# instead of deep inside torch (an allocation of terabytes) or numpy (a seed past 2**32).
+MAX_SEED = 2**31 - 1  # samplers seed numpy with seed + worker index + trials so far: < 2**32
+MAX_POINTS = 10_000_000
+MAX_WIDTH = 4096
+MAX_DEPTH = 64
+MAX_COUNT = 10_000_000  # trials, epochs
+MAX_SECONDS = 7 * 24 * 3600
+MAX_NAME = 100
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def _positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int = MAX_COUNT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be an integer from {minimum} to {maximum:,}, got {value!r}")
+
+
+def check_study_name(name: Any) -> str:
+    """A study name is a name, not a path: it names folders under storage/ (TensorBoard, plots)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("the study name must be a non-empty string (--study NAME)")
+    if len(name) > MAX_NAME or _UNSAFE_NAME.search(name) or name.startswith(".") or name != name.strip():
+        raise ConfigError(f"study name {name[:40]!r}{'...' if len(name) > 40 else ''} is not a plain name; use at most "
+                          f"{MAX_NAME} characters, no '/', '\\', control characters or leading '.' or spaces, "
+                          "e.g. --study sin-deep")
+    return name
 
 
 def _positive_float(name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -167,7 +192,7 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def _range(name: str, value: Any, *, kind: type, low: float, log: bool) -> tuple:
+def _range(name: str, value: Any, *, kind: type, low: float, log: bool, high: float = math.inf) -> tuple:
     """Accept [lo, hi] (or [v] to fix v) and check type, order and bounds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
@@ -183,6 +208,8 @@ def _range(name: str, value: Any, *, kind: type, low: float, log: bool) -> tuple
         raise ConfigError(f"search_space.{name} = [{lo}, {hi}] is reversed; write [{hi}, {lo}]")
     if lo < low or (log and lo <= 0):
         raise ConfigError(f"search_space.{name} must start at >= {low} (got {lo})")
+    if hi > high:
+        raise ConfigError(f"search_space.{name} must end at <= {high:,} (got {hi:,})")
     return (lo, hi)
 
 
@@ -201,38 +228,39 @@ def _choices(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]
 
 def validate(cfg: StudyConfig) -> StudyConfig:
     """Check every field; return the config with ranges normalised. Raises ConfigError."""
-    if not isinstance(cfg.study, str) or not cfg.study.strip():
-        raise ConfigError("the study name must be a non-empty string (--study NAME)")
+    check_study_name(cfg.study)
     _positive_int("--n-trials", cfg.n_trials)
     if cfg.timeout is not None:
         _positive_float("--timeout", cfg.timeout)
+        if cfg.timeout > MAX_SECONDS:
+            raise ConfigError(f"--timeout must be at most {MAX_SECONDS} s (a week), got {cfg.timeout!r}")
     _choice("sampler", cfg.sampler, SAMPLERS)
     _choice("pruner", cfg.pruner, PRUNERS)
-    _positive_int("seed", cfg.seed, minimum=0)
-    _positive_int("--workers", cfg.workers)
+    _positive_int("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
+    _positive_int("--workers", cfg.workers, maximum=256)
     _choice("engine", cfg.engine, ENGINES)
     if cfg.slots is not None:
-        _positive_int("--slots", cfg.slots)
+        _positive_int("--slots", cfg.slots, maximum=65536)
     if cfg.devices is not None:
         if not cfg.devices:
             raise ConfigError("--devices needs at least one GPU id, e.g. --devices 0,1")
         for d in cfg.devices:
-            _positive_int("--devices", d, minimum=0)
-    _positive_int("heartbeat_interval", cfg.heartbeat_interval)
-    _positive_int("grace_period", cfg.grace_period)
+            _positive_int("--devices", d, minimum=0, maximum=1023)
+    _positive_int("heartbeat_interval", cfg.heartbeat_interval, maximum=3600)
+    _positive_int("grace_period", cfg.grace_period, maximum=MAX_SECONDS)
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ConfigError(
             f"grace_period ({cfg.grace_period}) must exceed heartbeat_interval ({cfg.heartbeat_interval}); "
             "a live trial would look dead"
         )
-    _positive_int("max_retries", cfg.max_retries, minimum=0)
+    _positive_int("max_retries", cfg.max_retries, minimum=0, maximum=100)
     d = cfg.data
-    _positive_int("data.n_train", d.n_train, minimum=2)
-    _positive_int("data.n_val", d.n_val)
-    _positive_int("data.n_test", d.n_test)
+    _positive_int("data.n_train", d.n_train, minimum=2, maximum=MAX_POINTS)
+    _positive_int("data.n_val", d.n_val, maximum=MAX_POINTS)
+    _positive_int("data.n_test", d.n_test, maximum=MAX_POINTS)
     _positive_float("data.noise", d.noise, allow_zero=True)
     _choice("data.sampling", d.sampling, SAMPLINGS)
-    _positive_int("data.seed", d.seed, minimum=0)
+    _positive_int("data.seed", d.seed, minimum=0, maximum=MAX_SEED)
     t = cfg.train
     validate_train(t)
     space = validate_space(cfg.space)
@@ -249,10 +277,10 @@ def validate(cfg: StudyConfig) -> StudyConfig:
 
 
 def validate_train(t: TrainConfig) -> None:
-    _positive_int("train.depth", t.depth)
+    _positive_int("train.depth", t.depth, maximum=MAX_DEPTH)
     widths = t.width if isinstance(t.width, (list, tuple)) else [t.width]
     for w in widths:
-        _positive_int("train.width", w)
+        _positive_int("train.width", w, maximum=MAX_WIDTH)
     if isinstance(t.width, (list, tuple)) and len(t.width) != t.depth:
         raise ConfigError(f"train.width lists {len(t.width)} widths for depth {t.depth}; give one per layer")
     _choice("activation", t.activation, ACTIVATIONS)
@@ -263,15 +291,15 @@ def validate_train(t: TrainConfig) -> None:
     _choice("scheduler", t.scheduler, SCHEDULERS)
     _positive_int("train.step_size", t.step_size)
     _positive_float("train.gamma", t.gamma)
-    _positive_int("train.batch_size", t.batch_size)
+    _positive_int("train.batch_size", t.batch_size, maximum=MAX_POINTS)
     _positive_int("--max-epochs", t.max_epochs)
-    _positive_int("train.seed", t.seed, minimum=0)
+    _positive_int("train.seed", t.seed, minimum=0, maximum=MAX_SEED)
 
 
 def validate_space(s: SearchSpace) -> SearchSpace:
     return SearchSpace(
-        depth=_range("depth", s.depth, kind=int, low=1, log=False),
-        width=_range("width", s.width, kind=int, low=1, log=True),
+        depth=_range("depth", s.depth, kind=int, low=1, log=False, high=MAX_DEPTH),
+        width=_range("width", s.width, kind=int, low=1, log=True, high=MAX_WIDTH),
         lr=_range("lr", s.lr, kind=float, low=0.0, log=True),
         activation=_choices("activation", s.activation, ACTIVATIONS),
         scheduler=None if s.scheduler is None else _choices("scheduler", s.scheduler, SCHEDULERS),

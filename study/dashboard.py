@@ -3,7 +3,7 @@
 `publish(study)` runs at the end of `sinstudy run`: a markdown note summarising the study, which
 the dashboard renders on the study page. (Each trial that is best when it finishes stores its
 weights and a fit image as artifacts from the objective, so they show on its trial page.)
-`serve()` is `sinstudy dashboard`: optuna-dashboard on the same storage and artifact store.
+`bind()` is `sinstudy dashboard`: optuna-dashboard on the same storage and artifact store.
 """
 
 from __future__ import annotations
@@ -46,9 +46,25 @@ def publish(study: optuna.Study) -> None:
     save_note(study, study_note(study))
 
 
-def serve(url: str, *, host: str, port: int, artifact_dir: str) -> None:
-    from optuna_dashboard import run_server
+def bind(url: str, *, host: str, port: int, artifact_dir: str):
+    """optuna-dashboard's app on the storage and artifact store, bound to host:port (so a port
+    in use is one clear error before anything is printed). Call .serve_forever() on it."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from optuna_dashboard import wsgi
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # no access log line per request
+            pass
+
+    from .storage import StorageError
 
     storage = results.open_for_reading(url)
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)
-    run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(artifact_dir))
+    app = wsgi(storage, artifact_store=FileSystemArtifactStore(artifact_dir))
+    try:
+        return make_server(host, port, app, handler_class=Quiet)
+    except OSError as e:
+        raise StorageError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port or --host",
+                           exit_code=1) from None
+

@@ -8,7 +8,9 @@ space and data: mixing trials of two spaces would make its importances and best 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -60,7 +62,7 @@ def make_sampler(cfg: StudyConfig, *, seed: int | None = None) -> optuna.sampler
     """The configured sampler, seeded with `seed` (default: the study seed). Optuna's TPE runs
     with its constant liar (the default), so trials still training count as bad guesses and
     parallel trials spread out."""
-    seed = cfg.seed if seed is None else seed
+    seed = (cfg.seed if seed is None else seed) % 2**32  # numpy's limit
     s = cfg.sampler
     if s == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
@@ -106,6 +108,9 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
     if cfg.study not in optuna.get_all_study_names(storage):
         return
     existing = optuna.load_study(study_name=cfg.study, storage=storage)
+    if len(existing.directions) > 1:
+        raise ConfigError(f"study {cfg.study!r} has {len(existing.directions)} objectives; sinstudy's has one "
+                          "(validation MSE); use another --study name")
     if existing.direction != optuna.study.StudyDirection.MINIMIZE:
         raise ConfigError(f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another --study name")
     stored = existing.user_attrs.get("identity")
@@ -128,9 +133,61 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
     )
     if "identity" not in study.user_attrs:
         study.set_user_attr("identity", json.dumps(_identity(cfg)))
-        study.set_user_attr("config", json.dumps(to_dict(cfg)))
+        # no password in it: optuna-dashboard serves study attrs to anyone who can reach it
+        stored = {**to_dict(cfg), "storage": storage_mod.redact(cfg.storage)}
+        study.set_user_attr("config", json.dumps(stored))
         study.set_user_attr(VERSION_ATTR, __version__)
     return study
+
+
+def check_folders(cfg: StudyConfig) -> None:
+    """The TensorBoard and artifact folders must be creatable and writable (exit 1 if not)."""
+    for flag, folder in (("log_dir", cfg.log_dir), ("artifact_dir", cfg.artifact_dir)):
+        probe = Path(folder)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise storage_mod.StorageError(
+                f"cannot create or write {flag} {folder!r} ({str(probe)!r} is {'not a folder' if not probe.is_dir() else 'read-only'}); "
+                f"set [study] {flag} to a writable folder", exit_code=1)
+
+
+def check_tensorboard_owner(cfg: StudyConfig) -> Path:
+    """TensorBoard runs go to <log_dir>/<study>/trial-NNNN: two studies of the same name in two
+    storages would append to the same runs. The folder records the storage it belongs to; a
+    run on another storage is refused with the fix. Returns the marker file to write."""
+    marker = Path(cfg.log_dir) / cfg.study / ".storage"
+    owner = storage_mod.identity(cfg.storage)
+    if marker.exists() and marker.read_text().strip() != owner:
+        raise ConfigError(
+            f"TensorBoard folder {str(marker.parent)!r} holds the runs of study {cfg.study!r} in "
+            f"{marker.read_text().strip()}; use another --study name, or another [study] log_dir for this storage")
+    return marker
+
+
+def estimate_bytes(cfg: StudyConfig, slots: int) -> int:
+    """Memory of `slots` copies of the largest model the space allows, as the batched engine
+    holds them: weights, optimizer state, best weights, gradient and scratch rows, plus the
+    activations of a minibatch and of the validation set (float32)."""
+    d, w = cfg.space.depth[1], cfg.space.width[1]
+    params = 2 * w + (d - 1) * (w * w + w) + w + 1
+    rows = 6 * params
+    activations = 4 * cfg.train.batch_size * w * d + 2 * cfg.data.n_val * w * d + 3 * cfg.data.n_train
+    return 4 * slots * (rows + activations)
+
+
+def check_memory(cfg: StudyConfig, device: torch.device, slots: int) -> None:
+    """Refuse (exit 2) a space whose largest model, `slots` times, cannot fit the device."""
+    need = estimate_bytes(cfg, slots)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.8 * free:
+        raise ConfigError(
+            f"the largest model of the search space (depth {cfg.space.depth[1]}, width {cfg.space.width[1]}) "
+            f"in {slots} slot(s) needs about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+            f"{device}; lower search_space.depth / width or --slots")
 
 
 # Measured (README "Scale out"): SQLite with a 60 s busy timeout held 4 and 8 workers with no

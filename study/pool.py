@@ -84,11 +84,16 @@ class Budget:
         self._stopped.value = 1
 
 
+SEED_STREAM = 1_000_003  # worker seeds this far apart: the samplers add the study's trial count
+
+
 def worker_seed(cfg: StudyConfig, index: int, n_workers: int, generation: int) -> int:
     """Each worker its own sampler seed: identical seeds would make parallel workers propose
     identical params. A replacement worker gets a fresh one, so it does not re-propose what
-    the worker it replaces proposed. Worker 0 of the first generation keeps the study seed."""
-    return cfg.seed + index + n_workers * generation
+    the worker it replaces proposed. Worker 0 of the first generation keeps the study seed.
+    The samplers then add the number of trials the study holds (a resumed study must not
+    replay its first points): the streams are spaced so that the sums never meet."""
+    return cfg.seed + (index + n_workers * generation) * SEED_STREAM
 
 
 def run_engine(cfg: StudyConfig, budget: Budget, *, seed: int, device: str, current: "mp.Array | None" = None,

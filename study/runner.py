@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from optuna.trial import TrialState
 
 from . import interrupt, recovery
 from . import storage as storage_mod
-from .config import StudyConfig
+from .config import DEFAULT_SLOTS, StudyConfig
 from .dashboard import publish
-from .opening import check_devices, check_study, open_study, open_study_storage, resolve_device, storage_advice
+from .opening import (check_devices, check_folders, check_memory, check_study, check_tensorboard_owner, open_study,
+                      open_study_storage, resolve_device, storage_advice)
 from .pool import Budget, Pool, finished_since, run_engine, worker_devices
 from .summary import Progress, Summary, summarize
 from .trial_attrs import WORKER
@@ -40,15 +42,25 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
     if device.type == "cuda":  # full float32 matmuls: the engines must agree with train.py
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    placements = worker_devices(cfg, str(device))
+    # models held at once on one device: every CPU worker shares this machine, GPU workers their card
+    per_worker = (cfg.slots or DEFAULT_SLOTS[device.type]) if cfg.engine == "batched" else 1
+    sharing = Counter(env.get("CUDA_VISIBLE_DEVICES") for _, env in placements)
+    check_memory(cfg, device, per_worker * max(sharing.values()))
     parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
+    check_folders(cfg)
+    marker = check_tensorboard_owner(cfg)
     storage = open_study_storage(cfg, parsed)
     check_study(cfg, storage)
-    placements = worker_devices(cfg, str(device))
     notes += storage_advice(parsed.kind, len(placements))
+    if parsed.kind == "journal" and (note := storage_mod.repair_journal(parsed.path)):
+        notes.append(note)
     for note in notes:  # only once every check has passed, so a refusal stays one line
         say(note)
     study = open_study(cfg, storage)
     Path(cfg.artifact_dir).mkdir(parents=True, exist_ok=True)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(storage_mod.identity(cfg.storage) + "\n")
     for n in recovery.sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries):
         say(f"trial #{n} of an earlier run had no heartbeat for {cfg.grace_period} s: marked FAIL and queued for retry")
 

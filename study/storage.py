@@ -53,25 +53,49 @@ class StorageURL:
     path: Path | None  # the file for sqlite / journal
 
 
+def redact(url: str) -> str:
+    """The URL with its password (if any) replaced by ***: what is stored, printed and served."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL at all: nothing in it is a password we could find
+        return url
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def identity(url: str) -> str:
+    """Which storage a URL names, the same from any working directory: a file's absolute path,
+    a server's URL without its password."""
+    parsed = parse(url)
+    if parsed.path is not None:
+        return f"{parsed.kind}:{parsed.path.resolve()}"
+    return redact(parsed.url)
+
+
 def parse(url: str) -> StorageURL:
     scheme = urlsplit(url).scheme.lower()
+    shown = redact(url)
     if scheme == "sqlite":
         rest = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else None
         if not rest or rest == ":memory:":
-            raise StorageError(f"storage URL {url!r} names no file; use sqlite:///path/to/study.db")
-        return StorageURL(url, "sqlite", Path(rest))
+            raise StorageError(f"storage URL {shown!r} names no file; use sqlite:///path/to/study.db")
+        return StorageURL("sqlite:///" + rest, "sqlite", Path(rest))  # SQLAlchemy wants the scheme in lower case
     if scheme == "journal":
         rest = url[len("journal:///") :] if url.lower().startswith("journal:///") else None
         if not rest:
-            raise StorageError(f"storage URL {url!r} names no file; use journal:///path/to/study.log")
+            raise StorageError(f"storage URL {shown!r} names no file; use journal:///path/to/study.log")
         return StorageURL(url, "journal", Path(rest))
     if scheme in ("postgresql", "postgresql+psycopg", "postgres"):
         if not urlsplit(url).path.strip("/"):
-            raise StorageError(f"storage URL {url!r} names no database; use postgresql://user@host:5432/dbname")
+            raise StorageError(f"storage URL {shown!r} names no database; use postgresql://user@host:5432/dbname")
         fixed = "postgresql+psycopg://" + url.split("://", 1)[1]  # SQLAlchemy: use psycopg 3
         return StorageURL(fixed, "postgresql", None)
     raise StorageError(
-        f"unsupported storage URL {url!r}; use sqlite:///path.db, journal:///path.log "
+        f"unsupported storage URL {shown!r}; use sqlite:///path.db, journal:///path.log "
         "or postgresql://user@host:5432/db"
     )
 
@@ -106,6 +130,9 @@ def _check_sqlite(path: Path) -> None:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            problems = [r[0] for r in con.execute("PRAGMA quick_check(1)")]  # every page, read-only
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(" ".join(problems[0].replace("*** in database main ***", "").split()))
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
@@ -154,9 +181,34 @@ def _check_postgresql(url: str) -> None:
     except psycopg.Error as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(
-            f"cannot connect to PostgreSQL at {dsn!r} ({first}); start the server, create the "
+            f"cannot connect to PostgreSQL at {redact(dsn)!r} ({first}); start the server, create the "
             "database, or fix --storage", exit_code=1
         ) from None
+
+
+def repair_journal(path: Path) -> str | None:
+    """A journal whose last record was cut (a crash or a full disk mid-append) would get the next
+    record glued onto the partial one, and from then on no reader could parse the file. Keep a
+    byte-exact copy beside it, cut the partial record off (under Optuna's journal lock, so no
+    writer appends meanwhile) and return one line saying so; None when the file is whole."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    lock = JournalFileSymlinkLock(str(path.resolve()), grace_period=JOURNAL_LOCK_GRACE_S)
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        if data.endswith(b"\n"):
+            return None
+        keep = data.rfind(b"\n") + 1
+        backup = path.with_name(f"{path.name}.partial-{len(data)}.bak")
+        backup.write_bytes(data)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+    finally:
+        lock.release()
+    return (f"note: the last record of {str(path)!r} was cut off (a crash or a full disk while writing); "
+            f"removed its {len(data) - keep} bytes, the file as it was is kept at {str(backup)!r}")
 
 
 def check(url: str) -> StorageURL:
@@ -208,7 +260,7 @@ def open_storage(parsed: StorageURL, heartbeat: Heartbeat | None = None) -> optu
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
     except RuntimeError as e:  # e.g. a schema from another Optuna version
-        raise StorageError(f"{parsed.url}: {str(e).splitlines()[0]}", exit_code=1) from None
+        raise StorageError(f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1) from None
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .analysis import Counts, params_text
 from .config import StudyConfig
+from .storage import redact
 
 REPORT_BEST_TEST_MSE = 1.418e-03  # the course report's best test MSE (its "deep" network)
 
@@ -78,7 +79,7 @@ def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[
     best = study.best_trial if any(t.state == TrialState.COMPLETE for t in trials) else None
     ours = [t for t in trials if t.number not in since and t.user_attrs.get("worker") in workers]
     return Summary(
-        study=study.study_name, storage=cfg.storage, device=device,
+        study=study.study_name, storage=redact(cfg.storage), device=device,
         this_run=Counts.of(ours), total=Counts.of(trials),
         wall_seconds=wall, log_dir=str(Path(cfg.log_dir) / study.study_name),
         artifact_dir=cfg.artifact_dir, best=best, signum=int(signum),

@@ -194,9 +194,12 @@ def test_batched_same_seed_same_study(workdir, monkeypatch):
     out = []
     for name, hash_seed in (("a", "1"), ("b", "2")):
         monkeypatch.setenv("PYTHONHASHSEED", hash_seed)
-        r = run_cli("run", *TINY, "--slots", "6", "--n-trials", "14", "--storage", f"sqlite:///{name}.db", cwd=workdir)
+        folder = workdir / name  # a folder each: each storage its own TensorBoard runs
+        folder.mkdir()
+        (folder / "tiny.toml").write_text((workdir / "tiny.toml").read_text())
+        r = run_cli("run", *TINY, "--slots", "6", "--n-trials", "14", cwd=folder)
         assert r.returncode == 0, r.stderr
-        trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{name}.db").trials
+        trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{folder}/storage/sinstudy.db").trials
         assert {t.params["depth"] for t in trials} == {1, 2}
         out.append([(t.number, str(t.params), t.state.name, t.value) for t in trials])
     assert out[0] == out[1]

@@ -101,10 +101,12 @@ def test_best_prints_from_storage(ran):
 def test_standard_engine_same_seed_same_params_and_values(workdir):
     out = []
     for name in ("a", "b"):
-        r = run_cli("run", *TINY, "--n-trials", "6", "--seed", "3", "--storage", f"sqlite:///{name}.db",
-                    "--engine", "standard", cwd=workdir)  # the batched engine: test_batched.py
-        assert r.returncode == 0, r.stderr
-        trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{name}.db").trials
+        folder = workdir / name  # a folder each: each storage its own TensorBoard runs
+        folder.mkdir()
+        (folder / "tiny.toml").write_text((workdir / "tiny.toml").read_text())
+        r = run_cli("run", *TINY, "--n-trials", "6", "--seed", "3", "--engine", "standard", cwd=folder)
+        assert r.returncode == 0, r.stderr  # (the batched engine: test_batched.py)
+        trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{folder}/storage/sinstudy.db").trials
         out.append([(t.params, t.state, t.value, t.intermediate_values) for t in trials])
     assert out[0] == out[1]
 

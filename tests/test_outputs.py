@@ -35,6 +35,7 @@ def studied(tmp_path_factory):
 def test_plot_writes_html_and_png_including_importance_parallel_and_fit(studied):
     r = run_cli("plot", cwd=studied)
     assert r.returncode == 0, r.stderr
+    assert "[W " not in r.stderr and "Warning" not in r.stderr, r.stderr  # Optuna's log and warnings stay out
     out = studied / "storage/plots/sinstudy"
     html = {p.stem for p in out.glob("*.html")}
     assert len(html) >= 6
@@ -60,6 +61,7 @@ def test_report_is_one_offline_html_file(studied, tmp_path):
     out = tmp_path / "r.html"
     r = run_cli("report", "--out", str(out), cwd=studied)
     assert r.returncode == 0, r.stderr
+    assert "[W " not in r.stderr and "Warning" not in r.stderr, r.stderr
     text = out.read_text()
     study = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db")
     assert not re.search(r"<script[^>]*\ssrc=", text)  # every script inline: nothing fetched

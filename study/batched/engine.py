@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import interrupt
 from ..artifacts import model_state
-from ..config import StudyConfig
+from ..config import DEFAULT_SLOTS, StudyConfig
 from ..data import make_data
 from ..model import n_params
 from ..opening import open_study_storage
@@ -36,7 +36,6 @@ from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
 from .writer import SYNC_S, Finish, Start, Writer
 
-DEFAULT_SLOTS = {"cpu": 32, "cuda": 1024}
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
 
 
