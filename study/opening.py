@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,8 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
         study_name=cfg.study, storage=storage, direction="minimize",
         sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True,
     )
+    if UID_ATTR not in study.user_attrs:  # studies made before sinstudy stored it get one too
+        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     if "identity" not in study.user_attrs:
         study.set_user_attr("identity", json.dumps(_identity(cfg)))
         # no password in it: optuna-dashboard serves study attrs to anyone who can reach it
@@ -152,17 +155,34 @@ def check_folders(cfg: StudyConfig) -> None:
                 f"set [study] {flag} to a writable folder", exit_code=1)
 
 
-def check_tensorboard_owner(cfg: StudyConfig) -> Path:
+UID_ATTR = "sinstudy_uid"  # a study's own id: it travels with a copied or moved storage
+
+
+def _marker(cfg: StudyConfig) -> Path:
+    return Path(cfg.log_dir) / cfg.study / ".study-uid"
+
+
+def check_tensorboard_owner(cfg: StudyConfig, storage: optuna.storages.BaseStorage | None) -> None:
     """TensorBoard runs go to <log_dir>/<study>/trial-NNNN: two studies of the same name in two
-    storages would append to the same runs. The folder records the storage it belongs to; a
-    run on another storage is refused with the fix. Returns the marker file to write."""
-    marker = Path(cfg.log_dir) / cfg.study / ".storage"
-    owner = storage_mod.identity(cfg.storage)
-    if marker.exists() and marker.read_text().strip() != owner:
+    storages would append to the same runs. The folder records the id of the study it belongs
+    to; a run of another study is refused with the fix. `storage` None: a storage not created
+    yet, which cannot hold that study."""
+    marker = _marker(cfg)
+    if not marker.exists():
+        return
+    uid = None
+    if storage is not None and cfg.study in optuna.get_all_study_names(storage):
+        uid = optuna.load_study(study_name=cfg.study, storage=storage).user_attrs.get(UID_ATTR)
+    if uid != marker.read_text().strip():
         raise ConfigError(
-            f"TensorBoard folder {str(marker.parent)!r} holds the runs of study {cfg.study!r} in "
-            f"{marker.read_text().strip()}; use another --study name, or another [study] log_dir for this storage")
-    return marker
+            f"TensorBoard folder {str(marker.parent)!r} holds the runs of another study named {cfg.study!r} "
+            "(in another storage); use another --study name, another [study] log_dir, or delete that folder")
+
+
+def claim_tensorboard_folder(cfg: StudyConfig, study: optuna.Study) -> None:
+    marker = _marker(cfg)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(study.user_attrs[UID_ATTR] + "\n")
 
 
 def estimate_bytes(cfg: StudyConfig, slots: int) -> int:
@@ -176,13 +196,26 @@ def estimate_bytes(cfg: StudyConfig, slots: int) -> int:
     return 4 * slots * (rows + activations)
 
 
+def _available_ram() -> int:
+    """Bytes a new allocation can get: Linux's MemAvailable (free plus reclaimable page cache),
+    else all of physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_memory(cfg: StudyConfig, device: torch.device, slots: int) -> None:
     """Refuse (exit 2) a space whose largest model, `slots` times, cannot fit the device."""
     need = estimate_bytes(cfg, slots)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = _available_ram()
     if need > 0.8 * free:
         raise ConfigError(
             f"the largest model of the search space (depth {cfg.space.depth[1]}, width {cfg.space.width[1]}) "

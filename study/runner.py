@@ -22,8 +22,8 @@ from . import interrupt, recovery
 from . import storage as storage_mod
 from .config import DEFAULT_SLOTS, StudyConfig
 from .dashboard import publish
-from .opening import (check_devices, check_folders, check_memory, check_study, check_tensorboard_owner, open_study,
-                      open_study_storage, resolve_device, storage_advice)
+from .opening import (check_devices, check_folders, check_memory, check_study, check_tensorboard_owner,
+                      claim_tensorboard_folder, open_study, open_study_storage, resolve_device, storage_advice)
 from .pool import Budget, Pool, finished_since, run_engine, worker_devices
 from .summary import Progress, Summary, summarize
 from .trial_attrs import WORKER
@@ -49,9 +49,11 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
     check_memory(cfg, device, per_worker * max(sharing.values()))
     parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
     check_folders(cfg)
-    marker = check_tensorboard_owner(cfg)
+    if parsed.path is not None and not parsed.path.exists():
+        check_tensorboard_owner(cfg, None)  # before the file is created
     storage = open_study_storage(cfg, parsed)
     check_study(cfg, storage)
+    check_tensorboard_owner(cfg, storage)
     notes += storage_advice(parsed.kind, len(placements))
     if parsed.kind == "journal" and (note := storage_mod.repair_journal(parsed.path)):
         notes.append(note)
@@ -59,8 +61,7 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
         say(note)
     study = open_study(cfg, storage)
     Path(cfg.artifact_dir).mkdir(parents=True, exist_ok=True)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(storage_mod.identity(cfg.storage) + "\n")
+    claim_tensorboard_folder(cfg, study)
     for n in recovery.sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries):
         say(f"trial #{n} of an earlier run had no heartbeat for {cfg.grace_period} s: marked FAIL and queued for retry")
 

@@ -67,15 +67,6 @@ def redact(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
-def identity(url: str) -> str:
-    """Which storage a URL names, the same from any working directory: a file's absolute path,
-    a server's URL without its password."""
-    parsed = parse(url)
-    if parsed.path is not None:
-        return f"{parsed.kind}:{parsed.path.resolve()}"
-    return redact(parsed.url)
-
-
 def parse(url: str) -> StorageURL:
     scheme = urlsplit(url).scheme.lower()
     shown = redact(url)

@@ -164,7 +164,7 @@ def test_batched_run_writes_what_the_standard_engine_writes(workdir, backend, re
     best = study.best_trial
     metas = optuna.artifacts.get_all_artifact_meta(best, storage=study._storage)
     assert {m.mimetype for m in metas} == {"application/octet-stream", "image/png"}
-    runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").iterdir())
+    runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").glob("trial-*"))
     assert runs == [f"trial-{i:04d}" for i in range(14)]
     r = run_cli("best", "--storage", url, cwd=workdir)
     assert r.returncode == 0 and f"#{best.number}" in r.stdout
@@ -227,7 +227,7 @@ def test_batched_interrupt_writes_live_trials_as_fail(workdir, signum, target, c
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     states = Counter(t.state for t in study.trials)
     assert states == Counter({TrialState.FAIL: 3}), (states, err)
-    runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").iterdir())
+    runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").glob("trial-*"))
     assert runs == [f"trial-{t.number:04d}" for t in study.trials]  # each FAIL trial's curve so far
     for t in study.trials:
         assert t.intermediate_values and t.user_attrs["failed_reason"] == "interrupted"

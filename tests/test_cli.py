@@ -68,7 +68,7 @@ def test_tensorboard_runs_are_readable_with_tensorboards_reader(ran):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     workdir, _ = ran
-    runs = sorted((workdir / "storage/tensorboard/sinstudy").iterdir())
+    runs = sorted((workdir / "storage/tensorboard/sinstudy").glob("trial-*"))
     assert [p.name for p in runs] == [f"trial-{i:04d}" for i in range(12)]
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     for t in study.get_trials():
