@@ -7,7 +7,8 @@ about once a second the new values go to the writer, so storage (and optuna-dash
 live curves; a trial that ends is told to the mirror and handed to the writer whole (state,
 value, attrs, a new best's weights). A pruned, diverged or finished slot is replaced at the next
 epoch by a newly asked trial (fresh weights, reset optimizer state), so the device never idles
-while the budget lasts. The trainer never waits on storage: every write is the writer's.
+while the budget lasts. Every write is the writer's: the trainer waits only at the end of its
+budget, for the writer to confirm the trials it started (one it could not store is replaced).
 Ctrl-C / SIGTERM end the trials still training as FAIL with their curves.
 """
 
@@ -58,7 +59,7 @@ class Stats:
 
 def _key(slot: Slot) -> tuple[str, int, int]:
     """Stack by optimizer kind, depth and width class (<= 32, <= 64, then powers of two), so
-    little compute goes to padding (measured: docs/design.md)."""
+    little compute goes to padding (measured: README, Design notes)."""
     w = max(slot.cfg.widths)
     return slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
 
