@@ -59,11 +59,12 @@ def check_devices(devices: tuple[int, ...]) -> torch.device:
     return torch.device("cuda")
 
 
-def make_sampler(cfg: StudyConfig, *, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded with `seed` (default: the study seed). Optuna's TPE runs
-    with its constant liar (the default), so trials still training count as bad guesses and
-    parallel trials spread out."""
-    seed = (cfg.seed if seed is None else seed) % 2**32  # numpy's limit
+def make_sampler(cfg: StudyConfig, *, seed: int | None = None, stored: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded with `seed` (default: the study seed) plus `stored`, the
+    number of trials the study already holds: a resumed study must not replay the points its
+    first run proposed. Optuna's TPE runs with its constant liar (the default), so trials still
+    training count as bad guesses and parallel trials spread out."""
+    seed = ((cfg.seed if seed is None else seed) + stored) % 2**32  # numpy's limit
     s = cfg.sampler
     if s == "tpe":
         return optuna.samplers.TPESampler(seed=seed)

@@ -101,8 +101,7 @@ def run_trials(cfg: StudyConfig, budget, *, seed: int, device: str, on_start: Ca
     the caller's, when it runs in the caller's process, else opened here."""
     storage = storage or open_study_storage(cfg)
     study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=make_pruner(cfg))
-    # A resumed study must not replay the points its first run proposed from the same seed.
-    study.sampler = make_sampler(cfg, seed=seed + len(study.get_trials(deepcopy=False)))
+    study.sampler = make_sampler(cfg, seed=seed, stored=len(study.get_trials(deepcopy=False)))
     objective = Objective(cfg, make_data(cfg.data, device), FileSystemArtifactStore(cfg.artifact_dir))
     journal = isinstance(storage, JournalStorage)
 

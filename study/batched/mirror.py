@@ -25,13 +25,12 @@ from .writer import Known
 
 class Mirror:
     def __init__(self, cfg: StudyConfig, stored: list[FrozenTrial], *, seed: int):
-        # A resumed study must not replay the points its first run proposed from the same seed.
-        seed += len(stored)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # Same name as the stored study: Hyperband assigns brackets by a hash of name and number.
             self.study = optuna.create_study(study_name=cfg.study, direction="minimize",
-                                             sampler=make_sampler(cfg, seed=seed), pruner=make_pruner(cfg))
+                                             sampler=make_sampler(cfg, seed=seed, stored=len(stored)),
+                                             pruner=make_pruner(cfg))
         self._storage, self._id = self.study._storage, self.study._study_id
         self.unfinished: dict[int, int] = {}  # stored trial_id -> mirror trial_id, others' RUNNING/WAITING
         self.waiting: dict[int, tuple[int, int]] = {}  # mirror trial_id -> (stored trial_id, number)

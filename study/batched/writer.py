@@ -321,7 +321,6 @@ class _Sink:
             if s.claim is not None:
                 if self._claim(s):
                     self._hold(s.key, s.claim, self.storage.get_trial_number_from_id(s.claim))
-                    beat(self.storage, [s.claim], HEARTBEAT_ATTR)
                 else:
                     self._lost(s.key, "another engine took it first")
 
@@ -340,7 +339,9 @@ class _Sink:
         """Take a WAITING trial as Optuna's ask() does: the state change is the atomic step."""
         if not self.storage.set_trial_state_values(s.claim, TrialState.RUNNING):
             return False
-        if not self.journal:  # its heartbeat row: Optuna's stale check skips trials without one
+        if self.journal:
+            beat(self.storage, [s.claim], HEARTBEAT_ATTR)
+        else:  # its heartbeat row: Optuna's stale check skips trials without one
             self.storage.record_heartbeat(s.claim)
         stored = self.storage.get_trial(s.claim)
         for name, value in s.trial.params.items():
