@@ -49,6 +49,11 @@ def one(engine: str, args: argparse.Namespace, folder: Path) -> dict:
         max_epochs=args.max_epochs, seed=args.seed, device=args.device, engine=engine, slots=args.slots,
         log_dir=str(folder / "tensorboard"), artifact_dir=str(folder / "artifacts"),
     )
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     s = runner.run(cfg, progress=False, say=lambda line: None)
     wall = time.perf_counter() - t0
@@ -60,6 +65,7 @@ def one(engine: str, args: argparse.Namespace, folder: Path) -> dict:
         "engine": engine, "trials": finished, "complete": s.this_run.complete, "wall_s": wall,
         "model_steps_per_s": epochs * steps_per_epoch / wall, "trials_per_min": 60 * finished / wall,
         "bookkeeping": (s.bookkeeping_seconds or math.nan) / wall, "best_val_mse": s.best.value if s.best else math.nan,
+        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan,
     }
 
 
@@ -99,6 +105,7 @@ def raw(args: argparse.Namespace) -> str:
         for s in stacks:
             s.train_epoch()[1].tolist()  # the engine's one sync per stack per epoch
     batched = args.raw * epochs * steps_per_epoch / (time.perf_counter() - t0)
+    graph_line = graphed(stacks, epochs, steps_per_epoch, args.raw) if device.type == "cuda" else ""
     train(replace(draw(-1), max_epochs=1), data)  # warm-up
     t0 = time.perf_counter()
     n_models, one_epochs = 4, 3
@@ -106,7 +113,53 @@ def raw(args: argparse.Namespace) -> str:
         train(replace(draw(args.raw + i), max_epochs=one_epochs), data)
     single = n_models * one_epochs * steps_per_epoch / (time.perf_counter() - t0)
     return (f"raw engine, {args.raw} mixed models in {len(stacks)} stacks: {batched:,.0f} model-steps/s; "
-            f"train.py one at a time: {single:,.0f} model-steps/s; {batched / single:,.0f}x")
+            f"train.py one at a time: {single:,.0f} model-steps/s; {batched / single:,.0f}x{graph_line}")
+
+
+def graphed(stacks: list, epochs: int, steps_per_epoch: int, k: int) -> str:
+    """Probe (the engine runs eagerly): each stack's whole epoch captured once as a CUDA graph
+    and replayed; checked against an eager epoch from the same state, then timed like it."""
+    import torch
+
+    def snapshot(s):
+        return [f.clone() for f in s.flat], s.t.clone(), [x.order.get_state() for x in s.slots]
+
+    def restore(s, snap):
+        flat, t, gens = snap
+        for f, g in zip(s.flat, flat):
+            f.copy_(g)
+        s.t.copy_(t)
+        for x, g in zip(s.slots, gens):
+            x.order.set_state(g)
+
+    replays, capture_s, worst = [], 0.0, 0.0
+    for s in stacks:
+        perm, lr = s.orders(), s.lrs()  # static inputs: each replay reads them where they are
+        snap = snapshot(s)
+        _, eager_val = s.epoch(perm, lr)
+        eager_val = eager_val.clone()
+        restore(s, snap)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outputs = s.epoch(perm, lr)
+        torch.cuda.synchronize()
+        capture_s += time.perf_counter() - t0
+        g.replay()
+        worst = max(worst, ((outputs[1] - eager_val).abs() / eager_val.abs().clamp_min(1e-30)).max().item())
+        replays.append((s, g, perm, lr, outputs))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for s, g, perm, lr, outputs in replays:
+            perm.copy_(s.orders())
+            lr.copy_(s.lrs())
+            g.replay()
+            outputs[1].tolist()
+    rate = k * epochs * steps_per_epoch / (time.perf_counter() - t0)
+    return (f"; one CUDA graph per stack and epoch: {rate:,.0f} model-steps/s, capture {1000 * capture_s:.0f} ms "
+            f"for {len(stacks)} stacks, largest relative difference from eager {worst:.1e}")
 
 
 def writes(args: argparse.Namespace, folder: Path) -> str:
@@ -174,20 +227,18 @@ def main() -> None:
     ap.add_argument("--storage", choices=list(STORAGES), default="sqlite", help="a fresh file of this kind per engine")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    raw_line = raw(args) if args.raw else None
+    if args.raw:
+        print(raw(args), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        writes_line = writes(args, Path(tmp))
+        print(writes(args, Path(tmp)), flush=True)
         rows = [one(e, args, Path(tmp)) for e in args.engines.split(",") if e]
-    if raw_line:
-        print(raw_line)
-    print(writes_line)
     space = ", ".join(f"{k} {v}" for k, v in SPACES[args.space].items()) or "the default space"
     print(f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, TPE + Hyperband, {args.storage}")
-    print("| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best val MSE |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best val MSE | peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['engine']} | {r['trials']} | {r['complete']} | {r['wall_s']:.1f} | {r['model_steps_per_s']:,.0f} | "
-              f"{r['trials_per_min']:.1f} | {100 * r['bookkeeping']:.0f}% | {r['best_val_mse']:.2e} |")
+              f"{r['trials_per_min']:.1f} | {100 * r['bookkeeping']:.0f}% | {r['best_val_mse']:.2e} | {r['peak_mib']:,.0f} |")
     by = {r["engine"]: r for r in rows}
     if {"standard", "batched"} <= set(by):
         print(f"speedup {by['batched']['trials_per_min'] / by['standard']['trials_per_min']:.1f}x")

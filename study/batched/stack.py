@@ -332,17 +332,30 @@ class Stack:
                            amsgrad=False, maximize=False)
         p.addcmul_(self.scratch, lr)  # scratch = -m_hat / (sqrt(v_hat) + eps), per slot
 
+    def orders(self) -> torch.Tensor:
+        """This epoch's minibatch order of every slot, [K, n], each from the slot's own generator."""
+        n = self.data.x_train.shape[0]
+        return torch.stack([torch.randperm(n, generator=x.order) for x in self.slots]).to(self.data.device)
+
     @torch.no_grad()
     def train_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One epoch for every slot. Returns (train loss, validation MSE), each [K], on device.
 
         No host synchronisation inside: the caller reads both once per epoch."""
+        out = self.epoch(self.orders(), self.lrs())
+        n_batches = len(self.batches)
+        for x in self.slots:
+            x.epoch += 1
+            x.steps += n_batches
+        return out
+
+    @torch.no_grad()
+    def epoch(self, perm: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device work of one epoch, given each slot's order [K, n] and learning rate [K, 1]:
+        fixed shapes and addresses, no host work, so a CUDA graph can capture it whole."""
         d = self.data
-        n = d.x_train.shape[0]
-        perm = torch.stack([torch.randperm(n, generator=x.order) for x in self.slots]).to(d.device)  # [K, n]
         torch.index_select(d.x_train, 0, perm.view(-1), out=self.xs.view(-1, 1))
         torch.index_select(d.y_train, 0, perm.view(-1), out=self.ys.view(-1, 1))
-        lr = self.lrs()
         for i, b in self.batches:
             buf = self._buffers(b)
             xb, yb = self.xs[:, i : i + b], self.ys[:, i : i + b]
@@ -350,10 +363,6 @@ class Stack:
             self._backward(xb, torch.mul(diff, 2.0 / b, out=buf.dy), buf)  # d mean(diff^2) / d output
             torch.cat(self._grad_rows, dim=1, out=self.grad)
             self._step(lr)
-        n_batches = len(self.batches)
-        for x in self.slots:
-            x.epoch += 1
-            x.steps += n_batches
         val_buf = self._buffers(self.x_val.shape[1])
         val = torch.mean((self.forward(self.x_val, val_buf) - d.y_val) ** 2, dim=(1, 2))
         # sum over batches of (batch mean x batch size) / n, as train.py adds it up: the mean of all
