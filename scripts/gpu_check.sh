@@ -19,5 +19,5 @@ step "raw engine (1,024 mixed models vs train.py, eager and as CUDA graphs), the
 step "standard vs batched, same budget" \
   timeout 120 python3 scripts/bench.py --device cuda --raw 0 --n-trials 64 --max-epochs 30
 tmp=$(mktemp -d)
-step "sinstudy run + plot on the GPU (default device auto)" bash -c "cd $tmp && timeout 90 python3 -m study run --n-trials 40 --max-epochs 50 --no-progress && timeout 60 python3 -m study plot >/dev/null && ls plots | wc -l"
+step "sinstudy run + plot on the GPU (default device auto)" bash -c "cd $tmp && timeout 90 python3 -m study run --n-trials 40 --max-epochs 50 --no-progress && timeout 60 python3 -m study plot >/dev/null && ls storage/plots/sinstudy | wc -l"
 exit $status

@@ -15,7 +15,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from .data import TWO_PI, normalize
+from .data import TWO_PI, scale_inputs
 
 EVALUATORS = ("ped-anova", "fanova")
 MIN_TRIALS_FOR_IMPORTANCE = 5  # complete trials; below this importances are noise (or fail)
@@ -79,10 +79,11 @@ def top_trials(study: optuna.Study, k: int = 10) -> list[FrozenTrial]:
 
 
 @torch.no_grad()
-def fit(model: nn.Module, n: int = 1000) -> Fit:
-    """The model's prediction on a dense grid over [0, 2*pi) (cell centres, as the test set)."""
+def fit(model: nn.Module, n: int = 1000, scaling: str = "unit") -> Fit:
+    """The model's prediction on a dense grid over [0, 2*pi) (cell centres, as the test set),
+    fed as it was trained (`scaling`: the study's data.input_scaling)."""
     x = (torch.arange(n, dtype=torch.float64) + 0.5) * (TWO_PI / n)
-    pred = model(normalize(x).float().unsqueeze(1)).squeeze(1).double()
+    pred = model(scale_inputs(x, scaling).float().unsqueeze(1)).squeeze(1).double()
     target = torch.sin(x)
     resid = pred - target
     return Fit(x.numpy(), target.numpy(), pred.numpy(), resid.numpy(), float(torch.mean(resid**2)))
@@ -106,3 +107,24 @@ def params_text(params: dict) -> str:
 
 def fmt_mse(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.3e}"
+
+
+def _spread(t: FrozenTrial, text: str, std_key: str) -> str:
+    """A trial with repeats: its mean, +- the standard deviation over its seeds."""
+    std = t.user_attrs.get(std_key)
+    if std is None or text == "n/a":
+        return text
+    return f"{text} ± {std:.1e}" if math.isfinite(std) else text
+
+
+def mse_texts(t: FrozenTrial) -> tuple[str, str]:
+    """The trial's validation and test MSE; with repeats, each the mean over its seeds ± their
+    standard deviation."""
+    return (_spread(t, fmt_mse(t.value), "val_mse_std"),
+            _spread(t, fmt_mse(t.user_attrs.get("test_mse")), "test_mse_std"))
+
+
+def repeats_text(t: FrozenTrial) -> str:
+    """'' for one model per trial, else ' (mean of 3 seeds)'."""
+    n = t.user_attrs.get("repeats", 1)
+    return f" (mean of {n} seeds)" if n > 1 else ""

@@ -37,24 +37,26 @@ def build_model(tcfg: TrainConfig, state: State) -> nn.Sequential:
     return model.eval()
 
 
-def save_model(tcfg: TrainConfig, state: State, path: Path) -> None:
-    """Weights plus the TrainConfig that rebuilds them: enough for later commands, no retraining."""
-    torch.save({"train_config": asdict(tcfg), "state_dict": {k: torch.as_tensor(v) for k, v in state.items()}}, path)
+def save_model(tcfg: TrainConfig, state: State, path: Path, scaling: str = "unit") -> None:
+    """Weights plus the TrainConfig that rebuilds them and how inputs were scaled (data.scale_inputs):
+    enough for later commands, no retraining."""
+    torch.save({"train_config": asdict(tcfg), "input_scaling": scaling,
+                "state_dict": {k: torch.as_tensor(v) for k, v in state.items()}}, path)
 
 
 def upload_model(store: FileSystemArtifactStore, trial: optuna.Trial | FrozenTrial, number: int, tcfg: TrainConfig,
-                 state: State, storage: optuna.storages.BaseStorage | None = None) -> str:
+                 state: State, storage: optuna.storages.BaseStorage | None = None, *, scaling: str = "unit") -> str:
     """A new best's weights and its fit image as artifacts of its (still running) trial: Optuna
     takes no artifacts on finished trials. Returns the weights' artifact id."""
     from . import plots  # plotly and matplotlib: loaded only when a new best is drawn
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_FILE
-        save_model(tcfg, state, path)
+        save_model(tcfg, state, path, scaling)
         artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
                                       storage=storage, mimetype="application/octet-stream")
         image = Path(tmp) / f"fit-trial-{number:04d}.png"
-        plots.fit_png(analysis.fit(build_model(tcfg, state)), image, title=f"trial #{number} vs sin(x)")
+        plots.fit_png(analysis.fit(build_model(tcfg, state), scaling=scaling), image, title=f"trial #{number} vs sin(x)")
         upload_artifact(artifact_store=store, file_path=str(image), study_or_trial=trial, storage=storage, mimetype="image/png")
     return artifact_id
 
@@ -66,12 +68,13 @@ def best_fit(study: optuna.Study, artifact_dir: str | Path):
     if not top or "model_artifact" not in top[0].user_attrs:
         return None, None
     with tempfile.TemporaryDirectory() as tmp:
-        model, _ = load_model(top[0], artifact_dir, tmp)
-    return analysis.fit(model), top[0]
+        model, _, scaling = load_model(top[0], artifact_dir, tmp)
+    return analysis.fit(model, scaling=scaling), top[0]
 
 
-def load_model(trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """The trial's stored best-epoch weights, rebuilt as a CPU model in eval mode."""
+def load_model(trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path) -> tuple[nn.Module, TrainConfig, str]:
+    """The trial's stored best-epoch weights, rebuilt as a CPU model in eval mode, its config
+    and the input scaling it was trained with (data.scale_inputs)."""
     artifact_id = trial.user_attrs.get("model_artifact")
     if artifact_id is None:
         raise ConfigError(f"trial {trial.number} has no stored model; only trials that were best when they finished keep one")
@@ -84,4 +87,4 @@ def load_model(trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path
     tcfg = TrainConfig(**tc)
     model = build_mlp(tcfg.widths, tcfg.activation)
     model.load_state_dict(saved["state_dict"])
-    return model.eval(), tcfg
+    return model.eval(), tcfg, saved.get("input_scaling", "unit")

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help=f"sampler and weight seed (default {DEFAULTS.seed})")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--engine", help="auto (default: batched), batched or standard")
-    run.add_argument("--slots", type=int, help="trials the batched engine trains at once, per worker (default 32 on CPU, 1024 on GPU)")
+    run.add_argument("--repeats", type=int, help="models per trial, one per seed; the trial's value is their mean curve's best (default 1)")
+    run.add_argument("--slots", type=int, help="models the batched engine trains at once, per worker (default 32 on CPU, 1024 on GPU)")
     run.add_argument("--workers", type=int, help="worker processes on this machine sharing the study, one engine each (default 1)")
     run.add_argument("--devices", type=_id_list, help="GPU ids, one worker (one batched engine) per GPU, e.g. 0,1,2,3")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     _artifact_arg(report)
 
     comp = sub.add_parser("compare", help="redo one of the course report's comparisons, with repeats")
-    comp.add_argument("factor", help="depth, width, lr, scheduler or activation")
+    comp.add_argument("factor", help="depth, width, lr, scheduler, activation, or report (which setting gives the report's numbers)")
     comp.add_argument("--max-epochs", type=int, default=1000, help="epochs per run (default 1000, as in the report)")
-    comp.add_argument("--seeds", type=int, default=3, help="runs per cell (default 3)")
+    comp.add_argument("--seeds", type=int, default=3, help="seeds per cell, trained side by side (default 3)")
+    comp.add_argument("--setup", default="default", help="what is held fixed: default (sinstudy's data and Adam) or report "
+                      "(the course report's setting: raw x, 4,800 points, plain SGD)")
     comp.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
     comp.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     comp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -99,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         toml, study=args.study, storage=args.storage, n_trials=args.n_trials, timeout=args.timeout,
         max_epochs=args.max_epochs, sampler=args.sampler, pruner=args.pruner, seed=args.seed, device=args.device,
         workers=args.workers, devices=args.devices, engine=args.engine, slots=args.slots,
+        repeats=args.repeats,
     )
     summary = runner.run(cfg, progress=not args.no_progress)
     print(format_summary(summary))
@@ -172,29 +176,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.factor not in compare.FACTORS:
         raise ConfigError(f"unknown comparison {args.factor!r}; choose one of: {', '.join(compare.FACTORS)}")
+    if args.setup not in compare.SETUPS:
+        raise ConfigError(f"unknown --setup {args.setup!r}; choose one of: {', '.join(compare.SETUPS)}")
     config_mod.validate_train(config_mod.TrainConfig(max_epochs=args.max_epochs))
-    if args.seeds < 2:
-        raise ConfigError(f"--seeds must be >= 2 for a spread (got {args.seeds})")
+    if not 2 <= args.seeds <= config_mod.MAX_REPEATS:
+        raise ConfigError(f"--seeds must be from 2 (a spread) to {config_mod.MAX_REPEATS} (got {args.seeds})")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the bar and the table say it all
     device = resolve_device(args.device, say=lambda line: print(line, file=sys.stderr))
-    storage = storage_mod.load(args.storage or DEFAULTS.storage)
+    url = args.storage or DEFAULTS.storage
+    storage_mod.check(url)  # read-only: a bad URL or a foreign file is one line, nothing written
     cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
-    bar = tqdm(total=cells * args.seeds, unit="run", disable=args.no_progress, desc=f"compare {args.factor}")
-    rows = compare.run(args.factor, storage, epochs=args.max_epochs, seeds=args.seeds, device=str(device),
-                       log_dir=DEFAULTS.log_dir, progress=lambda t: bar.update(1))
-    bar.close()
+    bar = tqdm(total=cells, unit="cell", disable=args.no_progress, desc=f"compare {args.factor} ({args.seeds} seeds per cell)")
+    try:
+        rows = compare.run(args.factor, url, epochs=args.max_epochs, seeds=args.seeds, device=str(device), setup=args.setup,
+                           log_dir=DEFAULTS.log_dir, artifact_dir=DEFAULTS.artifact_dir, progress=lambda n: bar.update(1))
+    finally:
+        bar.close()
     text = "\n".join([
         f"## compare {args.factor}: {compare.FACTORS[args.factor](args.max_epochs).question}",
-        "", compare.describe_base(args.max_epochs) + f"; {args.seeds} seeds per cell, device {device}", "",
+        "", compare.describe_base(args.max_epochs, args.setup) + f"; {args.seeds} seeds per cell, device {device}", "",
         compare.table(rows), "", *[f"- {v}" for v in compare.verdicts(args.factor, rows)],
     ])
-    out = Path(f"storage/compare/{args.factor}-e{args.max_epochs}.md")
+    name = compare.study_name(args.factor, args.max_epochs, args.seeds, args.setup)
+    out = Path(f"storage/compare/{name.removeprefix('compare-')}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     print(text)
-    print(f"\n(table saved to {out}; curves: tensorboard --logdir {DEFAULTS.log_dir}/compare-{args.factor}-e{args.max_epochs})")
+    print(f"\n(table saved to {out}; curves: tensorboard --logdir {DEFAULTS.log_dir}/{name})")
     return 0
 
 

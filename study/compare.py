@@ -1,9 +1,10 @@
 """`sinstudy compare FACTOR`: the course report's comparisons, redone with repeats.
 
-Each factor is a small grid study (`compare-<factor>-e<epochs>` in the same storage): every cell
-of the factor, `seeds` runs per cell (different weights and batch order), everything else held
-at BASE. Cells run through Optuna (enqueued trials, no pruning), so curves land in TensorBoard
-and the dashboard like any trial, and an interrupted comparison resumes with the missing runs.
+Each factor is a small grid study (`compare-<factor>-e<epochs>-s<seeds>` in the same storage):
+one trial per cell of the factor, with `seeds` repeats (different weights and batch order; the
+same seeds in every cell), everything else held at BASE. All cells and seeds train at once in
+the batched engine (enqueued trials, no pruning), so curves land in TensorBoard and the
+dashboard like any trial's, and an interrupted comparison resumes with the cells it lacks.
 The table gives mean +- std over seeds; each verdict states its test and what it found.
 """
 
@@ -13,17 +14,20 @@ import json
 import math
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+import torch
+
+from . import config, interrupt
+from .batched.engine import run_batched
 from .config import ConfigError, DataConfig, TrainConfig
-from .data import make_data
-from .trial_attrs import result_attrs
-from .tracking import TrialLogger
-from .train import train
+from .opening import open_study_storage
+from .pool import Budget
 
 # Held fixed unless a factor varies it: the report trained with ReLU and no schedule; it named
 # no optimizer (Adam here) and no widths (32 here).
@@ -31,8 +35,27 @@ BASE = TrainConfig(depth=2, width=32, activation="relu", lr=1e-3, optimizer="ada
 
 
 @dataclass(frozen=True)
+class Setup:
+    """What a comparison holds fixed: the training defaults and the data."""
+
+    train: TrainConfig
+    data: DataConfig
+    about: str
+
+
+SETUPS = {
+    "default": Setup(BASE, DataConfig(), "data as `sinstudy run`"),
+    # The report's setting as measured (`sinstudy compare report`; docs/results.md): plain SGD
+    # on raw x over 4,800 training points (75 steps per epoch at batch 64, its "30k steps by
+    # epoch 400").
+    "report": Setup(replace(BASE, optimizer="sgd", momentum=0.0, lr=1e-3),
+                    DataConfig(n_train=4800, input_scaling="raw"), "raw x, 4,800 training points (the report's setting)"),
+}
+
+
+@dataclass(frozen=True)
 class Factor:
-    cells: dict[str, dict[str, Any]]  # cell name -> TrainConfig fields it changes
+    cells: dict[str, dict[str, Any]]  # cell name -> TrainConfig fields it changes (and "data": DataConfig fields)
     report: dict[str, str]  # cell name -> what the report found for it
     question: str
 
@@ -40,6 +63,24 @@ class Factor:
 def _step(epochs: int) -> dict[str, Any]:
     return {"scheduler": "step", "step_size": max(1, epochs // 4), "gamma": 0.3}
 
+
+# The course report's final test MSE of its two networks (its section 3.1).
+REPORT_TEST_MSE = {"shallow": 5.0585e-3, "deep": 1.4184e-3}
+NETS = {"shallow": {"depth": 1}, "deep": {"depth": 4}}  # at the base width, as `compare depth`
+# Candidate causes of the gap between the report's numbers and sinstudy's: each a setting
+# the report leaves open (optimizer, learning rate, input scaling, training-set size).
+_RAW, _RAW_4800 = {"input_scaling": "raw"}, {"input_scaling": "raw", "n_train": 4800}
+_SGD = {"optimizer": "sgd", "momentum": 0.0}
+HYPOTHESES: dict[str, dict[str, Any]] = {
+    "sinstudy's setting": {},
+    "raw x": {"data": _RAW},
+    "raw x, 4800 points": {"data": _RAW_4800},
+    "SGD 1e-3": {**_SGD, "lr": 1e-3},
+    "raw x, SGD 1e-3": {**_SGD, "lr": 1e-3, "data": _RAW},
+    "raw x, 4800 points, SGD 1e-3": {**_SGD, "lr": 1e-3, "data": _RAW_4800},
+    "raw x, 4800 points, SGD 1e-4": {**_SGD, "lr": 1e-4, "data": _RAW_4800},
+    "raw x, 4800 points, SGD 1e-2": {**_SGD, "lr": 1e-2, "data": _RAW_4800},
+}
 
 FACTORS: dict[str, Callable[[int], Factor]] = {
     "depth": lambda e: Factor(
@@ -62,6 +103,11 @@ FACTORS: dict[str, Callable[[int], Factor]] = {
         {"no schedule": "", "step schedule": "larger test MSE, smaller validation MSE"},
         "is a schedule worse on test but better on validation, as the report found?",
     ),
+    "report": lambda e: Factor(
+        {f"{h} / {net}": {**cell, **arch} for h, cell in HYPOTHESES.items() for net, arch in NETS.items()},
+        {f"{h} / {net}": f"test MSE {REPORT_TEST_MSE[net]}" for h in HYPOTHESES for net in NETS},
+        "which setting gives the report's test MSE (deep 1.4e-3, shallow 5.1e-3) within 2x?",
+    ),
     "activation": lambda e: Factor(
         {"relu": {}, "tanh": {"activation": "tanh"}, "none (identity)": {"activation": "identity"}},
         {"relu": "converged and fit", "none (identity)": "did not converge or fit"},
@@ -79,6 +125,17 @@ class CellStats:
     val: tuple[float, float]  # best validation MSE
     final_val: tuple[float, float]
     report: str
+    settled: int | None = None  # first epoch of the mean validation curve within 2x of its best
+
+
+def settled(curve: dict[int, float]) -> int | None:
+    """The first epoch whose (mean) validation MSE is within 2x of the curve's best: where a
+    loss plot on a log scale stops visibly falling, what the report calls converged."""
+    finite = {e: v for e, v in curve.items() if math.isfinite(v)}
+    if not finite:
+        return None
+    best = min(finite.values())
+    return min(e for e, v in finite.items() if v <= 2 * best)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -87,57 +144,92 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def cell_config(factor: Factor, cell: str, seed: int, epochs: int) -> TrainConfig:
-    return replace(BASE, max_epochs=epochs, seed=seed, **factor.cells[cell])
+def cell_config(factor: Factor, cell: str, seed: int, epochs: int, setup: Setup = SETUPS["default"]) -> TrainConfig:
+    fields = {k: v for k, v in factor.cells[cell].items() if k != "data"}
+    return replace(setup.train, max_epochs=epochs, seed=seed, **fields)
 
 
-def run(name: str, storage: optuna.storages.BaseStorage, *, epochs: int, seeds: int, device: str,
-        log_dir: str, data_cfg: DataConfig = DataConfig(), progress: Callable[[FrozenTrial], None] | None = None) -> list[CellStats]:
-    """Run the missing (cell, seed) runs of one factor and return its statistics."""
+def cell_data(factor: Factor, cell: str, setup: Setup = SETUPS["default"]) -> DataConfig:
+    return replace(setup.data, **factor.cells[cell].get("data", {}))
+
+
+def study_name(name: str, epochs: int, seeds: int, setup: str = "default") -> str:
+    return f"compare-{name}-e{epochs}-s{seeds}" + ("" if setup == "default" else f"-{setup}")
+
+
+def run(name: str, url: str, *, epochs: int, seeds: int, device: str, log_dir: str, artifact_dir: str,
+        setup: str = "default", progress: Callable[[int], None] | None = None) -> list[CellStats]:
+    """Train the missing cells of one factor and return its statistics. A cell is one trial of a
+    grid study with `seeds` repeats (seeds 0..seeds-1, the same in every cell, so the cells differ
+    only in what they vary); the cells x seeds of one data set train at once in the batched
+    engine (one engine run per data set), no pruning. `progress(n)`: n cells finished."""
     if name not in FACTORS:
         raise ConfigError(f"unknown comparison {name!r}; choose one of: {', '.join(FACTORS)}")
-    factor = FACTORS[name](epochs)
-    study_name = f"compare-{name}-e{epochs}"
-    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True, pruner=optuna.pruners.NopPruner())
-    done = {(t.params["cell"], t.params["seed"]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
-    missing = [(c, s) for c in factor.cells for s in range(seeds) if (c, s) not in done]
-    for cell, seed in missing:
-        study.enqueue_trial({"cell": cell, "seed": seed})
-    data = make_data(data_cfg, device)
+    if setup not in SETUPS:
+        raise ConfigError(f"unknown setup {setup!r}; choose one of: {', '.join(SETUPS)}")
+    factor, fixed = FACTORS[name](epochs), SETUPS[setup]
+    by_data: dict[DataConfig, list[str]] = {}
+    for cell in factor.cells:
+        by_data.setdefault(cell_data(factor, cell, fixed), []).append(cell)
+    for data in by_data:
+        config.validate(config.StudyConfig(data=data))
+    cfgs = {data: config.build({"data": asdict(data)}, study=study_name(name, epochs, seeds, setup), storage=url,
+                               max_epochs=epochs, pruner="none", repeats=seeds, device=device, engine="batched",
+                               log_dir=log_dir, artifact_dir=artifact_dir, slots=len(cells) * seeds)
+            for data, cells in by_data.items()}
+    storage = open_study_storage(next(iter(cfgs.values())))
+    study = optuna.create_study(study_name=study_name(name, epochs, seeds, setup), storage=storage, load_if_exists=True,
+                                pruner=optuna.pruners.NopPruner())
+    trials = study.get_trials(deepcopy=False)
+    done = {t.params.get("cell") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    queued = {t.params.get("cell") for t in trials if t.state == TrialState.WAITING}
+    finished = [0]
 
-    def objective(trial: optuna.Trial) -> float:
-        cell = trial.suggest_categorical("cell", list(factor.cells))
-        seed = trial.suggest_int("seed", 0, max(seeds - 1, 0))
-        cfg = cell_config(factor, cell, seed, epochs)
-        logger = TrialLogger(log_dir, study_name, trial.number)
-        result = train(cfg, data, on_epoch=logger.log_epoch)
-        logger.close({"cell": cell, "seed": seed, **{k: str(v) for k, v in factor.cells[cell].items()}},
-                     {"val_mse": result.best_val_mse, "test_mse": result.test_mse})
-        for k, v in result_attrs(result, cfg).items():
-            trial.set_user_attr(k, v)
-        if result.diverged:
-            trial.set_user_attr("pruned_reason", result.diverged)
-            raise optuna.TrialPruned(result.diverged)
-        return result.best_val_mse
+    def on_trial(number: int, state: TrialState, value: float | None) -> None:
+        finished[0] += 1
+        if progress:
+            progress(finished[0])
 
-    callbacks = [lambda s, t: progress(t)] if progress else []
-    study.optimize(objective, n_trials=len(missing), callbacks=callbacks)
+    Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+    # One data set at a time, in a fixed order: queued trials (from an interrupted run) always
+    # belong to the first data set with cells left, so each engine takes only its own.
+    for data, cells in by_data.items():
+        todo = [c for c in cells if c not in done]
+        if not todo:
+            continue
+        for cell in todo:
+            if cell not in queued:
+                study.enqueue_trial({"cell": cell})
+
+        def configure(trial: optuna.Trial, number: int, cells=cells) -> list[TrainConfig]:
+            cell = trial.suggest_categorical("cell", list(factor.cells))
+            if cell not in cells:
+                raise RuntimeError(f"queued cell {cell!r} belongs to another data set")
+            return [cell_config(factor, cell, seed, epochs, fixed) for seed in range(seeds)]
+
+        with interrupt.handle_signals():
+            run_batched(cfgs[data], Budget(len(todo), None), seed=0, device=torch.device(device), on_trial=on_trial,
+                        storage=storage, configure=configure)
+        if interrupt.requested():
+            raise KeyboardInterrupt
     if "base" not in study.user_attrs:
-        study.set_user_attr("base", json.dumps(asdict(replace(BASE, max_epochs=epochs))))
+        study.set_user_attr("base", json.dumps({"train": asdict(replace(fixed.train, max_epochs=epochs)), "data": asdict(fixed.data)}))
     return stats(study, factor, seeds)
 
 
 def stats(study: optuna.Study, factor: Factor, seeds: int) -> list[CellStats]:
+    """Mean +- std over each cell's seeds, from the per-seed values its trial stores."""
     rows = []
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     for cell in factor.cells:
-        ts = [t for t in trials if t.params.get("cell") == cell and t.params.get("seed", 0) < seeds]
-        def attr(key: str) -> tuple[float, float]:
-            return _mean_std([float(t.user_attrs.get(key, math.inf)) for t in ts])
+        t = next((t for t in trials if t.params.get("cell") == cell and "test_mse_per_seed" in t.user_attrs), None)
 
-        best_val = _mean_std([t.value if t.state == TrialState.COMPLETE else math.inf for t in ts])
-        rows.append(CellStats(cell, len(ts), attr("test_mse"), attr("final_test_mse"), best_val,
-                              attr("final_val_mse"), factor.report.get(cell, "")))
+        def attr(key: str) -> tuple[float, float]:
+            return _mean_std([float(v) for v in t.user_attrs[f"{key}_per_seed"]] if t else [])
+
+        rows.append(CellStats(cell, len(t.user_attrs["seeds"]) if t else 0, attr("test_mse"), attr("final_test_mse"),
+                              attr("val_mse"), attr("final_val_mse"), factor.report.get(cell, ""),
+                              settled(t.intermediate_values) if t else None))
     return rows
 
 
@@ -183,6 +275,17 @@ def verdicts(name: str, rows: list[CellStats]) -> list[str]:
                 f"{'reproduced' if test_worse and val_better else 'not reproduced'}"
             )
         return out
+    if name == "report":
+        out = []
+        for h in HYPOTHESES:
+            got = {net: r[f"{h} / {net}"] for net in NETS}
+            ratios = {net: got[net].test[0] / REPORT_TEST_MSE[net] for net in NETS}
+            close = all(0.5 <= x <= 2.0 for x in ratios.values())
+            out.append(f"{h}: deep {got['deep'].test[0]:.2e} ({ratios['deep']:.2g}x the report's), shallow "
+                       f"{got['shallow'].test[0]:.2e} ({ratios['shallow']:.2g}x), settled by epoch "
+                       f"{got['deep'].settled} / {got['shallow'].settled} -> "
+                       f"{'reproduces the report within 2x' if close else 'does not reproduce it'}")
+        return out
     act, lin = r["relu"], r["none (identity)"]
     fits = act.test[0] < 1e-2 and lin.test[0] > 0.1
     return [f"relu {act.test[0]:.2e} vs no activation {lin.test[0]:.2e} test MSE: "
@@ -190,17 +293,20 @@ def verdicts(name: str, rows: list[CellStats]) -> list[str]:
             "(report: only with the activation did it converge)"]
 
 
-def describe_base(epochs: int) -> str:
-    b = replace(BASE, max_epochs=epochs)
-    return (f"held fixed unless the cell varies it: depth {b.depth}, width {b.width}, {b.activation}, {b.optimizer} lr {b.lr:g}, "
-            f"no schedule, batch {b.batch_size}, {epochs} epochs; data as `sinstudy run`")
+def describe_base(epochs: int, setup: str = "default") -> str:
+    fixed = SETUPS[setup]
+    b = replace(fixed.train, max_epochs=epochs)
+    opt = f"SGD (momentum {b.momentum:g})" if b.optimizer == "sgd" else b.optimizer
+    return (f"held fixed unless the cell varies it: depth {b.depth}, width {b.width}, {b.activation}, {opt} lr {b.lr:g}, "
+            f"no schedule, batch {b.batch_size}, {epochs} epochs; {fixed.about}")
 
 
 def table(rows: list[CellStats]) -> str:
     def ms(v: tuple[float, float]) -> str:
         return f"{v[0]:.2e} +- {v[1]:.1e}"
 
-    lines = ["| cell | runs | test MSE (best epoch) | test MSE (final) | val MSE (best) | val MSE (final) | report |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.cell} | {r.n} | {ms(r.test)} | {ms(r.final_test)} | {ms(r.val)} | {ms(r.final_val)} | {r.report} |" for r in rows]
+    lines = ["| cell | seeds | test MSE (best epoch) | test MSE (final) | val MSE (best) | val MSE (final) | settled | report |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.cell} | {r.n} | {ms(r.test)} | {ms(r.final_test)} | {ms(r.val)} | {ms(r.final_val)} | {r.settled or ''} "
+              f"| {r.report} |" for r in rows]
     return "\n".join(lines)

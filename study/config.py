@@ -19,8 +19,9 @@ SCHEDULERS = ("none", "step", "cosine", "exponential")
 SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes")
 PRUNERS = ("hyperband", "median", "sha", "none")
 SAMPLINGS = ("uniform", "grid")
+INPUT_SCALINGS = ("unit", "raw")
 ENGINES = ("auto", "batched", "standard")
-DEFAULT_SLOTS = {"cpu": 32, "cuda": 1024}  # trials the batched engine trains at once, by device type
+DEFAULT_SLOTS = {"cpu": 32, "cuda": 1024}  # models the batched engine trains at once, by device type
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,8 @@ class DataConfig:
     """how train/validation x are drawn: uniform (random) or grid"""
     seed: int = 0
     """seed of the data draw; the same seed gives the same sets on every device"""
+    input_scaling: str = "unit"
+    """what the network is fed: unit (x / pi - 1, in [-1, 1)) or raw (x itself, in [0, 2*pi))"""
 
 
 @dataclass(frozen=True)
@@ -120,14 +123,18 @@ class StudyConfig:
     pruner: str = "hyperband"
     """hyperband, median, sha (successive halving) or none"""
     seed: int = 0
-    """seed of the sampler and of every trial's weights (trial seed = seed + trial number)"""
+    """seed of the sampler and of every trial's weights (trial k, repeat r: seed + repeats*k + r)"""
+    repeats: int = 1
+    """models per trial, one per seed, trained side by side; the trial reports their mean
+    validation MSE each epoch (pruning acts on the mean curve) and its value is that curve's best"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     engine: str = "auto"
     """batched: many trials as one computation (study/batched/); standard: study.optimize, one at
     a time; auto: batched"""
     slots: int | None = None
-    """trials the batched engine trains at once, per worker (default 32 on CPU, 1024 on a GPU)"""
+    """models the batched engine trains at once, per worker (default 32 on CPU, 1024 on a GPU,
+    at least `repeats`); a trial takes `repeats` of them"""
     workers: int = 1
     """worker processes on this machine sharing the study, one engine each; --n-trials is met
     exactly across them"""
@@ -161,6 +168,7 @@ MAX_DEPTH = 64
 MAX_COUNT = 10_000_000  # trials, epochs
 MAX_SECONDS = 7 * 24 * 3600
 MAX_NAME = 100
+MAX_REPEATS = 1024  # seeds per trial
 _UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
@@ -237,6 +245,10 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _choice("sampler", cfg.sampler, SAMPLERS)
     _choice("pruner", cfg.pruner, PRUNERS)
     _positive_int("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
+    _positive_int("--repeats", cfg.repeats, maximum=MAX_REPEATS)
+    if cfg.slots is not None and cfg.slots < cfg.repeats:
+        raise ConfigError(f"--slots {cfg.slots} cannot hold one trial of --repeats {cfg.repeats}; "
+                          f"give --slots at least {cfg.repeats} (a trial's repeats train side by side)")
     _positive_int("--workers", cfg.workers, maximum=256)
     _choice("engine", cfg.engine, ENGINES)
     if cfg.slots is not None:
@@ -261,6 +273,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _positive_float("data.noise", d.noise, allow_zero=True)
     _choice("data.sampling", d.sampling, SAMPLINGS)
     _positive_int("data.seed", d.seed, minimum=0, maximum=MAX_SEED)
+    _choice("data.input_scaling", d.input_scaling, INPUT_SCALINGS)
     t = cfg.train
     validate_train(t)
     space = validate_space(cfg.space)
@@ -376,6 +389,13 @@ def build(toml: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> St
     except TypeError as e:  # unknown override name: a programming error, not user input
         raise ConfigError(str(e)) from None
     return validate(cfg)
+
+
+def models_at_once(cfg: StudyConfig, device_type: str) -> int:
+    """Models one engine holds at once: the batched engine's slots, the standard engine's repeats."""
+    if cfg.engine == "standard":
+        return cfg.repeats
+    return cfg.slots or max(DEFAULT_SLOTS[device_type], cfg.repeats)
 
 
 def to_dict(cfg: StudyConfig) -> dict[str, Any]:

@@ -27,8 +27,8 @@ def study_note(study: optuna.Study) -> str:
         b = top[0]
         lines += [
             "",
-            f"**Best trial #{b.number}**: validation MSE {analysis.fmt_mse(b.value)}, "
-            f"test MSE {analysis.fmt_mse(b.user_attrs.get('test_mse'))} (course report's best: {REPORT_BEST_TEST_MSE:.3e}).",
+            f"**Best trial #{b.number}**{analysis.repeats_text(b)}: validation MSE {analysis.mse_texts(b)[0]}, "
+            f"test MSE {analysis.mse_texts(b)[1]} (course report's best: {REPORT_BEST_TEST_MSE:.3e}).",
             "",
             f"Params: `{analysis.params_text(b.params)}`. Its weights and fit plot are artifacts on its trial page.",
         ]

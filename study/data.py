@@ -2,9 +2,9 @@
 
 Train and validation x are drawn uniformly at random (or on a grid); the test set is a dense grid
 at half-step offsets, so no test point coincides with a grid-sampled training point. Inputs are
-rescaled to [-1, 1) before they reach the network (`normalize`): raw x up to 6.28 saturates tanh
-and sigmoid units at initialisation and costs every activation but ReLU an order of magnitude in
-final MSE. No DataLoader: for tensors already in memory it only adds per-batch Python overhead.
+rescaled to [-1, 1) before they reach the network (`scale_inputs`; `input_scaling = "raw"` feeds
+x itself, as the course report did): raw x up to 6.28 saturates tanh and sigmoid units at
+initialisation and costs every activation but ReLU an order of magnitude in final MSE. No DataLoader: for tensors already in memory it only adds per-batch Python overhead.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from .config import DataConfig
 TWO_PI = 2 * math.pi
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Map x in [0, 2*pi) to the network's input range [-1, 1)."""
-    return x / math.pi - 1.0
+def scale_inputs(x: torch.Tensor, scaling: str = "unit") -> torch.Tensor:
+    """x in [0, 2*pi) as the network sees it: unit maps it to [-1, 1); raw feeds x itself."""
+    return x / math.pi - 1.0 if scaling == "unit" else x
 
 
 @dataclass(frozen=True)
 class SinData:
-    """Network-ready tensors, each (N, 1), on one device. x_* are normalised inputs."""
+    """Network-ready tensors, each (N, 1), on one device. x_* are scaled inputs (scale_inputs)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -63,7 +63,7 @@ def make_data(cfg: DataConfig, device: torch.device | str = "cpu") -> SinData:
         y_va = y_va + cfg.noise * torch.randn(cfg.n_val, generator=g, dtype=torch.float64)
 
     def put(t: torch.Tensor, inputs: bool = False) -> torch.Tensor:
-        t = normalize(t) if inputs else t
+        t = scale_inputs(t, cfg.input_scaling) if inputs else t
         return t.to(torch.float32).unsqueeze(1).to(device)  # (N, 1)
 
     return SinData(

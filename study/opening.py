@@ -100,9 +100,10 @@ def open_study_storage(cfg: StudyConfig, parsed: storage_mod.StorageURL | None =
 
 
 def _identity(cfg: StudyConfig) -> dict[str, Any]:
-    """What must match for two runs to share a study: the search space and the data."""
+    """What must match for two runs to share a study: the search space, the data and the
+    repeats per trial (a trial's value is a mean over that many seeds)."""
     d = to_dict(cfg)
-    return {"search_space": d["space"], "data": d["data"]}
+    return {"search_space": d["space"], "data": d["data"], "repeats": cfg.repeats}
 
 
 def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
@@ -119,6 +120,7 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
     if stored is None:
         raise ConfigError(f"study {cfg.study!r} was not made by sinstudy; use another --study name")
     stored, identity = json.loads(stored), json.loads(json.dumps(_identity(cfg)))
+    stored.setdefault("repeats", 1)  # studies made before repeats existed had one model per trial
     diff = [k for k in identity if stored.get(k) != identity[k]]
     if diff:
         raise ConfigError(

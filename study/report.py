@@ -46,8 +46,8 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
         _table(["", ""], [
             ["trials", f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed"],
             ["best trial", f"#{best.number}: {analysis.params_text(best.params)}"],
-            ["best validation MSE", analysis.fmt_mse(best.value)],
-            ["its test MSE", f"{analysis.fmt_mse(best.user_attrs.get('test_mse'))} (course report's best: {REPORT_BEST_TEST_MSE:.3e})"],
+            ["best validation MSE", analysis.mse_texts(best)[0] + analysis.repeats_text(best)],
+            ["its test MSE", f"{analysis.mse_texts(best)[1]} (course report's best: {REPORT_BEST_TEST_MSE:.3e})"],
             ["parameters", str(best.user_attrs.get("n_params", "?"))],
             ["epochs per trial", str(cfg.get("train", {}).get("max_epochs", "?"))],
             ["sampler / pruner", f"{cfg.get('sampler', '?')} / {cfg.get('pruner', '?')}"],
@@ -63,7 +63,7 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
     parts += [
         "<h2>Top 10 trials</h2>",
         _table(["trial", "params", "val MSE", "test MSE", "best epoch", "seconds"], [
-            [f"#{t.number}", analysis.params_text(t.params), analysis.fmt_mse(t.value), analysis.fmt_mse(t.user_attrs.get("test_mse")),
+            [f"#{t.number}", analysis.params_text(t.params), *analysis.mse_texts(t),
              str(t.user_attrs.get("best_epoch", "")), f"{t.user_attrs.get('seconds', 0):.1f}"]
             for t in top
         ], left=2),

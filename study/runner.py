@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from . import interrupt, recovery
 from . import storage as storage_mod
-from .config import DEFAULT_SLOTS, StudyConfig
+from .config import StudyConfig, models_at_once
 from .dashboard import publish
 from .opening import (check_devices, check_folders, check_memory, check_study, check_tensorboard_owner,
                       claim_tensorboard_folder, open_study, open_study_storage, resolve_device, storage_advice)
@@ -44,7 +44,7 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
         torch.backends.cudnn.allow_tf32 = False
     placements = worker_devices(cfg, str(device))
     # models held at once on one device: every CPU worker shares this machine, GPU workers their card
-    per_worker = (cfg.slots or DEFAULT_SLOTS[device.type]) if cfg.engine == "batched" else 1
+    per_worker = models_at_once(cfg, device.type)
     sharing = Counter(env.get("CUDA_VISIBLE_DEVICES") for _, env in placements)
     check_memory(cfg, device, per_worker * max(sharing.values()))
     parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
@@ -25,8 +26,8 @@ from .opening import make_pruner, make_sampler, open_study_storage
 from .recovery import JournalHeartbeat, sweep_stale
 from .space import grid_started, suggest
 from .tracking import TrialLogger
-from .train import EpochLog, train
-from .trial_attrs import result_attrs, start_attrs, trial_seed
+from .train import EpochLog, train, train_repeats
+from .trial_attrs import outcome, start_attrs, trial_seed
 
 
 class Objective:
@@ -47,8 +48,10 @@ class Objective:
             self.seconds_inside += time.perf_counter() - start
 
     def _trial(self, trial: optuna.Trial) -> float:
-        tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=trial_seed(self.cfg, trial.number))
-        for k, v in start_attrs("standard", tcfg.seed).items():
+        seeds = [trial_seed(self.cfg, trial.number, r) for r in range(self.cfg.repeats)]
+        tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=seeds[0])
+        tcfgs = [replace(tcfg, seed=s) for s in seeds]
+        for k, v in start_attrs("standard", tcfg.seed, self.cfg.repeats).items():
             trial.set_user_attr(k, v)
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, trial.number)
         last = {"val_mse": float("inf"), "epoch": 0}
@@ -67,24 +70,29 @@ class Objective:
 
         hparams = dict(trial.params)
         try:
-            result = train(tcfg, self.data, on_epoch=on_epoch)
+            if len(tcfgs) == 1:
+                results = [train(tcfg, self.data, on_epoch=on_epoch)]
+            else:  # the seeds in lockstep: the pruner sees their mean curve
+                results = train_repeats(tcfgs, self.data, on_epoch=on_epoch)
         except optuna.TrialPruned:
             logger.close(hparams, {"val_mse": last["val_mse"]})
             raise
         except BaseException:  # interrupted or failed: keep the curve written so far
             logger.writer.close()
             raise
-        logger.close(hparams, {"val_mse": result.best_val_mse, "test_mse": result.test_mse})
+        out = outcome(results, tcfgs)
+        logger.close(hparams, {"val_mse": out.value, "test_mse": out.attrs["test_mse"]})
 
-        for k, v in result_attrs(result, tcfg).items():
+        for k, v in out.attrs.items():
             trial.set_user_attr(k, v)
-        if result.diverged:
-            trial.set_user_attr("pruned_reason", result.diverged)
-            raise optuna.TrialPruned(result.diverged)
-        if self.artifact_store is not None and self._is_new_best(trial, result.best_val_mse):
-            artifact_id = upload_model(self.artifact_store, trial, trial.number, tcfg, model_state(result.model))
+        if out.diverged:
+            trial.set_user_attr("pruned_reason", out.diverged)
+            raise optuna.TrialPruned(out.diverged)
+        if self.artifact_store is not None and self._is_new_best(trial, out.value):
+            artifact_id = upload_model(self.artifact_store, trial, trial.number, out.model_cfg, model_state(out.model),
+                                       scaling=self.cfg.data.input_scaling)
             trial.set_user_attr("model_artifact", artifact_id)
-        return result.best_val_mse
+        return out.value
 
     @staticmethod
     def _is_new_best(trial: optuna.Trial, value: float) -> bool:

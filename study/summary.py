@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .analysis import Counts, params_text
+from .analysis import Counts, mse_texts, params_text, repeats_text
 from .config import StudyConfig
 from .storage import redact
 
@@ -89,10 +89,11 @@ def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[
 def describe_trial(t: FrozenTrial) -> list[str]:
     """Lines that describe a finished trial: params, value, test MSE and the key attrs."""
     ua = t.user_attrs
+    val, test = mse_texts(t)
     lines = [
         f"best trial     #{t.number}: {params_text(t.params)}",
-        f"val MSE        {t.value:.3e}  (best epoch {ua.get('best_epoch', '?')} of {ua.get('epochs', '?')})",
-        f"test MSE       {ua.get('test_mse', float('nan')):.3e}  (report's best: {REPORT_BEST_TEST_MSE:.3e})",
+        f"val MSE        {val}  (best epoch {ua.get('best_epoch', '?')} of {ua.get('epochs', '?')}{repeats_text(t).replace(' (', ', ').rstrip(')')})",
+        f"test MSE       {test}  (report's best: {REPORT_BEST_TEST_MSE:.3e})",
         f"parameters     {ua.get('n_params', '?')}, trained in {ua.get('seconds', float('nan')):.1f} s on {ua.get('device', '?')}",
     ]
     if "model_artifact" in ua:

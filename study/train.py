@@ -76,26 +76,30 @@ def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return torch.mean((model(x) - y) ** 2).item()  # note: a device sync on GPU, once per epoch
 
 
-def train(
-    cfg: TrainConfig,
-    data: SinData,
-    *,
-    on_epoch: Callable[[EpochLog], None] | None = None,
-) -> TrainResult:
-    start = time.perf_counter()
-    device = data.device
-    model = init_model(cfg.widths, cfg.activation, cfg.seed, device)
-    opt = make_optimizer(cfg, model.parameters())
-    order = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order, same on every device
-    n = data.x_train.shape[0]
+class Training:
+    """One model's training, an epoch at a time: `train()` below is its loop. Kept apart so that
+    a trial's repeats (several seeds) can train in lockstep, epoch by epoch, each exactly as
+    train() trains it; which epoch's weights count as best is the caller's choice (`keep`)."""
 
-    best_val, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
-    val, diverged, epoch = math.inf, None, 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        lr = lr_at(cfg, epoch - 1)
+    def __init__(self, cfg: TrainConfig, data: SinData):
+        self.start = time.perf_counter()
+        self.cfg, self.data = cfg, data
+        self.model = init_model(cfg.widths, cfg.activation, cfg.seed, data.device)
+        self.opt = make_optimizer(cfg, self.model.parameters())
+        self.order = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order, same on every device
+        self.best_val, self.best_epoch, self.best_state = math.inf, 0, copy.deepcopy(self.model.state_dict())
+        self.val, self.diverged, self.epoch = math.inf, None, 0
+
+    def step(self) -> EpochLog | None:
+        """Train one more epoch; its log, or None when the training loss went non-finite
+        (`diverged` then says why, and the epoch does not count)."""
+        cfg, data, model, opt = self.cfg, self.data, self.model, self.opt
+        device, n = data.device, data.x_train.shape[0]
+        self.epoch += 1
+        lr = lr_at(cfg, self.epoch - 1)
         for group in opt.param_groups:
             group["lr"] = lr
-        perm = torch.randperm(n, generator=order).to(device)
+        perm = torch.randperm(n, generator=self.order).to(device)
         model.train()
         total = torch.zeros((), device=device)
         for i in range(0, n, cfg.batch_size):
@@ -107,29 +111,76 @@ def train(
             total += loss.detach() * idx.numel()
         train_loss = total.item() / n
         if not math.isfinite(train_loss):
-            diverged = f"non-finite training loss in epoch {epoch} (lr={lr:.3g}): training diverged"
-            break
+            self.diverged = f"non-finite training loss in epoch {self.epoch} (lr={lr:.3g}): training diverged"
+            return None
         model.eval()
-        val = mse(model, data.x_val, data.y_val)
-        if val < best_val:
-            best_val, best_epoch = val, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        if on_epoch is not None:
-            on_epoch(EpochLog(epoch, train_loss, val, lr))
+        self.val = mse(model, data.x_val, data.y_val)
+        return EpochLog(self.epoch, train_loss, self.val, lr)
 
-    model.eval()
-    final_test = mse(model, data.x_test, data.y_test) if diverged is None else math.inf
-    model.load_state_dict(best_state)
-    return TrainResult(
-        best_val_mse=best_val,
-        best_epoch=best_epoch,
-        final_val_mse=val,
-        test_mse=mse(model, data.x_test, data.y_test) if best_epoch else math.inf,
-        final_test_mse=final_test,
-        epochs=epoch if diverged is None else epoch - 1,
-        n_params=n_params(model),
-        seconds=time.perf_counter() - start,
-        device=str(device),
-        diverged=diverged,
-        model=model,
-    )
+    def keep(self) -> None:
+        """This epoch's weights are the ones the result describes (value, test MSE, model)."""
+        self.best_val, self.best_epoch = self.val, self.epoch
+        self.best_state = copy.deepcopy(self.model.state_dict())
+
+    def result(self) -> TrainResult:
+        model, data = self.model, self.data
+        model.eval()
+        final_test = mse(model, data.x_test, data.y_test) if self.diverged is None else math.inf
+        model.load_state_dict(self.best_state)
+        return TrainResult(
+            best_val_mse=self.best_val,
+            best_epoch=self.best_epoch,
+            final_val_mse=self.val,
+            test_mse=mse(model, data.x_test, data.y_test) if self.best_epoch else math.inf,
+            final_test_mse=final_test,
+            epochs=self.epoch if self.diverged is None else self.epoch - 1,
+            n_params=n_params(model),
+            seconds=time.perf_counter() - self.start,
+            device=str(data.device),
+            diverged=self.diverged,
+            model=model,
+        )
+
+
+def train(
+    cfg: TrainConfig,
+    data: SinData,
+    *,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> TrainResult:
+    run = Training(cfg, data)
+    while run.epoch < cfg.max_epochs:
+        log = run.step()
+        if log is None:
+            break
+        if log.val_mse < run.best_val:
+            run.keep()
+        if on_epoch is not None:
+            on_epoch(log)
+    return run.result()
+
+
+def train_repeats(
+    cfgs: list[TrainConfig],
+    data: SinData,
+    *,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> list[TrainResult]:
+    """A trial's repeats: one model per config (same but for the seed), in lockstep. Each epoch
+    `on_epoch` gets the MEAN of their logs; the best epoch is that of the mean validation curve,
+    and every model keeps its weights of that epoch. A model whose loss goes non-finite ends
+    them all (`diverged` of its result says which epoch; the others' results are as of then)."""
+    runs = [Training(c, data) for c in cfgs]
+    best = math.inf
+    while runs[0].epoch < cfgs[0].max_epochs:
+        logs = [r.step() for r in runs]
+        if any(log is None for log in logs):
+            break
+        val = sum(log.val_mse for log in logs) / len(logs)
+        if val < best:
+            best = val
+            for r in runs:
+                r.keep()
+        if on_epoch is not None:
+            on_epoch(EpochLog(logs[0].epoch, sum(log.train_loss for log in logs) / len(logs), val, logs[0].lr))
+    return [r.result() for r in runs]

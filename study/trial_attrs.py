@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+
+import torch
 
 from .config import StudyConfig, TrainConfig
 from .train import TrainResult
@@ -13,14 +16,18 @@ from .train import TrainResult
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a trial
 
 
-def trial_seed(cfg: StudyConfig, trial_number: int) -> int:
-    """Trial k trains with seed `seed + k` (its weights and its minibatch order)."""
-    return cfg.seed + trial_number
+def trial_seed(cfg: StudyConfig, trial_number: int, repeat: int = 0) -> int:
+    """Trial k's repeat r (of S = cfg.repeats) trains with seed `seed + S*k + r` (its weights and
+    its minibatch order): with S = 1, seed + k; no two models of a study share a seed."""
+    return cfg.seed + cfg.repeats * trial_number + repeat
 
 
-def start_attrs(engine: str, seed: int) -> dict:
+def start_attrs(engine: str, seed: int, repeats: int = 1) -> dict:
     """Stored when a trial starts, so pruned and failed trials carry them too."""
-    return {"engine": engine, "seed": seed, "worker": WORKER}
+    attrs = {"engine": engine, "seed": seed, "worker": WORKER}
+    if repeats > 1:
+        attrs["repeats"] = repeats
+    return attrs
 
 
 def result_attrs(result: TrainResult, tcfg: TrainConfig) -> dict:
@@ -37,3 +44,54 @@ def result_attrs(result: TrainResult, tcfg: TrainConfig) -> dict:
         "seed": tcfg.seed,
         "train_config": json.dumps(asdict(tcfg)),
     }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A trial's result from its repeats' results, as both engines store it."""
+
+    value: float  # the best of the mean validation curve (one repeat: train.py's best_val_mse)
+    attrs: dict
+    diverged: str | None  # a repeat's divergence, naming its seed when there are several
+    model: torch.nn.Module  # the repeat with the lowest validation MSE at the chosen epoch
+    model_cfg: TrainConfig  # and its config (its seed)
+
+
+def outcome(results: list[TrainResult], tcfgs: list[TrainConfig]) -> Outcome:
+    gone = [(r, c) for r, c in zip(results, tcfgs) if r.diverged]
+    diverged = None if not gone else gone[0][0].diverged if len(results) == 1 else f"seed {gone[0][1].seed}: {gone[0][0].diverged}"
+    i = min(range(len(results)), key=lambda j: results[j].best_val_mse)
+    return Outcome(
+        value=sum(r.best_val_mse for r in results) / len(results),
+        attrs=repeat_attrs(results, tcfgs),
+        diverged=diverged,
+        model=results[i].model,
+        model_cfg=tcfgs[i],
+    )
+
+
+def repeat_attrs(results: list[TrainResult], tcfgs: list[TrainConfig]) -> dict:
+    """A trial's attrs from its repeats (one result per seed, all of the same epoch): the means
+    under the usual names, the spread and every seed's own value beside them. One repeat: exactly
+    result_attrs."""
+    if len(results) == 1:
+        return result_attrs(results[0], tcfgs[0])
+    attrs = result_attrs(results[0], tcfgs[0])  # epochs, best epoch, n_params, device, first seed
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    def std(xs: list[float]) -> float:  # sample standard deviation; inf/nan where a seed diverged
+        m = mean(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if all(map(math.isfinite, xs)) else math.inf
+
+    per = {key: [getattr(r, key) for r in results] for key in ("best_val_mse", "test_mse", "final_val_mse", "final_test_mse")}
+    attrs.update(
+        test_mse=mean(per["test_mse"]), final_val_mse=mean(per["final_val_mse"]), final_test_mse=mean(per["final_test_mse"]),
+        seconds=round(max(r.seconds for r in results), 4), repeats=len(results),  # side by side: the longest
+        val_mse_std=std(per["best_val_mse"]), test_mse_std=std(per["test_mse"]),
+        seeds=[c.seed for c in tcfgs],
+        **{f"{key.removeprefix('best_')}_per_seed": values for key, values in per.items()},
+    )
+    return attrs
+

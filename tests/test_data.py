@@ -5,7 +5,7 @@ import math
 import torch
 
 from study.config import DataConfig
-from study.data import grid_points, make_data, normalize
+from study.data import grid_points, make_data, scale_inputs
 
 
 def _raw(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,15 @@ def test_noise_only_on_train_and_validation():
     torch.testing.assert_close(noisy.y_test, clean.y_test)
 
 
-def test_normalize_maps_interval_ends():
+def test_scale_inputs_maps_interval_ends():
     x = torch.tensor([0.0, math.pi, 2 * math.pi])
-    torch.testing.assert_close(normalize(x), torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(scale_inputs(x), torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(scale_inputs(x, "raw"), x)
+
+
+def test_raw_inputs_are_x_itself_and_the_rest_unchanged():
+    unit, raw = make_data(DataConfig()), make_data(DataConfig(input_scaling="raw"))
+    torch.testing.assert_close(raw.x_train, _raw(unit.x_train).float())
+    torch.testing.assert_close(raw.x_test, _raw(unit.x_test).float())
+    torch.testing.assert_close(raw.y_train, unit.y_train)
+    assert 0.0 <= raw.x_train.min().item() and raw.x_train.max().item() < 2 * math.pi

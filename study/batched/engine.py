@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import optuna
@@ -26,13 +26,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import interrupt
 from ..artifacts import model_state
-from ..config import DEFAULT_SLOTS, StudyConfig
+from ..config import StudyConfig, TrainConfig, models_at_once
 from ..data import make_data
 from ..model import n_params
 from ..opening import open_study_storage
 from ..space import grid_started, suggest
 from ..train import EpochLog, TrainResult, lr_at, mse
-from ..trial_attrs import result_attrs, start_attrs, trial_seed
+from ..trial_attrs import outcome, start_attrs, trial_seed
 from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
 from .writer import SYNC_S, Finish, Start, Writer
@@ -50,6 +50,7 @@ class Live:
     values: dict[int, float] = field(default_factory=dict)  # epoch -> validation MSE
     flushed: int = 0  # epochs already handed to the writer
     epochs: list[tuple[EpochLog, float]] = field(default_factory=list)  # TensorBoard points, wall time
+    best_val: float = math.inf  # the best of the trial's (mean) validation curve so far
 
 
 @dataclass
@@ -64,25 +65,39 @@ def _key(slot: Slot) -> tuple[str, int, int]:
     return slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
 
 
+Configure = Callable[[optuna.Trial, int], list[TrainConfig]]  # (trial, its number) -> one config per repeat
+
+
+def study_configs(cfg: StudyConfig) -> Configure:
+    """A study trial's models: the space's suggestion, once per repeat with the repeat's seed."""
+
+    def configure(trial: optuna.Trial, number: int) -> list[TrainConfig]:
+        tcfg = suggest(trial, cfg.space, cfg.train, seed=trial_seed(cfg, number))
+        return [replace(tcfg, seed=trial_seed(cfg, number, r)) for r in range(cfg.repeats)]
+
+    return configure
+
+
 def run_batched(cfg: StudyConfig, budget, *, seed: int, device: torch.device,
                 on_trial: Callable[[int, TrialState, float | None], None] | None = None,
                 storage: optuna.storages.BaseStorage | None = None,
-                on_writer: Callable[[int], None] = lambda pid: None) -> float:
+                on_writer: Callable[[int], None] = lambda pid: None, configure: Configure | None = None) -> float:
     """One batched engine on this process's device until the budget is spent. Returns its
-    bookkeeping seconds. The caller handles signals (interrupt.handle_signals)."""
+    bookkeeping seconds. The caller handles signals (interrupt.handle_signals). `configure`:
+    what a trial trains (default: the study's search space, `cfg.repeats` seeds)."""
     storage = storage or open_study_storage(cfg)
     study = optuna.load_study(study_name=cfg.study, storage=storage)
-    slots = cfg.slots or DEFAULT_SLOTS[device.type]
-    engine = BatchedEngine(cfg, study.get_trials(deepcopy=False), device, slots=slots, seed=seed,
-                           on_trial=on_trial or (lambda number, state, value: None))
+    engine = BatchedEngine(cfg, study.get_trials(deepcopy=False), device, slots=models_at_once(cfg, device.type), seed=seed,
+                           on_trial=on_trial or (lambda number, state, value: None), configure=configure)
     engine.run(budget, on_writer=on_writer)
     return engine.stats.book_seconds
 
 
 class BatchedEngine:
     def __init__(self, cfg: StudyConfig, stored: list[FrozenTrial], device: torch.device, *, slots: int, seed: int,
-                 on_trial: Callable[[int, TrialState, float | None], None]):
+                 on_trial: Callable[[int, TrialState, float | None], None], configure: Configure | None = None):
         self.cfg, self.device, self.k = cfg, device, slots
+        self.configure = configure or study_configs(cfg)
         self.on_trial = on_trial
         self.data = make_data(cfg.data, device)
         self.stacks: dict[tuple[str, int, int], Stack] = {}
@@ -170,8 +185,7 @@ class BatchedEngine:
         stored, and those still training leave their stacks (the others ended already)."""
         for key, stack in self.stacks.items():
             gone = [k for k, x in enumerate(stack.slots) if x.tag.trial.number in keys]
-            for k in gone:
-                live: Live = stack.slots[k].tag
+            for live in _trials(stack.slots[k] for k in gone):
                 self.mirror.lost(live.trial, live.claim)
             if gone:
                 self._remove(key, set(gone))
@@ -182,21 +196,23 @@ class BatchedEngine:
         new: dict[tuple[str, int, int], list[Slot]] = {}
         starts: list[Start] = []
         t0 = time.perf_counter()
-        while (live < self.k and not interrupt.requested() and not self._grid_started()
+        while (live + self.cfg.repeats <= self.k and not interrupt.requested() and not self._grid_started()
                and budget.claim(queued=bool(self.mirror.waiting))):
             self.writer.claimed()
             trial, claim = self.mirror.ask()
-            seed = trial_seed(self.cfg, claim[1] if claim else trial.number)
-            tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=seed)
+            tcfgs = self.configure(trial, claim[1] if claim else trial.number)
             now = datetime.now()
             starts.append(Start(trial.number, FrozenTrial(
                 number=trial.number, state=TrialState.RUNNING, value=None, datetime_start=now, datetime_complete=None,
-                params=dict(trial.params), distributions=dict(trial.distributions), user_attrs=start_attrs("batched", seed),
+                params=dict(trial.params), distributions=dict(trial.distributions),
+                user_attrs=start_attrs("batched", tcfgs[0].seed, len(tcfgs)),
                 system_attrs=self.mirror.system_attrs(trial), intermediate_values={}, trial_id=0,
             ), claim=claim[0] if claim else None, seen=self.mirror.seen))
-            slot = new_slot(tcfg, self.device, tag=Live(trial, claim, now))
-            new.setdefault(_key(slot), []).append(slot)
-            live += 1
+            tag = Live(trial, claim, now)  # shared by the trial's repeats: one slot per seed, one stack
+            for tcfg in tcfgs:
+                slot = new_slot(tcfg, self.device, tag=tag)
+                new.setdefault(_key(slot), []).append(slot)
+            live += len(tcfgs)
         if starts:
             self.writer.put(starts)
             self.pending.update(st.key for st in starts)
@@ -217,30 +233,47 @@ class BatchedEngine:
                 del self.stacks[key]
         self.dirty.clear()
 
-    def _after_epoch(self, key, loss: list[float], val: list[float]) -> list[tuple[int, TrialState, str | None]]:
-        """Report each slot's epoch to the mirror; returns the slots whose trial ends now."""
+    def _after_epoch(self, key, loss: list[float], val: list[float]) -> list[tuple[list[int], TrialState, str | None]]:
+        """Report each trial's epoch (the mean over its repeats' slots) to the mirror; returns the
+        trials that end now, as (their slots, state, reason)."""
         stack = self.stacks[key]
-        improved = [v < x.best_val for v, x in zip(val, stack.slots)]
-        if any(improved):
+        members = _members(stack)
+        improved = [False] * len(stack.slots)
+        for ks in members.values():
+            mean = sum(val[k] for k in ks) / len(ks)
+            if mean < stack.slots[ks[0]].tag.best_val:
+                for k in ks:
+                    improved[k] = True
+        if any(improved):  # every repeat keeps its weights of the epoch where the mean was best
             stack.keep_best(torch.tensor(improved, device=self.device))
         t0 = time.perf_counter()
         now = time.time()
-        done: list[tuple[int, TrialState, str | None]] = []
-        for k, x in enumerate(stack.slots):
-            live: Live = x.tag
-            if improved[k]:
-                x.best_val, x.best_epoch = val[k], x.epoch
-            if not math.isfinite(loss[k]):
-                reason = f"non-finite training loss in epoch {x.epoch} (lr={lr_at(x.cfg, x.epoch - 1):.3g}): training diverged"
-                done.append((k, TrialState.PRUNED, reason))
+        done: list[tuple[list[int], TrialState, str | None]] = []
+        for ks in members.values():
+            first = stack.slots[ks[0]]
+            live: Live = first.tag
+            epoch, lr = first.epoch, lr_at(first.cfg, first.epoch - 1)
+            mean = sum(val[k] for k in ks) / len(ks)
+            if improved[ks[0]]:
+                live.best_val = mean
+                for k in ks:
+                    stack.slots[k].best_val, stack.slots[k].best_epoch = val[k], epoch
+            bad = [k for k in ks if not math.isfinite(loss[k])]
+            if bad:
+                reason = f"non-finite training loss in epoch {epoch} (lr={lr:.3g}): training diverged"
+                if len(ks) > 1:
+                    reason = f"seed {stack.slots[bad[0]].cfg.seed}: {reason}"
+                done.append((ks, TrialState.PRUNED, reason))
                 continue
-            live.values[x.epoch] = val[k]
-            live.epochs.append((EpochLog(x.epoch, loss[k], val[k], lr_at(x.cfg, x.epoch - 1)), now))
-            live.trial.report(val[k], x.epoch)
+            live.values[epoch] = mean
+            for k in ks:
+                stack.slots[k].last_val = val[k]
+            live.epochs.append((EpochLog(epoch, sum(loss[k] for k in ks) / len(ks), mean, lr), now))
+            live.trial.report(mean, epoch)
             if live.trial.should_prune():
-                done.append((k, TrialState.PRUNED, f"pruner stopped it after epoch {x.epoch}"))
-            elif x.epoch >= x.cfg.max_epochs:
-                done.append((k, TrialState.COMPLETE, None))
+                done.append((ks, TrialState.PRUNED, f"pruner stopped it after epoch {epoch}"))
+            elif epoch >= first.cfg.max_epochs:
+                done.append((ks, TrialState.COMPLETE, None))
         self.stats.book_seconds += time.perf_counter() - t0
         return done
 
@@ -252,28 +285,27 @@ class BatchedEngine:
         self.last_flush = now
         out = {}
         for stack in self.stacks.values():
-            for x in stack.slots:
-                live: Live = x.tag
+            for live in _trials(stack.slots):
                 if len(live.values) > live.flushed:
                     out[live.trial.number] = dict(list(live.values.items())[live.flushed:])
                     live.flushed = len(live.values)
         if out:
             self.writer.put(out)
 
-    def _end(self, ended: list[tuple[tuple, int, TrialState, str | None]]) -> None:
+    def _end(self, ended: list[tuple[tuple, list[int], TrialState, str | None]]) -> None:
         """Tell and hand over the trials that ended this epoch, then take them out of their stacks."""
         t0 = time.perf_counter()
         # Trials that end in the same epoch have no order of their own: complete ones go first,
         # best first, so at most one of them is a new best (its artifacts cost ~0.1 s to write).
         def order(e):
-            key, k, state, _ = e
-            return (state != TrialState.COMPLETE, self.stacks[key].slots[k].best_val if state == TrialState.COMPLETE else 0.0)
+            key, ks, state, _ = e
+            return (state != TrialState.COMPLETE, self.stacks[key].slots[ks[0]].tag.best_val if state == TrialState.COMPLETE else 0.0)
 
-        for key, k, state, reason in sorted(ended, key=order):
-            self._finish(self.stacks[key], k, state, reason)
+        for key, ks, state, reason in sorted(ended, key=order):
+            self._finish(self.stacks[key], ks, state, reason)
         self.stats.book_seconds += time.perf_counter() - t0
         for key in {e[0] for e in ended}:
-            self._remove(key, {k for kk, k, _, _ in ended if kk == key})
+            self._remove(key, {k for kk, ks, _, _ in ended if kk == key for k in ks})
 
     def _remove(self, key, gone: set[int]) -> None:
         stack = self.stacks[key]
@@ -284,25 +316,28 @@ class BatchedEngine:
 
     # ---------------------------------------------------------------- one trial to storage
 
-    def _finish(self, stack: Stack, k: int, state: TrialState, reason: str | None) -> None:
-        """Close a slot's trial as the standard engine would: same attrs, value, curve, artifacts."""
-        x = stack.slots[k]
-        live: Live = x.tag
-        diverged = reason is not None and reason.startswith("non-finite")
-        result = self._result(stack, k, reason if diverged else None) if state == TrialState.COMPLETE or diverged else None
-        attrs = result_attrs(result, x.cfg) if result else {}
+    def _finish(self, stack: Stack, ks: list[int], state: TrialState, reason: str | None) -> None:
+        """Close a trial (its repeats' slots `ks`) as the standard engine would: same attrs,
+        value, curve, artifacts."""
+        live: Live = stack.slots[ks[0]].tag
+        diverged = reason is not None and "non-finite" in reason
+        out = None
+        if state == TrialState.COMPLETE or diverged:
+            out = outcome([self._result(stack, k, diverged) for k in ks], [stack.slots[k].cfg for k in ks])
+        attrs = dict(out.attrs) if out else {}
         if reason:
             attrs["pruned_reason"] = reason
         last = live.values[max(live.values)] if live.values else None
-        value = x.best_val if state == TrialState.COMPLETE else last  # Optuna: a pruned trial keeps its last value
-        metrics = {"val_mse": x.best_val if state == TrialState.COMPLETE else (last if last is not None else math.inf)}
+        value = live.best_val if state == TrialState.COMPLETE else last  # Optuna: a pruned trial keeps its last value
+        metrics = {"val_mse": live.best_val if state == TrialState.COMPLETE else (last if last is not None else math.inf)}
         if "test_mse" in attrs:
             metrics["test_mse"] = attrs["test_mse"]
         new_best = state == TrialState.COMPLETE and value < self.best_value
         if new_best:
             self.best_value = value
         self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state)
-        self._put(live, state, value, attrs, metrics, model_state(result.model) if new_best else None, x.cfg)
+        model = (model_state(out.model), out.model_cfg) if new_best else (None, stack.slots[ks[0]].cfg)
+        self._put(live, state, value, attrs, metrics, *model)
 
     def _put(self, live: Live, state: TrialState, value, attrs: dict, metrics: dict, model, tcfg) -> None:
         self.writer.put(Finish(
@@ -314,28 +349,40 @@ class BatchedEngine:
     def _grid_started(self) -> bool:
         return self.cfg.sampler == "grid" and grid_started(self.mirror.study, self.cfg.space)
 
-    def _result(self, stack: Stack, k: int, reason: str | None) -> TrainResult:
+    def _result(self, stack: Stack, k: int, diverged: bool) -> TrainResult:
         """What train() returns for this slot, from the stack's best and final weights."""
         x = stack.slots[k]
         live: Live = x.tag
-        diverged = reason is not None
         best, final = stack.slot_model(k, "best"), stack.slot_model(k, "final")
         d = self.data
         return TrainResult(
             best_val_mse=x.best_val, best_epoch=x.best_epoch,
-            final_val_mse=live.values[max(live.values)] if live.values else math.inf,
+            final_val_mse=x.last_val,
             test_mse=mse(best, d.x_test, d.y_test) if x.best_epoch else math.inf,
             final_test_mse=math.inf if diverged else mse(final, d.x_test, d.y_test),
             epochs=x.epoch - 1 if diverged else x.epoch, n_params=n_params(final),
             seconds=(datetime.now() - live.started).total_seconds(), device=str(self.device),
-            diverged=reason, model=best,
+            diverged=None, model=best,
         )
 
     def _abandon(self) -> None:
         """Interrupted: write every training trial as FAIL with the curve it has."""
         for stack in self.stacks.values():
-            for x in stack.slots:
-                live: Live = x.tag
+            for live in _trials(stack.slots):
+                x = next(x for x in stack.slots if x.tag is live)
                 self.mirror.tell(live.trial, None, TrialState.FAIL)
                 self._put(live, TrialState.FAIL, None, {"failed_reason": "interrupted"}, {}, None, x.cfg)
         self.stacks.clear()
+
+
+def _trials(slots) -> list[Live]:
+    """The trials of these slots, each once (a trial's repeats share their Live), in slot order."""
+    return list({id(x.tag): x.tag for x in slots}.values())
+
+
+def _members(stack: Stack) -> dict[int, list[int]]:
+    """Each trial's slots in the stack (a trial's repeats always share one: same shape)."""
+    out: dict[int, list[int]] = {}
+    for k, x in enumerate(stack.slots):
+        out.setdefault(id(x.tag), []).append(k)
+    return out

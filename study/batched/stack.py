@@ -153,6 +153,7 @@ class Slot:
     epoch: int = 0  # epochs trained
     best_val: float = math.inf
     best_epoch: int = 0
+    last_val: float = math.inf  # validation MSE of the last epoch its trial reported
     tag: object = None  # the caller's handle (the engine's Live record)
 
 

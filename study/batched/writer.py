@@ -362,7 +362,8 @@ class _Sink:
         number = self.numbers.pop(trial_id)
         attrs = dict(f.attrs)
         if f.model is not None:
-            attrs["model_artifact"] = upload_model(self.store, self.storage.get_trial(trial_id), number, f.tcfg, f.model, self.storage)
+            attrs["model_artifact"] = upload_model(self.store, self.storage.get_trial(trial_id), number, f.tcfg, f.model, self.storage,
+                                                   scaling=self.cfg.data.input_scaling)
         if not finish_trial(self.storage, trial_id, state=f.state, value=f.value, values=f.values, user_attrs=attrs,
                             system_attrs=f.system_attrs, completed=f.completed):
             print(f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for {self.cfg.grace_period} s); "
