@@ -1,7 +1,9 @@
 """Standard engine vs batched engine on the same study budget, in one run.
 
-    python scripts/bench.py [--n-trials 128] [--max-epochs 100] [--space small|default] [--device cpu|cuda]
-                            [--slots K] [--storage sqlite|journal] [--raw K] [--engines standard,batched]
+    python scripts/bench.py [--n-trials 128] [--max-epochs 100] [--space small|default] [--device
+    cpu|cuda]
+                            [--slots K] [--storage sqlite|journal] [--raw K] [--engines
+                            standard,batched]
 
 Printed, in order:
   - unless --raw 0, the raw engine: K models drawn at random from the space (RandomSampler
@@ -29,7 +31,6 @@ import optuna
 
 from study import config, results, runner
 
-
 # Small models (width <= 64): trials cost overhead, not arithmetic, which is what batching
 # removes. The full default space (width up to 256, depth up to 6) is
 # arithmetic-bound on a 2-core CPU; run it with --space default.
@@ -39,15 +40,25 @@ SPACES = {
 }
 
 
-STORAGES = {"sqlite": "sqlite:///{folder}/bench-{engine}.db", "journal": "journal:///{folder}/bench-{engine}.log"}
+STORAGES = {
+    "sqlite": "sqlite:///{folder}/bench-{engine}.db",
+    "journal": "journal:///{folder}/bench-{engine}.log",
+}
 
 
 def one(engine: str, args: argparse.Namespace, folder: Path) -> dict:
     cfg = config.build(
         {"search_space": SPACES[args.space]},
-        study=f"bench-{engine}", storage=STORAGES[args.storage].format(folder=folder, engine=engine), n_trials=args.n_trials,
-        max_epochs=args.max_epochs, seed=args.seed, device=args.device, engine=engine, slots=args.slots,
-        log_dir=str(folder / "tensorboard"), artifact_dir=str(folder / "artifacts"),
+        study=f"bench-{engine}",
+        storage=STORAGES[args.storage].format(folder=folder, engine=engine),
+        n_trials=args.n_trials,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        device=args.device,
+        engine=engine,
+        slots=args.slots,
+        log_dir=str(folder / "tensorboard"),
+        artifact_dir=str(folder / "artifacts"),
     )
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -62,9 +73,14 @@ def one(engine: str, args: argparse.Namespace, folder: Path) -> dict:
     epochs = sum(len(t.intermediate_values) for t in study.trials)
     finished = s.this_run.complete + s.this_run.pruned
     return {
-        "engine": engine, "trials": finished, "complete": s.this_run.complete, "wall_s": wall,
-        "model_steps_per_s": epochs * steps_per_epoch / wall, "trials_per_min": 60 * finished / wall,
-        "bookkeeping": (s.bookkeeping_seconds or math.nan) / wall, "best_val_mse": s.best.value if s.best else math.nan,
+        "engine": engine,
+        "trials": finished,
+        "complete": s.this_run.complete,
+        "wall_s": wall,
+        "model_steps_per_s": epochs * steps_per_epoch / wall,
+        "trials_per_min": 60 * finished / wall,
+        "bookkeeping": (s.bookkeeping_seconds or math.nan) / wall,
+        "best_val_mse": s.best.value if s.best else math.nan,
         "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan,
     }
 
@@ -73,9 +89,9 @@ def raw(args: argparse.Namespace) -> str:
     """The engine without Optuna: model-steps/s of K stacked mixed models vs train.py's loop."""
     import torch
 
+    from study.batched.engine import _key
     from study.batched.stack import Stack, new_slot
     from study.data import make_data
-    from study.batched.engine import _key
     from study.space import suggest
     from study.train import train
 
@@ -105,15 +121,21 @@ def raw(args: argparse.Namespace) -> str:
         for s in stacks:
             s.train_epoch()[1].tolist()  # the engine's one sync per stack per epoch
     batched = args.raw * epochs * steps_per_epoch / (time.perf_counter() - t0)
-    graph_line = graphed(stacks, epochs, steps_per_epoch, args.raw) if device.type == "cuda" else ""
+    graph_line = (
+        graphed(stacks, epochs, steps_per_epoch, args.raw) if device.type == "cuda" else ""
+    )
     train(replace(draw(-1), max_epochs=1), data)  # warm-up
     t0 = time.perf_counter()
     n_models, one_epochs = 4, 3
     for i in range(n_models):
         train(replace(draw(args.raw + i), max_epochs=one_epochs), data)
     single = n_models * one_epochs * steps_per_epoch / (time.perf_counter() - t0)
-    return (f"raw engine, {args.raw} mixed models in {len(stacks)} stacks: {batched:,.0f} model-steps/s; "
-            f"train.py one at a time: {single:,.0f} model-steps/s; {batched / single:,.0f}x{graph_line}")
+    return (
+        f"raw engine, {args.raw} mixed models in {len(stacks)} stacks: {batched:,.0f} "
+        f"model-steps/s; "
+        f"train.py one at a time: {single:,.0f} model-steps/s; "
+        f"{batched / single:,.0f}x{graph_line}"
+    )
 
 
 def graphed(stacks: list, epochs: int, steps_per_epoch: int, k: int) -> str:
@@ -126,10 +148,10 @@ def graphed(stacks: list, epochs: int, steps_per_epoch: int, k: int) -> str:
 
     def restore(s, snap):
         flat, t, gens = snap
-        for f, g in zip(s.flat, flat):
+        for f, g in zip(s.flat, flat, strict=True):
             f.copy_(g)
         s.t.copy_(t)
-        for x, g in zip(s.slots, gens):
+        for x, g in zip(s.slots, gens, strict=True):
             x.order.set_state(g)
 
     replays, capture_s, worst = [], 0.0, 0.0
@@ -147,7 +169,9 @@ def graphed(stacks: list, epochs: int, steps_per_epoch: int, k: int) -> str:
         torch.cuda.synchronize()
         capture_s += time.perf_counter() - t0
         g.replay()
-        worst = max(worst, ((outputs[1] - eager_val).abs() / eager_val.abs().clamp_min(1e-30)).max().item())
+        worst = max(
+            worst, ((outputs[1] - eager_val).abs() / eager_val.abs().clamp_min(1e-30)).max().item()
+        )
         replays.append((s, g, perm, lr, outputs))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -158,8 +182,11 @@ def graphed(stacks: list, epochs: int, steps_per_epoch: int, k: int) -> str:
             g.replay()
             outputs[1].tolist()
     rate = k * epochs * steps_per_epoch / (time.perf_counter() - t0)
-    return (f"; one CUDA graph per stack and epoch: {rate:,.0f} model-steps/s, capture {1000 * capture_s:.0f} ms "
-            f"for {len(stacks)} stacks, largest relative difference from eager {worst:.1e}")
+    return (
+        f"; one CUDA graph per stack and epoch: {rate:,.0f} model-steps/s, capture "
+        f"{1000 * capture_s:.0f} ms "
+        f"for {len(stacks)} stacks, largest relative difference from eager {worst:.1e}"
+    )
 
 
 def writes(args: argparse.Namespace, folder: Path) -> str:
@@ -179,14 +206,27 @@ def writes(args: argparse.Namespace, folder: Path) -> str:
     url = STORAGES[args.storage].format(folder=folder, engine="writes")
     st = storage_mod.open_storage(storage_mod.parse(url))
     study_id = optuna.create_study(storage=st, study_name="writes")._study_id
-    dists = {"depth": IntDistribution(1, 6), "width": IntDistribution(8, 256, log=True),
-             "lr": FloatDistribution(1e-4, 3e-2, log=True), "activation": CategoricalDistribution(["relu", "tanh"])}
+    dists = {
+        "depth": IntDistribution(1, 6),
+        "width": IntDistribution(8, 256, log=True),
+        "lr": FloatDistribution(1e-4, 3e-2, log=True),
+        "activation": CategoricalDistribution(["relu", "tanh"]),
+    }
 
     def template() -> FrozenTrial:
-        return FrozenTrial(number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
-                           datetime_complete=None, params={"depth": 3, "width": 64, "lr": 1e-3, "activation": "tanh"},
-                           distributions=dists, user_attrs={"engine": "batched", "seed": 0, "worker": "bench"},
-                           system_attrs={}, intermediate_values={}, trial_id=0)
+        return FrozenTrial(
+            number=0,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.now(),
+            datetime_complete=None,
+            params={"depth": 3, "width": 64, "lr": 1e-3, "activation": "tanh"},
+            distributions=dists,
+            user_attrs={"engine": "batched", "seed": 0, "worker": "bench"},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=0,
+        )
 
     def ms(fn) -> float:
         times = []
@@ -197,21 +237,40 @@ def writes(args: argparse.Namespace, folder: Path) -> str:
         return statistics.median(times)
 
     k = max(args.raw, 1)
-    ids = [tid for tid, _ in bulk.add_trials(st, study_id, [template() for _ in range(k)], heartbeat=True)]
+    ids = [
+        tid
+        for tid, _ in bulk.add_trials(st, study_id, [template() for _ in range(k)], heartbeat=True)
+    ]
     step = iter(range(1, 10**6))
     start = ms(lambda: bulk.add_trials(st, study_id, [template()], heartbeat=True))
-    flush = ms(lambda: bulk.append_values(st, {tid: {s: 0.5} for tid, s in zip(ids, [next(step)] * k)}))
+    flush = ms(
+        lambda: bulk.append_values(
+            st, {tid: {s: 0.5} for tid, s in zip(ids, [next(step)] * k, strict=True)}
+        )
+    )
     beat = ms(lambda: bulk.beat(st, ids, HEARTBEAT_ATTR))
     values = {e: 1.0 / e for e in range(1, args.max_epochs + 1)}
 
     def finish() -> None:
-        (tid, _), = bulk.add_trials(st, study_id, [template()], heartbeat=True)
-        bulk.finish_trial(st, tid, state=TrialState.COMPLETE, value=1e-6, values=values,
-                          user_attrs={"test_mse": 1e-6, "epochs": args.max_epochs}, system_attrs={}, completed=datetime.now())
+        ((tid, _),) = bulk.add_trials(st, study_id, [template()], heartbeat=True)
+        bulk.finish_trial(
+            st,
+            tid,
+            state=TrialState.COMPLETE,
+            value=1e-6,
+            values=values,
+            user_attrs={"test_mse": 1e-6, "epochs": args.max_epochs},
+            system_attrs={},
+            completed=datetime.now(),
+        )
 
     end = ms(finish) - start
-    return (f"writer, {args.storage}: trial start {start:.1f} ms, flush of {k} trials' values {flush:.1f} ms, "
-            f"heartbeat of {k} trials {beat:.1f} ms, trial end with {args.max_epochs} values {end:.1f} ms")
+    return (
+        f"writer, {args.storage}: trial start {start:.1f} ms, flush of {k} trials' values "
+        f"{flush:.1f} ms, "
+        f"heartbeat of {k} trials {beat:.1f} ms, trial end with {args.max_epochs} values "
+        f"{end:.1f} ms"
+    )
 
 
 def main() -> None:
@@ -219,12 +278,26 @@ def main() -> None:
     ap.add_argument("--n-trials", type=int, default=128)
     ap.add_argument("--max-epochs", type=int, default=100)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--slots", type=int, default=None, help="batched engine slots (default: 32 CPU, 1024 GPU)")
-    ap.add_argument("--raw", type=int, default=32, help="models in the raw-engine measurement (0: skip it)")
+    ap.add_argument(
+        "--slots", type=int, default=None, help="batched engine slots (default: 32 CPU, 1024 GPU)"
+    )
+    ap.add_argument(
+        "--raw", type=int, default=32, help="models in the raw-engine measurement (0: skip it)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="standard,batched")
-    ap.add_argument("--space", choices=list(SPACES), default="small", help="small: width <= 64, depth <= 4 (default)")
-    ap.add_argument("--storage", choices=list(STORAGES), default="sqlite", help="a fresh file of this kind per engine")
+    ap.add_argument(
+        "--space",
+        choices=list(SPACES),
+        default="small",
+        help="small: width <= 64, depth <= 4 (default)",
+    )
+    ap.add_argument(
+        "--storage",
+        choices=list(STORAGES),
+        default="sqlite",
+        help="a fresh file of this kind per engine",
+    )
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if args.raw:
@@ -233,12 +306,22 @@ def main() -> None:
         print(writes(args, Path(tmp)), flush=True)
         rows = [one(e, args, Path(tmp)) for e in args.engines.split(",") if e]
     space = ", ".join(f"{k} {v}" for k, v in SPACES[args.space].items()) or "the default space"
-    print(f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, TPE + Hyperband, {args.storage}")
-    print("| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best val MSE | peak GPU MiB |")
+    print(
+        f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, "
+        f"TPE + Hyperband, {args.storage}"
+    )
+    print(
+        "| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best "
+        "val MSE | peak GPU MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['trials']} | {r['complete']} | {r['wall_s']:.1f} | {r['model_steps_per_s']:,.0f} | "
-              f"{r['trials_per_min']:.1f} | {100 * r['bookkeeping']:.0f}% | {r['best_val_mse']:.2e} | {r['peak_mib']:,.0f} |")
+        print(
+            f"| {r['engine']} | {r['trials']} | {r['complete']} | {r['wall_s']:.1f} | "
+            f"{r['model_steps_per_s']:,.0f} | "
+            f"{r['trials_per_min']:.1f} | {100 * r['bookkeeping']:.0f}% | {r['best_val_mse']:.2e} "
+            f"| {r['peak_mib']:,.0f} |"
+        )
     by = {r["engine"]: r for r in rows}
     if {"standard", "batched"} <= set(by):
         print(f"speedup {by['batched']['trials_per_min'] / by['standard']['trials_per_min']:.1f}x")

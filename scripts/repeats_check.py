@@ -25,22 +25,37 @@ from study import analysis, config, runner
 
 def one(repeats: int, seed: int, args: argparse.Namespace, folder: Path) -> dict:
     name = f"r{repeats}-s{seed}"
-    cfg = config.build(study=name, storage=f"sqlite:///{folder}/{name}.db", n_trials=100_000, timeout=args.timeout,
-                       seed=seed, repeats=repeats, device=args.device, log_dir=str(folder / "tb"),
-                       artifact_dir=str(folder / "art"))
+    cfg = config.build(
+        study=name,
+        storage=f"sqlite:///{folder}/{name}.db",
+        n_trials=100_000,
+        timeout=args.timeout,
+        seed=seed,
+        repeats=repeats,
+        device=args.device,
+        log_dir=str(folder / "tb"),
+        artifact_dir=str(folder / "art"),
+    )
     summary = runner.run(cfg, progress=False, say=lambda line: None)
     study = optuna.load_study(study_name=name, storage=cfg.storage)
     best = summary.best
     return {
-        "repeats": repeats, "seed": seed, "trials": len(study.trials), "complete": summary.total.complete,
-        "best_val": best.value if best else float("nan"), "best_test": best.user_attrs.get("test_mse", float("nan")) if best else float("nan"),
-        "ped": analysis.importances(study, "ped-anova"), "fanova": analysis.importances(study, "fanova"),
+        "repeats": repeats,
+        "seed": seed,
+        "trials": len(study.trials),
+        "complete": summary.total.complete,
+        "best_val": best.value if best else float("nan"),
+        "best_test": best.user_attrs.get("test_mse", float("nan")) if best else float("nan"),
+        "ped": analysis.importances(study, "ped-anova"),
+        "fanova": analysis.importances(study, "fanova"),
     }
 
 
 def rho(a: dict[str, float], b: dict[str, float]) -> float:
     params = sorted(set(a) | set(b))
-    return float(spearmanr([a.get(p, 0.0) for p in params], [b.get(p, 0.0) for p in params]).statistic)
+    return float(
+        spearmanr([a.get(p, 0.0) for p in params], [b.get(p, 0.0) for p in params]).statistic
+    )
 
 
 def ranking(imp: dict[str, float]) -> str:
@@ -62,19 +77,32 @@ def main() -> None:
             for seed in seeds:
                 rows.append(one(repeats, seed, args, Path(tmp)))
                 r = rows[-1]
-                print(f"repeats {repeats} seed {seed}: {r['trials']} trials ({r['complete']} complete), best val "
-                      f"{r['best_val']:.2e}, test {r['best_test']:.2e}; PED-ANOVA {ranking(r['ped'])}; "
-                      f"fANOVA {ranking(r['fanova'])}", flush=True)
-    print(f"\ndefault study, {args.timeout:g} s per study on {args.device}, study seeds {args.seeds}")
-    print("| repeats | trials (mean) | best test MSE (median) | PED-ANOVA rho, pairwise | mean | fANOVA rho, pairwise | mean |")
+                print(
+                    f"repeats {repeats} seed {seed}: {r['trials']} trials ({r['complete']} "
+                    f"complete), best val "
+                    f"{r['best_val']:.2e}, test {r['best_test']:.2e}; PED-ANOVA "
+                    f"{ranking(r['ped'])}; "
+                    f"fANOVA {ranking(r['fanova'])}",
+                    flush=True,
+                )
+    print(
+        f"\ndefault study, {args.timeout:g} s per study on {args.device}, study seeds {args.seeds}"
+    )
+    print(
+        "| repeats | trials (mean) | best test MSE (median) | PED-ANOVA rho, pairwise | mean | "
+        "fANOVA rho, pairwise | mean |"
+    )
     print("|---|---|---|---|---|---|---|")
     for repeats in sorted({r["repeats"] for r in rows}):
         rs = [r for r in rows if r["repeats"] == repeats]
         ped = [rho(a["ped"], b["ped"]) for a, b in itertools.combinations(rs, 2)]
         fan = [rho(a["fanova"], b["fanova"]) for a, b in itertools.combinations(rs, 2)]
-        print(f"| {repeats} | {statistics.fmean(r['trials'] for r in rs):.0f} | {statistics.median(r['best_test'] for r in rs):.2e} | "
-              f"{', '.join(f'{x:.2f}' for x in ped)} | {statistics.fmean(ped):.2f} | "
-              f"{', '.join(f'{x:.2f}' for x in fan)} | {statistics.fmean(fan):.2f} |")
+        print(
+            f"| {repeats} | {statistics.fmean(r['trials'] for r in rs):.0f} | "
+            f"{statistics.median(r['best_test'] for r in rs):.2e} | "
+            f"{', '.join(f'{x:.2f}' for x in ped)} | {statistics.fmean(ped):.2f} | "
+            f"{', '.join(f'{x:.2f}' for x in fan)} | {statistics.fmean(fan):.2f} |"
+        )
 
 
 if __name__ == "__main__":

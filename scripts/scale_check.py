@@ -56,25 +56,53 @@ def one(engine: str, kind: str, workers: int, trials: int, epochs: int) -> dict:
         try:
             t0 = time.perf_counter()
             r = subprocess.run(
-                [sys.executable, "-m", "study", "run", "--config", "tiny.toml", "--no-progress", "--storage", url,
-                 "--n-trials", str(trials), "--workers", str(workers), "--max-epochs", str(epochs), "--engine", engine],
-                cwd=tmp, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "study",
+                    "run",
+                    "--config",
+                    "tiny.toml",
+                    "--no-progress",
+                    "--storage",
+                    url,
+                    "--n-trials",
+                    str(trials),
+                    "--workers",
+                    str(workers),
+                    "--max-epochs",
+                    str(epochs),
+                    "--engine",
+                    engine,
+                ],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
             )
             wall = time.perf_counter() - t0
             study = optuna.load_study(study_name="sinstudy", storage=storage_mod.load(url))
             states = Counter(t.state.name for t in study.trials)
             numbers = [t.number for t in study.trials]
-            points = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name != "FAIL"]
+            points = [
+                tuple(sorted(t.params.items())) for t in study.trials if t.state.name != "FAIL"
+            ]
             del study
         finally:
             if drop:
                 drop()
     return {
-        "engine": engine, "storage": kind, "workers": workers, "asked": trials, "exit": r.returncode,
-        "finished": states["COMPLETE"] + states["PRUNED"], "lost": states["FAIL"],
-        "duplicates": len(numbers) - len(set(numbers)), "twice": len(points) - len(set(points)),
+        "engine": engine,
+        "storage": kind,
+        "workers": workers,
+        "asked": trials,
+        "exit": r.returncode,
+        "finished": states["COMPLETE"] + states["PRUNED"],
+        "lost": states["FAIL"],
+        "duplicates": len(numbers) - len(set(numbers)),
+        "twice": len(points) - len(set(points)),
         "running": states["RUNNING"] + states["WAITING"],
-        "locked": (r.stdout + r.stderr).count("database is locked"), "wall_s": round(wall, 1),
+        "locked": (r.stdout + r.stderr).count("database is locked"),
+        "wall_s": round(wall, 1),
     }
 
 
@@ -86,8 +114,12 @@ def main() -> None:
     ap.add_argument("--storages", default="sqlite,journal,postgresql")
     ap.add_argument("--engines", default="batched,standard")
     a = ap.parse_args()
-    rows = [one(e, k, int(w), a.trials, a.epochs)
-            for e in a.engines.split(",") for k in a.storages.split(",") for w in a.workers.split(",")]
+    rows = [
+        one(e, k, int(w), a.trials, a.epochs)
+        for e in a.engines.split(",")
+        for k in a.storages.split(",")
+        for w in a.workers.split(",")
+    ]
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

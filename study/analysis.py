@@ -6,7 +6,6 @@ Everything reads the storage (and the best-model artifact); nothing retrains.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -16,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from .data import TWO_PI, scale_inputs
+from .quiet import experimental
 
 EVALUATORS = ("ped-anova", "fanova")
 MIN_TRIALS_FOR_IMPORTANCE = 5  # complete trials; below this importances are noise (or fail)
@@ -43,18 +43,21 @@ def importance_shortfall(study: optuna.Study) -> str | None:
     """None when importances can be computed; else one line saying why not."""
     n = len(complete_trials(study))
     if n < MIN_TRIALS_FOR_IMPORTANCE:
-        return f"parameter importance needs >= {MIN_TRIALS_FOR_IMPORTANCE} complete trials (study has {n}); run more trials"
+        return (
+            f"parameter importance needs >= {MIN_TRIALS_FOR_IMPORTANCE} complete trials (study "
+            f"has {n}); run more trials"
+        )
     return None
 
 
 def make_evaluator(name: str, seed: int = 0) -> optuna.importance.BaseImportanceEvaluator:
-    # imported here: fANOVA pulls in scikit-learn (~2 s), which the objective's fit image never needs
+    # imported here: fANOVA pulls in scikit-learn (~2 s), which the objective's fit image never
+    # needs
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
     if name == "fanova":
         return FanovaImportanceEvaluator(seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental():
         # Optuna's defaults: how much each parameter matters for reaching the top 10% of the
         # complete trials (pruned trials' values are partial curves and are left out).
         return PedAnovaImportanceEvaluator()
@@ -62,9 +65,10 @@ def make_evaluator(name: str, seed: int = 0) -> optuna.importance.BaseImportance
 
 def importances(study: optuna.Study, evaluator: str, seed: int = 0) -> dict[str, float]:
     """Normalised importances (sum 1), largest first."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.importance.get_param_importances(study, evaluator=make_evaluator(evaluator, seed), normalize=True)
+    with experimental():
+        return optuna.importance.get_param_importances(
+            study, evaluator=make_evaluator(evaluator, seed), normalize=True
+        )
 
 
 def importance_table(study: optuna.Study) -> list[ImportanceRow]:
@@ -95,14 +99,20 @@ class Counts(NamedTuple):
     failed: int
 
     @classmethod
-    def of(cls, trials: list[FrozenTrial]) -> "Counts":
+    def of(cls, trials: list[FrozenTrial]) -> Counts:
         states = [t.state for t in trials]
-        return cls(states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED), states.count(TrialState.FAIL))
+        return cls(
+            states.count(TrialState.COMPLETE),
+            states.count(TrialState.PRUNED),
+            states.count(TrialState.FAIL),
+        )
 
 
 def params_text(params: dict) -> str:
     """depth=3, width=149, lr=0.0054, activation=tanh"""
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
 
 
 def fmt_mse(v: float | None) -> str:
@@ -120,8 +130,10 @@ def _spread(t: FrozenTrial, text: str, std_key: str) -> str:
 def mse_texts(t: FrozenTrial) -> tuple[str, str]:
     """The trial's validation and test MSE; with repeats, each the mean over its seeds ± their
     standard deviation."""
-    return (_spread(t, fmt_mse(t.value), "val_mse_std"),
-            _spread(t, fmt_mse(t.user_attrs.get("test_mse")), "test_mse_std"))
+    return (
+        _spread(t, fmt_mse(t.value), "val_mse_std"),
+        _spread(t, fmt_mse(t.user_attrs.get("test_mse")), "test_mse_std"),
+    )
 
 
 def repeats_text(t: FrozenTrial) -> str:

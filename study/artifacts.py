@@ -38,14 +38,29 @@ def build_model(tcfg: TrainConfig, state: State) -> nn.Sequential:
 
 
 def save_model(tcfg: TrainConfig, state: State, path: Path, scaling: str = "unit") -> None:
-    """Weights plus the TrainConfig that rebuilds them and how inputs were scaled (data.scale_inputs):
+    """Weights plus the TrainConfig that rebuilds them and how inputs were scaled
+    (data.scale_inputs):
     enough for later commands, no retraining."""
-    torch.save({"train_config": asdict(tcfg), "input_scaling": scaling,
-                "state_dict": {k: torch.as_tensor(v) for k, v in state.items()}}, path)
+    torch.save(
+        {
+            "train_config": asdict(tcfg),
+            "input_scaling": scaling,
+            "state_dict": {k: torch.as_tensor(v) for k, v in state.items()},
+        },
+        path,
+    )
 
 
-def upload_model(store: FileSystemArtifactStore, trial: optuna.Trial | FrozenTrial, number: int, tcfg: TrainConfig,
-                 state: State, storage: optuna.storages.BaseStorage | None = None, *, scaling: str = "unit") -> str:
+def upload_model(
+    store: FileSystemArtifactStore,
+    trial: optuna.Trial | FrozenTrial,
+    number: int,
+    tcfg: TrainConfig,
+    state: State,
+    storage: optuna.storages.BaseStorage | None = None,
+    *,
+    scaling: str = "unit",
+) -> str:
     """A new best's weights and its fit image as artifacts of its (still running) trial: Optuna
     takes no artifacts on finished trials. Returns the weights' artifact id."""
     from . import plots  # plotly and matplotlib: loaded only when a new best is drawn
@@ -53,11 +68,26 @@ def upload_model(store: FileSystemArtifactStore, trial: optuna.Trial | FrozenTri
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_FILE
         save_model(tcfg, state, path, scaling)
-        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
-                                      storage=storage, mimetype="application/octet-stream")
+        artifact_id = upload_artifact(
+            artifact_store=store,
+            file_path=str(path),
+            study_or_trial=trial,
+            storage=storage,
+            mimetype="application/octet-stream",
+        )
         image = Path(tmp) / f"fit-trial-{number:04d}.png"
-        plots.fit_png(analysis.fit(build_model(tcfg, state), scaling=scaling), image, title=f"trial #{number} vs sin(x)")
-        upload_artifact(artifact_store=store, file_path=str(image), study_or_trial=trial, storage=storage, mimetype="image/png")
+        plots.fit_png(
+            analysis.fit(build_model(tcfg, state), scaling=scaling),
+            image,
+            title=f"trial #{number} vs sin(x)",
+        )
+        upload_artifact(
+            artifact_store=store,
+            file_path=str(image),
+            study_or_trial=trial,
+            storage=storage,
+            mimetype="image/png",
+        )
     return artifact_id
 
 
@@ -72,14 +102,23 @@ def best_fit(study: optuna.Study, artifact_dir: str | Path):
     return analysis.fit(model, scaling=scaling), top[0]
 
 
-def load_model(trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path) -> tuple[nn.Module, TrainConfig, str]:
+def load_model(
+    trial: FrozenTrial, artifact_dir: str | Path, tmp_dir: str | Path
+) -> tuple[nn.Module, TrainConfig, str]:
     """The trial's stored best-epoch weights, rebuilt as a CPU model in eval mode, its config
     and the input scaling it was trained with (data.scale_inputs)."""
     artifact_id = trial.user_attrs.get("model_artifact")
     if artifact_id is None:
-        raise ConfigError(f"trial {trial.number} has no stored model; only trials that were best when they finished keep one")
+        raise ConfigError(
+            f"trial {trial.number} has no stored model; only trials that were best when they "
+            f"finished keep one"
+        )
     path = Path(tmp_dir) / f"trial-{trial.number}.pt"
-    download_artifact(artifact_store=FileSystemArtifactStore(str(artifact_dir)), file_path=str(path), artifact_id=artifact_id)
+    download_artifact(
+        artifact_store=FileSystemArtifactStore(str(artifact_dir)),
+        file_path=str(path),
+        artifact_id=artifact_id,
+    )
     saved = torch.load(path, map_location="cpu", weights_only=True)
     tc = saved["train_config"]
     if isinstance(tc.get("width"), list):

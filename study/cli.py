@@ -23,7 +23,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", help=f"study name (default {DEFAULTS.study!r}); an existing one is continued")
+    p.add_argument(
+        "--study", help=f"study name (default {DEFAULTS.study!r}); an existing one is continued"
+    )
     p.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
 
 
@@ -31,29 +33,63 @@ def _id_list(text: str) -> tuple[int, ...]:
     try:
         ids = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--devices takes GPU ids like 0,1 (got {text!r})") from None
+        raise argparse.ArgumentTypeError(
+            f"--devices takes GPU ids like 0,1 (got {text!r})"
+        ) from None
     return ids
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sinstudy", description="Optuna studies of an MLP that learns sin(x) on [0, 2*pi).")
+    parser = _Parser(
+        prog="sinstudy", description="Optuna studies of an MLP that learns sin(x) on [0, 2*pi)."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run (or continue) a study", description="Run trials and print a summary.")
-    run.add_argument("--config", help="TOML file with [study], [data], [train], [search_space] tables")
+    run = sub.add_parser(
+        "run", help="run (or continue) a study", description="Run trials and print a summary."
+    )
+    run.add_argument(
+        "--config", help="TOML file with [study], [data], [train], [search_space] tables"
+    )
     _study_args(run)
-    run.add_argument("--n-trials", type=int, help=f"trials this run adds (default {DEFAULTS.n_trials})")
+    run.add_argument(
+        "--n-trials", type=int, help=f"trials this run adds (default {DEFAULTS.n_trials})"
+    )
     run.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    run.add_argument("--max-epochs", type=int, help=f"epochs per trial (default {DEFAULTS.train.max_epochs})")
-    run.add_argument("--sampler", help=f"one of {', '.join(config_mod.SAMPLERS)} (default {DEFAULTS.sampler})")
-    run.add_argument("--pruner", help=f"one of {', '.join(config_mod.PRUNERS)} (default {DEFAULTS.pruner})")
+    run.add_argument(
+        "--max-epochs", type=int, help=f"epochs per trial (default {DEFAULTS.train.max_epochs})"
+    )
+    run.add_argument(
+        "--sampler", help=f"one of {', '.join(config_mod.SAMPLERS)} (default {DEFAULTS.sampler})"
+    )
+    run.add_argument(
+        "--pruner", help=f"one of {', '.join(config_mod.PRUNERS)} (default {DEFAULTS.pruner})"
+    )
     run.add_argument("--seed", type=int, help=f"sampler and weight seed (default {DEFAULTS.seed})")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--engine", help="auto (default: batched), batched or standard")
-    run.add_argument("--repeats", type=int, help="models per trial, one per seed; the trial's value is their mean curve's best (default 1)")
-    run.add_argument("--slots", type=int, help="models the batched engine trains at once, per worker (default 32 on CPU, 1024 on GPU)")
-    run.add_argument("--workers", type=int, help="worker processes on this machine sharing the study, one engine each (default 1)")
-    run.add_argument("--devices", type=_id_list, help="GPU ids, one worker (one batched engine) per GPU, e.g. 0,1,2,3")
+    run.add_argument(
+        "--repeats",
+        type=int,
+        help="models per trial, one per seed; the trial's value is their mean curve's best "
+        "(default 1)",
+    )
+    run.add_argument(
+        "--slots",
+        type=int,
+        help="models the batched engine trains at once, per worker (default 32 on CPU, 1024 on "
+        "GPU)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on this machine sharing the study, one engine each (default 1)",
+    )
+    run.add_argument(
+        "--devices",
+        type=_id_list,
+        help="GPU ids, one worker (one batched engine) per GPU, e.g. 0,1,2,3",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     best = sub.add_parser("best", help="print the best trial, from storage alone")
@@ -62,8 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="write plotly HTML (and PNG) plots of a study")
     _study_args(plot)
     plot.add_argument("--out", help="folder (default storage/plots/<study>/)")
-    plot.add_argument("--evaluator", choices=["ped-anova", "fanova", "both"], default="both", help="importance evaluator(s) (default both)")
-    plot.add_argument("--no-png", action="store_true", help="HTML only, even where Chromium is available")
+    plot.add_argument(
+        "--evaluator",
+        choices=["ped-anova", "fanova", "both"],
+        default="both",
+        help="importance evaluator(s) (default both)",
+    )
+    plot.add_argument(
+        "--no-png", action="store_true", help="HTML only, even where Chromium is available"
+    )
     _artifact_arg(plot)
 
     report = sub.add_parser("report", help="write one self-contained HTML report of a study")
@@ -71,37 +114,77 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="file (default storage/reports/<study>.html)")
     _artifact_arg(report)
 
-    comp = sub.add_parser("compare", help="redo one of the course report's comparisons, with repeats")
-    comp.add_argument("factor", help="depth, width, lr, scheduler, activation, or report (which setting gives the report's numbers)")
-    comp.add_argument("--max-epochs", type=int, default=1000, help="epochs per run (default 1000, as in the report)")
-    comp.add_argument("--seeds", type=int, default=3, help="seeds per cell, trained side by side (default 3)")
-    comp.add_argument("--setup", default="default", help="what is held fixed: default (sinstudy's data and Adam) or report "
-                      "(the course report's setting: raw x, 4,800 points, plain SGD)")
+    comp = sub.add_parser(
+        "compare", help="redo one of the course report's comparisons, with repeats"
+    )
+    comp.add_argument(
+        "factor",
+        help="depth, width, lr, scheduler, activation, or report (which setting gives the "
+        "report's numbers)",
+    )
+    comp.add_argument(
+        "--max-epochs",
+        type=int,
+        default=1000,
+        help="epochs per run (default 1000, as in the report)",
+    )
+    comp.add_argument(
+        "--seeds", type=int, default=3, help="seeds per cell, trained side by side (default 3)"
+    )
+    comp.add_argument(
+        "--setup",
+        default="default",
+        help="what is held fixed: default (sinstudy's data and Adam) or report "
+        "(the course report's setting: raw x, 4,800 points, plain SGD)",
+    )
     comp.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
     comp.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     comp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage and artifacts")
+    dash = sub.add_parser(
+        "dashboard", help="serve optuna-dashboard on the study storage and artifacts"
+    )
     dash.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
-    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    dash.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only)",
+    )
     dash.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     _artifact_arg(dash)
     return parser
 
 
 def _artifact_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifact-dir", default=DEFAULTS.artifact_dir, help=f"artifact store folder (default {DEFAULTS.artifact_dir})")
+    p.add_argument(
+        "--artifact-dir",
+        default=DEFAULTS.artifact_dir,
+        help=f"artifact store folder (default {DEFAULTS.artifact_dir})",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import runner  # imported here so `--help` and bad flags answer fast (torch is slow to load)
+    from . import (
+        runner,  # imported here so `--help` and bad flags answer fast (torch is slow to load)
+    )
     from .summary import format_summary
 
     toml = config_mod.load_toml(args.config) if args.config else None
     cfg = config_mod.build(
-        toml, study=args.study, storage=args.storage, n_trials=args.n_trials, timeout=args.timeout,
-        max_epochs=args.max_epochs, sampler=args.sampler, pruner=args.pruner, seed=args.seed, device=args.device,
-        workers=args.workers, devices=args.devices, engine=args.engine, slots=args.slots,
+        toml,
+        study=args.study,
+        storage=args.storage,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        max_epochs=args.max_epochs,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        seed=args.seed,
+        device=args.device,
+        workers=args.workers,
+        devices=args.devices,
+        engine=args.engine,
+        slots=args.slots,
         repeats=args.repeats,
     )
     summary = runner.run(cfg, progress=not args.no_progress)
@@ -112,19 +195,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from . import results
 
-    print(results.best_text(config_mod.check_study_name(args.study or DEFAULTS.study), args.storage or DEFAULTS.storage))
+    print(
+        results.best_text(
+            config_mod.check_study_name(args.study or DEFAULTS.study),
+            args.storage or DEFAULTS.storage,
+        )
+    )
     return 0
 
 
 def _quiet() -> None:
     """Optuna's own log lines ([W ...]) and its experimental-feature warnings are noise on a
     command whose output is its files and one summary."""
-    import warnings
-
     import optuna
 
+    from .quiet import ignore_experimental
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    ignore_experimental()
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -139,8 +227,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     study = results.load_existing(name, args.storage or DEFAULTS.storage)
     evaluators = ("ped-anova", "fanova") if args.evaluator == "both" else (args.evaluator,)
     out = Path(args.out or f"storage/plots/{name}")
-    files, notes = plots.plot_study(study, out, best_fit=best_fit(study, args.artifact_dir), evaluators=evaluators,
-                                    png=not args.no_png)
+    files, notes = plots.plot_study(
+        study,
+        out,
+        best_fit=best_fit(study, args.artifact_dir),
+        evaluators=evaluators,
+        png=not args.no_png,
+    )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {len(files)} files to {out}/:")
@@ -171,16 +264,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import compare
-    from .opening import resolve_device
     from . import storage as storage_mod
+    from .opening import resolve_device
 
     if args.factor not in compare.FACTORS:
-        raise ConfigError(f"unknown comparison {args.factor!r}; choose one of: {', '.join(compare.FACTORS)}")
+        raise ConfigError(
+            f"unknown comparison {args.factor!r}; choose one of: {', '.join(compare.FACTORS)}"
+        )
     if args.setup not in compare.SETUPS:
-        raise ConfigError(f"unknown --setup {args.setup!r}; choose one of: {', '.join(compare.SETUPS)}")
+        raise ConfigError(
+            f"unknown --setup {args.setup!r}; choose one of: {', '.join(compare.SETUPS)}"
+        )
     config_mod.validate_train(config_mod.TrainConfig(max_epochs=args.max_epochs))
     if not 2 <= args.seeds <= config_mod.MAX_REPEATS:
-        raise ConfigError(f"--seeds must be from 2 (a spread) to {config_mod.MAX_REPEATS} (got {args.seeds})")
+        raise ConfigError(
+            f"--seeds must be from 2 (a spread) to {config_mod.MAX_REPEATS} (got {args.seeds})"
+        )
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the bar and the table say it all
@@ -188,17 +287,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     url = args.storage or DEFAULTS.storage
     storage_mod.check(url)  # read-only: a bad URL or a foreign file is one line, nothing written
     cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
-    bar = tqdm(total=cells, unit="cell", disable=args.no_progress, desc=f"compare {args.factor} ({args.seeds} seeds per cell)")
+    bar = tqdm(
+        total=cells,
+        unit="cell",
+        disable=args.no_progress,
+        desc=f"compare {args.factor} ({args.seeds} seeds per cell)",
+    )
     try:
-        rows = compare.run(args.factor, url, epochs=args.max_epochs, seeds=args.seeds, device=str(device), setup=args.setup,
-                           log_dir=DEFAULTS.log_dir, artifact_dir=DEFAULTS.artifact_dir, progress=lambda n: bar.update(1))
+        rows = compare.run(
+            args.factor,
+            url,
+            epochs=args.max_epochs,
+            seeds=args.seeds,
+            device=str(device),
+            setup=args.setup,
+            log_dir=DEFAULTS.log_dir,
+            artifact_dir=DEFAULTS.artifact_dir,
+            progress=lambda n: bar.update(1),
+        )
     finally:
         bar.close()
-    text = "\n".join([
-        f"## compare {args.factor}: {compare.FACTORS[args.factor](args.max_epochs).question}",
-        "", compare.describe_base(args.max_epochs, args.setup) + f"; {args.seeds} seeds per cell, device {device}", "",
-        compare.table(rows), "", *[f"- {v}" for v in compare.verdicts(args.factor, rows)],
-    ])
+    text = "\n".join(
+        [
+            f"## compare {args.factor}: {compare.FACTORS[args.factor](args.max_epochs).question}",
+            "",
+            compare.describe_base(args.max_epochs, args.setup)
+            + f"; {args.seeds} seeds per cell, device {device}",
+            "",
+            compare.table(rows),
+            "",
+            *[f"- {v}" for v in compare.verdicts(args.factor, rows)],
+        ]
+    )
     name = compare.study_name(args.factor, args.max_epochs, args.seeds, args.setup)
     out = Path(f"storage/compare/{name.removeprefix('compare-')}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,16 +337,30 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     url = args.storage or DEFAULTS.storage
     server = dashboard.bind(url, host=args.host, port=args.port, artifact_dir=args.artifact_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: --host {args.host} opens the dashboard to the network, and it can delete studies; "
-              "prefer an SSH tunnel to 127.0.0.1", file=sys.stderr)
-    print(f"optuna-dashboard on {redact(url)} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+        print(
+            f"note: --host {args.host} opens the dashboard to the network, and it can delete "
+            f"studies; "
+            "prefer an SSH tunnel to 127.0.0.1",
+            file=sys.stderr,
+        )
+    print(
+        f"optuna-dashboard on {redact(url)} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",
+        flush=True,
+    )
     server.serve_forever()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "best": cmd_best, "plot": cmd_plot, "report": cmd_report, "dashboard": cmd_dashboard, "compare": cmd_compare}[args.command]
+    handler = {
+        "run": cmd_run,
+        "best": cmd_best,
+        "plot": cmd_plot,
+        "report": cmd_report,
+        "dashboard": cmd_dashboard,
+        "compare": cmd_compare,
+    }[args.command]
     try:
         return handler(args)
     except ConfigError as e:
@@ -241,7 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # anything else: one line, unless the user asks for the traceback
         if os.environ.get("SINSTUDY_DEBUG"):
             raise
-        print(f"sinstudy: error: {type(e).__name__}: {e} (set SINSTUDY_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"sinstudy: error: {type(e).__name__}: {e} (set SINSTUDY_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -14,24 +14,32 @@ import json
 import math
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
-
 import torch
+from optuna.trial import TrialState
 
 from . import config, interrupt
 from .batched.engine import run_batched
 from .config import ConfigError, DataConfig, TrainConfig
+from .course import TEST_MSE as REPORT_TEST_MSE
 from .opening import open_study_storage
 from .pool import Budget
 
 # Held fixed unless a factor varies it: the report trained with ReLU and no schedule; it named
 # no optimizer (Adam here) and no widths (32 here).
-BASE = TrainConfig(depth=2, width=32, activation="relu", lr=1e-3, optimizer="adam", scheduler="none", max_epochs=1000)
+BASE = TrainConfig(
+    depth=2,
+    width=32,
+    activation="relu",
+    lr=1e-3,
+    optimizer="adam",
+    scheduler="none",
+    max_epochs=1000,
+)
 
 
 @dataclass(frozen=True)
@@ -48,14 +56,19 @@ SETUPS = {
     # The report's setting as measured (`sinstudy compare report`; docs/results.md): plain SGD
     # on raw x over 4,800 training points (75 steps per epoch at batch 64, its "30k steps by
     # epoch 400").
-    "report": Setup(replace(BASE, optimizer="sgd", momentum=0.0, lr=1e-3),
-                    DataConfig(n_train=4800, input_scaling="raw"), "raw x, 4,800 training points (the report's setting)"),
+    "report": Setup(
+        replace(BASE, optimizer="sgd", momentum=0.0, lr=1e-3),
+        DataConfig(n_train=4800, input_scaling="raw"),
+        "raw x, 4,800 training points (the report's setting)",
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Factor:
-    cells: dict[str, dict[str, Any]]  # cell name -> TrainConfig fields it changes (and "data": DataConfig fields)
+    cells: dict[
+        str, dict[str, Any]
+    ]  # cell name -> TrainConfig fields it changes (and "data": DataConfig fields)
     report: dict[str, str]  # cell name -> what the report found for it
     question: str
 
@@ -64,8 +77,6 @@ def _step(epochs: int) -> dict[str, Any]:
     return {"scheduler": "step", "step_size": max(1, epochs // 4), "gamma": 0.3}
 
 
-# The course report's final test MSE of its two networks (its section 3.1).
-REPORT_TEST_MSE = {"shallow": 5.0585e-3, "deep": 1.4184e-3}
 NETS = {"shallow": {"depth": 1}, "deep": {"depth": 4}}  # at the base width, as `compare depth`
 # Candidate causes of the gap between the report's numbers and sinstudy's: each a setting
 # the report leaves open (optimizer, learning rate, input scaling, training-set size).
@@ -84,8 +95,15 @@ HYPOTHESES: dict[str, dict[str, Any]] = {
 
 FACTORS: dict[str, Callable[[int], Factor]] = {
     "depth": lambda e: Factor(
-        {"shallow (1 layer)": {"depth": 1}, "2 layers": {"depth": 2}, "deep (4 layers)": {"depth": 4}},
-        {"shallow (1 layer)": "test MSE 0.0050585", "deep (4 layers)": "test MSE 0.0014184"},
+        {
+            "shallow (1 layer)": {"depth": 1},
+            "2 layers": {"depth": 2},
+            "deep (4 layers)": {"depth": 4},
+        },
+        {
+            "shallow (1 layer)": f"test MSE {REPORT_TEST_MSE['shallow']:.3e}",
+            "deep (4 layers)": f"test MSE {REPORT_TEST_MSE['deep']:.3e}",
+        },
         "does the deeper network fit better (lower test MSE)?",
     ),
     "width": lambda e: Factor(
@@ -104,12 +122,25 @@ FACTORS: dict[str, Callable[[int], Factor]] = {
         "is a schedule worse on test but better on validation, as the report found?",
     ),
     "report": lambda e: Factor(
-        {f"{h} / {net}": {**cell, **arch} for h, cell in HYPOTHESES.items() for net, arch in NETS.items()},
-        {f"{h} / {net}": f"test MSE {REPORT_TEST_MSE[net]}" for h in HYPOTHESES for net in NETS},
-        "which setting gives the report's test MSE (deep 1.4e-3, shallow 5.1e-3) within 2x?",
+        {
+            f"{h} / {net}": {**cell, **arch}
+            for h, cell in HYPOTHESES.items()
+            for net, arch in NETS.items()
+        },
+        {
+            f"{h} / {net}": f"test MSE {REPORT_TEST_MSE[net]:.3e}"
+            for h in HYPOTHESES
+            for net in NETS
+        },
+        f"which setting gives the report's test MSE (deep {REPORT_TEST_MSE['deep']:.1e}, shallow "
+        f"{REPORT_TEST_MSE['shallow']:.1e}) within 2x?",
     ),
     "activation": lambda e: Factor(
-        {"relu": {}, "tanh": {"activation": "tanh"}, "none (identity)": {"activation": "identity"}},
+        {
+            "relu": {},
+            "tanh": {"activation": "tanh"},
+            "none (identity)": {"activation": "identity"},
+        },
         {"relu": "converged and fit", "none (identity)": "did not converge or fit"},
         "does the network fit sin(x) only with an activation?",
     ),
@@ -144,7 +175,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def cell_config(factor: Factor, cell: str, seed: int, epochs: int, setup: Setup = SETUPS["default"]) -> TrainConfig:
+def cell_config(
+    factor: Factor, cell: str, seed: int, epochs: int, setup: Setup = SETUPS["default"]
+) -> TrainConfig:
     fields = {k: v for k, v in factor.cells[cell].items() if k != "data"}
     return replace(setup.train, max_epochs=epochs, seed=seed, **fields)
 
@@ -157,8 +190,18 @@ def study_name(name: str, epochs: int, seeds: int, setup: str = "default") -> st
     return f"compare-{name}-e{epochs}-s{seeds}" + ("" if setup == "default" else f"-{setup}")
 
 
-def run(name: str, url: str, *, epochs: int, seeds: int, device: str, log_dir: str, artifact_dir: str,
-        setup: str = "default", progress: Callable[[int], None] | None = None) -> list[CellStats]:
+def run(
+    name: str,
+    url: str,
+    *,
+    epochs: int,
+    seeds: int,
+    device: str,
+    log_dir: str,
+    artifact_dir: str,
+    setup: str = "default",
+    progress: Callable[[int], None] | None = None,
+) -> list[CellStats]:
     """Train the missing cells of one factor and return its statistics. A cell is one trial of a
     grid study with `seeds` repeats (seeds 0..seeds-1, the same in every cell, so the cells differ
     only in what they vary); the cells x seeds of one data set train at once in the batched
@@ -173,15 +216,33 @@ def run(name: str, url: str, *, epochs: int, seeds: int, device: str, log_dir: s
         by_data.setdefault(cell_data(factor, cell, fixed), []).append(cell)
     for data in by_data:
         config.validate(config.StudyConfig(data=data))
-    cfgs = {data: config.build({"data": asdict(data)}, study=study_name(name, epochs, seeds, setup), storage=url,
-                               max_epochs=epochs, pruner="none", repeats=seeds, device=device, engine="batched",
-                               log_dir=log_dir, artifact_dir=artifact_dir, slots=len(cells) * seeds)
-            for data, cells in by_data.items()}
+    cfgs = {
+        data: config.build(
+            {"data": asdict(data)},
+            study=study_name(name, epochs, seeds, setup),
+            storage=url,
+            max_epochs=epochs,
+            pruner="none",
+            repeats=seeds,
+            device=device,
+            engine="batched",
+            log_dir=log_dir,
+            artifact_dir=artifact_dir,
+            slots=len(cells) * seeds,
+        )
+        for data, cells in by_data.items()
+    }
     storage = open_study_storage(next(iter(cfgs.values())))
-    study = optuna.create_study(study_name=study_name(name, epochs, seeds, setup), storage=storage, load_if_exists=True,
-                                pruner=optuna.pruners.NopPruner())
+    study = optuna.create_study(
+        study_name=study_name(name, epochs, seeds, setup),
+        storage=storage,
+        load_if_exists=True,
+        pruner=optuna.pruners.NopPruner(),
+    )
     trials = study.get_trials(deepcopy=False)
-    done = {t.params.get("cell") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    done = {
+        t.params.get("cell") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    }
     queued = {t.params.get("cell") for t in trials if t.state == TrialState.WAITING}
     finished = [0]
 
@@ -208,12 +269,27 @@ def run(name: str, url: str, *, epochs: int, seeds: int, device: str, log_dir: s
             return [cell_config(factor, cell, seed, epochs, fixed) for seed in range(seeds)]
 
         with interrupt.handle_signals():
-            run_batched(cfgs[data], Budget(len(todo), None), seed=0, device=torch.device(device), on_trial=on_trial,
-                        storage=storage, configure=configure)
+            run_batched(
+                cfgs[data],
+                Budget(len(todo), None),
+                seed=0,
+                device=torch.device(device),
+                on_trial=on_trial,
+                storage=storage,
+                configure=configure,
+            )
         if interrupt.requested():
             raise KeyboardInterrupt
     if "base" not in study.user_attrs:
-        study.set_user_attr("base", json.dumps({"train": asdict(replace(fixed.train, max_epochs=epochs)), "data": asdict(fixed.data)}))
+        study.set_user_attr(
+            "base",
+            json.dumps(
+                {
+                    "train": asdict(replace(fixed.train, max_epochs=epochs)),
+                    "data": asdict(fixed.data),
+                }
+            ),
+        )
     return stats(study, factor, seeds)
 
 
@@ -222,19 +298,35 @@ def stats(study: optuna.Study, factor: Factor, seeds: int) -> list[CellStats]:
     rows = []
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     for cell in factor.cells:
-        t = next((t for t in trials if t.params.get("cell") == cell and "test_mse_per_seed" in t.user_attrs), None)
+        t = next(
+            (
+                t
+                for t in trials
+                if t.params.get("cell") == cell and "test_mse_per_seed" in t.user_attrs
+            ),
+            None,
+        )
 
-        def attr(key: str) -> tuple[float, float]:
+        def attr(key: str, t=t) -> tuple[float, float]:
             return _mean_std([float(v) for v in t.user_attrs[f"{key}_per_seed"]] if t else [])
 
-        rows.append(CellStats(cell, len(t.user_attrs["seeds"]) if t else 0, attr("test_mse"), attr("final_test_mse"),
-                              attr("val_mse"), attr("final_val_mse"), factor.report.get(cell, ""),
-                              settled(t.intermediate_values) if t else None))
+        rows.append(
+            CellStats(
+                cell,
+                len(t.user_attrs["seeds"]) if t else 0,
+                attr("test_mse"),
+                attr("final_test_mse"),
+                attr("val_mse"),
+                attr("final_val_mse"),
+                factor.report.get(cell, ""),
+                settled(t.intermediate_values) if t else None,
+            )
+        )
     return rows
 
 
 def _lower(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """For mean a < mean b: does the gap exceed one standard deviation of each (the seed spread)?"""
+    """For mean a < mean b: does the gap exceed one standard deviation of each (seed spread)?"""
     clear = a[0] + a[1] < b[0] - b[1]
     return "clearly" if clear else "within the seed spread"
 
@@ -244,34 +336,50 @@ def verdicts(name: str, rows: list[CellStats]) -> list[str]:
     if name == "depth":
         s, d = r["shallow (1 layer)"], r["deep (4 layers)"]
         agree = d.test[0] < s.test[0]
-        return [f"deep vs shallow: test MSE {d.test[0]:.2e} vs {s.test[0]:.2e}: the deeper network is "
-                f"{'better' if agree else 'not better'} ({_lower(d.test, s.test) if agree else _lower(s.test, d.test)}); "
-                f"report: deep better (0.0014 vs 0.0051) -> {'agrees' if agree else 'disagrees'}"]
+        return [
+            f"deep vs shallow: test MSE {d.test[0]:.2e} vs {s.test[0]:.2e}: the deeper network is "
+            f"{'better' if agree else 'not better'} "
+            f"({_lower(d.test, s.test) if agree else _lower(s.test, d.test)}); "
+            f"report: deep better ({REPORT_TEST_MSE['deep']:.1e} vs "
+            f"{REPORT_TEST_MSE['shallow']:.1e}) -> {'agrees' if agree else 'disagrees'}"
+        ]
     if name == "width":
         n, w = r["narrow (8)"], r["wide (128)"]
         agree = w.test[0] < n.test[0]
-        return [f"wide vs narrow: test MSE {w.test[0]:.2e} vs {n.test[0]:.2e}: the wider network is "
-                f"{'better' if agree else 'not better'} ({_lower(w.test, n.test) if agree else _lower(n.test, w.test)})"]
+        return [
+            f"wide vs narrow: test MSE {w.test[0]:.2e} vs {n.test[0]:.2e}: the wider network is "
+            f"{'better' if agree else 'not better'} "
+            f"({_lower(w.test, n.test) if agree else _lower(n.test, w.test)})"
+        ]
     if name == "lr":
         lo, hi = r["lr 1e-4"], r["lr 1e-2"]
         rise_hi, rise_lo = hi.final_val[0] / hi.val[0], lo.final_val[0] / lo.val[0]
+        rise = "the rise near the end is there" if rise_hi > 1.5 * rise_lo else "no clear rise"
         return [
             f"lr 1e-2 ends at {rise_hi:.1f}x its best validation MSE, lr 1e-4 at {rise_lo:.1f}x: "
-            f"{'the rise near the end is there with 1e-2' if rise_hi > 1.5 * rise_lo else 'no clear rise with 1e-2'} "
+            f"{rise} with 1e-2 "
             "(report: 1e-2 rose again)",
-            f"final-weights test MSE: lr 1e-2 {hi.final_test[0]:.2e} vs lr 1e-4 {lo.final_test[0]:.2e} -> "
-            f"{'1e-4' if lo.final_test[0] < hi.final_test[0] else '1e-2'} is better at the end of training",
+            f"final-weights test MSE: lr 1e-2 {hi.final_test[0]:.2e} vs lr 1e-4 "
+            f"{lo.final_test[0]:.2e} -> "
+            f"{'1e-4' if lo.final_test[0] < hi.final_test[0] else '1e-2'} is better at the end of "
+            f"training",
         ]
     if name == "scheduler":
         none = r["no schedule"]
         out = []
         for cell in ("step schedule", "cosine schedule"):
             c = r[cell]
-            test_worse, val_better = c.final_test[0] > none.final_test[0], c.final_val[0] < none.final_val[0]
+            test_worse, val_better = (
+                c.final_test[0] > none.final_test[0],
+                c.final_val[0] < none.final_val[0],
+            )
             out.append(
-                f"{cell} vs none (final weights): test {c.final_test[0]:.2e} vs {none.final_test[0]:.2e} "
-                f"({'worse' if test_worse else 'better'}), validation {c.final_val[0]:.2e} vs {none.final_val[0]:.2e} "
-                f"({'better' if val_better else 'worse'}) -> report's finding (worse on test, better on validation) "
+                f"{cell} vs none (final weights): test {c.final_test[0]:.2e} vs "
+                f"{none.final_test[0]:.2e} "
+                f"({'worse' if test_worse else 'better'}), validation {c.final_val[0]:.2e} vs "
+                f"{none.final_val[0]:.2e} "
+                f"({'better' if val_better else 'worse'}) -> report's finding (worse on test, "
+                f"better on validation) "
                 f"{'reproduced' if test_worse and val_better else 'not reproduced'}"
             )
         return out
@@ -281,32 +389,51 @@ def verdicts(name: str, rows: list[CellStats]) -> list[str]:
             got = {net: r[f"{h} / {net}"] for net in NETS}
             ratios = {net: got[net].test[0] / REPORT_TEST_MSE[net] for net in NETS}
             close = all(0.5 <= x <= 2.0 for x in ratios.values())
-            out.append(f"{h}: deep {got['deep'].test[0]:.2e} ({ratios['deep']:.2g}x the report's), shallow "
-                       f"{got['shallow'].test[0]:.2e} ({ratios['shallow']:.2g}x), settled by epoch "
-                       f"{got['deep'].settled} / {got['shallow'].settled} -> "
-                       f"{'reproduces the report within 2x' if close else 'does not reproduce it'}")
+            out.append(
+                f"{h}: deep {got['deep'].test[0]:.2e} ({ratios['deep']:.2g}x the report's), "
+                f"shallow "
+                f"{got['shallow'].test[0]:.2e} ({ratios['shallow']:.2g}x), settled by epoch "
+                f"{got['deep'].settled} / {got['shallow'].settled} -> "
+                f"{'reproduces the report within 2x' if close else 'does not reproduce it'}"
+            )
         return out
     act, lin = r["relu"], r["none (identity)"]
     fits = act.test[0] < 1e-2 and lin.test[0] > 0.1
-    return [f"relu {act.test[0]:.2e} vs no activation {lin.test[0]:.2e} test MSE: "
-            f"{'only the network with an activation fits sin(x); without one it is a straight line' if fits else 'unexpected: see the table'} "
-            "(report: only with the activation did it converge)"]
+    found = (
+        "only the network with an activation fits sin(x); without one it is a straight line"
+        if fits
+        else "unexpected: see the table"
+    )
+    return [
+        f"relu {act.test[0]:.2e} vs no activation {lin.test[0]:.2e} test MSE: {found} "
+        "(report: only with the activation did it converge)"
+    ]
 
 
 def describe_base(epochs: int, setup: str = "default") -> str:
     fixed = SETUPS[setup]
     b = replace(fixed.train, max_epochs=epochs)
     opt = f"SGD (momentum {b.momentum:g})" if b.optimizer == "sgd" else b.optimizer
-    return (f"held fixed unless the cell varies it: depth {b.depth}, width {b.width}, {b.activation}, {opt} lr {b.lr:g}, "
-            f"no schedule, batch {b.batch_size}, {epochs} epochs; {fixed.about}")
+    return (
+        f"held fixed unless the cell varies it: depth {b.depth}, width {b.width}, {b.activation}, "
+        f"{opt} lr {b.lr:g}, "
+        f"no schedule, batch {b.batch_size}, {epochs} epochs; {fixed.about}"
+    )
 
 
 def table(rows: list[CellStats]) -> str:
     def ms(v: tuple[float, float]) -> str:
         return f"{v[0]:.2e} +- {v[1]:.1e}"
 
-    lines = ["| cell | seeds | test MSE (best epoch) | test MSE (final) | val MSE (best) | val MSE (final) | settled | report |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.cell} | {r.n} | {ms(r.test)} | {ms(r.final_test)} | {ms(r.val)} | {ms(r.final_val)} | {r.settled or ''} "
-              f"| {r.report} |" for r in rows]
+    lines = [
+        "| cell | seeds | test MSE (best epoch) | test MSE (final) | val MSE (best) | val MSE "
+        "(final) | settled | report |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.cell} | {r.n} | {ms(r.test)} | {ms(r.final_test)} | {ms(r.val)} | "
+        f"{ms(r.final_val)} | {r.settled or ''} "
+        f"| {r.report} |"
+        for r in rows
+    ]
     return "\n".join(lines)

@@ -21,7 +21,10 @@ PRUNERS = ("hyperband", "median", "sha", "none")
 SAMPLINGS = ("uniform", "grid")
 INPUT_SCALINGS = ("unit", "raw")
 ENGINES = ("auto", "batched", "standard")
-DEFAULT_SLOTS = {"cpu": 32, "cuda": 1024}  # models the batched engine trains at once, by device type
+DEFAULT_SLOTS = {
+    "cpu": 32,
+    "cuda": 1024,
+}  # models the batched engine trains at once, by device type
 
 
 class ConfigError(ValueError):
@@ -123,10 +126,11 @@ class StudyConfig:
     pruner: str = "hyperband"
     """hyperband, median, sha (successive halving) or none"""
     seed: int = 0
-    """seed of the sampler and of every trial's weights (trial k, repeat r: seed + repeats*k + r)"""
+    """seed of the sampler and of every trial's weights (trial k, repeat r: seed + repeats*k+r)"""
     repeats: int = 1
     """models per trial, one per seed, trained side by side; the trial reports their mean
-    validation MSE each epoch (pruning acts on the mean curve) and its value is that curve's best"""
+    validation MSE each epoch (pruning acts on the mean curve) and its value is that curve's
+    best"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     engine: str = "auto"
@@ -174,17 +178,27 @@ _UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 def _positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int = MAX_COUNT) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise ConfigError(f"{name} must be an integer from {minimum} to {maximum:,}, got {value!r}")
+        raise ConfigError(
+            f"{name} must be an integer from {minimum} to {maximum:,}, got {value!r}"
+        )
 
 
 def check_study_name(name: Any) -> str:
     """A study name is a name, not a path: it names folders under storage/ (TensorBoard, plots)."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("the study name must be a non-empty string (--study NAME)")
-    if len(name) > MAX_NAME or _UNSAFE_NAME.search(name) or name.startswith(".") or name != name.strip():
-        raise ConfigError(f"study name {name[:40]!r}{'...' if len(name) > 40 else ''} is not a plain name; use at most "
-                          f"{MAX_NAME} characters, no '/', '\\', control characters or leading '.' or spaces, "
-                          "e.g. --study sin-deep")
+    if (
+        len(name) > MAX_NAME
+        or _UNSAFE_NAME.search(name)
+        or name.startswith(".")
+        or name != name.strip()
+    ):
+        raise ConfigError(
+            f"study name {name[:40]!r}{'...' if len(name) > 40 else ''} is not a plain name; use "
+            f"at most "
+            f"{MAX_NAME} characters, no '/', '\\', control characters or leading '.' or spaces, "
+            "e.g. --study sin-deep"
+        )
     return name
 
 
@@ -200,7 +214,9 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def _range(name: str, value: Any, *, kind: type, low: float, log: bool, high: float = math.inf) -> tuple:
+def _range(
+    name: str, value: Any, *, kind: type, low: float, log: bool, high: float = math.inf
+) -> tuple:
     """Accept [lo, hi] (or [v] to fix v) and check type, order and bounds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
@@ -225,7 +241,9 @@ def _choices(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"search_space.{name} must be a non-empty list, e.g. {name} = [{allowed[0]!r}]")
+        raise ConfigError(
+            f"search_space.{name} must be a non-empty list, e.g. {name} = [{allowed[0]!r}]"
+        )
     for v in value:
         if v not in allowed:
             raise ConfigError(
@@ -241,14 +259,18 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     if cfg.timeout is not None:
         _positive_float("--timeout", cfg.timeout)
         if cfg.timeout > MAX_SECONDS:
-            raise ConfigError(f"--timeout must be at most {MAX_SECONDS} s (a week), got {cfg.timeout!r}")
+            raise ConfigError(
+                f"--timeout must be at most {MAX_SECONDS} s (a week), got {cfg.timeout!r}"
+            )
     _choice("sampler", cfg.sampler, SAMPLERS)
     _choice("pruner", cfg.pruner, PRUNERS)
     _positive_int("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
     _positive_int("--repeats", cfg.repeats, maximum=MAX_REPEATS)
     if cfg.slots is not None and cfg.slots < cfg.repeats:
-        raise ConfigError(f"--slots {cfg.slots} cannot hold one trial of --repeats {cfg.repeats}; "
-                          f"give --slots at least {cfg.repeats} (a trial's repeats train side by side)")
+        raise ConfigError(
+            f"--slots {cfg.slots} cannot hold one trial of --repeats {cfg.repeats}; "
+            f"give --slots at least {cfg.repeats} (a trial's repeats train side by side)"
+        )
     _positive_int("--workers", cfg.workers, maximum=256)
     _choice("engine", cfg.engine, ENGINES)
     if cfg.slots is not None:
@@ -262,7 +284,8 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _positive_int("grace_period", cfg.grace_period, maximum=MAX_SECONDS)
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ConfigError(
-            f"grace_period ({cfg.grace_period}) must exceed heartbeat_interval ({cfg.heartbeat_interval}); "
+            f"grace_period ({cfg.grace_period}) must exceed heartbeat_interval "
+            f"({cfg.heartbeat_interval}); "
             "a live trial would look dead"
         )
     _positive_int("max_retries", cfg.max_retries, minimum=0, maximum=100)
@@ -295,7 +318,9 @@ def validate_train(t: TrainConfig) -> None:
     for w in widths:
         _positive_int("train.width", w, maximum=MAX_WIDTH)
     if isinstance(t.width, (list, tuple)) and len(t.width) != t.depth:
-        raise ConfigError(f"train.width lists {len(t.width)} widths for depth {t.depth}; give one per layer")
+        raise ConfigError(
+            f"train.width lists {len(t.width)} widths for depth {t.depth}; give one per layer"
+        )
     _choice("activation", t.activation, ACTIVATIONS)
     _positive_float("train.lr", t.lr)
     _choice("optimizer", t.optimizer, OPTIMIZERS)
@@ -330,7 +355,12 @@ def _bool(name: str, value: Any) -> bool:
 # ---------------------------------------------------------------- TOML
 
 
-_SECTIONS = {"study": StudyConfig, "data": DataConfig, "train": TrainConfig, "search_space": SearchSpace}
+_SECTIONS = {
+    "study": StudyConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "search_space": SearchSpace,
+}
 _NESTED = {"data", "train", "space"}
 
 
@@ -344,7 +374,9 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     try:
         raw = tomllib.loads(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} does not exist; check the --config path") from None
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; check the --config path"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from None
     except tomllib.TOMLDecodeError as e:
@@ -352,7 +384,8 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     for section, table in raw.items():
         if section not in _SECTIONS:
             raise ConfigError(
-                f"unknown section [{section}] in {p}; use one of: {', '.join('[' + s + ']' for s in _SECTIONS)}"
+                f"unknown section [{section}] in {p}; use one of: "
+                f"{', '.join('[' + s + ']' for s in _SECTIONS)}"
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{section} in {p} must be a [{section}] table")
@@ -360,7 +393,8 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
         if unknown:
             key = sorted(unknown)[0]
             raise ConfigError(
-                f"unknown key {key!r} in [{section}] of {p}; known keys: {', '.join(sorted(_known(_SECTIONS[section])))}"
+                f"unknown key {key!r} in [{section}] of {p}; known keys: "
+                f"{', '.join(sorted(_known(_SECTIONS[section])))}"
             )
     return raw
 
@@ -368,7 +402,10 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
 def build(toml: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> StudyConfig:
     """Defaults, then the TOML tables, then CLI overrides (None = not given); validated."""
     toml = toml or {}
-    space_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in toml.get("search_space", {}).items()}
+    space_kw = {
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in toml.get("search_space", {}).items()
+    }
     train_kw = dict(toml.get("train", {}))
     if isinstance(train_kw.get("width"), list):
         train_kw["width"] = tuple(train_kw["width"])
@@ -392,7 +429,7 @@ def build(toml: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> St
 
 
 def models_at_once(cfg: StudyConfig, device_type: str) -> int:
-    """Models one engine holds at once: the batched engine's slots, the standard engine's repeats."""
+    """Models one engine holds at once: the batched engine's slots, the standard one's repeats."""
     if cfg.engine == "standard":
         return cfg.repeats
     return cfg.slots or max(DEFAULT_SLOTS[device_type], cfg.repeats)

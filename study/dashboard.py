@@ -14,7 +14,8 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
 from . import analysis, results
-from .summary import REPORT_BEST_TEST_MSE
+from .course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
+
 
 def study_note(study: optuna.Study) -> str:
     c = analysis.Counts.of(study.get_trials(deepcopy=False))
@@ -27,10 +28,13 @@ def study_note(study: optuna.Study) -> str:
         b = top[0]
         lines += [
             "",
-            f"**Best trial #{b.number}**{analysis.repeats_text(b)}: validation MSE {analysis.mse_texts(b)[0]}, "
-            f"test MSE {analysis.mse_texts(b)[1]} (course report's best: {REPORT_BEST_TEST_MSE:.3e}).",
+            f"**Best trial #{b.number}**{analysis.repeats_text(b)}: validation MSE "
+            f"{analysis.mse_texts(b)[0]}, "
+            f"test MSE {analysis.mse_texts(b)[1]} (course report's best: "
+            f"{REPORT_BEST_TEST_MSE:.3e}).",
             "",
-            f"Params: `{analysis.params_text(b.params)}`. Its weights and fit plot are artifacts on its trial page.",
+            f"Params: `{analysis.params_text(b.params)}`. Its weights and fit plot are artifacts "
+            f"on its trial page.",
         ]
     if not analysis.importance_shortfall(study):
         rows = analysis.importance_table(study)
@@ -65,6 +69,7 @@ def bind(url: str, *, host: str, port: int, artifact_dir: str):
     try:
         return make_server(host, port, app, handler_class=Quiet)
     except OSError as e:
-        raise StorageError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port or --host",
-                           exit_code=1) from None
-
+        raise StorageError(
+            f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port or --host",
+            exit_code=1,
+        ) from None

@@ -4,7 +4,8 @@ Train and validation x are drawn uniformly at random (or on a grid); the test se
 at half-step offsets, so no test point coincides with a grid-sampled training point. Inputs are
 rescaled to [-1, 1) before they reach the network (`scale_inputs`; `input_scaling = "raw"` feeds
 x itself, as the course report did): raw x up to 6.28 saturates tanh and sigmoid units at
-initialisation and costs every activation but ReLU an order of magnitude in final MSE. No DataLoader: for tensors already in memory it only adds per-batch Python overhead.
+initialisation and costs every activation but ReLU an order of magnitude in final MSE. No
+DataLoader: for tensors already in memory it only adds per-batch Python overhead.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def make_data(cfg: DataConfig, device: torch.device | str = "cpu") -> SinData:
     """Draw the three sets on the CPU in float64 (identical on every device), then move them."""
     g = torch.Generator().manual_seed(cfg.seed)
     x_tr = _draw(cfg.n_train, cfg.sampling, g)
-    x_va = _draw(cfg.n_val, cfg.sampling, g) if cfg.sampling == "uniform" else grid_points(cfg.n_val)
+    x_va = (
+        _draw(cfg.n_val, cfg.sampling, g) if cfg.sampling == "uniform" else grid_points(cfg.n_val)
+    )
     x_te = grid_points(cfg.n_test)
     y_tr, y_va, y_te = torch.sin(x_tr), torch.sin(x_va), torch.sin(x_te)
     if cfg.noise > 0:
@@ -67,7 +70,10 @@ def make_data(cfg: DataConfig, device: torch.device | str = "cpu") -> SinData:
         return t.to(torch.float32).unsqueeze(1).to(device)  # (N, 1)
 
     return SinData(
-        x_train=put(x_tr, True), y_train=put(y_tr),
-        x_val=put(x_va, True), y_val=put(y_va),
-        x_test=put(x_te, True), y_test=put(y_te),
+        x_train=put(x_tr, True),
+        y_train=put(y_tr),
+        x_val=put(x_va, True),
+        y_val=put(y_va),
+        x_test=put(x_te, True),
+        y_test=put(y_te),
     )

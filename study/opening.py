@@ -41,10 +41,13 @@ def resolve_device(name: str, *, say: Callable[[str], None] = print) -> torch.de
     if dev.type != "cuda":
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} is not available (no CUDA GPU visible); use --device cpu or auto")
+        raise ConfigError(
+            f"device {name!r} is not available (no CUDA GPU visible); use --device cpu or auto"
+        )
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(
-            f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible; use "
+            f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
         )
     return dev
 
@@ -52,14 +55,20 @@ def resolve_device(name: str, *, say: Callable[[str], None] = print) -> torch.de
 def check_devices(devices: tuple[int, ...]) -> torch.device:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise ConfigError("--devices needs CUDA GPUs, but none is visible; drop --devices or use --workers N")
+        raise ConfigError(
+            "--devices needs CUDA GPUs, but none is visible; drop --devices or use --workers N"
+        )
     bad = [d for d in devices if d >= count]
     if bad:
-        raise ConfigError(f"--devices {bad[0]} does not exist: {count} GPU(s) visible (ids 0..{count - 1})")
+        raise ConfigError(
+            f"--devices {bad[0]} does not exist: {count} GPU(s) visible (ids 0..{count - 1})"
+        )
     return torch.device("cuda")
 
 
-def make_sampler(cfg: StudyConfig, *, seed: int | None = None, stored: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    cfg: StudyConfig, *, seed: int | None = None, stored: int = 0
+) -> optuna.samplers.BaseSampler:
     """The configured sampler, seeded with `seed` (default: the study seed) plus `stored`, the
     number of trials the study already holds: a resumed study must not replay the points its
     first run proposed. Optuna's TPE runs with its constant liar (the default), so trials still
@@ -72,7 +81,9 @@ def make_sampler(cfg: StudyConfig, *, seed: int | None = None, stored: int = 0) 
         return optuna.samplers.RandomSampler(seed=seed)
     if s == "grid":
         if cfg.space.per_layer_width:
-            raise ConfigError("the grid sampler cannot search per-layer widths; set per_layer_width = false")
+            raise ConfigError(
+                "the grid sampler cannot search per-layer widths; set per_layer_width = false"
+            )
         # Always the study seed: GridSampler shuffles its grid with it, and a grid_id must name
         # the same point in every run and worker of the study.
         return optuna.samplers.GridSampler(grid(cfg.space), seed=cfg.seed)
@@ -85,15 +96,21 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     epochs = cfg.train.max_epochs
     if cfg.pruner == "hyperband":
         # Optuna's benchmarks recommend Hyperband with TPE. Rungs from max_epochs/27 upward.
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, epochs // 27), max_resource=epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(1, epochs // 27), max_resource=epochs, reduction_factor=3
+        )
     if cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 10))
     if cfg.pruner == "sha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, epochs // 27), reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, epochs // 27), reduction_factor=3
+        )
     return optuna.pruners.NopPruner()
 
 
-def open_study_storage(cfg: StudyConfig, parsed: storage_mod.StorageURL | None = None) -> optuna.storages.BaseStorage:
+def open_study_storage(
+    cfg: StudyConfig, parsed: storage_mod.StorageURL | None = None
+) -> optuna.storages.BaseStorage:
     """The study's storage with the heartbeat settings of the config (every process alike)."""
     hb = storage_mod.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries)
     return storage_mod.open_storage(parsed or storage_mod.parse(cfg.storage), hb)
@@ -112,13 +129,20 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
         return
     existing = optuna.load_study(study_name=cfg.study, storage=storage)
     if len(existing.directions) > 1:
-        raise ConfigError(f"study {cfg.study!r} has {len(existing.directions)} objectives; sinstudy's has one "
-                          "(validation MSE); use another --study name")
+        raise ConfigError(
+            f"study {cfg.study!r} has {len(existing.directions)} objectives; sinstudy's has one "
+            "(validation MSE); use another --study name"
+        )
     if existing.direction != optuna.study.StudyDirection.MINIMIZE:
-        raise ConfigError(f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another --study name")
+        raise ConfigError(
+            f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another "
+            f"--study name"
+        )
     stored = existing.user_attrs.get("identity")
     if stored is None:
-        raise ConfigError(f"study {cfg.study!r} was not made by sinstudy; use another --study name")
+        raise ConfigError(
+            f"study {cfg.study!r} was not made by sinstudy; use another --study name"
+        )
     stored, identity = json.loads(stored), json.loads(json.dumps(_identity(cfg)))
     stored.setdefault("repeats", 1)  # studies made before repeats existed had one model per trial
     diff = [k for k in identity if stored.get(k) != identity[k]]
@@ -132,8 +156,12 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
 def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study, or load it (after check_study), recording the config on creation."""
     study = optuna.create_study(
-        study_name=cfg.study, storage=storage, direction="minimize",
-        sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True,
+        study_name=cfg.study,
+        storage=storage,
+        direction="minimize",
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg),
+        load_if_exists=True,
     )
     if UID_ATTR not in study.user_attrs:  # studies made before sinstudy stored it get one too
         study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
@@ -154,8 +182,11 @@ def check_folders(cfg: StudyConfig) -> None:
             probe = probe.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
             raise storage_mod.StorageError(
-                f"cannot create or write {flag} {folder!r} ({str(probe)!r} is {'not a folder' if not probe.is_dir() else 'read-only'}); "
-                f"set [study] {flag} to a writable folder", exit_code=1)
+                f"cannot create or write {flag} {folder!r} ({str(probe)!r} is "
+                f"{'not a folder' if not probe.is_dir() else 'read-only'}); "
+                f"set [study] {flag} to a writable folder",
+                exit_code=1,
+            )
 
 
 UID_ATTR = "sinstudy_uid"  # a study's own id: it travels with a copied or moved storage
@@ -178,8 +209,11 @@ def check_tensorboard_owner(cfg: StudyConfig, storage: optuna.storages.BaseStora
         uid = optuna.load_study(study_name=cfg.study, storage=storage).user_attrs.get(UID_ATTR)
     if uid != marker.read_text().strip():
         raise ConfigError(
-            f"TensorBoard folder {str(marker.parent)!r} holds the runs of another study named {cfg.study!r} "
-            "(in another storage); use another --study name, another [study] log_dir, or delete that folder")
+            f"TensorBoard folder {str(marker.parent)!r} holds the runs of another study named "
+            f"{cfg.study!r} "
+            "(in another storage); use another --study name, another [study] log_dir, or delete "
+            "that folder"
+        )
 
 
 def claim_tensorboard_folder(cfg: StudyConfig, study: optuna.Study) -> None:
@@ -195,7 +229,9 @@ def estimate_bytes(cfg: StudyConfig, slots: int) -> int:
     d, w = cfg.space.depth[1], cfg.space.width[1]
     params = 2 * w + (d - 1) * (w * w + w) + w + 1
     rows = 6 * params
-    activations = 4 * cfg.train.batch_size * w * d + 2 * cfg.data.n_val * w * d + 3 * cfg.data.n_train
+    activations = (
+        4 * cfg.train.batch_size * w * d + 2 * cfg.data.n_val * w * d + 3 * cfg.data.n_train
+    )
     return 4 * slots * (rows + activations)
 
 
@@ -221,14 +257,20 @@ def check_memory(cfg: StudyConfig, device: torch.device, slots: int) -> None:
         free = _available_ram()
     if need > 0.8 * free:
         raise ConfigError(
-            f"the largest model of the search space (depth {cfg.space.depth[1]}, width {cfg.space.width[1]}) "
-            f"in {slots} slot(s) needs about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
-            f"{device}; lower search_space.depth / width or --slots")
+            f"the largest model of the search space (depth {cfg.space.depth[1]}, width "
+            f"{cfg.space.width[1]}) "
+            f"in {slots} slot(s) needs about {need / 2**30:.1f} GiB, more than the "
+            f"{free / 2**30:.1f} GiB free on "
+            f"{device}; lower search_space.depth / width or --slots"
+        )
 
 
 # Measured (README "Scale out"): SQLite with a 60 s busy timeout held 4 and 8 workers with no
 # "database is locked", but a journal file was faster per trial from 4 workers up.
 def storage_advice(kind: str, n_workers: int) -> list[str]:
     if kind == "sqlite" and n_workers >= 4:
-        return [f"note: {n_workers} workers on SQLite work, but --storage journal:///storage/sinstudy.log is faster (README: Scale out)"]
+        return [
+            f"note: {n_workers} workers on SQLite work, but --storage "
+            f"journal:///storage/sinstudy.log is faster (README: Scale out)"
+        ]
     return []

@@ -7,7 +7,6 @@ against sin(x) is drawn here, from `analysis.Fit`. MSE axes are logarithmic: val
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,15 +19,30 @@ from plotly.subplots import make_subplots
 from . import analysis
 from .analysis import Fit
 from .config import ConfigError
+from .quiet import experimental
 
 LOG_Y = {"history", "intermediate_values", "slice"}
 
 
 def fit_figure(f: Fit, title: str = "best network vs sin(x)") -> go.Figure:
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06)
-    fig.add_trace(go.Scatter(x=f.x, y=f.target, name="sin(x)", line=dict(color="black", width=3)), row=1, col=1)
-    fig.add_trace(go.Scatter(x=f.x, y=f.prediction, name="network", line=dict(color="crimson", dash="dash")), row=1, col=1)
-    fig.add_trace(go.Scatter(x=f.x, y=f.residual, name="residual", line=dict(color="steelblue")), row=2, col=1)
+    fig = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06
+    )
+    fig.add_trace(
+        go.Scatter(x=f.x, y=f.target, name="sin(x)", line=dict(color="black", width=3)),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(x=f.x, y=f.prediction, name="network", line=dict(color="crimson", dash="dash")),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(x=f.x, y=f.residual, name="residual", line=dict(color="steelblue")),
+        row=2,
+        col=1,
+    )
     fig.update_layout(title=f"{title} (MSE {f.mse:.2e} on {len(f.x)} grid points)", height=600)
     fig.update_yaxes(title_text="y", row=1, col=1)
     fig.update_yaxes(title_text="network - sin(x)", row=2, col=1)
@@ -63,14 +77,18 @@ def fit_png(f: Fit, path: Path, title: str) -> None:
 
 
 def importance_figure(study: optuna.Study, evaluator: str) -> go.Figure:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental():
         fig = vis.plot_param_importances(study, evaluator=analysis.make_evaluator(evaluator))
-    fig.update_layout(title=f"Hyperparameter importance ({'PED-ANOVA' if evaluator == 'ped-anova' else 'fANOVA'})")
+    fig.update_layout(
+        title=f"Hyperparameter importance "
+        f"({'PED-ANOVA' if evaluator == 'ped-anova' else 'fANOVA'})"
+    )
     return fig
 
 
-def study_figures(study: optuna.Study, *, evaluators: tuple[str, ...] = analysis.EVALUATORS) -> tuple[dict[str, go.Figure], list[str]]:
+def study_figures(
+    study: optuna.Study, *, evaluators: tuple[str, ...] = analysis.EVALUATORS
+) -> tuple[dict[str, go.Figure], list[str]]:
     """Every figure the study's data allows, by file stem; and one note per figure skipped."""
     notes: list[str] = []
     makers: dict[str, Callable[[], go.Figure]] = {
@@ -84,16 +102,19 @@ def study_figures(study: optuna.Study, *, evaluators: tuple[str, ...] = analysis
     params = {p for t in analysis.complete_trials(study) for p in t.params}
     for other in ("depth", "width"):
         if {"lr", other} <= params:
-            makers[f"contour_lr_{other}"] = lambda other=other: vis.plot_contour(study, params=["lr", other])
+            makers[f"contour_lr_{other}"] = lambda other=other: vis.plot_contour(
+                study, params=["lr", other]
+            )
     shortfall = analysis.importance_shortfall(study)
     if shortfall:
         notes.append(shortfall)
     else:
         for ev in evaluators:
-            makers[f"importance_{ev.replace('-', '_')}"] = lambda ev=ev: importance_figure(study, ev)
+            makers[f"importance_{ev.replace('-', '_')}"] = lambda ev=ev: importance_figure(
+                study, ev
+            )
     figs = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental():
         for name, make in makers.items():
             fig = make()
             if name in LOG_Y:
@@ -112,17 +133,32 @@ def write(figs: dict[str, go.Figure], out_dir: Path, *, png: bool) -> list[Path]
         written.append(html)
     if png:  # one call: kaleido starts the browser once for all figures
         pngs = [out_dir / f"{name}.png" for name in figs]
-        pio.write_images(list(figs.values()), pngs, width=1000, height=[700 if n == "fit" else 600 for n in figs])
+        pio.write_images(
+            list(figs.values()),
+            pngs,
+            width=1000,
+            height=[700 if n == "fit" else 600 for n in figs],
+        )
         written += pngs
     return written
 
 
-def plot_study(study: optuna.Study, out_dir: Path, *, best_fit: tuple[Fit | None, object], evaluators: tuple[str, ...],
-               png: bool) -> tuple[list[Path], list[str]]:
+def plot_study(
+    study: optuna.Study,
+    out_dir: Path,
+    *,
+    best_fit: tuple[Fit | None, object],
+    evaluators: tuple[str, ...],
+    png: bool,
+) -> tuple[list[Path], list[str]]:
     """`sinstudy plot`: every figure, plus `best_fit` = (the best network's fit, its trial) from
     its stored weights (artifacts.best_fit). Returns (files, notes)."""
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
-        raise ConfigError(f"study {study.study_name!r} has no finished trial to plot; run `sinstudy run` first")
+    if not study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ):
+        raise ConfigError(
+            f"study {study.study_name!r} has no finished trial to plot; run `sinstudy run` first"
+        )
     figs, notes = study_figures(study, evaluators=evaluators)
     fit, trial = best_fit
     if fit is not None:
@@ -143,6 +179,8 @@ def png_available() -> str | None:
         import kaleido  # noqa: F401
     except ImportError:
         return "PNG skipped: kaleido is not installed (pip install kaleido)"
-    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")):
+    if not any(
+        shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")
+    ):
         return "PNG skipped: no Chromium/Chrome found (Debian: apt-get install chromium)"
     return None

@@ -27,8 +27,8 @@ import torch
 from optuna.trial import TrialState
 
 from . import interrupt
-from .config import StudyConfig
 from .batched.engine import run_batched
+from .config import StudyConfig
 from .recovery import fail_and_retry
 from .standard import run_trials
 
@@ -71,7 +71,7 @@ class Budget:
             return True
 
     def release(self, n: int = 1, *, for_queued: bool = False) -> None:
-        """Give back n claims; `for_queued`: their trials' retries are queued, keep the claims for them."""
+        """Give back n claims; `for_queued`: their trials' retries are queued, keep the claims."""
         with self._claimed.get_lock():
             self._claimed.value -= n
             if for_queued:
@@ -96,26 +96,58 @@ def worker_seed(cfg: StudyConfig, index: int, n_workers: int, generation: int) -
     return cfg.seed + (index + n_workers * generation) * SEED_STREAM
 
 
-def run_engine(cfg: StudyConfig, budget: Budget, *, seed: int, device: str, current: "mp.Array | None" = None,
-               index: int = 0, on_trial: Callable | None = None, storage=None) -> float | None:
+def run_engine(
+    cfg: StudyConfig,
+    budget: Budget,
+    *,
+    seed: int,
+    device: str,
+    current: mp.Array | None = None,
+    index: int = 0,
+    on_trial: Callable | None = None,
+    storage=None,
+) -> float | None:
     """Run this process's engine until the budget is spent. Returns its bookkeeping seconds
     (None where the engine does not measure them)."""
+
     def on_start(number: int) -> None:  # standard: the running trial; batched: its writer's pid
         if current is not None:
             current[index] = number
 
     if cfg.engine == "batched":
-        return run_batched(cfg, budget, seed=seed, device=torch.device(device), on_trial=on_trial, storage=storage,
-                           on_writer=on_start)
+        return run_batched(
+            cfg,
+            budget,
+            seed=seed,
+            device=torch.device(device),
+            on_trial=on_trial,
+            storage=storage,
+            on_writer=on_start,
+        )
 
     start = time.perf_counter()
-    objective = run_trials(cfg, budget, seed=seed, device=device, on_start=on_start,
-                           callbacks=[on_trial] if on_trial else [], storage=storage)
+    objective = run_trials(
+        cfg,
+        budget,
+        seed=seed,
+        device=device,
+        on_start=on_start,
+        callbacks=[on_trial] if on_trial else [],
+        storage=storage,
+    )
     # everything outside the objective (ask, tell, sampler) plus its reporting and pruning
     return (time.perf_counter() - start) - objective.seconds_inside + objective.seconds_reporting
 
 
-def _worker_main(cfg: StudyConfig, index: int, seed: int, budget: Budget, current: "mp.Array", device: str, threads: int) -> None:
+def _worker_main(
+    cfg: StudyConfig,
+    index: int,
+    seed: int,
+    budget: Budget,
+    current: mp.Array,
+    device: str,
+    threads: int,
+) -> None:
     """Entry point of a spawned worker: exit 0 done, 128+signal interrupted, 1 error."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # see runner.run
     torch.set_num_threads(threads)
@@ -142,14 +174,24 @@ def worker_devices(cfg: StudyConfig, device: str) -> list[tuple[str, dict[str, s
     if cfg.devices is None:
         return [(device, {})] * cfg.workers
     n = max(cfg.workers, len(cfg.devices))
-    return [("cuda:0", {"CUDA_VISIBLE_DEVICES": str(cfg.devices[i % len(cfg.devices)])}) for i in range(n)]
+    return [
+        ("cuda:0", {"CUDA_VISIBLE_DEVICES": str(cfg.devices[i % len(cfg.devices)])})
+        for i in range(n)
+    ]
 
 
 class Pool:
     """The parent's side of `--workers N` / `--devices ...`."""
 
-    def __init__(self, cfg: StudyConfig, study: optuna.Study, placements: list[tuple[str, dict[str, str]]],
-                 *, say: Callable[[str], None], on_progress: Callable[[], None]):
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        study: optuna.Study,
+        placements: list[tuple[str, dict[str, str]]],
+        *,
+        say: Callable[[str], None],
+        on_progress: Callable[[], None],
+    ):
         self.cfg, self.study, self.placements = cfg, study, placements
         self.say, self.on_progress = say, on_progress
         self.budget = Budget(cfg.n_trials, cfg.timeout)
@@ -158,7 +200,9 @@ class Pool:
         self.workers: set[str] = set()  # every worker process's `worker` attr
         self.generation = [0] * len(placements)
         cpu_workers = sum(dev == "cpu" for dev, _ in placements)
-        self.threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))  # cores split between CPU workers
+        self.threads = max(
+            1, (os.cpu_count() or 1) // max(1, cpu_workers)
+        )  # cores split between CPU workers
         self.signum = 0
 
     def _start(self, i: int) -> None:
@@ -168,8 +212,11 @@ class Pool:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # a spawned child copies the environment at start
         try:
-            p = _CTX.Process(target=_worker_main, args=(self.cfg, i, seed, self.budget, self.current, device, self.threads),
-                             name=f"sinstudy-worker-{i}")
+            p = _CTX.Process(
+                target=_worker_main,
+                args=(self.cfg, i, seed, self.budget, self.current, device, self.threads),
+                name=f"sinstudy-worker-{i}",
+            )
             p.start()
         finally:
             for k, v in saved.items():
@@ -178,7 +225,9 @@ class Pool:
                 else:
                     os.environ[k] = v
         self.procs[i] = p
-        self.workers.add(f"{socket.gethostname()}:{p.pid}")  # as trial_attrs.WORKER in that process
+        self.workers.add(
+            f"{socket.gethostname()}:{p.pid}"
+        )  # as trial_attrs.WORKER in that process
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self.signum:
@@ -223,18 +272,27 @@ class Pool:
             if self.cfg.engine == "batched":
                 # Its writer stores what it was handed, fails and requeues the rest and gives
                 # their budget back: the replacement starts once that is done, so it finds them.
-                self.say(f"worker {i} was killed ({name}); its writer fails and requeues its trials; starting a replacement")
+                self.say(
+                    f"worker {i} was killed ({name}); its writer fails and requeues its trials; "
+                    f"starting a replacement"
+                )
                 _wait_gone(held, timeout=self.cfg.grace_period + 30)
             elif held >= 0 and fail_and_retry(self.study, held, self.cfg.max_retries):
                 self.budget.release()
-                self.say(f"worker {i} was killed ({name}); trial #{held} marked FAIL"
-                         f"{' and queued for retry' if self.cfg.max_retries else ''}; starting a replacement")
+                self.say(
+                    f"worker {i} was killed ({name}); trial #{held} marked FAIL"
+                    f"{' and queued for retry' if self.cfg.max_retries else ''}; starting a "
+                    f"replacement"
+                )
             self._start(i)
             return None
         self.budget.stop()
         for p in self.procs.values():
             p.terminate()
-        return f"worker {i} stopped with exit code {code} (its message is above); the study is unchanged otherwise"
+        return (
+            f"worker {i} stopped with exit code {code} (its message is above); the study is "
+            f"unchanged otherwise"
+        )
 
     def _fail_orphans(self) -> None:
         """After an interrupt, a trial whose worker died without telling Optuna is marked FAIL."""

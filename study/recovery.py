@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 
 import optuna
 from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from .quiet import experimental
+
 HEARTBEAT_ATTR = "sinstudy:heartbeat"  # unix time of a journal trial's last beat
 
 
 def retry_callback(max_retries: int) -> RetryHeartbeatStaleTrialCallback:
-    with warnings.catch_warnings():  # experimental in Optuna 5.0; its behaviour is what we want
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental():  # experimental in Optuna 5.0; its behaviour is what we want
         return RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
 
 
@@ -63,8 +63,7 @@ def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -
     storage = study._storage
     if not isinstance(storage, JournalStorage):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        with warnings.catch_warnings():  # "experimental" since Optuna 2.9; what the heartbeat runs
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with experimental():  # "experimental" since Optuna 2.9; what the heartbeat runs
             optuna.storages.fail_stale_trials(study)
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         return sorted(before - after)
@@ -74,7 +73,11 @@ def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -
         beat = t.system_attrs.get(HEARTBEAT_ATTR)
         if beat is None and t.datetime_start is not None:
             beat = t.datetime_start.timestamp()
-        if beat is not None and now - beat > grace_period and fail_and_retry(study, t.number, max_retries):
+        if (
+            beat is not None
+            and now - beat > grace_period
+            and fail_and_retry(study, t.number, max_retries)
+        ):
             failed.append(t.number)
     return failed
 
@@ -98,11 +101,10 @@ class JournalHeartbeat:
             if self._stop.wait(self._interval):
                 return
 
-    def __enter__(self) -> "JournalHeartbeat":
+    def __enter__(self) -> JournalHeartbeat:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-

@@ -12,13 +12,21 @@ import plotly.graph_objects as go
 from . import analysis, plots
 from .artifacts import best_fit
 from .config import ConfigError
-from .summary import REPORT_BEST_TEST_MSE
+from .course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
 
-KEY_PLOTS = ("history", "importance_ped_anova", "importance_fanova", "parallel_coordinate", "intermediate_values", "contour_lr_depth")
+KEY_PLOTS = (
+    "history",
+    "importance_ped_anova",
+    "importance_fanova",
+    "parallel_coordinate",
+    "intermediate_values",
+    "contour_lr_depth",
+)
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px
+10px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}h2{margin-top:2em;border-bottom:1px solid #ddd}
 .note{color:#555}
 """
@@ -26,7 +34,10 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}h2{margin-top:2em;border-bottom:
 
 def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
     def cells(tag: str, values: list[str]) -> str:
-        return "".join(f"<{tag}{' class=l' if i < left else ''}>{html.escape(v)}</{tag}>" for i, v in enumerate(values))
+        return "".join(
+            f"<{tag}{' class=l' if i < left else ''}>{html.escape(v)}</{tag}>"
+            for i, v in enumerate(values)
+        )
 
     body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
     return f"<table><tr>{cells('th', head)}</tr>{body}</table>"
@@ -41,17 +52,25 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
     cfg = json.loads(study.user_attrs.get("config", "{}"))
     parts = [
         f"<h1>sinstudy report: {html.escape(study.study_name)}</h1>",
-        f"<p class=note>Generated {datetime.now():%Y-%m-%d %H:%M} from the study storage (no retraining).</p>",
+        f"<p class=note>Generated {datetime.now():%Y-%m-%d %H:%M} from the study storage (no "
+        f"retraining).</p>",
         "<h2>Summary</h2>",
-        _table(["", ""], [
-            ["trials", f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed"],
-            ["best trial", f"#{best.number}: {analysis.params_text(best.params)}"],
-            ["best validation MSE", analysis.mse_texts(best)[0] + analysis.repeats_text(best)],
-            ["its test MSE", f"{analysis.mse_texts(best)[1]} (course report's best: {REPORT_BEST_TEST_MSE:.3e})"],
-            ["parameters", str(best.user_attrs.get("n_params", "?"))],
-            ["epochs per trial", str(cfg.get("train", {}).get("max_epochs", "?"))],
-            ["sampler / pruner", f"{cfg.get('sampler', '?')} / {cfg.get('pruner', '?')}"],
-        ]),
+        _table(
+            ["", ""],
+            [
+                ["trials", f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed"],
+                ["best trial", f"#{best.number}: {analysis.params_text(best.params)}"],
+                ["best validation MSE", analysis.mse_texts(best)[0] + analysis.repeats_text(best)],
+                [
+                    "its test MSE",
+                    f"{analysis.mse_texts(best)[1]} (course report's best: "
+                    f"{REPORT_BEST_TEST_MSE:.3e})",
+                ],
+                ["parameters", str(best.user_attrs.get("n_params", "?"))],
+                ["epochs per trial", str(cfg.get("train", {}).get("max_epochs", "?"))],
+                ["sampler / pruner", f"{cfg.get('sampler', '?')} / {cfg.get('pruner', '?')}"],
+            ],
+        ),
         "<h2>Hyperparameter importance</h2>",
     ]
     shortfall = analysis.importance_shortfall(study)
@@ -59,14 +78,28 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
         parts.append(f"<p class=note>{html.escape(shortfall)}</p>")
     else:
         rows = analysis.importance_table(study)
-        parts.append(_table(["parameter", "PED-ANOVA", "fANOVA"], [[r.param, f"{r.ped_anova or 0:.3f}", f"{r.fanova or 0:.3f}"] for r in rows]))
+        parts.append(
+            _table(
+                ["parameter", "PED-ANOVA", "fANOVA"],
+                [[r.param, f"{r.ped_anova or 0:.3f}", f"{r.fanova or 0:.3f}"] for r in rows],
+            )
+        )
     parts += [
         "<h2>Top 10 trials</h2>",
-        _table(["trial", "params", "val MSE", "test MSE", "best epoch", "seconds"], [
-            [f"#{t.number}", analysis.params_text(t.params), *analysis.mse_texts(t),
-             str(t.user_attrs.get("best_epoch", "")), f"{t.user_attrs.get('seconds', 0):.1f}"]
-            for t in top
-        ], left=2),
+        _table(
+            ["trial", "params", "val MSE", "test MSE", "best epoch", "seconds"],
+            [
+                [
+                    f"#{t.number}",
+                    analysis.params_text(t.params),
+                    *analysis.mse_texts(t),
+                    str(t.user_attrs.get("best_epoch", "")),
+                    f"{t.user_attrs.get('seconds', 0):.1f}",
+                ]
+                for t in top
+            ],
+            left=2,
+        ),
         "<h2>Plots</h2>",
     ]
     figs, _ = plots.study_figures(study)
@@ -76,4 +109,7 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
         chosen.insert(0, plots.fit_figure(fit, title=f"best trial #{trial.number} vs sin(x)"))
     for i, fig in enumerate(chosen):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    return f"<!DOCTYPE html><html><head><meta charset=utf-8><title>sinstudy: {html.escape(study.study_name)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    return (
+        f"<!DOCTYPE html><html><head><meta charset=utf-8><title>sinstudy: "
+        f"{html.escape(study.study_name)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )

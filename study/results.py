@@ -17,7 +17,9 @@ def open_for_reading(url: str) -> optuna.storages.BaseStorage:
     """Open a storage that must already exist (a missing file is a ConfigError, not created)."""
     parsed = storage_mod.check(url)
     if parsed.path is not None and not parsed.path.exists():
-        raise ConfigError(f"no study storage at {str(parsed.path)!r}; run `sinstudy run` first or fix --storage")
+        raise ConfigError(
+            f"no study storage at {str(parsed.path)!r}; run `sinstudy run` first or fix --storage"
+        )
     return storage_mod.open_storage(parsed)
 
 
@@ -27,7 +29,9 @@ def load_existing(study_name: str, url: str) -> optuna.Study:
     names = optuna.get_all_study_names(storage)
     if study_name not in names:
         known = ", ".join(repr(n) for n in names) or "none"
-        raise ConfigError(f"no study {study_name!r} in {url} (studies there: {known}); fix --study")
+        raise ConfigError(
+            f"no study {study_name!r} in {url} (studies there: {known}); fix --study"
+        )
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
@@ -42,8 +46,14 @@ def best_text(study_name: str, url: str) -> str:
     trial = best_trial(study)
     c = Counts.of(study.get_trials(deepcopy=False))
     cfg = json.loads(study.user_attrs.get("config", "{}"))
-    lines = [f"study          {study_name}  ({c.complete} complete, {c.pruned} pruned, {c.failed} failed)"]
+    lines = [
+        f"study          {study_name}  ({c.complete} complete, {c.pruned} pruned, {c.failed} "
+        f"failed)"
+    ]
     lines += describe_trial(trial)
     if cfg:
-        lines.append(f"max epochs     {cfg['train']['max_epochs']}, sampler {cfg['sampler']}, pruner {cfg['pruner']}")
+        lines.append(
+            f"max epochs     {cfg['train']['max_epochs']}, sampler {cfg['sampler']}, pruner "
+            f"{cfg['pruner']}"
+        )
     return "\n".join(lines)

@@ -22,8 +22,18 @@ from . import interrupt, recovery
 from . import storage as storage_mod
 from .config import StudyConfig, models_at_once
 from .dashboard import publish
-from .opening import (check_devices, check_folders, check_memory, check_study, check_tensorboard_owner,
-                      claim_tensorboard_folder, open_study, open_study_storage, resolve_device, storage_advice)
+from .opening import (
+    check_devices,
+    check_folders,
+    check_memory,
+    check_study,
+    check_tensorboard_owner,
+    claim_tensorboard_folder,
+    open_study,
+    open_study_storage,
+    resolve_device,
+    storage_advice,
+)
 from .pool import Budget, Pool, finished_since, run_engine, worker_devices
 from .summary import Progress, Summary, summarize
 from .trial_attrs import WORKER
@@ -33,17 +43,24 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] = _stderr) -> Summary:
+def run(
+    cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] = _stderr
+) -> Summary:
     # The bar and summary replace per-trial logs; a failing trial re-raises and the CLI prints one
     # line (SINSTUDY_DEBUG=1: traceback), so Optuna's own failure log with a traceback is noise.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     notes: list[str] = []
-    device = resolve_device(cfg.device, say=notes.append) if cfg.devices is None else check_devices(cfg.devices)
+    device = (
+        resolve_device(cfg.device, say=notes.append)
+        if cfg.devices is None
+        else check_devices(cfg.devices)
+    )
     if device.type == "cuda":  # full float32 matmuls: the engines must agree with train.py
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     placements = worker_devices(cfg, str(device))
-    # models held at once on one device: every CPU worker shares this machine, GPU workers their card
+    # models held at once on one device: every CPU worker shares this machine, GPU workers their
+    # card
     per_worker = models_at_once(cfg, device.type)
     sharing = Counter(env.get("CUDA_VISIBLE_DEVICES") for _, env in placements)
     check_memory(cfg, device, per_worker * max(sharing.values()))
@@ -62,8 +79,13 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
     study = open_study(cfg, storage)
     Path(cfg.artifact_dir).mkdir(parents=True, exist_ok=True)
     claim_tensorboard_folder(cfg, study)
-    for n in recovery.sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries):
-        say(f"trial #{n} of an earlier run had no heartbeat for {cfg.grace_period} s: marked FAIL and queued for retry")
+    for n in recovery.sweep_stale(
+        study, grace_period=cfg.grace_period, max_retries=cfg.max_retries
+    ):
+        say(
+            f"trial #{n} of an earlier run had no heartbeat for {cfg.grace_period} s: marked FAIL "
+            f"and queued for retry"
+        )
 
     # what the study held before this run (queued trials it may take are not among them)
     before = {t.number for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING}
@@ -74,25 +96,43 @@ def run(cfg: StudyConfig, *, progress: bool = True, say: Callable[[str], None] =
         if len(placements) == 1 and not cfg.devices:
             signum, book = _run_here(cfg, storage, device, bar)
         else:
-            pool = Pool(cfg, study, placements, say=say, on_progress=lambda: bar.to(finished_since(study, before), study))
+            pool = Pool(
+                cfg,
+                study,
+                placements,
+                say=say,
+                on_progress=lambda: bar.to(finished_since(study, before), study),
+            )
             signum = pool.run()
             workers = pool.workers
     finally:
         bar.close()
     if not signum and cfg.engine == "standard":  # the batched engine's writer has done it
         publish(study)
-    summary = summarize(study, cfg, device=_where(placements), since=before, workers=workers, wall=time.perf_counter() - start, signum=signum)
+    summary = summarize(
+        study,
+        cfg,
+        device=_where(placements),
+        since=before,
+        workers=workers,
+        wall=time.perf_counter() - start,
+        signum=signum,
+    )
     summary.bookkeeping_seconds = book
     return summary
 
 
-def _run_here(cfg: StudyConfig, storage: optuna.storages.BaseStorage, device: torch.device, bar: Progress) -> tuple[int, float | None]:
+def _run_here(
+    cfg: StudyConfig, storage: optuna.storages.BaseStorage, device: torch.device, bar: Progress
+) -> tuple[int, float | None]:
     """One engine in this process. Returns (interrupting signal or 0, bookkeeping seconds)."""
     budget = Budget(cfg.n_trials, cfg.timeout)
     on_trial = bar.written if cfg.engine == "batched" else bar
     try:
         with interrupt.handle_signals():
-            book = run_engine(cfg, budget, seed=cfg.seed, device=str(device), on_trial=on_trial, storage=storage)
+            book = run_engine(
+                cfg, budget, seed=cfg.seed, device=str(device), on_trial=on_trial, storage=storage
+            )
             return interrupt.requested(), book
     except interrupt.Interrupted as e:  # Optuna has already marked the running trial FAIL
         return e.signum, None
@@ -104,4 +144,6 @@ def _where(placements: list[tuple[str, dict[str, str]]]) -> str:
     if len(placements) == 1 and not placements[0][1]:
         return placements[0][0]
     gpus = sorted({env["CUDA_VISIBLE_DEVICES"] for _, env in placements if env})
-    return f"{len(placements)} workers on " + (f"GPUs {','.join(gpus)}" if gpus else placements[0][0])
+    return f"{len(placements)} workers on " + (
+        f"GPUs {','.join(gpus)}" if gpus else placements[0][0]
+    )

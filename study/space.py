@@ -17,7 +17,9 @@ import optuna
 from .config import SearchSpace, TrainConfig
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace, base: TrainConfig, *, seed: int) -> TrainConfig:
+def suggest(
+    trial: optuna.Trial, space: SearchSpace, base: TrainConfig, *, seed: int
+) -> TrainConfig:
     depth = trial.suggest_int("depth", *space.depth)
     if space.per_layer_width:
         width: int | tuple[int, ...] = tuple(
@@ -32,7 +34,9 @@ def suggest(trial: optuna.Trial, space: SearchSpace, base: TrainConfig, *, seed:
         chosen["scheduler"] = trial.suggest_categorical("scheduler", list(space.scheduler))
     if space.optimizer is not None:
         chosen["optimizer"] = trial.suggest_categorical("optimizer", list(space.optimizer))
-    return replace(base, depth=depth, width=width, lr=lr, activation=activation, seed=seed, **chosen)
+    return replace(
+        base, depth=depth, width=width, lr=lr, activation=activation, seed=seed, **chosen
+    )
 
 
 def grid_started(study: optuna.Study, space: SearchSpace) -> bool:

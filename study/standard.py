@@ -31,7 +31,9 @@ from .trial_attrs import outcome, start_attrs, trial_seed
 
 
 class Objective:
-    def __init__(self, cfg: StudyConfig, data: SinData, artifact_store: FileSystemArtifactStore | None):
+    def __init__(
+        self, cfg: StudyConfig, data: SinData, artifact_store: FileSystemArtifactStore | None
+    ):
         self.cfg = cfg
         self.data = data
         self.artifact_store = artifact_store
@@ -89,8 +91,14 @@ class Objective:
             trial.set_user_attr("pruned_reason", out.diverged)
             raise optuna.TrialPruned(out.diverged)
         if self.artifact_store is not None and self._is_new_best(trial, out.value):
-            artifact_id = upload_model(self.artifact_store, trial, trial.number, out.model_cfg, model_state(out.model),
-                                       scaling=self.cfg.data.input_scaling)
+            artifact_id = upload_model(
+                self.artifact_store,
+                trial,
+                trial.number,
+                out.model_cfg,
+                model_state(out.model),
+                scaling=self.cfg.data.input_scaling,
+            )
             trial.set_user_attr("model_artifact", artifact_id)
         return out.value
 
@@ -102,15 +110,25 @@ class Objective:
             return True
 
 
-def run_trials(cfg: StudyConfig, budget, *, seed: int, device: str, on_start: Callable[[int], None] = lambda n: None,
-               callbacks: list[Callable] = (), storage: optuna.storages.BaseStorage | None = None) -> Objective:
+def run_trials(
+    cfg: StudyConfig,
+    budget,
+    *,
+    seed: int,
+    device: str,
+    on_start: Callable[[int], None] = lambda n: None,
+    callbacks: list[Callable] = (),
+    storage: optuna.storages.BaseStorage | None = None,
+) -> Objective:
     """Claim, run one trial, repeat, until the budget or the grid is spent or a signal arrives.
     `on_start(number)` is told each trial's number as it starts (-1 when it ends); `storage`:
     the caller's, when it runs in the caller's process, else opened here."""
     storage = storage or open_study_storage(cfg)
     study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=make_pruner(cfg))
     study.sampler = make_sampler(cfg, seed=seed, stored=len(study.get_trials(deepcopy=False)))
-    objective = Objective(cfg, make_data(cfg.data, device), FileSystemArtifactStore(cfg.artifact_dir))
+    objective = Objective(
+        cfg, make_data(cfg.data, device), FileSystemArtifactStore(cfg.artifact_dir)
+    )
     journal = isinstance(storage, JournalStorage)
 
     def run_one(trial: optuna.Trial) -> float:

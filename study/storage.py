@@ -18,7 +18,6 @@ import fcntl
 import json
 import os
 import sqlite3
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +27,26 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
+from .quiet import experimental
 from .recovery import retry_callback
 
 SQLITE_BUSY_TIMEOUT_S = 60  # wait for a lock instead of failing with "database is locked"
-PG_CONNECT_TIMEOUT_S = 5
-JOURNAL_LOCK_GRACE_S = 10  # a journal lock older than this is broken (its holder died mid-append)  # an unreachable server is reported after this, not a hang
+PG_CONNECT_TIMEOUT_S = 5  # an unreachable server is reported after this, not a hang
+JOURNAL_LOCK_GRACE_S = 10  # a journal lock older than this is broken (its holder died mid-append)
 # Any of Optuna's tables marks its database: a second process may look while the first is still
 # creating the schema, and a half-made Optuna schema is not another program's database.
-_OPTUNA_TABLES = {"studies", "trials", "alembic_version", "version_info", "study_directions", "trial_values"}
+_OPTUNA_TABLES = {
+    "studies",
+    "trials",
+    "alembic_version",
+    "version_info",
+    "study_directions",
+    "trial_values",
+}
 
 
 class StorageError(Exception):
-    """The storage cannot be used as given. `exit_code` is 2 for bad input, 1 for the environment."""
+    """The storage cannot be used as given. `exit_code`: 2 for bad input, 1 for the environment."""
 
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
@@ -73,16 +80,24 @@ def parse(url: str) -> StorageURL:
     if scheme == "sqlite":
         rest = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else None
         if not rest or rest == ":memory:":
-            raise StorageError(f"storage URL {shown!r} names no file; use sqlite:///path/to/study.db")
-        return StorageURL("sqlite:///" + rest, "sqlite", Path(rest))  # SQLAlchemy wants the scheme in lower case
+            raise StorageError(
+                f"storage URL {shown!r} names no file; use sqlite:///path/to/study.db"
+            )
+        return StorageURL(
+            "sqlite:///" + rest, "sqlite", Path(rest)
+        )  # SQLAlchemy wants the scheme in lower case
     if scheme == "journal":
         rest = url[len("journal:///") :] if url.lower().startswith("journal:///") else None
         if not rest:
-            raise StorageError(f"storage URL {shown!r} names no file; use journal:///path/to/study.log")
+            raise StorageError(
+                f"storage URL {shown!r} names no file; use journal:///path/to/study.log"
+            )
         return StorageURL(url, "journal", Path(rest))
     if scheme in ("postgresql", "postgresql+psycopg", "postgres"):
         if not urlsplit(url).path.strip("/"):
-            raise StorageError(f"storage URL {shown!r} names no database; use postgresql://user@host:5432/dbname")
+            raise StorageError(
+                f"storage URL {shown!r} names no database; use postgresql://user@host:5432/dbname"
+            )
         fixed = "postgresql+psycopg://" + url.split("://", 1)[1]  # SQLAlchemy: use psycopg 3
         return StorageURL(fixed, "postgresql", None)
     raise StorageError(
@@ -100,13 +115,16 @@ def _check_writable_dir(path: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise StorageError(
             f"cannot write to {str(folder)!r} for storage file {str(path)!r}; "
-            "choose a writable folder with --storage", exit_code=1
+            "choose a writable folder with --storage",
+            exit_code=1,
         )
 
 
 def _check_sqlite(path: Path) -> None:
     if path.is_dir():
-        raise StorageError(f"storage path {str(path)!r} is a directory; point --storage at a .db file")
+        raise StorageError(
+            f"storage path {str(path)!r} is a directory; point --storage at a .db file"
+        )
     if not path.exists() or path.stat().st_size == 0:
         _check_writable_dir(path)
         return
@@ -120,15 +138,22 @@ def _check_sqlite(path: Path) -> None:
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            problems = [r[0] for r in con.execute("PRAGMA quick_check(1)")]  # every page, read-only
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            problems = [
+                r[0] for r in con.execute("PRAGMA quick_check(1)")
+            ]  # every page, read-only
             if problems != ["ok"]:
-                raise sqlite3.DatabaseError(" ".join(problems[0].replace("*** in database main ***", "").split()))
+                raise sqlite3.DatabaseError(
+                    " ".join(problems[0].replace("*** in database main ***", "").split())
+                )
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
         raise StorageError(
-            f"{str(path)!r} is a damaged SQLite database ({e}); restore it from a copy or choose another --storage path"
+            f"{str(path)!r} is a damaged SQLite database ({e}); restore it from a copy or choose "
+            f"another --storage path"
         ) from None
     if tables and not _OPTUNA_TABLES & tables:
         raise StorageError(
@@ -136,12 +161,16 @@ def _check_sqlite(path: Path) -> None:
             "choose another --storage path"
         )
     if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
-        raise StorageError(f"{str(path)!r} is read-only; make it writable or copy it elsewhere", exit_code=1)
+        raise StorageError(
+            f"{str(path)!r} is read-only; make it writable or copy it elsewhere", exit_code=1
+        )
 
 
 def _check_journal(path: Path) -> None:
     if path.is_dir():
-        raise StorageError(f"storage path {str(path)!r} is a directory; point --storage at a .log file")
+        raise StorageError(
+            f"storage path {str(path)!r} is a directory; point --storage at a .log file"
+        )
     if not path.exists() or path.stat().st_size == 0:
         _check_writable_dir(path)
         return
@@ -153,10 +182,13 @@ def _check_journal(path: Path) -> None:
         ok = False
     if not ok:
         raise StorageError(
-            f"{str(path)!r} is not an Optuna journal file; move it away or choose another --storage path"
+            f"{str(path)!r} is not an Optuna journal file; move it away or choose another "
+            f"--storage path"
         )
     if not os.access(path, os.W_OK):
-        raise StorageError(f"{str(path)!r} is read-only; make it writable or copy it elsewhere", exit_code=1)
+        raise StorageError(
+            f"{str(path)!r} is read-only; make it writable or copy it elsewhere", exit_code=1
+        )
 
 
 def _check_postgresql(url: str) -> None:
@@ -172,8 +204,10 @@ def _check_postgresql(url: str) -> None:
     except psycopg.Error as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(
-            f"cannot connect to PostgreSQL at {redact(dsn)!r} ({first}); start the server, create the "
-            "database, or fix --storage", exit_code=1
+            f"cannot connect to PostgreSQL at {redact(dsn)!r} ({first}); start the server, create "
+            f"the "
+            "database, or fix --storage",
+            exit_code=1,
         ) from None
 
 
@@ -198,8 +232,11 @@ def repair_journal(path: Path) -> str | None:
             os.fsync(f.fileno())
     finally:
         lock.release()
-    return (f"note: the last record of {str(path)!r} was cut off (a crash or a full disk while writing); "
-            f"removed its {len(data) - keep} bytes, the file as it was is kept at {str(backup)!r}")
+    return (
+        f"note: the last record of {str(path)!r} was cut off (a crash or a full disk while "
+        f"writing); "
+        f"removed its {len(data) - keep} bytes, the file as it was is kept at {str(backup)!r}"
+    )
 
 
 def check(url: str) -> StorageURL:
@@ -221,7 +258,9 @@ class Heartbeat:
     max_retries: int
 
 
-def open_storage(parsed: StorageURL, heartbeat: Heartbeat | None = None) -> optuna.storages.BaseStorage:
+def open_storage(
+    parsed: StorageURL, heartbeat: Heartbeat | None = None
+) -> optuna.storages.BaseStorage:
     """Open a checked URL. Creates the SQLite/journal file (and its folder) on first use.
 
     With `heartbeat`, RDB storages run Optuna's heartbeat and retry stale trials; the journal has
@@ -243,15 +282,17 @@ def open_storage(parsed: StorageURL, heartbeat: Heartbeat | None = None) -> optu
     hb = {}
     if heartbeat is not None:
         hb = dict(
-            heartbeat_interval=heartbeat.interval, grace_period=heartbeat.grace_period,
+            heartbeat_interval=heartbeat.interval,
+            grace_period=heartbeat.grace_period,
             heartbeat_stale_trial_callback=retry_callback(heartbeat.max_retries),
         )
     try:
-        with warnings.catch_warnings(), _schema_lock(parsed):  # heartbeat: "experimental" in Optuna 5.0
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with experimental(), _schema_lock(parsed):  # heartbeat: "experimental" in Optuna 5.0
             return RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
     except RuntimeError as e:  # e.g. a schema from another Optuna version
-        raise StorageError(f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1) from None
+        raise StorageError(
+            f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1
+        ) from None
 
 
 @contextlib.contextmanager

@@ -11,9 +11,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .analysis import Counts, mse_texts, params_text, repeats_text
 from .config import StudyConfig
+from .course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
 from .storage import redact
-
-REPORT_BEST_TEST_MSE = 1.418e-03  # the course report's best test MSE (its "deep" network)
 
 
 @dataclass
@@ -71,18 +70,32 @@ class Progress:
         self.bar.close()
 
 
-def summarize(study: optuna.Study, cfg: StudyConfig, *, device: str, since: set[int], workers: set[str], wall: float,
-              signum: int = 0) -> Summary:
+def summarize(
+    study: optuna.Study,
+    cfg: StudyConfig,
+    *,
+    device: str,
+    since: set[int],
+    workers: set[str],
+    wall: float,
+    signum: int = 0,
+) -> Summary:
     """`since`: the trial numbers stored before the run; `workers`: its processes (the `worker`
     attr), which tells its trials from those other runs add to the study at the same time."""
     trials = study.get_trials(deepcopy=False)
     best = study.best_trial if any(t.state == TrialState.COMPLETE for t in trials) else None
     ours = [t for t in trials if t.number not in since and t.user_attrs.get("worker") in workers]
     return Summary(
-        study=study.study_name, storage=redact(cfg.storage), device=device,
-        this_run=Counts.of(ours), total=Counts.of(trials),
-        wall_seconds=wall, log_dir=str(Path(cfg.log_dir) / study.study_name),
-        artifact_dir=cfg.artifact_dir, best=best, signum=int(signum),
+        study=study.study_name,
+        storage=redact(cfg.storage),
+        device=device,
+        this_run=Counts.of(ours),
+        total=Counts.of(trials),
+        wall_seconds=wall,
+        log_dir=str(Path(cfg.log_dir) / study.study_name),
+        artifact_dir=cfg.artifact_dir,
+        best=best,
+        signum=int(signum),
     )
 
 
@@ -92,9 +105,11 @@ def describe_trial(t: FrozenTrial) -> list[str]:
     val, test = mse_texts(t)
     lines = [
         f"best trial     #{t.number}: {params_text(t.params)}",
-        f"val MSE        {val}  (best epoch {ua.get('best_epoch', '?')} of {ua.get('epochs', '?')}{repeats_text(t).replace(' (', ', ').rstrip(')')})",
+        f"val MSE        {val}  (best epoch {ua.get('best_epoch', '?')} of "
+        f"{ua.get('epochs', '?')}{repeats_text(t).replace(' (', ', ').rstrip(')')})",
         f"test MSE       {test}  (report's best: {REPORT_BEST_TEST_MSE:.3e})",
-        f"parameters     {ua.get('n_params', '?')}, trained in {ua.get('seconds', float('nan')):.1f} s on {ua.get('device', '?')}",
+        f"parameters     {ua.get('n_params', '?')}, trained in "
+        f"{ua.get('seconds', float('nan')):.1f} s on {ua.get('device', '?')}",
     ]
     if "model_artifact" in ua:
         lines.append(f"model artifact {ua['model_artifact']}")
@@ -103,8 +118,9 @@ def describe_trial(t: FrozenTrial) -> list[str]:
 
 def format_summary(s: Summary) -> str:
     r, tot = s.this_run, s.total
+    stopped = f"interrupted by {signal.Signals(s.signum).name}, " if s.signum else ""
     lines = [
-        f"study          {s.study}  ({'interrupted by ' + signal.Signals(s.signum).name + ', ' if s.signum else ''}{s.wall_seconds:.1f} s on {s.device})",
+        f"study          {s.study}  ({stopped}{s.wall_seconds:.1f} s on {s.device})",
         f"this run       {r.complete} complete, {r.pruned} pruned, {r.failed} failed",
         f"whole study    {tot.complete} complete, {tot.pruned} pruned, {tot.failed} failed",
     ]
@@ -112,11 +128,12 @@ def format_summary(s: Summary) -> str:
     lines += [
         f"storage        {s.storage}",
         f"tensorboard    tensorboard --logdir {s.log_dir}",
-        f"dashboard      optuna-dashboard {dashboard_target(s.storage)} --artifact-dir {s.artifact_dir}",
+        f"dashboard      optuna-dashboard {dashboard_target(s.storage)} --artifact-dir "
+        f"{s.artifact_dir}",
     ]
     return "\n".join(lines)
 
 
 def dashboard_target(url: str) -> str:
     """optuna-dashboard takes RDB URLs as they are and a journal file by its path."""
-    return url[len("journal:///"):] if url.startswith("journal:///") else url
+    return url[len("journal:///") :] if url.startswith("journal:///") else url

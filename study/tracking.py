@@ -36,7 +36,9 @@ class TrialLogger:
         # (a diverged trial) are kept out: they would hide the column's other values.
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        hp = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+        hp = {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()
+        }
         finite = {f"hparam/{k}": float(v) for k, v in metrics.items() if math.isfinite(v)}
         # What SummaryWriter.add_hparams writes, but into this run's own event file: add_hparams
         # opens a second writer (and file) per call, a cost paid once per trial.

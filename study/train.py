@@ -61,7 +61,7 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate during 0-based `epoch`: the closed form of each schedule (stepped per epoch)."""
+    """Learning rate during 0-based `epoch`: each schedule's closed form (stepped per epoch)."""
     if cfg.scheduler == "step":
         return cfg.lr * cfg.gamma ** (epoch // cfg.step_size)
     if cfg.scheduler == "exponential":
@@ -86,8 +86,14 @@ class Training:
         self.cfg, self.data = cfg, data
         self.model = init_model(cfg.widths, cfg.activation, cfg.seed, data.device)
         self.opt = make_optimizer(cfg, self.model.parameters())
-        self.order = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order, same on every device
-        self.best_val, self.best_epoch, self.best_state = math.inf, 0, copy.deepcopy(self.model.state_dict())
+        self.order = torch.Generator().manual_seed(
+            cfg.seed + 1
+        )  # minibatch order, same on every device
+        self.best_val, self.best_epoch, self.best_state = (
+            math.inf,
+            0,
+            copy.deepcopy(self.model.state_dict()),
+        )
         self.val, self.diverged, self.epoch = math.inf, None, 0
 
     def step(self) -> EpochLog | None:
@@ -111,7 +117,9 @@ class Training:
             total += loss.detach() * idx.numel()
         train_loss = total.item() / n
         if not math.isfinite(train_loss):
-            self.diverged = f"non-finite training loss in epoch {self.epoch} (lr={lr:.3g}): training diverged"
+            self.diverged = (
+                f"non-finite training loss in epoch {self.epoch} (lr={lr:.3g}): training diverged"
+            )
             return None
         model.eval()
         self.val = mse(model, data.x_val, data.y_val)
@@ -182,5 +190,9 @@ def train_repeats(
             for r in runs:
                 r.keep()
         if on_epoch is not None:
-            on_epoch(EpochLog(logs[0].epoch, sum(log.train_loss for log in logs) / len(logs), val, logs[0].lr))
+            on_epoch(
+                EpochLog(
+                    logs[0].epoch, sum(log.train_loss for log in logs) / len(logs), val, logs[0].lr
+                )
+            )
     return [r.result() for r in runs]

@@ -58,8 +58,14 @@ class Outcome:
 
 
 def outcome(results: list[TrainResult], tcfgs: list[TrainConfig]) -> Outcome:
-    gone = [(r, c) for r, c in zip(results, tcfgs) if r.diverged]
-    diverged = None if not gone else gone[0][0].diverged if len(results) == 1 else f"seed {gone[0][1].seed}: {gone[0][0].diverged}"
+    gone = [(r, c) for r, c in zip(results, tcfgs, strict=True) if r.diverged]
+    diverged = (
+        None
+        if not gone
+        else gone[0][0].diverged
+        if len(results) == 1
+        else f"seed {gone[0][1].seed}: {gone[0][0].diverged}"
+    )
     i = min(range(len(results)), key=lambda j: results[j].best_val_mse)
     return Outcome(
         value=sum(r.best_val_mse for r in results) / len(results),
@@ -83,15 +89,25 @@ def repeat_attrs(results: list[TrainResult], tcfgs: list[TrainConfig]) -> dict:
 
     def std(xs: list[float]) -> float:  # sample standard deviation; inf/nan where a seed diverged
         m = mean(xs)
-        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if all(map(math.isfinite, xs)) else math.inf
+        return (
+            math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+            if all(map(math.isfinite, xs))
+            else math.inf
+        )
 
-    per = {key: [getattr(r, key) for r in results] for key in ("best_val_mse", "test_mse", "final_val_mse", "final_test_mse")}
+    per = {
+        key: [getattr(r, key) for r in results]
+        for key in ("best_val_mse", "test_mse", "final_val_mse", "final_test_mse")
+    }
     attrs.update(
-        test_mse=mean(per["test_mse"]), final_val_mse=mean(per["final_val_mse"]), final_test_mse=mean(per["final_test_mse"]),
-        seconds=round(max(r.seconds for r in results), 4), repeats=len(results),  # side by side: the longest
-        val_mse_std=std(per["best_val_mse"]), test_mse_std=std(per["test_mse"]),
+        test_mse=mean(per["test_mse"]),
+        final_val_mse=mean(per["final_val_mse"]),
+        final_test_mse=mean(per["final_test_mse"]),
+        seconds=round(max(r.seconds for r in results), 4),
+        repeats=len(results),  # side by side: the longest
+        val_mse_std=std(per["best_val_mse"]),
+        test_mse_std=std(per["test_mse"]),
         seeds=[c.seed for c in tcfgs],
         **{f"{key.removeprefix('best_')}_per_seed": values for key, values in per.items()},
     )
     return attrs
-

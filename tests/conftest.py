@@ -40,7 +40,12 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("SINSTUDY_DEBUG", None)
     return subprocess.run(
-        [sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "study", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -56,7 +61,10 @@ def pg_url():
     try:
         admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL unreachable at {PG_URL} ({str(e).strip().splitlines()[0]}); set SINSTUDY_TEST_PG")
+        pytest.skip(
+            f"PostgreSQL unreachable at {PG_URL} ({str(e).strip().splitlines()[0]}); set "
+            f"SINSTUDY_TEST_PG"
+        )
     name = f"sinstudy_test_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -70,8 +78,13 @@ def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
     """Start `python -m study ARGS` in its own session (so a test can signal its process group)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "study", *args], cwd=cwd, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        [sys.executable, "-m", "study", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
 

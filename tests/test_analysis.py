@@ -85,15 +85,33 @@ def test_fit_of_a_perfect_and_a_zero_model():
 def test_figures_have_the_expected_traces(synthetic):
     figs, notes = plots.study_figures(synthetic)
     assert not notes
-    expected = {"history", "intermediate_values", "parallel_coordinate", "slice", "edf", "timeline",
-                "contour_lr_depth", "contour_lr_width", "importance_ped_anova", "importance_fanova"}
+    expected = {
+        "history",
+        "intermediate_values",
+        "parallel_coordinate",
+        "slice",
+        "edf",
+        "timeline",
+        "contour_lr_depth",
+        "contour_lr_width",
+        "importance_ped_anova",
+        "importance_fanova",
+    }
     assert expected == set(figs)
     par = figs["parallel_coordinate"]  # Optuna 5 draws one line per trial on shared axes
-    assert set(par.layout.xaxis.ticktext) == {"Objective Value", "depth", "width", "lr", "activation"}
+    assert set(par.layout.xaxis.ticktext) == {
+        "Objective Value",
+        "depth",
+        "width",
+        "lr",
+        "activation",
+    }
     assert sum(len(t.x) == 5 for t in par.data) >= 60
     assert len(figs["intermediate_values"].data) == 60  # one curve per trial
     bars = figs["importance_fanova"].data[0]
-    assert isinstance(bars, go.Bar) and list(bars.y)[-1] == "lr"  # plotly draws the largest last (top)
+    assert (
+        isinstance(bars, go.Bar) and list(bars.y)[-1] == "lr"
+    )  # plotly draws the largest last (top)
     assert figs["history"].layout.yaxis.type == "log"
     fit = plots.fit_figure(analysis.fit(_Sin(), n=100))
     assert [t.name for t in fit.data] == ["sin(x)", "network", "residual"]

@@ -13,9 +13,9 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
-from conftest import run_cli, spawned_children, start_cli
 from study.batched.stack import Stack, new_slot
 from study.config import DataConfig, TrainConfig
 from study.data import make_data
@@ -33,8 +33,26 @@ def data():
 
 MIX = [  # different depth, width (also per layer), activation, lr, schedule, weight decay
     TrainConfig(depth=1, width=8, activation="tanh", lr=1e-2, seed=1),
-    TrainConfig(depth=3, width=(16, 4, 9), activation="relu", lr=3e-3, scheduler="step", step_size=2, gamma=0.5, seed=2),
-    TrainConfig(depth=2, width=12, activation="gelu", lr=5e-3, scheduler="exponential", gamma=0.8, weight_decay=1e-3, seed=3),
+    TrainConfig(
+        depth=3,
+        width=(16, 4, 9),
+        activation="relu",
+        lr=3e-3,
+        scheduler="step",
+        step_size=2,
+        gamma=0.5,
+        seed=2,
+    ),
+    TrainConfig(
+        depth=2,
+        width=12,
+        activation="gelu",
+        lr=5e-3,
+        scheduler="exponential",
+        gamma=0.8,
+        weight_decay=1e-3,
+        seed=3,
+    ),
     TrainConfig(depth=4, width=6, activation="identity", lr=1e-3, scheduler="cosine", seed=4),
     TrainConfig(depth=2, width=20, activation="sigmoid", lr=2e-2, scheduler="none", seed=5),
     TrainConfig(depth=2, width=10, activation="silu", lr=4e-3, seed=6),
@@ -51,7 +69,7 @@ def _reference(cfg: TrainConfig, data) -> tuple[list[float], list[float]]:
 
 def _close(got: list[float], want: list[float]) -> None:
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert abs(g - w) <= REL * abs(w), (got, want)
 
 
@@ -67,8 +85,16 @@ def _run(stack: Stack, epochs: int) -> tuple[list[list[float]], list[list[float]
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_equivalence_mixed_configs_match_train_py_every_epoch(data, optimizer):
-    cfgs = [replace(c, optimizer=optimizer, max_epochs=8, lr=c.lr * (5 if optimizer == "sgd" else 1),
-                    weight_decay=c.weight_decay or (1e-2 if optimizer == "adamw" else 0.0)) for c in MIX]
+    cfgs = [
+        replace(
+            c,
+            optimizer=optimizer,
+            max_epochs=8,
+            lr=c.lr * (5 if optimizer == "sgd" else 1),
+            weight_decay=c.weight_decay or (1e-2 if optimizer == "adamw" else 0.0),
+        )
+        for c in MIX
+    ]
     stack = Stack([new_slot(c, DEVICE) for c in cfgs], data)
     vals, losses = _run(stack, 8)
     for k, slot in enumerate(stack.slots):  # build() orders slots by activation
@@ -81,7 +107,7 @@ def test_equivalence_mixed_configs_match_train_py_every_epoch(data, optimizer):
             weight, bias = stack.params[2 * layer][k], stack.params[2 * layer + 1][k]
             units = w[layer] if layer < slot.cfg.depth else 0
             assert not weight[:, units:].any() and not bias[:, units:].any()
-        assert not stack.params[-2][k, w[-1]:].any()
+        assert not stack.params[-2][k, w[-1] :].any()
 
 
 def test_equivalence_survives_restacking_and_refill(data):
@@ -89,14 +115,14 @@ def test_equivalence_survives_restacking_and_refill(data):
     cfgs = [replace(c, max_epochs=6) for c in MIX[:4]]
     stack = Stack([new_slot(c, DEVICE) for c in cfgs], data)
     first, _ = _run(stack, 3)
-    before = {id(x): v for x, v in zip(stack.slots, first)}
+    before = {id(x): v for x, v in zip(stack.slots, first, strict=True)}
     stack.unstack()
     newcomer = new_slot(replace(MIX[5], max_epochs=3), DEVICE)
     leaver = stack.slots[1]
     stack.slots = [x for x in stack.slots if x is not leaver] + [newcomer]
     stack.build()
     second, _ = _run(stack, 3)
-    for x, vals in zip(stack.slots, second):
+    for x, vals in zip(stack.slots, second, strict=True):
         if x is newcomer:
             _close(vals, _reference(x.cfg, data)[0])
         else:
@@ -109,8 +135,8 @@ def test_equivalence_best_weights_and_test_mse(data):
     best = [float("inf")] * 3
     for _ in range(10):
         _, val = stack.train_epoch()
-        improved = [v < b for v, b in zip(val.tolist(), best)]
-        best = [min(v, b) for v, b in zip(val.tolist(), best)]
+        improved = [v < b for v, b in zip(val.tolist(), best, strict=True)]
+        best = [min(v, b) for v, b in zip(val.tolist(), best, strict=True)]
         stack.keep_best(torch.tensor(improved, device=DEVICE))
     for k, slot in enumerate(stack.slots):
         ref = train(slot.cfg, data)
@@ -122,13 +148,24 @@ def test_equivalence_best_weights_and_test_mse(data):
 
 
 def test_a_diverging_slot_leaves_the_others_alone(data):
-    wild = TrainConfig(depth=3, width=16, activation="relu", lr=1e6, optimizer="sgd", scheduler="none", max_epochs=5, seed=9)
+    wild = TrainConfig(
+        depth=3,
+        width=16,
+        activation="relu",
+        lr=1e6,
+        optimizer="sgd",
+        scheduler="none",
+        max_epochs=5,
+        seed=9,
+    )
     calm = [replace(c, optimizer="sgd", lr=0.05, max_epochs=5) for c in MIX[:3]]
     stack = Stack([new_slot(c, DEVICE) for c in [wild, *calm]], data)
     vals, losses = _run(stack, 5)
     for k, slot in enumerate(stack.slots):
         if slot.cfg is wild:
-            assert not all(v == v and abs(v) < float("inf") for v in losses[k])  # NaN or inf appeared
+            assert not all(
+                v == v and abs(v) < float("inf") for v in losses[k]
+            )  # NaN or inf appeared
         else:
             _close(vals[k], _reference(slot.cfg, data)[0])
 
@@ -141,12 +178,30 @@ TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_batched_run_writes_what_the_standard_engine_writes(workdir, backend, request):
     """On both RDB backends: the writer's bulk trial writes (study.bulk) end to end."""
-    url = "sqlite:///storage/sinstudy.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
-    r = run_cli("run", *TINY, "--engine", "batched", "--slots", "4", "--n-trials", "14", "--storage", url, cwd=workdir)
+    url = (
+        "sqlite:///storage/sinstudy.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    r = run_cli(
+        "run",
+        *TINY,
+        "--engine",
+        "batched",
+        "--slots",
+        "4",
+        "--n-trials",
+        "14",
+        "--storage",
+        url,
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     study = optuna.load_study(study_name="sinstudy", storage=url)
     trials = study.trials
-    assert len(trials) == 14 and [t.number for t in trials] == list(range(14))  # 14 > 4 slots: refilled
+    assert len(trials) == 14 and [t.number for t in trials] == list(
+        range(14)
+    )  # 14 > 4 slots: refilled
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert complete
@@ -154,7 +209,18 @@ def test_batched_run_writes_what_the_standard_engine_writes(workdir, backend, re
         assert set(t.params) == {"depth", "width", "lr", "activation"}
         assert sorted(t.intermediate_values) == list(range(1, 7))
         assert t.value == pytest.approx(min(t.intermediate_values.values()))
-        for key in ("test_mse", "final_val_mse", "final_test_mse", "best_epoch", "n_params", "epochs", "seconds", "device", "seed", "train_config"):
+        for key in (
+            "test_mse",
+            "final_val_mse",
+            "final_test_mse",
+            "best_epoch",
+            "n_params",
+            "epochs",
+            "seconds",
+            "device",
+            "seed",
+            "train_config",
+        ):
             assert key in t.user_attrs, key
         assert t.datetime_complete >= t.datetime_start
     for t in trials:
@@ -174,15 +240,33 @@ def test_batched_diverging_trials_are_stored_pruned_with_the_reason(workdir):
     """Diverged slots leave the stack as the standard engine's trials do: PRUNED, with
     pruned_reason and the attrs of the epochs they had; the others are unaffected."""
     toml = (workdir / "tiny.toml").read_text().replace("lr = [1e-3, 3e-2]", "lr = [1e-3, 1e6]")
-    (workdir / "wild.toml").write_text(toml.replace("[train]\n", '[train]\noptimizer = "sgd"\nscheduler = "none"\n') + '\n[study]\npruner = "none"\n')
-    r = run_cli("run", "--config", "wild.toml", "--max-epochs", "5", "--no-progress", "--slots", "4", "--n-trials", "12", cwd=workdir)
+    (workdir / "wild.toml").write_text(
+        toml.replace("[train]\n", '[train]\noptimizer = "sgd"\nscheduler = "none"\n')
+        + '\n[study]\npruner = "none"\n'
+    )
+    r = run_cli(
+        "run",
+        "--config",
+        "wild.toml",
+        "--max-epochs",
+        "5",
+        "--no-progress",
+        "--slots",
+        "4",
+        "--n-trials",
+        "12",
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     diverged = [t for t in study.trials if "non-finite" in t.user_attrs.get("pruned_reason", "")]
     calm = [t for t in study.trials if t.params["lr"] < 1e-1]
     assert diverged and calm, [(t.params["lr"], t.state) for t in study.trials]
     for t in diverged:
-        assert t.state == TrialState.PRUNED and t.user_attrs["epochs"] == len(t.intermediate_values) < 5
+        assert (
+            t.state == TrialState.PRUNED
+            and t.user_attrs["epochs"] == len(t.intermediate_values) < 5
+        )
         assert all(math.isfinite(v) for v in t.intermediate_values.values())
     for t in calm:
         assert t.state == TrialState.COMPLETE and sorted(t.intermediate_values) == [1, 2, 3, 4, 5]
@@ -199,23 +283,41 @@ def test_batched_same_seed_same_study(workdir, monkeypatch):
         (folder / "tiny.toml").write_text((workdir / "tiny.toml").read_text())
         r = run_cli("run", *TINY, "--slots", "6", "--n-trials", "14", cwd=folder)
         assert r.returncode == 0, r.stderr
-        trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{folder}/storage/sinstudy.db").trials
+        trials = optuna.load_study(
+            study_name="sinstudy", storage=f"sqlite:///{folder}/storage/sinstudy.db"
+        ).trials
         assert {t.params["depth"] for t in trials} == {1, 2}
         out.append([(t.number, str(t.params), t.state.name, t.value) for t in trials])
     assert out[0] == out[1]
 
 
-@pytest.mark.parametrize("signum, target, code", [
-    (signal.SIGTERM, "process", 143),  # `kill PID`
-    (signal.SIGINT, "group", 130),  # a terminal's Ctrl-C reaches every process, the writer too
-])
+@pytest.mark.parametrize(
+    "signum, target, code",
+    [
+        (signal.SIGTERM, "process", 143),  # `kill PID`
+        (signal.SIGINT, "group", 130),  # a terminal's Ctrl-C reaches every process, the writer too
+    ],
+)
 def test_batched_interrupt_writes_live_trials_as_fail(workdir, signum, target, code):
     """The trainer writes its live trials as FAIL with their curves; the writer ignores the
     signal and stays to store them."""
-    (workdir / "slow.toml").write_text((workdir / "tiny.toml").read_text() + '\n[study]\npruner = "none"\n')
+    (workdir / "slow.toml").write_text(
+        (workdir / "tiny.toml").read_text() + '\n[study]\npruner = "none"\n'
+    )
     # 20,000 epochs: far longer than the test waits (the engine does 400 tiny epochs in ~1 s)
-    proc = start_cli("run", "--config", "slow.toml", "--max-epochs", "20000", "--no-progress", "--slots", "3",
-                     "--n-trials", "20", cwd=workdir)
+    proc = start_cli(
+        "run",
+        "--config",
+        "slow.toml",
+        "--max-epochs",
+        "20000",
+        "--no-progress",
+        "--slots",
+        "3",
+        "--n-trials",
+        "20",
+        cwd=workdir,
+    )
     # The engine starts its writer process inside the signal handlers' scope: once the CLI has a
     # child process, Ctrl-C / SIGTERM are handled; a second later, epochs are under way.
     _wait_for_writer(proc, workdir)
@@ -228,13 +330,15 @@ def test_batched_interrupt_writes_live_trials_as_fail(workdir, signum, target, c
     states = Counter(t.state for t in study.trials)
     assert states == Counter({TrialState.FAIL: 3}), (states, err)
     runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").glob("trial-*"))
-    assert runs == [f"trial-{t.number:04d}" for t in study.trials]  # each FAIL trial's curve so far
+    assert runs == [
+        f"trial-{t.number:04d}" for t in study.trials
+    ]  # each FAIL trial's curve so far
     for t in study.trials:
         assert t.intermediate_values and t.user_attrs["failed_reason"] == "interrupted"
 
 
 def _wait_for_writer(proc, workdir, trials_done: int = 0) -> None:
-    """Until the run's writer process exists (and, with `trials_done`, that many trials are stored)."""
+    """Until the run's writer process exists (and, with `trials_done`, that many are stored)."""
     deadline = time.time() + 60
     while not spawned_children(proc.pid) or (trials_done and _stored(workdir) < trials_done):
         assert time.time() < deadline and proc.poll() is None, proc.poll()
@@ -255,17 +359,35 @@ def test_killed_trainer_fails_its_trials_at_once_and_the_resume_retries_them(wor
     """SIGKILL of the trainer: the writer stores what it was handed, fails the trials still
     training and queues their retries (no waiting for the grace period), then exits with one
     line; a resumed run takes the retries first."""
-    proc = start_cli("run", *TINY[:2], "--max-epochs", "40", "--no-progress", "--slots", "3",
-                     "--n-trials", "400", cwd=workdir)
+    proc = start_cli(
+        "run",
+        *TINY[:2],
+        "--max-epochs",
+        "40",
+        "--no-progress",
+        "--slots",
+        "3",
+        "--n-trials",
+        "400",
+        cwd=workdir,
+    )
     _wait_for_writer(proc, workdir, trials_done=3)
     writer = spawned_children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)  # its pipes close when the writer has gone too
-    assert not [pid for pid in writer if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+    assert not [
+        pid
+        for pid in writer
+        if Path(f"/proc/{pid}").exists()
+        and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    ]
     assert "Traceback" not in err and "the training process died" in err, err
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     states = Counter(t.state for t in study.trials)
-    assert states[TrialState.RUNNING] == 0 and 1 <= states[TrialState.FAIL] == states[TrialState.WAITING] <= 3, states
+    assert (
+        states[TrialState.RUNNING] == 0
+        and 1 <= states[TrialState.FAIL] == states[TrialState.WAITING] <= 3
+    ), states
     failed = {t.number: t for t in study.trials if t.state == TrialState.FAIL}
     for t in study.trials:
         assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
@@ -277,10 +399,15 @@ def test_killed_trainer_fails_its_trials_at_once_and_the_resume_retries_them(wor
     assert r.returncode == 0, r.stderr
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
-    retried = {t.system_attrs["failed_trial"]: t for t in study.trials if "failed_trial" in t.system_attrs}
+    retried = {
+        t.system_attrs["failed_trial"]: t for t in study.trials if "failed_trial" in t.system_attrs
+    }
     assert set(retried) == set(failed)
     for number, t in retried.items():
-        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.params == failed[number].params
+        assert (
+            t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and t.params == failed[number].params
+        )
         assert t.user_attrs["seed"] == t.number  # a retry trains as the trial it now is
 
 
@@ -291,8 +418,13 @@ def test_a_failing_writer_is_one_clear_error(tmp_path):
     from study.batched.writer import Known, Writer, WriterError
 
     optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/s.db")
-    cfg = config.build({}, study="missing", storage=f"sqlite:///{tmp_path}/s.db", log_dir=str(tmp_path / "tb"),
-                       artifact_dir=str(tmp_path / "art"))
+    cfg = config.build(
+        {},
+        study="missing",
+        storage=f"sqlite:///{tmp_path}/s.db",
+        log_dir=str(tmp_path / "tb"),
+        artifact_dir=str(tmp_path / "art"),
+    )
     w = Writer(cfg, Known(-1, {}))
     with pytest.raises(WriterError) as e:
         deadline = time.time() + 60
@@ -313,13 +445,33 @@ def test_bench_script_runs_both_engines_and_ends_with_the_speedup(tmp_path, stor
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "scripts/bench.py"), "--n-trials", "6", "--max-epochs", "3",
-                        "--raw", "4", "--storage", storage], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(root / "scripts/bench.py"),
+            "--n-trials",
+            "6",
+            "--max-epochs",
+            "3",
+            "--raw",
+            "4",
+            "--storage",
+            storage,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("raw engine, 4 mixed models in ")
     assert lines[1].startswith(f"writer, {storage}: trial start ")
-    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| standard") or line.startswith("| batched")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in lines
+        if line.startswith("| standard") or line.startswith("| batched")
+    }
     assert set(rows) == {"standard", "batched"}
     for line in rows.values():
         assert line.split("|")[2].strip() == "6"  # every trial of the budget finished

@@ -29,27 +29,81 @@ def trials() -> list[FrozenTrial]:
     common = dict(distributions=DISTRIBUTIONS, trial_id=0, number=0, datetime_start=start)
     params = {"depth": 3, "width": 64, "lr": 0.00123, "dropout": 0.2, "activation": "tanh"}
     return [
-        FrozenTrial(state=TrialState.COMPLETE, value=1.5e-7, datetime_complete=start + timedelta(seconds=3.25),
-                    params=params, user_attrs={"test_mse": 2e-7, "curve": [1.0, 0.5], "nested": {"a": None, "b": "x"}},
-                    system_attrs={"fixed": True}, intermediate_values={i: 1.0 / i for i in range(1, 101)}, **common),
-        FrozenTrial(state=TrialState.PRUNED, value=0.25, datetime_complete=start + timedelta(seconds=1),
-                    params={**params, "activation": None}, user_attrs={"pruned_reason": "pruner stopped it after epoch 3"},
-                    system_attrs={}, intermediate_values={1: 0.5, 2: math.inf, 3: 0.25}, **common),
-        FrozenTrial(state=TrialState.PRUNED, value=math.inf, datetime_complete=start + timedelta(seconds=1),
-                    params=params, user_attrs={}, system_attrs={}, intermediate_values={1: math.nan, 2: -math.inf}, **common),
-        FrozenTrial(state=TrialState.FAIL, value=None, datetime_complete=start + timedelta(seconds=2),
-                    params=params, user_attrs={"failed_reason": "interrupted"}, system_attrs={}, intermediate_values={}, **common),
-        FrozenTrial(state=TrialState.RUNNING, value=None, datetime_complete=None,
-                    params={}, user_attrs={}, system_attrs={}, intermediate_values={1: 3.0}, distributions={},
-                    trial_id=0, number=0, datetime_start=start),
+        FrozenTrial(
+            state=TrialState.COMPLETE,
+            value=1.5e-7,
+            datetime_complete=start + timedelta(seconds=3.25),
+            params=params,
+            user_attrs={"test_mse": 2e-7, "curve": [1.0, 0.5], "nested": {"a": None, "b": "x"}},
+            system_attrs={"fixed": True},
+            intermediate_values={i: 1.0 / i for i in range(1, 101)},
+            **common,
+        ),
+        FrozenTrial(
+            state=TrialState.PRUNED,
+            value=0.25,
+            datetime_complete=start + timedelta(seconds=1),
+            params={**params, "activation": None},
+            user_attrs={"pruned_reason": "pruner stopped it after epoch 3"},
+            system_attrs={},
+            intermediate_values={1: 0.5, 2: math.inf, 3: 0.25},
+            **common,
+        ),
+        FrozenTrial(
+            state=TrialState.PRUNED,
+            value=math.inf,
+            datetime_complete=start + timedelta(seconds=1),
+            params=params,
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={1: math.nan, 2: -math.inf},
+            **common,
+        ),
+        FrozenTrial(
+            state=TrialState.FAIL,
+            value=None,
+            datetime_complete=start + timedelta(seconds=2),
+            params=params,
+            user_attrs={"failed_reason": "interrupted"},
+            system_attrs={},
+            intermediate_values={},
+            **common,
+        ),
+        FrozenTrial(
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_complete=None,
+            params={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={1: 3.0},
+            distributions={},
+            trial_id=0,
+            number=0,
+            datetime_start=start,
+        ),
     ]
 
 
 def fields(t: FrozenTrial) -> dict:
     """Everything a stored trial has but its id; NaN made comparable."""
-    d = {k: getattr(t, k) for k in ("number", "state", "values", "datetime_start", "datetime_complete", "params",
-                                   "distributions", "user_attrs", "system_attrs")}
-    d["intermediate_values"] = {k: "nan" if math.isnan(v) else v for k, v in t.intermediate_values.items()}
+    d = {
+        k: getattr(t, k)
+        for k in (
+            "number",
+            "state",
+            "values",
+            "datetime_start",
+            "datetime_complete",
+            "params",
+            "distributions",
+            "user_attrs",
+            "system_attrs",
+        )
+    }
+    d["intermediate_values"] = {
+        k: "nan" if math.isnan(v) else v for k, v in t.intermediate_values.items()
+    }
     return d
 
 
@@ -95,7 +149,9 @@ def _add_many(url: str, study: str, n: int) -> None:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_concurrent_bulk_writers_number_trials_without_gaps_or_repeats(tmp_path, backend, request):
-    url = f"sqlite:///{tmp_path}/s.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    url = (
+        f"sqlite:///{tmp_path}/s.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    )
     name = f"concurrent-{uuid.uuid4().hex[:8]}"
     optuna.create_study(storage=storage.open_storage(storage.parse(url)), study_name=name)
     ctx = mp.get_context("spawn")

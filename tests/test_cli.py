@@ -8,9 +8,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from conftest import TINY_TOML, run_cli
+from optuna.trial import TrialState
 
 TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
 
@@ -41,7 +40,15 @@ def test_run_creates_storage_and_everything_reads_back_with_plain_optuna(ran):
     workdir, r = ran
     assert (workdir / "storage/sinstudy.db").exists()
     assert "no GPU found" in r.stderr
-    for word in ("best trial", "val MSE", "test MSE", "complete", "pruned", "tensorboard", "optuna-dashboard"):
+    for word in (
+        "best trial",
+        "val MSE",
+        "test MSE",
+        "complete",
+        "pruned",
+        "tensorboard",
+        "optuna-dashboard",
+    ):
         assert word in r.stdout
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     trials = study.get_trials()
@@ -52,7 +59,9 @@ def test_run_creates_storage_and_everything_reads_back_with_plain_optuna(ran):
     assert complete
     for t in complete:
         assert set(t.params) == {"depth", "width", "lr", "activation"}
-        assert t.distributions["lr"] == optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)
+        assert t.distributions["lr"] == optuna.distributions.FloatDistribution(
+            1e-3, 3e-2, log=True
+        )
         assert sorted(t.intermediate_values) == list(range(1, 7))  # one value per epoch
         assert t.value == pytest.approx(min(t.intermediate_values.values()))
         for key in ("test_mse", "n_params", "epochs", "seconds", "device"):
@@ -75,9 +84,13 @@ def test_tensorboard_runs_are_readable_with_tensorboards_reader(ran):
         acc = EventAccumulator(str(workdir / f"storage/tensorboard/sinstudy/trial-{t.number:04d}"))
         acc.Reload()
         assert {"loss/train", "mse/val", "lr"} <= set(acc.Tags()["scalars"])
-        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")  # the HParams tab
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent(
+            "hparams"
+        )  # the HParams tab
         vals = [e.value for e in acc.Scalars("mse/val")]
-        assert vals == pytest.approx([t.intermediate_values[s] for s in sorted(t.intermediate_values)], rel=1e-6)
+        assert vals == pytest.approx(
+            [t.intermediate_values[s] for s in sorted(t.intermediate_values)], rel=1e-6
+        )
 
 
 def test_resume_adds_trials_to_the_same_study(ran):
@@ -104,9 +117,13 @@ def test_standard_engine_same_seed_same_params_and_values(workdir):
         folder = workdir / name  # a folder each: each storage its own TensorBoard runs
         folder.mkdir()
         (folder / "tiny.toml").write_text((workdir / "tiny.toml").read_text())
-        r = run_cli("run", *TINY, "--n-trials", "6", "--seed", "3", "--engine", "standard", cwd=folder)
+        r = run_cli(
+            "run", *TINY, "--n-trials", "6", "--seed", "3", "--engine", "standard", cwd=folder
+        )
         assert r.returncode == 0, r.stderr  # (the batched engine: test_batched.py)
-        trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{folder}/storage/sinstudy.db").trials
+        trials = optuna.load_study(
+            study_name="sinstudy", storage=f"sqlite:///{folder}/storage/sinstudy.db"
+        ).trials
         out.append([(t.params, t.state, t.value, t.intermediate_values) for t in trials])
     assert out[0] == out[1]
 
@@ -136,7 +153,9 @@ def test_bad_input_exits_2_with_one_line_and_leaves_storage_untouched(ran, args,
     (workdir / "bad_act.toml").write_text('[search_space]\nactivation = ["swish"]\n')
     (workdir / "reversed.toml").write_text("[search_space]\nwidth = [64, 8]\n")
     (workdir / "empty.toml").write_text("[search_space]\nactivation = []\n")
-    (workdir / "other_space.toml").write_text(TINY_TOML.replace("depth = [1, 2]", "depth = [1, 3]"))
+    (workdir / "other_space.toml").write_text(
+        TINY_TOML.replace("depth = [1, 2]", "depth = [1, 3]")
+    )
     db = workdir / "storage/sinstudy.db"
     before = _digest(db)
     r = run_cli("run", "--no-progress", "--n-trials", "1", *args, cwd=workdir)
@@ -185,10 +204,30 @@ def test_module_and_console_script_are_the_same_cli(workdir):
 
 @pytest.mark.parametrize("engine", ["batched", "standard"])
 def test_grid_sampler_stops_when_the_grid_is_done(workdir, engine):
-    (workdir / "g.toml").write_text(TINY_TOML.replace("depth = [1, 2]", "depth = [1]").replace(
-        "width = [4, 16]", "width = [4]").replace("lr = [1e-3, 3e-2]", "lr = [1e-3]"))  # 3 activations: 3 points
-    r = run_cli("run", "--config", "g.toml", "--max-epochs", "3", "--no-progress", "--sampler", "grid",
-                "--pruner", "none", "--engine", engine, "--n-trials", "8", cwd=workdir)
+    (workdir / "g.toml").write_text(
+        TINY_TOML.replace("depth = [1, 2]", "depth = [1]")
+        .replace("width = [4, 16]", "width = [4]")
+        .replace("lr = [1e-3, 3e-2]", "lr = [1e-3]")
+    )  # 3 activations: 3 points
+    r = run_cli(
+        "run",
+        "--config",
+        "g.toml",
+        "--max-epochs",
+        "3",
+        "--no-progress",
+        "--sampler",
+        "grid",
+        "--pruner",
+        "none",
+        "--engine",
+        engine,
+        "--n-trials",
+        "8",
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
-    trials = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db").trials
+    trials = optuna.load_study(
+        study_name="sinstudy", storage="sqlite:///storage/sinstudy.db"
+    ).trials
     assert sorted(t.params["activation"] for t in trials) == ["identity", "relu", "tanh"]

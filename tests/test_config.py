@@ -16,7 +16,10 @@ def test_defaults_are_valid_and_documented():
 
 def test_toml_merges_over_defaults_and_flags_win(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[search_space]\ndepth = [2, 4]\nactivation = ["tanh", "relu"]\n[train]\nmax_epochs = 7\n[study]\nn_trials = 3\n')
+    f.write_text(
+        '[search_space]\ndepth = [2, 4]\nactivation = ["tanh", "relu"]\n[train]\nmax_epochs = '
+        "7\n[study]\nn_trials = 3\n"
+    )
     cfg = config.build(config.load_toml(f), n_trials=5)
     assert cfg.space.depth == (2, 4)
     assert cfg.space.activation == ("tanh", "relu")

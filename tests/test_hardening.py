@@ -13,7 +13,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from conftest import TINY_TOML, run_cli
 
 TINY = ["--config", "tiny.toml", "--max-epochs", "4", "--no-progress"]
@@ -54,21 +53,28 @@ def study_dir(made, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("args, code, fragment", [
-    (["--study", "../../escaped"], 2, "not a plain name"),
-    (["--study", "/tmp/absolute-study"], 2, "not a plain name"),
-    (["--study", "x" * 10_000], 2, "not a plain name"),
-    (["--study", "tab\there"], 2, "not a plain name"),
-    (["--config", "huge.toml"], 2, "data.n_train must be an integer from 2 to"),
-    (["--config", "float_seed.toml"], 2, "data.seed must be an integer"),
-    (["--config", "wide.toml"], 2, "search_space.width must end at <= 4,096"),
-    (["--config", "too_big.toml"], 2, "lower search_space.depth / width or --slots"),
-    (["--seed", "4294967296"], 2, "seed must be an integer from 0 to 2,147,483,647"),
-    (["--config", "log_under_file.toml"], 1, "set [study] log_dir to a writable folder"),
-    (["--config", "art_under_file.toml"], 1, "set [study] artifact_dir to a writable folder"),
-    (["--storage", "sqlite:///other.db"], 2, "TensorBoard folder"),
-    (["--storage", "postgresql://postgres:s3cret@127.0.0.1:9/test"], 1, "cannot connect to PostgreSQL"),
-])
+@pytest.mark.parametrize(
+    "args, code, fragment",
+    [
+        (["--study", "../../escaped"], 2, "not a plain name"),
+        (["--study", "/tmp/absolute-study"], 2, "not a plain name"),
+        (["--study", "x" * 10_000], 2, "not a plain name"),
+        (["--study", "tab\there"], 2, "not a plain name"),
+        (["--config", "huge.toml"], 2, "data.n_train must be an integer from 2 to"),
+        (["--config", "float_seed.toml"], 2, "data.seed must be an integer"),
+        (["--config", "wide.toml"], 2, "search_space.width must end at <= 4,096"),
+        (["--config", "too_big.toml"], 2, "lower search_space.depth / width or --slots"),
+        (["--seed", "4294967296"], 2, "seed must be an integer from 0 to 2,147,483,647"),
+        (["--config", "log_under_file.toml"], 1, "set [study] log_dir to a writable folder"),
+        (["--config", "art_under_file.toml"], 1, "set [study] artifact_dir to a writable folder"),
+        (["--storage", "sqlite:///other.db"], 2, "TensorBoard folder"),
+        (
+            ["--storage", "postgresql://postgres:s3cret@127.0.0.1:9/test"],
+            1,
+            "cannot connect to PostgreSQL",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_changes_nothing(study_dir, args, code, fragment):
     db = study_dir / "storage/sinstudy.db"
     before, tree = _digest(db), _tree(study_dir)
@@ -83,10 +89,18 @@ def test_bad_input_is_one_line_and_changes_nothing(study_dir, args, code, fragme
 
 def test_a_study_with_other_objectives_is_refused(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
-    optuna.create_study(study_name="sinstudy", storage=f"sqlite:///{tmp_path}/m.db", directions=["minimize", "minimize"])
+    optuna.create_study(
+        study_name="sinstudy",
+        storage=f"sqlite:///{tmp_path}/m.db",
+        directions=["minimize", "minimize"],
+    )
     before = _digest(tmp_path / "m.db")
     r = run_cli("run", *TINY, "--n-trials", "1", "--storage", "sqlite:///m.db", cwd=tmp_path)
-    assert r.returncode == 2 and "2 objectives" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (
+        r.returncode == 2
+        and "2 objectives" in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    ), r.stderr
     assert _digest(tmp_path / "m.db") == before
 
 
@@ -97,7 +111,11 @@ def test_a_damaged_sqlite_page_is_refused_before_use(made, tmp_path):
     db.write_bytes(bytes(data))
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
     r = run_cli("run", *TINY, "--n-trials", "1", "--storage", "sqlite:///d.db", cwd=tmp_path)
-    assert r.returncode == 2 and "damaged SQLite database" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (
+        r.returncode == 2
+        and "damaged SQLite database" in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    ), r.stderr
     assert db.read_bytes() == bytes(data)
 
 
@@ -105,16 +123,26 @@ def test_an_upper_case_scheme_works(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
     r = run_cli("run", *TINY, "--n-trials", "2", "--storage", "SQLITE:///x.db", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert len(optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{tmp_path}/x.db").trials) == 2
+    assert (
+        len(optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{tmp_path}/x.db").trials)
+        == 2
+    )
 
 
 def test_a_journal_cut_mid_record_is_repaired_with_a_copy_and_loses_no_trial(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
     url = "journal:///storage/s.log"
-    assert run_cli("run", *TINY, "--n-trials", "4", "--slots", "2", "--storage", url, cwd=tmp_path).returncode == 0
+    assert (
+        run_cli(
+            "run", *TINY, "--n-trials", "4", "--slots", "2", "--storage", url, cwd=tmp_path
+        ).returncode
+        == 0
+    )
     log = tmp_path / "storage/s.log"
     whole = log.read_bytes()
-    cut = whole + b'{"op_code": 5, "worker_id": "x", "trial_id": 1, "us'  # a record cut off mid-write
+    cut = (
+        whole + b'{"op_code": 5, "worker_id": "x", "trial_id": 1, "us'
+    )  # a record cut off mid-write
     log.write_bytes(cut)
     r = run_cli("run", *TINY, "--n-trials", "2", "--slots", "2", "--storage", url, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -129,7 +157,9 @@ def test_a_journal_cut_mid_record_is_repaired_with_a_copy_and_loses_no_trial(tmp
 
 def test_a_password_is_never_stored_printed_or_served(tmp_path, pg_url):
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
-    url = pg_url.replace("postgres@", "postgres:s3cret@", 1)  # trust auth: any password is accepted
+    url = pg_url.replace(
+        "postgres@", "postgres:s3cret@", 1
+    )  # trust auth: any password is accepted
     r = run_cli("run", *TINY, "--n-trials", "2", "--storage", url, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "s3cret" not in r.stdout + r.stderr and "postgres:***@" in r.stdout
@@ -146,14 +176,34 @@ def _free_port() -> int:
 def test_dashboard_refuses_bad_ports_and_warns_about_an_open_host(made):
     for port, code in (("70000", 2), ("-1", 2), ("0", 2)):
         r = run_cli("dashboard", "--port", port, cwd=made)
-        assert r.returncode == code and len(r.stderr.strip().splitlines()) == 1 and "--port" in r.stderr, r.stderr
+        assert (
+            r.returncode == code
+            and len(r.stderr.strip().splitlines()) == 1
+            and "--port" in r.stderr
+        ), r.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         r = run_cli("dashboard", "--port", str(taken.getsockname()[1]), cwd=made)
-    assert r.returncode == 1 and "choose another --port" in r.stderr and "http://" not in r.stdout, (r.stdout, r.stderr)
-    proc = subprocess.Popen([sys.executable, "-m", "study", "dashboard", "--host", "0.0.0.0", "--port", str(_free_port())],
-                            cwd=made, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert (
+        r.returncode == 1 and "choose another --port" in r.stderr and "http://" not in r.stdout
+    ), (r.stdout, r.stderr)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "study",
+            "dashboard",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(_free_port()),
+        ],
+        cwd=made,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stderr.readline()
     finally:

@@ -33,7 +33,7 @@ def test_study_modules_import_each_other_without_a_cycle():
 
     def visit(node: str, path: list[str]) -> None:
         if node in path:
-            cycles.append(path[path.index(node):] + [node])
+            cycles.append(path[path.index(node) :] + [node])
             return
         if node in done:
             return
@@ -48,6 +48,14 @@ def test_study_modules_import_each_other_without_a_cycle():
 
 def test_each_engine_has_a_module_named_for_it():
     graph = _imports()
-    assert {"study.standard", "study.batched.engine", "study.batched.stack", "study.opening", "study.summary",
-            "study.artifacts"} <= set(graph)
-    assert [m for m, deps in graph.items() if "study.runner" in deps] == ["study.cli"]  # the top: nothing else runs a run
+    assert {
+        "study.standard",
+        "study.batched.engine",
+        "study.batched.stack",
+        "study.opening",
+        "study.summary",
+        "study.artifacts",
+    } <= set(graph)
+    assert [m for m, deps in graph.items() if "study.runner" in deps] == [
+        "study.cli"
+    ]  # the top: nothing else runs a run

@@ -9,9 +9,9 @@ from study.model import ACTIVATIONS, build_mlp, init_model, n_params
 
 def test_depth_and_width_define_the_layers():
     m = build_mlp((16, 8, 4), "tanh")
-    linears = [l for l in m if isinstance(l, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(1, 16), (16, 8), (8, 4), (4, 1)]
-    assert sum(isinstance(l, nn.Tanh) for l in m) == 3
+    linears = [layer for layer in m if isinstance(layer, nn.Linear)]
+    assert [(x.in_features, x.out_features) for x in linears] == [(1, 16), (16, 8), (8, 4), (4, 1)]
+    assert sum(isinstance(layer, nn.Tanh) for layer in m) == 3
     assert n_params(m) == (1 * 16 + 16) + (16 * 8 + 8) + (8 * 4 + 4) + (4 + 1)
 
 
@@ -38,5 +38,5 @@ def test_init_is_seeded_and_leaves_global_rng_alone():
     after = torch.rand(1)
     b = init_model((8,), "relu", seed=5, device="cpu")
     assert torch.equal(before, after)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)

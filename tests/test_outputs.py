@@ -14,7 +14,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from conftest import TINY_TOML, run_cli
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -26,8 +25,19 @@ def studied(tmp_path_factory):
     """12 complete trials (no pruning) made by the CLI: enough for importances."""
     folder = tmp_path_factory.mktemp("outputs")
     (folder / "tiny.toml").write_text(TINY_TOML)
-    r = run_cli("run", "--config", "tiny.toml", "--max-epochs", "6", "--no-progress", "--pruner", "none",
-                "--n-trials", "12", cwd=folder)
+    r = run_cli(
+        "run",
+        "--config",
+        "tiny.toml",
+        "--max-epochs",
+        "6",
+        "--no-progress",
+        "--pruner",
+        "none",
+        "--n-trials",
+        "12",
+        cwd=folder,
+    )
     assert r.returncode == 0, r.stderr
     return folder
 
@@ -35,22 +45,36 @@ def studied(tmp_path_factory):
 def test_plot_writes_html_and_png_including_importance_parallel_and_fit(studied):
     r = run_cli("plot", cwd=studied)
     assert r.returncode == 0, r.stderr
-    assert "[W " not in r.stderr and "Warning" not in r.stderr, r.stderr  # Optuna's log and warnings stay out
+    assert "[W " not in r.stderr and "Warning" not in r.stderr, (
+        r.stderr
+    )  # Optuna's log and warnings stay out
     out = studied / "storage/plots/sinstudy"
     html = {p.stem for p in out.glob("*.html")}
     assert len(html) >= 6
-    assert {"importance_ped_anova", "importance_fanova", "parallel_coordinate", "fit", "history",
-            "intermediate_values", "contour_lr_depth", "contour_lr_width"} <= html
+    assert {
+        "importance_ped_anova",
+        "importance_fanova",
+        "parallel_coordinate",
+        "fit",
+        "history",
+        "intermediate_values",
+        "contour_lr_depth",
+        "contour_lr_width",
+    } <= html
     assert (out / "plotly.min.js").exists()  # beside the pages: they open offline
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: PNG export is untested (apt-get install chromium)")
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: PNG export is untested (apt-get install chromium)"
+        )
     for stem in html:
         png = out / f"{stem}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
 
 
 def test_plot_with_one_evaluator_and_no_png(studied, tmp_path):
-    r = run_cli("plot", "--evaluator", "fanova", "--no-png", "--out", str(tmp_path / "p"), cwd=studied)
+    r = run_cli(
+        "plot", "--evaluator", "fanova", "--no-png", "--out", str(tmp_path / "p"), cwd=studied
+    )
     assert r.returncode == 0, r.stderr
     names = {p.name for p in (tmp_path / "p").iterdir()}
     assert "importance_fanova.html" in names and "importance_ped_anova.html" not in names
@@ -63,7 +87,9 @@ def test_report_is_one_offline_html_file(studied, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "[W " not in r.stderr and "Warning" not in r.stderr, r.stderr
     text = out.read_text()
-    study = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db")
+    study = optuna.load_study(
+        study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db"
+    )
     assert not re.search(r"<script[^>]*\ssrc=", text)  # every script inline: nothing fetched
     assert "plotly.js v" in text  # the library itself is inside
     assert text.count("Plotly.newPlot") >= 5
@@ -79,14 +105,22 @@ def test_unknown_or_empty_study_is_a_clean_error(studied, tmp_path, cmd):
     assert r.returncode == 2 and "no study 'nope'" in r.stderr and "Traceback" not in r.stderr
     optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/storage/sinstudy.db")
     r = run_cli(cmd, "--study", "empty", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (
+        r.returncode == 2
+        and "Traceback" not in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    ), r.stderr
 
 
 def test_run_leaves_a_study_note_and_a_fit_image_on_the_best_trial(studied):
-    study = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db")
+    study = optuna.load_study(
+        study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db"
+    )
     from optuna_dashboard._note import get_note_from_system_attrs
 
-    note = get_note_from_system_attrs(study._storage.get_study_system_attrs(study._study_id), None)["body"]
+    note = get_note_from_system_attrs(
+        study._storage.get_study_system_attrs(study._study_id), None
+    )["body"]
     assert f"Best trial #{study.best_trial.number}" in note and "fANOVA" in note
     metas = optuna.artifacts.get_all_artifact_meta(study.best_trial, storage=study._storage)
     assert {m.mimetype for m in metas} == {"application/octet-stream", "image/png"}
@@ -106,43 +140,71 @@ def test_dashboard_in_a_real_browser(studied):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "study", "dashboard", "--port", str(port)], cwd=studied,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "study", "dashboard", "--port", str(port)],
+        cwd=studied,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
         while True:
             try:
-                studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=2))["study_summaries"]
+                studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=2))[
+                    "study_summaries"
+                ]
                 break
             except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stdout.read() if server.poll() is not None else "timeout"
+                assert server.poll() is None and time.time() < deadline, (
+                    server.stdout.read() if server.poll() is not None else "timeout"
+                )
                 time.sleep(0.3)
         assert [s["study_name"] for s in studies] == ["sinstudy"]
         study_id = studies[0]["study_id"]
         ARTIFACTS.mkdir(exist_ok=True)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-sync", "--disable-quic"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--no-first-run",
+                    "--disable-sync",
+                    "--disable-quic",
+                ],
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{base}/dashboard/studies/{study_id}")
             page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30000)  # a plot rendered
-            page.wait_for_function("document.body.innerText.includes('Best Trial (number=')", timeout=30000)
+            page.wait_for_function(
+                "document.body.innerText.includes('Best Trial (number=')", timeout=30000
+            )
             body = page.inner_text("body")
             page.screenshot(path=str(ARTIFACTS / "dashboard-study.png"), full_page=True)
             page.goto(f"{base}/dashboard/studies/{study_id}/trials")
             page.wait_for_function("document.body.innerText.includes('Trial 11')", timeout=30000)
             trials_text = page.inner_text("body")
             # the best trial was the best when it finished: its fit image shows among its artifacts
-            best = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db").best_trial.number
+            best = optuna.load_study(
+                study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db"
+            ).best_trial.number
             page.get_by_text(f"Trial {best}", exact=True).first.click()
             page.wait_for_selector("img[src*='/artifacts/']", timeout=30000)
             page.screenshot(path=str(ARTIFACTS / "dashboard-trials.png"), full_page=True)
             browser.close()
-        study = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db")
-        assert f"Best Trial (number={study.best_trial.number})" in body, body[body.find("Best"):][:200]
-        assert "12 Trials" in trials_text and "Trial 0" in trials_text and "Trial 11" in trials_text
+        study = optuna.load_study(
+            study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db"
+        )
+        assert f"Best Trial (number={study.best_trial.number})" in body, body[body.find("Best") :][
+            :200
+        ]
+        assert (
+            "12 Trials" in trials_text and "Trial 0" in trials_text and "Trial 11" in trials_text
+        )
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -11,9 +11,8 @@ from collections import Counter
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
+from optuna.trial import TrialState
 
 TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
 FAST_HB = '\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = "none"\n'
@@ -35,18 +34,27 @@ def test_trials_are_numbered_and_seeded_in_start_order_and_say_their_engine(work
     starts = [t.datetime_start for t in trials]
     assert starts == sorted(starts)  # numbered in the order they started, not the order they ended
     for t in trials:  # pruned ones too
-        assert t.user_attrs["seed"] == t.number and t.user_attrs["engine"] == "batched" and "worker" in t.user_attrs
+        assert (
+            t.user_attrs["seed"] == t.number
+            and t.user_attrs["engine"] == "batched"
+            and "worker" in t.user_attrs
+        )
     r = run_cli("run", *TINY, "--n-trials", "2", "--engine", "standard", cwd=workdir)
     assert r.returncode == 0, r.stderr
     new = _study("sqlite:///storage/sinstudy.db").trials[12:]
-    assert [(t.user_attrs["engine"], t.user_attrs["seed"]) for t in new] == [("standard", 12), ("standard", 13)]
+    assert [(t.user_attrs["engine"], t.user_attrs["seed"]) for t in new] == [
+        ("standard", 12),
+        ("standard", 13),
+    ]
 
 
 def test_a_trial_enqueued_with_plain_optuna_is_trained_first(workdir):
     url = "sqlite:///storage/sinstudy.db"
     assert run_cli("run", *TINY, "--n-trials", "2", "--slots", "2", cwd=workdir).returncode == 0
     study = _study(url)
-    study.enqueue_trial({"depth": 2, "width": 9, "lr": 0.0123, "activation": "tanh"}, user_attrs={"by": "hand"})
+    study.enqueue_trial(
+        {"depth": 2, "width": 9, "lr": 0.0123, "activation": "tanh"}, user_attrs={"by": "hand"}
+    )
     r = run_cli("run", *TINY, "--n-trials", "3", "--slots", "2", cwd=workdir)
     assert r.returncode == 0, r.stderr
     trials = _study(url).trials
@@ -58,9 +66,23 @@ def test_a_trial_enqueued_with_plain_optuna_is_trained_first(workdir):
 
 
 def test_grid_run_twice_never_repeats_a_point(workdir):
-    (workdir / "g.toml").write_text(TINY_TOML.replace("depth = [1, 2]", "depth = [1]").replace(
-        "width = [4, 16]", "width = [4]").replace("lr = [1e-3, 3e-2]", "lr = [1e-3, 1e-2]"))  # 2 x 3 = 6 points
-    args = ("run", "--config", "g.toml", "--max-epochs", "3", "--no-progress", "--sampler", "grid", "--pruner", "none")
+    (workdir / "g.toml").write_text(
+        TINY_TOML.replace("depth = [1, 2]", "depth = [1]")
+        .replace("width = [4, 16]", "width = [4]")
+        .replace("lr = [1e-3, 3e-2]", "lr = [1e-3, 1e-2]")
+    )  # 2 x 3 = 6 points
+    args = (
+        "run",
+        "--config",
+        "g.toml",
+        "--max-epochs",
+        "3",
+        "--no-progress",
+        "--sampler",
+        "grid",
+        "--pruner",
+        "none",
+    )
     for n in ("4", "4"):
         r = run_cli(*args, "--n-trials", n, "--slots", "2", cwd=workdir)
         assert r.returncode == 0, r.stderr
@@ -71,18 +93,27 @@ def test_grid_run_twice_never_repeats_a_point(workdir):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_two_runs_at_once_share_one_study_without_repeating_a_parameter_set(workdir, backend, request):
+def test_two_runs_at_once_share_one_study_without_repeating_a_parameter_set(
+    workdir, backend, request
+):
     """The same command started twice at the same time (as on two machines): every trial of
     both budgets, unique numbers, no parameter set trained twice, each run its own trials."""
     url = f"sqlite:///{workdir}/s.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
-    assert run_cli("run", *TINY, "--n-trials", "1", "--storage", url, cwd=workdir).returncode == 0  # the study exists
-    procs = [start_cli("run", *TINY, "--n-trials", "10", "--slots", "3", "--storage", url, cwd=workdir) for _ in range(2)]
+    assert (
+        run_cli("run", *TINY, "--n-trials", "1", "--storage", url, cwd=workdir).returncode == 0
+    )  # the study exists
+    procs = [
+        start_cli("run", *TINY, "--n-trials", "10", "--slots", "3", "--storage", url, cwd=workdir)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     study = _study(url)
     states = Counter(t.state for t in study.trials)
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 21 and len(study.trials) == 21, states
+    assert (
+        states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 21 and len(study.trials) == 21
+    ), states
     assert sorted(t.number for t in study.trials) == list(range(21))
     points = _param_sets(study)
     assert len(points) == len(set(points))
@@ -91,15 +122,37 @@ def test_two_runs_at_once_share_one_study_without_repeating_a_parameter_set(work
 
 def test_workers_run_one_batched_engine_each_and_meet_the_budget(workdir):
     url = f"journal:///{workdir}/s.log"
-    r = run_cli("run", *TINY, "--n-trials", "16", "--workers", "2", "--slots", "3", "--storage", url, cwd=workdir)
+    r = run_cli(
+        "run",
+        *TINY,
+        "--n-trials",
+        "16",
+        "--workers",
+        "2",
+        "--slots",
+        "3",
+        "--storage",
+        url,
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
-    study = _study(optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(f"{workdir}/s.log")))
-    assert len(study.trials) == 16 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    study = _study(
+        optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(f"{workdir}/s.log")
+        )
+    )
+    assert len(study.trials) == 16 and all(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials
+    )
     assert {t.user_attrs["engine"] for t in study.trials} == {"batched"}
     # both workers' processes, never the parent (which worker gets how many trials is timing)
     assert 1 <= len({t.user_attrs["worker"] for t in study.trials}) <= 2
-    complete, pruned = map(int, re.search(r"this run +(\d+) complete, (\d+) pruned", r.stdout).groups())
-    assert "2 workers" in r.stdout and complete + pruned == 16  # counted by the pool's worker processes
+    complete, pruned = map(
+        int, re.search(r"this run +(\d+) complete, (\d+) pruned", r.stdout).groups()
+    )
+    assert (
+        "2 workers" in r.stdout and complete + pruned == 16
+    )  # counted by the pool's worker processes
     points = _param_sets(study)
     assert len(points) == len(set(points))
 
@@ -120,23 +173,41 @@ def _wait(predicate, proc, timeout: float = 60.0):
 
 def _slow(workdir) -> list[str]:
     (workdir / "slow.toml").write_text(TINY_TOML + FAST_HB)
-    return ["--config", "slow.toml", "--max-epochs", "20000", "--no-progress", "--slots", "3", "--n-trials", "20"]
+    return [
+        "--config",
+        "slow.toml",
+        "--max-epochs",
+        "20000",
+        "--no-progress",
+        "--slots",
+        "3",
+        "--n-trials",
+        "20",
+    ]
 
 
 def test_plain_optuna_sees_running_trials_with_live_curves(workdir):
     url = "sqlite:///storage/sinstudy.db"
     proc = start_cli("run", *_slow(workdir), cwd=workdir)
     try:
+
         def live():
             running = _study(url).get_trials(states=(TrialState.RUNNING,))
-            return running if len(running) == 3 and all(len(t.intermediate_values) > 5 for t in running) else None
+            return (
+                running
+                if len(running) == 3 and all(len(t.intermediate_values) > 5 for t in running)
+                else None
+            )
 
         first = _wait(live, proc)
         time.sleep(2.5)  # the curves keep growing while the trials train
         later = {t.number: t for t in _study(url).get_trials(states=(TrialState.RUNNING,))}
         for t in first:
             assert len(later[t.number].intermediate_values) > len(t.intermediate_values)
-            assert set(t.params) == {"depth", "width", "lr", "activation"} and t.user_attrs["engine"] == "batched"
+            assert (
+                set(t.params) == {"depth", "width", "lr", "activation"}
+                and t.user_attrs["engine"] == "batched"
+            )
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.communicate(timeout=60)
@@ -153,24 +224,52 @@ def test_killed_run_leaves_running_trials_that_the_next_run_fails_and_retries(wo
         if kind == "sqlite":
             return url
         assert (workdir / "storage/s.log").exists()
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(workdir / "storage/s.log")))
+        return optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(workdir / "storage/s.log"))
+        )
 
-    running = _wait(lambda: [t for t in _study(storage()).get_trials(states=(TrialState.RUNNING,)) if t.intermediate_values], proc)
+    running = _wait(
+        lambda: [
+            t
+            for t in _study(storage()).get_trials(states=(TrialState.RUNNING,))
+            if t.intermediate_values
+        ],
+        proc,
+    )
     os.killpg(proc.pid, signal.SIGKILL)  # trainer and writer: nobody is left to tell storage
     proc.wait()
-    assert {t.number for t in running} <= {t.number for t in _study(storage()).get_trials(states=(TrialState.RUNNING,))}
+    assert {t.number for t in running} <= {
+        t.number for t in _study(storage()).get_trials(states=(TrialState.RUNNING,))
+    }
     time.sleep(4)  # past the 3 s grace period
-    r = run_cli("run", "--config", "slow.toml", "--max-epochs", "3", "--no-progress", "--n-trials", "8", "--storage", url, cwd=workdir)
+    r = run_cli(
+        "run",
+        "--config",
+        "slow.toml",
+        "--max-epochs",
+        "3",
+        "--no-progress",
+        "--n-trials",
+        "8",
+        "--storage",
+        url,
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     assert "marked FAIL and queued for retry" in r.stderr
     study = _study(storage())
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     failed = {t.number: t for t in study.trials if t.state == TrialState.FAIL}
     assert {t.number for t in running} <= set(failed)
-    retried = {t.system_attrs["failed_trial"]: t for t in study.trials if "failed_trial" in t.system_attrs}
+    retried = {
+        t.system_attrs["failed_trial"]: t for t in study.trials if "failed_trial" in t.system_attrs
+    }
     assert set(retried) == set(failed)
     for number, t in retried.items():
-        assert t.params == failed[number].params and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        assert t.params == failed[number].params and t.state in (
+            TrialState.COMPLETE,
+            TrialState.PRUNED,
+        )
 
 
 def test_killed_writer_ends_the_run_with_one_line(workdir):

@@ -16,9 +16,16 @@ def setup(tmp_path):
         {
             "data": {"n_train": 128, "n_val": 64, "n_test": 128},
             "train": {"batch_size": 32},
-            "search_space": {"depth": [1, 3], "width": [4, 32], "lr": [1e-4, 1e6], "activation": ["tanh", "identity", "relu"]},
+            "search_space": {
+                "depth": [1, 3],
+                "width": [4, 32],
+                "lr": [1e-4, 1e6],
+                "activation": ["tanh", "identity", "relu"],
+            },
         },
-        max_epochs=8, log_dir=str(tmp_path / "tb"), artifact_dir=str(tmp_path / "art"),
+        max_epochs=8,
+        log_dir=str(tmp_path / "tb"),
+        artifact_dir=str(tmp_path / "art"),
     )
     (tmp_path / "art").mkdir()
     objective = Objective(cfg, make_data(cfg.data), FileSystemArtifactStore(str(tmp_path / "art")))
@@ -37,11 +44,17 @@ def _drive(study: optuna.Study, objective: Objective) -> optuna.trial.FrozenTria
 
 def test_pruner_prunes_a_hopeless_trial(setup):
     cfg, objective = setup
-    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    study = optuna.create_study(
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    )
     study.enqueue_trial({"depth": 2, "width": 32, "lr": 1e-2, "activation": "tanh"})
-    study.enqueue_trial({"depth": 1, "width": 4, "lr": 1e-4, "activation": "identity"})  # cannot fit sin
+    study.enqueue_trial(
+        {"depth": 1, "width": 4, "lr": 1e-4, "activation": "identity"}
+    )  # cannot fit sin
     good, bad = _drive(study, objective), _drive(study, objective)
-    assert good.state == TrialState.COMPLETE and len(good.intermediate_values) == cfg.train.max_epochs
+    assert (
+        good.state == TrialState.COMPLETE and len(good.intermediate_values) == cfg.train.max_epochs
+    )
     assert bad.state == TrialState.PRUNED
     assert len(bad.intermediate_values) < cfg.train.max_epochs
     assert "pruner" in bad.user_attrs["pruned_reason"]
@@ -60,7 +73,9 @@ def test_complete_trial_carries_attrs_and_best_keeps_its_model(setup, tmp_path):
     _, objective = setup
     study = optuna.create_study(pruner=optuna.pruners.NopPruner())
     study.enqueue_trial({"depth": 2, "width": 16, "lr": 1e-2, "activation": "tanh"})
-    study.enqueue_trial({"depth": 1, "width": 4, "lr": 1e-4, "activation": "identity"})  # worse: no model
+    study.enqueue_trial(
+        {"depth": 1, "width": 4, "lr": 1e-4, "activation": "identity"}
+    )  # worse: no model
     first, second = _drive(study, objective), _drive(study, objective)
     for key in ("test_mse", "n_params", "epochs", "seconds", "device"):
         assert key in first.user_attrs

@@ -86,5 +86,7 @@ def test_a_journal_lock_left_by_a_killed_process_is_broken(tmp_path, monkeypatch
     optuna.create_study(storage=first, study_name="a")
     first._backend._lock.acquire()  # taken and never released: its holder "died"
     t0 = time.monotonic()
-    optuna.create_study(storage=storage.open_storage(storage.parse("journal:///storage/s.log")), study_name="b")
+    optuna.create_study(
+        storage=storage.open_storage(storage.parse("journal:///storage/s.log")), study_name="b"
+    )
     assert time.monotonic() - t0 < storage.JOURNAL_LOCK_GRACE_S + 10

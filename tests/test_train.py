@@ -26,7 +26,11 @@ def test_training_fits_sin(data):
 
 def test_value_and_test_mse_describe_the_best_epoch(data):
     seen = []
-    r = train(TrainConfig(depth=1, width=8, activation="tanh", lr=2e-2, max_epochs=15), data, on_epoch=seen.append)
+    r = train(
+        TrainConfig(depth=1, width=8, activation="tanh", lr=2e-2, max_epochs=15),
+        data,
+        on_epoch=seen.append,
+    )
     assert [log.epoch for log in seen] == list(range(1, 16))
     vals = [log.val_mse for log in seen]
     assert r.best_val_mse == min(vals) and r.best_epoch == vals.index(min(vals)) + 1
@@ -45,7 +49,15 @@ def test_same_seed_same_numbers_other_seed_other_numbers(data):
 
 
 def test_huge_learning_rate_diverges_without_raising(data):
-    cfg = TrainConfig(depth=4, width=64, activation="relu", lr=1e6, optimizer="sgd", scheduler="none", max_epochs=20)
+    cfg = TrainConfig(
+        depth=4,
+        width=64,
+        activation="relu",
+        lr=1e6,
+        optimizer="sgd",
+        scheduler="none",
+        max_epochs=20,
+    )
     r = train(cfg, data)
     assert r.diverged is not None and "non-finite" in r.diverged
     assert r.epochs < 20
@@ -83,12 +95,21 @@ def test_schedule_matches_torch_schedulers(scheduler):
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_each_optimizer_trains(data, optimizer):
     lr = 1e-1 if optimizer == "sgd" else 1e-2
-    r = train(TrainConfig(depth=2, width=32, activation="tanh", lr=lr, optimizer=optimizer, max_epochs=60), data)
-    assert r.diverged is None and r.best_val_mse < 0.05  # a straight line fits no better than ~0.19
+    r = train(
+        TrainConfig(
+            depth=2, width=32, activation="tanh", lr=lr, optimizer=optimizer, max_epochs=60
+        ),
+        data,
+    )
+    assert (
+        r.diverged is None and r.best_val_mse < 0.05
+    )  # a straight line fits no better than ~0.19
 
 
 def test_no_activation_cannot_fit_sin(data):
-    lin = train(TrainConfig(depth=2, width=16, activation="identity", lr=1e-2, max_epochs=30), data)
+    lin = train(
+        TrainConfig(depth=2, width=16, activation="identity", lr=1e-2, max_epochs=30), data
+    )
     # best affine fit of sin on [0, 2pi) leaves MSE ~ 0.5 - 3*(2/pi)**2 / ... ~ 0.19
     assert lin.best_val_mse > 0.1
     assert math.isfinite(lin.test_mse)

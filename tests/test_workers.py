@@ -11,13 +11,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
-from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from study import storage as storage_mod
 
 # Slow trials (no pruning, many epochs) so a signal lands mid-trial; fast heartbeat for tests.
-SLOW_TOML = TINY_TOML + "\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = \"none\"\n"
+SLOW_TOML = TINY_TOML + '\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = "none"\n'
 
 
 def _load(url: str) -> optuna.Study:
@@ -37,8 +37,23 @@ def _check_exact(study: optuna.Study, n: int) -> Counter:
 def test_four_local_workers_meet_the_budget_exactly(workdir, kind):
     url = {"sqlite": f"sqlite:///{workdir}/s.db", "journal": f"journal:///{workdir}/s.log"}[kind]
     # the standard engine's pool; batched workers: test_shared_study.py
-    r = run_cli("run", "--config", "tiny.toml", "--max-epochs", "5", "--no-progress", "--storage", url,
-                "--n-trials", "40", "--workers", "4", "--engine", "standard", cwd=workdir)
+    r = run_cli(
+        "run",
+        "--config",
+        "tiny.toml",
+        "--max-epochs",
+        "5",
+        "--no-progress",
+        "--storage",
+        url,
+        "--n-trials",
+        "40",
+        "--workers",
+        "4",
+        "--engine",
+        "standard",
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     states = _check_exact(_load(url), 40)
     assert states[TrialState.FAIL] == 0
@@ -46,8 +61,23 @@ def test_four_local_workers_meet_the_budget_exactly(workdir, kind):
 
 
 def test_eight_workers_on_postgresql(workdir, pg_url):
-    r = run_cli("run", "--config", "tiny.toml", "--max-epochs", "5", "--no-progress", "--storage", pg_url,
-                "--n-trials", "40", "--workers", "8", "--engine", "standard", cwd=workdir)
+    r = run_cli(
+        "run",
+        "--config",
+        "tiny.toml",
+        "--max-epochs",
+        "5",
+        "--no-progress",
+        "--storage",
+        pg_url,
+        "--n-trials",
+        "40",
+        "--workers",
+        "8",
+        "--engine",
+        "standard",
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     assert _check_exact(_load(pg_url), 40)[TrialState.FAIL] == 0
 
@@ -59,7 +89,11 @@ def _wait_running(url: str, n: int, proc, timeout: float = 60) -> list[optuna.tr
         if Path(url.split(":///", 1)[1]).exists():
             try:
                 # with all its params: a trial killed mid-suggest has none to retry with
-                running = [t for t in _load(url).get_trials(states=(TrialState.RUNNING,)) if len(t.params) >= 4]
+                running = [
+                    t
+                    for t in _load(url).get_trials(states=(TrialState.RUNNING,))
+                    if len(t.params) >= 4
+                ]
             except Exception:  # the study (or its schema) is still being created
                 running = []
             if len(running) >= n:
@@ -76,20 +110,45 @@ def test_sigkilled_worker_costs_only_its_running_trials_which_are_retried(workdi
     (workdir / "slow.toml").write_text(SLOW_TOML)
     url = f"sqlite:///{workdir}/s.db"
     # 2,000 epochs: long enough that the killed worker is still training the trials seen running
-    proc = start_cli("run", "--config", "slow.toml", "--max-epochs", "2000", "--no-progress", "--storage", url,
-                     "--n-trials", "8", "--workers", "2", "--slots", "2", "--engine", engine, cwd=workdir)
+    proc = start_cli(
+        "run",
+        "--config",
+        "slow.toml",
+        "--max-epochs",
+        "2000",
+        "--no-progress",
+        "--storage",
+        url,
+        "--n-trials",
+        "8",
+        "--workers",
+        "2",
+        "--slots",
+        "2",
+        "--engine",
+        engine,
+        cwd=workdir,
+    )
     running = _wait_running(url, 2, proc)
-    pid = next(int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in running if "worker" in t.user_attrs)
+    pid = next(
+        int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in running if "worker" in t.user_attrs
+    )
     assert pid in spawned_children(proc.pid)
     os.kill(pid, signal.SIGKILL)  # a worker that is running trials
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "was killed (SIGKILL)" in err and ("queued for retry" in err or "requeues" in err) and "Traceback" not in err, err
+    assert (
+        "was killed (SIGKILL)" in err
+        and ("queued for retry" in err or "requeues" in err)
+        and "Traceback" not in err
+    ), err
     study = _load(url)
     states = _check_exact(study, 8)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert 1 <= states[TrialState.FAIL] <= (1 if engine == "standard" else 2)
-    assert all(t.user_attrs["worker"].endswith(f":{pid}") for t in failed)  # the killed worker's, no other
+    assert all(
+        t.user_attrs["worker"].endswith(f":{pid}") for t in failed
+    )  # the killed worker's, no other
     for f in failed:
         retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == f.number]
         assert len(retries) == 1 and retries[0].params == f.params
@@ -101,7 +160,18 @@ def test_killed_standard_run_is_recovered_on_resume_by_heartbeat(workdir, kind):
     (workdir / "slow.toml").write_text(SLOW_TOML)
     url = {"sqlite": f"sqlite:///{workdir}/s.db", "journal": f"journal:///{workdir}/s.log"}[kind]
     # the standard engine writes RUNNING trials, which a dead run leaves behind for the heartbeat
-    common = ("run", "--config", "slow.toml", "--max-epochs", "300", "--no-progress", "--storage", url, "--engine", "standard")
+    common = (
+        "run",
+        "--config",
+        "slow.toml",
+        "--max-epochs",
+        "300",
+        "--no-progress",
+        "--storage",
+        url,
+        "--engine",
+        "standard",
+    )
     proc = start_cli(*common, "--n-trials", "5", cwd=workdir)
     victim = _wait_running(url, 1, proc)[0]
     os.killpg(proc.pid, signal.SIGKILL)  # the whole run: nobody is left to tell Optuna
@@ -118,7 +188,9 @@ def test_killed_standard_run_is_recovered_on_resume_by_heartbeat(workdir, kind):
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     new = [t for t in study.trials if t.number > victim.number]
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in new) == 2  # the budget of the resume
+    assert (
+        sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in new) == 2
+    )  # the budget of the resume
 
 
 @pytest.mark.parametrize(
@@ -129,11 +201,28 @@ def test_killed_standard_run_is_recovered_on_resume_by_heartbeat(workdir, kind):
         (2, signal.SIGTERM, "process", 143),  # `kill PID` of the parent: it stops its workers
     ],
 )
-def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(workdir, workers, signum, target, code):
+def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(
+    workdir, workers, signum, target, code
+):
     (workdir / "slow.toml").write_text(SLOW_TOML)
     url = f"sqlite:///{workdir}/s.db"
-    proc = start_cli("run", "--config", "slow.toml", "--max-epochs", "300", "--no-progress", "--storage", url,
-                     "--n-trials", "20", "--workers", str(workers), "--engine", "standard", cwd=workdir)
+    proc = start_cli(
+        "run",
+        "--config",
+        "slow.toml",
+        "--max-epochs",
+        "300",
+        "--no-progress",
+        "--storage",
+        url,
+        "--n-trials",
+        "20",
+        "--workers",
+        str(workers),
+        "--engine",
+        "standard",
+        cwd=workdir,
+    )
     running = _wait_running(url, workers, proc)
     kids = spawned_children(proc.pid)
     assert len(kids) == (workers if workers > 1 else 0)
@@ -142,9 +231,14 @@ def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(workdir, wor
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         import shutil
+
         if shutil.which("py-spy"):
             for pid in [proc.pid, *kids]:
-                print(subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True).stdout)
+                print(
+                    subprocess.run(
+                        ["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True
+                    ).stdout
+                )
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     assert proc.returncode == code, err
@@ -153,7 +247,11 @@ def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(workdir, wor
     study = _load(url)
     assert not study.get_trials(states=(TrialState.RUNNING,))
     for t in running:
-        assert study.trials[t.number].state in (TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED)
+        assert study.trials[t.number].state in (
+            TrialState.FAIL,
+            TrialState.COMPLETE,
+            TrialState.PRUNED,
+        )
     assert any(t.state == TrialState.FAIL for t in study.trials)
     assert not [k for k in kids if Path(f"/proc/{k}").exists()]  # the workers were stopped too
 
@@ -161,13 +259,17 @@ def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(workdir, wor
 def test_workers_zero_and_missing_gpus_are_bad_input(workdir):
     for args, fragment in ((["--workers", "0"], "--workers"), (["--devices", "0,1"], "--devices")):
         r = run_cli("run", "--no-progress", *args, cwd=workdir)
-        assert r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert (
+            r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        ), r.stderr
     assert not (workdir / "storage").exists()
 
 
 def test_unreachable_postgresql_fails_fast_with_one_line(workdir):
     t0 = time.time()
-    r = run_cli("run", "--no-progress", "--storage", "postgresql://postgres@127.0.0.1:9/test", cwd=workdir)
+    r = run_cli(
+        "run", "--no-progress", "--storage", "postgresql://postgres@127.0.0.1:9/test", cwd=workdir
+    )
     assert r.returncode == 1 and "cannot connect to PostgreSQL" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert time.time() - t0 < 30  # bounded by the connect timeout, not a hang

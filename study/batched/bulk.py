@@ -58,13 +58,23 @@ def _transaction(storage: RDBStorage, body: Callable[[Any], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def add_trial(storage: optuna.storages.BaseStorage, study_id: int, trial: FrozenTrial) -> tuple[int, int]:
+def add_trial(
+    storage: optuna.storages.BaseStorage, study_id: int, trial: FrozenTrial
+) -> tuple[int, int]:
     """Store one trial (any state). Returns (trial_id, number)."""
     return add_trials(storage, study_id, [trial], heartbeat=False)[0]
 
 
-def add_trials(storage: optuna.storages.BaseStorage, study_id: int, trials: list[FrozenTrial], *, heartbeat: bool,
-               after_id: int = -1, avoid: Iterable[ParamSet] = (), own: set[int] = frozenset()) -> list[tuple[int, int] | None]:
+def add_trials(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    trials: list[FrozenTrial],
+    *,
+    heartbeat: bool,
+    after_id: int = -1,
+    avoid: Iterable[ParamSet] = (),
+    own: set[int] = frozenset(),
+) -> list[tuple[int, int] | None]:
     """Store `trials` as new trials of the study, numbered in list order, in one transaction.
     Returns (trial_id, number) per trial, or None for a trial not stored because another engine
     already has its parameter set: one in `avoid`, or one stored by someone else (not in `own`)
@@ -72,7 +82,9 @@ def add_trials(storage: optuna.storages.BaseStorage, study_id: int, trials: list
     row, which Optuna's stale-trial check needs to see it."""
     if not isinstance(storage, RDBStorage):
         return [_journal_add(storage, study_id, t, set(avoid)) for t in trials]
-    return _transaction(storage, lambda s: _insert(s, study_id, trials, heartbeat, after_id, set(avoid), own))
+    return _transaction(
+        storage, lambda s: _insert(s, study_id, trials, heartbeat, after_id, set(avoid), own)
+    )
 
 
 def _journal_add(storage, study_id: int, t: FrozenTrial, avoid: set) -> tuple[int, int] | None:
@@ -83,8 +95,15 @@ def _journal_add(storage, study_id: int, t: FrozenTrial, avoid: set) -> tuple[in
     return trial_id, storage.get_trial_number_from_id(trial_id)
 
 
-def _insert(session, study_id: int, trials: list[FrozenTrial], heartbeat: bool, after_id: int,
-            avoid: set, own: set[int]) -> list[tuple[int, int] | None]:
+def _insert(
+    session,
+    study_id: int,
+    trials: list[FrozenTrial],
+    heartbeat: bool,
+    after_id: int,
+    avoid: set,
+    own: set[int],
+) -> list[tuple[int, int] | None]:
     # The lock Optuna takes while it numbers a trial (trial numbers have no unique constraint).
     models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
     if after_id >= 0:
@@ -94,33 +113,54 @@ def _insert(session, study_id: int, trials: list[FrozenTrial], heartbeat: bool, 
         if t.params and avoid and param_set(t.params, t.distributions) in avoid:
             rows.append(None)
             continue
-        row = models.TrialModel(study_id=study_id, number=None, state=t.state,
-                                datetime_start=t.datetime_start, datetime_complete=t.datetime_complete)
+        row = models.TrialModel(
+            study_id=study_id,
+            number=None,
+            state=t.state,
+            datetime_start=t.datetime_start,
+            datetime_complete=t.datetime_complete,
+        )
         session.add(row)
         rows.append(row)
-    stored = [(r, t) for r, t in zip(rows, trials) if r is not None]
+    stored = [(r, t) for r, t in zip(rows, trials, strict=True) if r is not None]
     if not stored:
         return [None] * len(trials)
     session.flush()  # their trial_ids
     first = stored[0][0].count_past_trials(session)
     for i, (row, _) in enumerate(stored):
         row.number = first + i  # ids rise in insert order and the study row is locked
-    tables: dict[Any, list[dict]] = {m: [] for m in (models.TrialValueModel, models.TrialParamModel, models.TrialUserAttributeModel,
-                                                     models.TrialSystemAttributeModel, models.TrialIntermediateValueModel)}
+    tables: dict[Any, list[dict]] = {
+        m: []
+        for m in (
+            models.TrialValueModel,
+            models.TrialParamModel,
+            models.TrialUserAttributeModel,
+            models.TrialSystemAttributeModel,
+            models.TrialIntermediateValueModel,
+        )
+    }
     for row, t in stored:
         tid = row.trial_id
         tables[models.TrialValueModel] += _value_rows(tid, t.values or [])
         tables[models.TrialParamModel] += [
-            dict(trial_id=tid, param_name=name, param_value=t.distributions[name].to_internal_repr(value),
-                 distribution_json=distribution_to_json(t.distributions[name]))
+            dict(
+                trial_id=tid,
+                param_name=name,
+                param_value=t.distributions[name].to_internal_repr(value),
+                distribution_json=distribution_to_json(t.distributions[name]),
+            )
             for name, value in t.params.items()
         ]
         tables[models.TrialUserAttributeModel] += _attr_rows(tid, t.user_attrs)
         tables[models.TrialSystemAttributeModel] += _attr_rows(tid, t.system_attrs)
         tables[models.TrialIntermediateValueModel] += _step_rows(tid, t.intermediate_values)
     if heartbeat:
-        now = session.execute(sqlalchemy.func.now()).scalar()  # the database's clock, as Optuna's heartbeat
-        tables[models.TrialHeartbeatModel] = [dict(trial_id=row.trial_id, heartbeat=now) for row, _ in stored]
+        now = session.execute(
+            sqlalchemy.func.now()
+        ).scalar()  # the database's clock, as Optuna's heartbeat
+        tables[models.TrialHeartbeatModel] = [
+            dict(trial_id=row.trial_id, heartbeat=now) for row, _ in stored
+        ]
     for model, table_rows in tables.items():
         if table_rows:
             session.execute(insert(model), table_rows)
@@ -128,12 +168,19 @@ def _insert(session, study_id: int, trials: list[FrozenTrial], heartbeat: bool, 
 
 
 def _param_sets_after(session, study_id: int, after_id: int, own: set[int]) -> set[ParamSet]:
-    """Parameter sets of trials others stored after `after_id` (not FAIL: a retry repeats those)."""
+    """Parameter sets of trials others stored after `after_id` (not FAIL: retries repeat those)."""
     rows = session.execute(
-        sqlalchemy.select(models.TrialParamModel.trial_id, models.TrialParamModel.param_name, models.TrialParamModel.param_value)
+        sqlalchemy.select(
+            models.TrialParamModel.trial_id,
+            models.TrialParamModel.param_name,
+            models.TrialParamModel.param_value,
+        )
         .join(models.TrialModel, models.TrialModel.trial_id == models.TrialParamModel.trial_id)
-        .where(models.TrialModel.study_id == study_id, models.TrialModel.trial_id > after_id,
-               models.TrialModel.state != TrialState.FAIL)
+        .where(
+            models.TrialModel.study_id == study_id,
+            models.TrialModel.trial_id > after_id,
+            models.TrialModel.state != TrialState.FAIL,
+        )
     ).all()
     sets: dict[int, set] = {}
     for tid, name, value in rows:
@@ -158,11 +205,15 @@ def _step_rows(tid: int, steps: dict[int, float]) -> list[dict]:
     out = []
     for step, v in steps.items():
         stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(v)
-        out.append(dict(trial_id=tid, step=step, intermediate_value=stored, intermediate_value_type=kind))
+        out.append(
+            dict(trial_id=tid, step=step, intermediate_value=stored, intermediate_value_type=kind)
+        )
     return out
 
 
-def append_values(storage: optuna.storages.BaseStorage, values: dict[int, dict[int, float]]) -> None:
+def append_values(
+    storage: optuna.storages.BaseStorage, values: dict[int, dict[int, float]]
+) -> None:
     """New intermediate values {trial_id: {step: value}} of running trials, in one transaction."""
     if not isinstance(storage, RDBStorage):
         for tid, steps in values.items():
@@ -178,9 +229,17 @@ def append_values(storage: optuna.storages.BaseStorage, values: dict[int, dict[i
     _transaction(storage, body)
 
 
-def finish_trial(storage: optuna.storages.BaseStorage, trial_id: int, *, state: TrialState, value: float | None,
-                 values: dict[int, float], user_attrs: dict[str, Any], system_attrs: dict[str, Any],
-                 completed: datetime) -> bool:
+def finish_trial(
+    storage: optuna.storages.BaseStorage,
+    trial_id: int,
+    *,
+    state: TrialState,
+    value: float | None,
+    values: dict[int, float],
+    user_attrs: dict[str, Any],
+    system_attrs: dict[str, Any],
+    completed: datetime,
+) -> bool:
     """End a running trial: its remaining intermediate values, attrs (replacing those of the same
     key), value and state, in one transaction. False, and nothing written, when the trial had
     already been finished (e.g. failed as stale by another engine)."""
@@ -191,7 +250,9 @@ def finish_trial(storage: optuna.storages.BaseStorage, trial_id: int, *, state: 
                 storage.set_trial_user_attr(trial_id, k, v)
             for k, v in system_attrs.items():
                 storage.set_trial_system_attr(trial_id, k, v)
-            return storage.set_trial_state_values(trial_id, state, None if value is None else [value])
+            return storage.set_trial_state_values(
+                trial_id, state, None if value is None else [value]
+            )
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
 
@@ -200,12 +261,19 @@ def finish_trial(storage: optuna.storages.BaseStorage, trial_id: int, *, state: 
         if row.state.is_finished():
             return False
         row.state, row.datetime_complete = state, completed
-        for model, attrs in ((models.TrialUserAttributeModel, user_attrs), (models.TrialSystemAttributeModel, system_attrs)):
+        for model, attrs in (
+            (models.TrialUserAttributeModel, user_attrs),
+            (models.TrialSystemAttributeModel, system_attrs),
+        ):
             if attrs:
-                session.execute(delete(model).where(model.trial_id == trial_id, model.key.in_(list(attrs))))
+                session.execute(
+                    delete(model).where(model.trial_id == trial_id, model.key.in_(list(attrs)))
+                )
                 session.execute(insert(model), _attr_rows(trial_id, attrs))
-        for model, table_rows in ((models.TrialValueModel, _value_rows(trial_id, [] if value is None else [value])),
-                                  (models.TrialIntermediateValueModel, _step_rows(trial_id, values))):
+        for model, table_rows in (
+            (models.TrialValueModel, _value_rows(trial_id, [] if value is None else [value])),
+            (models.TrialIntermediateValueModel, _step_rows(trial_id, values)),
+        ):
             if table_rows:
                 session.execute(insert(model), table_rows)
         return True
@@ -213,7 +281,9 @@ def finish_trial(storage: optuna.storages.BaseStorage, trial_id: int, *, state: 
     return _transaction(storage, body)
 
 
-def beat(storage: optuna.storages.BaseStorage, trial_ids: Iterable[int], journal_attr: str) -> None:
+def beat(
+    storage: optuna.storages.BaseStorage, trial_ids: Iterable[int], journal_attr: str
+) -> None:
     """A heartbeat for each running trial: one UPDATE on an RDB storage (the rows exist since
     add_trials), Optuna's system attr `journal_attr` per trial on the journal."""
     ids = list(trial_ids)

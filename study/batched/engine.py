@@ -49,13 +49,17 @@ class Live:
     started: datetime
     values: dict[int, float] = field(default_factory=dict)  # epoch -> validation MSE
     flushed: int = 0  # epochs already handed to the writer
-    epochs: list[tuple[EpochLog, float]] = field(default_factory=list)  # TensorBoard points, wall time
+    epochs: list[tuple[EpochLog, float]] = field(
+        default_factory=list
+    )  # TensorBoard points, wall time
     best_val: float = math.inf  # the best of the trial's (mean) validation curve so far
 
 
 @dataclass
 class Stats:
-    book_seconds: float = 0.0  # sampler and pruner in the training loop, plus the final wait for the writer
+    book_seconds: float = (
+        0.0  # sampler and pruner in the training loop, plus the final wait for the writer
+    )
 
 
 def _key(slot: Slot) -> tuple[str, int, int]:
@@ -65,7 +69,9 @@ def _key(slot: Slot) -> tuple[str, int, int]:
     return slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
 
 
-Configure = Callable[[optuna.Trial, int], list[TrainConfig]]  # (trial, its number) -> one config per repeat
+Configure = Callable[
+    [optuna.Trial, int], list[TrainConfig]
+]  # (trial, its number) -> one config per repeat
 
 
 def study_configs(cfg: StudyConfig) -> Configure:
@@ -78,24 +84,47 @@ def study_configs(cfg: StudyConfig) -> Configure:
     return configure
 
 
-def run_batched(cfg: StudyConfig, budget, *, seed: int, device: torch.device,
-                on_trial: Callable[[int, TrialState, float | None], None] | None = None,
-                storage: optuna.storages.BaseStorage | None = None,
-                on_writer: Callable[[int], None] = lambda pid: None, configure: Configure | None = None) -> float:
+def run_batched(
+    cfg: StudyConfig,
+    budget,
+    *,
+    seed: int,
+    device: torch.device,
+    on_trial: Callable[[int, TrialState, float | None], None] | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
+    on_writer: Callable[[int], None] = lambda pid: None,
+    configure: Configure | None = None,
+) -> float:
     """One batched engine on this process's device until the budget is spent. Returns its
     bookkeeping seconds. The caller handles signals (interrupt.handle_signals). `configure`:
     what a trial trains (default: the study's search space, `cfg.repeats` seeds)."""
     storage = storage or open_study_storage(cfg)
     study = optuna.load_study(study_name=cfg.study, storage=storage)
-    engine = BatchedEngine(cfg, study.get_trials(deepcopy=False), device, slots=models_at_once(cfg, device.type), seed=seed,
-                           on_trial=on_trial or (lambda number, state, value: None), configure=configure)
+    engine = BatchedEngine(
+        cfg,
+        study.get_trials(deepcopy=False),
+        device,
+        slots=models_at_once(cfg, device.type),
+        seed=seed,
+        on_trial=on_trial or (lambda number, state, value: None),
+        configure=configure,
+    )
     engine.run(budget, on_writer=on_writer)
     return engine.stats.book_seconds
 
 
 class BatchedEngine:
-    def __init__(self, cfg: StudyConfig, stored: list[FrozenTrial], device: torch.device, *, slots: int, seed: int,
-                 on_trial: Callable[[int, TrialState, float | None], None], configure: Configure | None = None):
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        stored: list[FrozenTrial],
+        device: torch.device,
+        *,
+        slots: int,
+        seed: int,
+        on_trial: Callable[[int, TrialState, float | None], None],
+        configure: Configure | None = None,
+    ):
         self.cfg, self.device, self.k = cfg, device, slots
         self.configure = configure or study_configs(cfg)
         self.on_trial = on_trial
@@ -103,9 +132,13 @@ class BatchedEngine:
         self.stacks: dict[tuple[str, int, int], Stack] = {}
         self.stats = Stats()
         self.writer: Writer | None = None
-        self.dirty: set[tuple[str, int, int]] = set()  # stacks whose slots changed since their build
+        self.dirty: set[tuple[str, int, int]] = (
+            set()
+        )  # stacks whose slots changed since their build
         self.mirror = Mirror(cfg, stored, seed=seed)
-        self.best_value = min((t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf)
+        self.best_value = min(
+            (t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf
+        )
         self.last_flush = time.monotonic()
         self.pending: set[int] = set()  # trials handed to the writer, not yet confirmed stored
         self.retry_wait: float | None = None  # until when the loop waits for a queued retry
@@ -122,7 +155,8 @@ class BatchedEngine:
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and threads > 1:
             # Leave the writer process a core. Torch's OpenMP threads spin at every parallel
-            # region's barrier; with one of them descheduled by the writer, an epoch took 1.5x as long.
+            # region's barrier; with one of them descheduled by the writer, an epoch took 1.5x as
+            # long.
             torch.set_num_threads(threads - 1)
         try:
             while True:
@@ -141,7 +175,9 @@ class BatchedEngine:
                 ended: list[tuple[tuple, int, TrialState, str | None]] = []
                 for key in sorted(self.stacks):
                     loss, val = self.stacks[key].train_epoch()
-                    ended += [(key, *e) for e in self._after_epoch(key, loss.tolist(), val.tolist())]  # one sync per stack per epoch
+                    ended += [
+                        (key, *e) for e in self._after_epoch(key, loss.tolist(), val.tolist())
+                    ]  # one sync per stack per epoch
                 self._end(ended)
                 self._flush()
                 if interrupt.requested():
@@ -196,19 +232,39 @@ class BatchedEngine:
         new: dict[tuple[str, int, int], list[Slot]] = {}
         starts: list[Start] = []
         t0 = time.perf_counter()
-        while (live + self.cfg.repeats <= self.k and not interrupt.requested() and not self._grid_started()
-               and budget.claim(queued=bool(self.mirror.waiting))):
+        while (
+            live + self.cfg.repeats <= self.k
+            and not interrupt.requested()
+            and not self._grid_started()
+            and budget.claim(queued=bool(self.mirror.waiting))
+        ):
             self.writer.claimed()
             trial, claim = self.mirror.ask()
             tcfgs = self.configure(trial, claim[1] if claim else trial.number)
             now = datetime.now()
-            starts.append(Start(trial.number, FrozenTrial(
-                number=trial.number, state=TrialState.RUNNING, value=None, datetime_start=now, datetime_complete=None,
-                params=dict(trial.params), distributions=dict(trial.distributions),
-                user_attrs=start_attrs("batched", tcfgs[0].seed, len(tcfgs)),
-                system_attrs=self.mirror.system_attrs(trial), intermediate_values={}, trial_id=0,
-            ), claim=claim[0] if claim else None, seen=self.mirror.seen))
-            tag = Live(trial, claim, now)  # shared by the trial's repeats: one slot per seed, one stack
+            starts.append(
+                Start(
+                    trial.number,
+                    FrozenTrial(
+                        number=trial.number,
+                        state=TrialState.RUNNING,
+                        value=None,
+                        datetime_start=now,
+                        datetime_complete=None,
+                        params=dict(trial.params),
+                        distributions=dict(trial.distributions),
+                        user_attrs=start_attrs("batched", tcfgs[0].seed, len(tcfgs)),
+                        system_attrs=self.mirror.system_attrs(trial),
+                        intermediate_values={},
+                        trial_id=0,
+                    ),
+                    claim=claim[0] if claim else None,
+                    seen=self.mirror.seen,
+                )
+            )
+            tag = Live(
+                trial, claim, now
+            )  # shared by the trial's repeats: one slot per seed, one stack
             for tcfg in tcfgs:
                 slot = new_slot(tcfg, self.device, tag=tag)
                 new.setdefault(_key(slot), []).append(slot)
@@ -233,7 +289,9 @@ class BatchedEngine:
                 del self.stacks[key]
         self.dirty.clear()
 
-    def _after_epoch(self, key, loss: list[float], val: list[float]) -> list[tuple[list[int], TrialState, str | None]]:
+    def _after_epoch(
+        self, key, loss: list[float], val: list[float]
+    ) -> list[tuple[list[int], TrialState, str | None]]:
         """Report each trial's epoch (the mean over its repeats' slots) to the mirror; returns the
         trials that end now, as (their slots, state, reason)."""
         stack = self.stacks[key]
@@ -260,7 +318,9 @@ class BatchedEngine:
                     stack.slots[k].best_val, stack.slots[k].best_epoch = val[k], epoch
             bad = [k for k in ks if not math.isfinite(loss[k])]
             if bad:
-                reason = f"non-finite training loss in epoch {epoch} (lr={lr:.3g}): training diverged"
+                reason = (
+                    f"non-finite training loss in epoch {epoch} (lr={lr:.3g}): training diverged"
+                )
                 if len(ks) > 1:
                     reason = f"seed {stack.slots[bad[0]].cfg.seed}: {reason}"
                 done.append((ks, TrialState.PRUNED, reason))
@@ -268,7 +328,9 @@ class BatchedEngine:
             live.values[epoch] = mean
             for k in ks:
                 stack.slots[k].last_val = val[k]
-            live.epochs.append((EpochLog(epoch, sum(loss[k] for k in ks) / len(ks), mean, lr), now))
+            live.epochs.append(
+                (EpochLog(epoch, sum(loss[k] for k in ks) / len(ks), mean, lr), now)
+            )
             live.trial.report(mean, epoch)
             if live.trial.should_prune():
                 done.append((ks, TrialState.PRUNED, f"pruner stopped it after epoch {epoch}"))
@@ -287,19 +349,25 @@ class BatchedEngine:
         for stack in self.stacks.values():
             for live in _trials(stack.slots):
                 if len(live.values) > live.flushed:
-                    out[live.trial.number] = dict(list(live.values.items())[live.flushed:])
+                    out[live.trial.number] = dict(list(live.values.items())[live.flushed :])
                     live.flushed = len(live.values)
         if out:
             self.writer.put(out)
 
     def _end(self, ended: list[tuple[tuple, list[int], TrialState, str | None]]) -> None:
-        """Tell and hand over the trials that ended this epoch, then take them out of their stacks."""
+        """Tell and hand over the trials that ended this epoch; take them out of their stacks."""
         t0 = time.perf_counter()
+
         # Trials that end in the same epoch have no order of their own: complete ones go first,
         # best first, so at most one of them is a new best (its artifacts cost ~0.1 s to write).
         def order(e):
             key, ks, state, _ = e
-            return (state != TrialState.COMPLETE, self.stacks[key].slots[ks[0]].tag.best_val if state == TrialState.COMPLETE else 0.0)
+            return (
+                state != TrialState.COMPLETE,
+                self.stacks[key].slots[ks[0]].tag.best_val
+                if state == TrialState.COMPLETE
+                else 0.0,
+            )
 
         for key, ks, state, reason in sorted(ended, key=order):
             self._finish(self.stacks[key], ks, state, reason)
@@ -323,28 +391,50 @@ class BatchedEngine:
         diverged = reason is not None and "non-finite" in reason
         out = None
         if state == TrialState.COMPLETE or diverged:
-            out = outcome([self._result(stack, k, diverged) for k in ks], [stack.slots[k].cfg for k in ks])
+            out = outcome(
+                [self._result(stack, k, diverged) for k in ks], [stack.slots[k].cfg for k in ks]
+            )
         attrs = dict(out.attrs) if out else {}
         if reason:
             attrs["pruned_reason"] = reason
         last = live.values[max(live.values)] if live.values else None
-        value = live.best_val if state == TrialState.COMPLETE else last  # Optuna: a pruned trial keeps its last value
-        metrics = {"val_mse": live.best_val if state == TrialState.COMPLETE else (last if last is not None else math.inf)}
+        value = (
+            live.best_val if state == TrialState.COMPLETE else last
+        )  # Optuna: a pruned trial keeps its last value
+        metrics = {
+            "val_mse": live.best_val
+            if state == TrialState.COMPLETE
+            else (last if last is not None else math.inf)
+        }
         if "test_mse" in attrs:
             metrics["test_mse"] = attrs["test_mse"]
         new_best = state == TrialState.COMPLETE and value < self.best_value
         if new_best:
             self.best_value = value
         self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state)
-        model = (model_state(out.model), out.model_cfg) if new_best else (None, stack.slots[ks[0]].cfg)
+        model = (
+            (model_state(out.model), out.model_cfg) if new_best else (None, stack.slots[ks[0]].cfg)
+        )
         self._put(live, state, value, attrs, metrics, *model)
 
-    def _put(self, live: Live, state: TrialState, value, attrs: dict, metrics: dict, model, tcfg) -> None:
-        self.writer.put(Finish(
-            key=live.trial.number, state=state, value=value, values=dict(list(live.values.items())[live.flushed:]),
-            attrs=attrs, system_attrs=self.mirror.system_attrs(live.trial), completed=datetime.now(),
-            epochs=live.epochs, metrics=metrics, model=model, tcfg=tcfg,
-        ))
+    def _put(
+        self, live: Live, state: TrialState, value, attrs: dict, metrics: dict, model, tcfg
+    ) -> None:
+        self.writer.put(
+            Finish(
+                key=live.trial.number,
+                state=state,
+                value=value,
+                values=dict(list(live.values.items())[live.flushed :]),
+                attrs=attrs,
+                system_attrs=self.mirror.system_attrs(live.trial),
+                completed=datetime.now(),
+                epochs=live.epochs,
+                metrics=metrics,
+                model=model,
+                tcfg=tcfg,
+            )
+        )
 
     def _grid_started(self) -> bool:
         return self.cfg.sampler == "grid" and grid_started(self.mirror.study, self.cfg.space)
@@ -356,13 +446,17 @@ class BatchedEngine:
         best, final = stack.slot_model(k, "best"), stack.slot_model(k, "final")
         d = self.data
         return TrainResult(
-            best_val_mse=x.best_val, best_epoch=x.best_epoch,
+            best_val_mse=x.best_val,
+            best_epoch=x.best_epoch,
             final_val_mse=x.last_val,
             test_mse=mse(best, d.x_test, d.y_test) if x.best_epoch else math.inf,
             final_test_mse=math.inf if diverged else mse(final, d.x_test, d.y_test),
-            epochs=x.epoch - 1 if diverged else x.epoch, n_params=n_params(final),
-            seconds=(datetime.now() - live.started).total_seconds(), device=str(self.device),
-            diverged=None, model=best,
+            epochs=x.epoch - 1 if diverged else x.epoch,
+            n_params=n_params(final),
+            seconds=(datetime.now() - live.started).total_seconds(),
+            device=str(self.device),
+            diverged=None,
+            model=best,
         )
 
     def _abandon(self) -> None:
@@ -371,7 +465,9 @@ class BatchedEngine:
             for live in _trials(stack.slots):
                 x = next(x for x in stack.slots if x.tag is live)
                 self.mirror.tell(live.trial, None, TrialState.FAIL)
-                self._put(live, TrialState.FAIL, None, {"failed_reason": "interrupted"}, {}, None, x.cfg)
+                self._put(
+                    live, TrialState.FAIL, None, {"failed_reason": "interrupted"}, {}, None, x.cfg
+                )
         self.stacks.clear()
 
 

@@ -13,33 +13,45 @@ stored trial atomically.
 
 from __future__ import annotations
 
-import warnings
-
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import StudyConfig
 from ..opening import make_pruner, make_sampler
+from ..quiet import experimental
 from .writer import Known
 
 
 class Mirror:
     def __init__(self, cfg: StudyConfig, stored: list[FrozenTrial], *, seed: int):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # Same name as the stored study: Hyperband assigns brackets by a hash of name and number.
-            self.study = optuna.create_study(study_name=cfg.study, direction="minimize",
-                                             sampler=make_sampler(cfg, seed=seed, stored=len(stored)),
-                                             pruner=make_pruner(cfg))
+        with experimental():
+            # Same name as the stored study: Hyperband assigns brackets by a hash of name and
+            # number.
+            self.study = optuna.create_study(
+                study_name=cfg.study,
+                direction="minimize",
+                sampler=make_sampler(cfg, seed=seed, stored=len(stored)),
+                pruner=make_pruner(cfg),
+            )
         self._storage, self._id = self.study._storage, self.study._study_id
-        self.unfinished: dict[int, int] = {}  # stored trial_id -> mirror trial_id, others' RUNNING/WAITING
-        self.waiting: dict[int, tuple[int, int]] = {}  # mirror trial_id -> (stored trial_id, number)
+        self.unfinished: dict[
+            int, int
+        ] = {}  # stored trial_id -> mirror trial_id, others' RUNNING/WAITING
+        self.waiting: dict[
+            int, tuple[int, int]
+        ] = {}  # mirror trial_id -> (stored trial_id, number)
         self.seen = 0  # sync messages applied
         self.reseeded = False
         for t in sorted(stored, key=lambda t: t.number):
             self._add(t)
-        self.known = Known(max((t._trial_id for t in stored), default=-1),
-                           {t._trial_id: t.state for t in stored if t.state in (TrialState.RUNNING, TrialState.WAITING)})
+        self.known = Known(
+            max((t._trial_id for t in stored), default=-1),
+            {
+                t._trial_id: t.state
+                for t in stored
+                if t.state in (TrialState.RUNNING, TrialState.WAITING)
+            },
+        )
 
     def _add(self, t: FrozenTrial) -> None:
         mirror_id = self._storage.create_new_trial(self._id, template_trial=t)
@@ -79,7 +91,12 @@ class Mirror:
             s.set_trial_state_values(mirror_id, TrialState.RUNNING)
         for name, value in t.params.items():
             if name not in s.get_trial(mirror_id).params:
-                s.set_trial_param(mirror_id, name, t.distributions[name].to_internal_repr(value), t.distributions[name])
+                s.set_trial_param(
+                    mirror_id,
+                    name,
+                    t.distributions[name].to_internal_repr(value),
+                    t.distributions[name],
+                )
         for step, v in t.intermediate_values.items():
             s.set_trial_intermediate_value(mirror_id, step, v)
         for k, v in t.system_attrs.items():

@@ -29,48 +29,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 from ..config import TrainConfig
 from ..data import SinData
-from ..model import build_mlp, init_model
+from ..model import ACTIVATIONS, build_mlp, init_model
 from ..train import lr_at
 
-aten = torch.ops.aten
-nn_ = torch._C._nn
-
-
-@dataclass(frozen=True)
-class Act:
-    """An activation as the batched step uses it: forward into a given slice (`out=`), and the
-    derivative kernel autograd itself calls for the module, written in place over the incoming
-    gradient. So a batched step computes exactly what loss.backward() computes, with no copies."""
-
-    forward: callable  # (z, out) -> None
-    backward: callable  # (grad, z, a) -> None, grad becomes d loss / d z in place
-
-
-_threshold_bwd, _tanh_bwd, _sigmoid_bwd = aten.threshold_backward.grad_input, aten.tanh_backward.grad_input, aten.sigmoid_backward.grad_input
-_silu_bwd, _gelu_bwd = aten.silu_backward.grad_input, aten.gelu_backward.grad_input
-_leaky_bwd, _elu_bwd = aten.leaky_relu_backward.grad_input, aten.elu_backward.grad_input
-_ACT = {
-    "relu": Act(lambda z, o: torch.clamp_min(z, 0, out=o), lambda g, z, a: _threshold_bwd(g, a, 0, grad_input=g)),
-    "tanh": Act(lambda z, o: torch.tanh(z, out=o), lambda g, z, a: _tanh_bwd(g, a, grad_input=g)),
-    "sigmoid": Act(lambda z, o: torch.sigmoid(z, out=o), lambda g, z, a: _sigmoid_bwd(g, a, grad_input=g)),
-    "silu": Act(lambda z, o: nn_.silu(z, out=o), lambda g, z, a: _silu_bwd(g, z, grad_input=g)),
-    "gelu": Act(lambda z, o: nn_.gelu(z, out=o), lambda g, z, a: _gelu_bwd(g, z, grad_input=g)),
-    "leaky_relu": Act(lambda z, o: nn_.leaky_relu(z, 0.01, out=o), lambda g, z, a: _leaky_bwd(g, z, 0.01, False, grad_input=g)),
-    "elu": Act(lambda z, o: nn_.elu(z, out=o), lambda g, z, a: _elu_bwd(g, 1.0, 1.0, 1.0, False, z, grad_input=g)),
-    "identity": Act(lambda z, o: o.copy_(z), lambda g, z, a: None),
-}
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
 
 Layout = tuple[int, int]  # (depth, width) of a padded row
 
 
-@lru_cache(maxsize=None)
+@cache
 def segments(layout: Layout) -> tuple[tuple[int, int, int], ...]:
     """(offset, rows, cols) of each weight and bias in a row: W0, b0, ..., W_out, b_out."""
     depth, width = layout
@@ -95,7 +68,7 @@ class _Buffers:
     same memory (no allocator work per step, and the static addresses a CUDA graph needs). The
     per-group slices of each buffer are made here once, not in every step (~2 us each)."""
 
-    def __init__(self, stack: "Stack", b: int):
+    def __init__(self, stack: Stack, b: int):
         k, w, dev = len(stack.slots), stack.width, stack.data.device
         depth = stack.depth
         self.z = [torch.empty(k, b, w, device=dev) for _ in range(depth)]  # pre-activations
@@ -103,7 +76,8 @@ class _Buffers:
         self.h_t = [h.transpose(1, 2) for h in self.h]  # for dW = h^T @ dz
         self.y = torch.empty(k, b, 1, device=dev)
         self.dy = torch.empty(k, b, 1, device=dev)  # d loss / d output
-        # two gradient buffers, alternating from the top layer down (bmm's out must not alias its input)
+        # two gradient buffers, alternating from the top layer down (bmm's out must not alias its
+        # input)
         self.dh = [torch.empty(k, b, w, device=dev) for _ in range(2)]
         self.top = self.dh[0]
         self.fwd, self.bwd, self.mask, self.dz = [], [], [], []
@@ -111,15 +85,23 @@ class _Buffers:
             z, a, dz = self.z[layer], self.h[layer], self.dh[(depth - 1 - layer) % 2]
             self.dz.append(dz)
             self.fwd.append([(act.forward, z[lo:hi], a[lo:hi]) for act, lo, hi in stack.groups])
-            self.bwd.append([(act.backward, dz[lo:hi], z[lo:hi], a[lo:hi]) for act, lo, hi in stack.groups if act is not _ACT["identity"]])
-            self.mask.append([(a[lo:hi], stack.unit_mask[layer][lo:hi]) for lo, hi in stack.masked])
+            self.bwd.append(
+                [
+                    (act.backward, dz[lo:hi], z[lo:hi], a[lo:hi])
+                    for act, lo, hi in stack.groups
+                    if act.backward
+                ]
+            )
+            self.mask.append(
+                [(a[lo:hi], stack.unit_mask[layer][lo:hi]) for lo, hi in stack.masked]
+            )
 
 
 def _own(cfg: TrainConfig, depth: int) -> list[tuple[int, int, int]]:
-    """(segment index in a layout of `depth` layers, rows, cols) of each of the slot's own tensors."""
+    """(segment index in a layout of `depth` layers, rows, cols) of each of the slot's tensors."""
     dims = [1, *cfg.widths, 1]
     out = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         j = 2 * i if i < cfg.depth else 2 * depth  # the output layer is always last
         out += [(j, a, b), (j + 1, 1, b)]
     return out
@@ -158,7 +140,7 @@ class Slot:
 
 
 def new_slot(cfg: TrainConfig, device: torch.device | str, tag: object = None) -> Slot:
-    """Weights exactly as train.py draws them (init_model), laid out in a row of the slot's own size."""
+    """Weights exactly as train.py draws them (init_model), in a row of the slot's own size."""
     model = init_model(cfg.widths, cfg.activation, cfg.seed, device)
     layout = (cfg.depth, max(cfg.widths))
     p = torch.zeros(1, row_size(layout), device=device)
@@ -180,7 +162,7 @@ def relayout(slot: Slot, layout: Layout) -> None:
     for row in slot.rows:
         out = torch.zeros(1, row_size(layout), device=row.device)
         src, dst = _views(row, slot.layout), _views(out, layout)
-        for (i, r, c), (j, _, _) in zip(src_own, dst_own):
+        for (i, r, c), (j, _, _) in zip(src_own, dst_own, strict=True):
             dst[j][:, :r, :c] = src[i][:, :r, :c]
         new.append(out)
     slot.rows, slot.layout = new, layout
@@ -218,14 +200,20 @@ class Stack:
         self.flat = [torch.cat([x.rows[j] for x in s]) for j in range(len(s[0].rows))]
         self.p, self.state, self.best = self.flat[0], self.flat[1:-1], self.flat[-1]
         self.params = _views(self.p, self.layout)
-        self.weights_t = [w.transpose(1, 2) for w in self.params[0::2]]  # W^T per layer, for dh = dz @ W^T
+        self.weights_t = [
+            w.transpose(1, 2) for w in self.params[0::2]
+        ]  # W^T per layer, for dh = dz @ W^T
         k = len(s)
         self.grad = torch.empty_like(self.p)
-        self.grads = [torch.empty(k, r, c, device=dev) for _, r, c in segments(self.layout)]  # bmm/sum write here
+        self.grads = [
+            torch.empty(k, r, c, device=dev) for _, r, c in segments(self.layout)
+        ]  # bmm/sum write here
         self._grad_rows = [g.view(k, -1) for g in self.grads]
         self._bufs: dict[int, _Buffers] = {}
         n = self.data.x_train.shape[0]
-        self.xs = torch.empty(k, n, 1, device=dev)  # this epoch's inputs and targets, in each slot's order
+        self.xs = torch.empty(
+            k, n, 1, device=dev
+        )  # this epoch's inputs and targets, in each slot's order
         self.ys = torch.empty(k, n, 1, device=dev)
         self.x_val = self.data.x_val.expand(k, -1, -1)
         self.batches = [(i, min(self.batch_size, n - i)) for i in range(0, n, self.batch_size)]
@@ -233,10 +221,15 @@ class Stack:
         groups: dict[str, list[int]] = {}
         for i, x in enumerate(s):
             groups.setdefault(x.cfg.activation, []).append(i)
-        self.groups = [(_ACT[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]  # (Act, start, stop)
-        self.masked = [(ix[0], ix[-1] + 1) for a, ix in groups.items() if a == "sigmoid"]
+        self.groups = [
+            (ACTIVATIONS[a], ix[0], ix[-1] + 1) for a, ix in groups.items()
+        ]  # (Activation, start, stop)
+        self.masked = [
+            (ix[0], ix[-1] + 1) for a, ix in groups.items() if not ACTIVATIONS[a].zero_at_zero
+        ]
         # per layer: the rows that pass through it (slots shallower than the stack), or None
-        # where every slot has it; and, only with sigmoid slots, the unit mask [K, 1, W]
+        # where every slot has it; and, only with slots whose f(0) != 0 (sigmoid), the unit mask
+        # [K, 1, W]
         self.unit_mask, self.passing = [], []
         for layer in range(self.depth):
             rows = [i for i, x in enumerate(s) if x.cfg.depth <= layer]
@@ -288,7 +281,8 @@ class Stack:
 
     def _backward(self, x: torch.Tensor, dy: torch.Tensor, buf: _Buffers) -> None:
         """Gradients of the sum over slots of their losses into self.grads, given
-        dy = d loss / d output [K, B, 1]: what autograd computes for forward(), kernel for kernel."""
+        dy = d loss / d output [K, B, 1]: what autograd computes for forward(), kernel for
+        kernel."""
         g, d, wt = self.grads, self.depth, self.weights_t
         torch.bmm(buf.h_t[d - 1], dy, out=g[-2])
         torch.sum(dy, 1, keepdim=True, out=g[-1])
@@ -310,11 +304,13 @@ class Stack:
 
     def lrs(self) -> torch.Tensor:
         """This epoch's learning rate per slot, [K, 1] (schedules stepped per epoch)."""
-        return torch.tensor([lr_at(x.cfg, x.epoch) for x in self.slots], device=self.data.device).view(-1, 1)
+        return torch.tensor(
+            [lr_at(x.cfg, x.epoch) for x in self.slots], device=self.data.device
+        ).view(-1, 1)
 
     @torch.no_grad()
     def _step(self, lr: torch.Tensor) -> None:
-        """One optimizer step for every slot, as torch.optim does it (self.grad holds the gradients)."""
+        """One optimizer step for every slot, as torch.optim does it (gradients in self.grad)."""
         p, g = self.p, self.grad
         if self.kind == "sgd":
             if self.any_wd:
@@ -329,14 +325,24 @@ class Stack:
             g.addcmul_(p, self.wd)
         self.t += 1
         self.scratch.zero_()
-        torch._fused_adam_(*self._adam_args, lr=1.0, beta1=BETA1, beta2=BETA2, weight_decay=0.0, eps=EPS,
-                           amsgrad=False, maximize=False)
+        torch._fused_adam_(
+            *self._adam_args,
+            lr=1.0,
+            beta1=BETA1,
+            beta2=BETA2,
+            weight_decay=0.0,
+            eps=EPS,
+            amsgrad=False,
+            maximize=False,
+        )
         p.addcmul_(self.scratch, lr)  # scratch = -m_hat / (sqrt(v_hat) + eps), per slot
 
     def orders(self) -> torch.Tensor:
-        """This epoch's minibatch order of every slot, [K, n], each from the slot's own generator."""
+        """This epoch's minibatch order of every slot, [K, n], each from the slot's generator."""
         n = self.data.x_train.shape[0]
-        return torch.stack([torch.randperm(n, generator=x.order) for x in self.slots]).to(self.data.device)
+        return torch.stack([torch.randperm(n, generator=x.order) for x in self.slots]).to(
+            self.data.device
+        )
 
     @torch.no_grad()
     def train_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,13 +366,18 @@ class Stack:
         for i, b in self.batches:
             buf = self._buffers(b)
             xb, yb = self.xs[:, i : i + b], self.ys[:, i : i + b]
-            diff = torch.sub(self.forward(xb, buf), yb, out=self.diffs[:, i : i + b])  # kept for the epoch's loss
-            self._backward(xb, torch.mul(diff, 2.0 / b, out=buf.dy), buf)  # d mean(diff^2) / d output
+            diff = torch.sub(
+                self.forward(xb, buf), yb, out=self.diffs[:, i : i + b]
+            )  # kept for the epoch's loss
+            self._backward(
+                xb, torch.mul(diff, 2.0 / b, out=buf.dy), buf
+            )  # d mean(diff^2) / d output
             torch.cat(self._grad_rows, dim=1, out=self.grad)
             self._step(lr)
         val_buf = self._buffers(self.x_val.shape[1])
         val = torch.mean((self.forward(self.x_val, val_buf) - d.y_val) ** 2, dim=(1, 2))
-        # sum over batches of (batch mean x batch size) / n, as train.py adds it up: the mean of all
+        # sum over batches of (batch mean x batch size) / n, as train.py adds it up: the mean of
+        # all
         return torch.mean(self.diffs * self.diffs, dim=(1, 2)), val
 
     @torch.no_grad()

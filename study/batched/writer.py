@@ -77,7 +77,9 @@ class Finish:
     attrs: dict
     system_attrs: dict  # the pruner's (rungs), for other engines' pruners
     completed: datetime
-    epochs: list[tuple[EpochLog, float]] = field(default_factory=list)  # TensorBoard points, wall time
+    epochs: list[tuple[EpochLog, float]] = field(
+        default_factory=list
+    )  # TensorBoard points, wall time
     metrics: dict[str, float] = field(default_factory=dict)  # TensorBoard HParams metrics
     model: State | None = None  # a new best's weights, stored as an artifact
     tcfg: TrainConfig | None = None
@@ -104,8 +106,11 @@ class Writer:
         # Budget claims the trainer has made: the writer gives back those of trials it could not
         # store, and, if the trainer dies, those it never received.
         self.claims = ctx.Value("i", 0)
-        self.proc = ctx.Process(target=_main, args=(cfg, known, self.jobs, self.results, os.getpid(),
-                                                    _Claims(budget, self.claims)), name="sinstudy-writer")
+        self.proc = ctx.Process(
+            target=_main,
+            args=(cfg, known, self.jobs, self.results, os.getpid(), _Claims(budget, self.claims)),
+            name="sinstudy-writer",
+        )
         # Signals blocked across the start: the child inherits the mask, ignores both signals
         # first thing, then unblocks, so a Ctrl-C during its start-up cannot kill it.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
@@ -124,7 +129,7 @@ class Writer:
         self.jobs.put(job)
 
     def poll(self) -> list[tuple]:
-        """Messages since the last poll (never waits). Raises WriterError if the writer failed or died."""
+        """Messages since the last poll (never waits). Raises WriterError if the writer died."""
         out = []
         while True:
             try:
@@ -163,8 +168,11 @@ class Writer:
         # forever for its feeder thread to flush into a full pipe.
         self.jobs.cancel_join_thread()
         self._closed = True
-        raise WriterError(f"the storage writer process died (exit code {self.proc.exitcode}); the trials it held stay "
-                          "RUNNING until a later run fails and retries them after grace_period")
+        raise WriterError(
+            f"the storage writer process died (exit code {self.proc.exitcode}); the trials it "
+            f"held stay "
+            "RUNNING until a later run fails and retries them after grace_period"
+        )
 
     @staticmethod
     def _check(msg: tuple) -> tuple:
@@ -190,13 +198,18 @@ class _Claims:
 
 # ------------------------------------------------------------------------ the writer process
 
-def _main(cfg: StudyConfig, known: Known, jobs: mp.Queue, results: mp.Queue, parent: int, claims: _Claims) -> None:
+
+def _main(
+    cfg: StudyConfig, known: Known, jobs: mp.Queue, results: mp.Queue, parent: int, claims: _Claims
+) -> None:
     for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     import torch
 
-    torch.set_num_threads(1)  # the trainer has the cores; this process draws one small image at most
+    torch.set_num_threads(
+        1
+    )  # the trainer has the cores; this process draws one small image at most
     sink: _Sink | None = None  # None once it has failed: later jobs are drained, not written
     try:
         sink = _Sink(cfg, known, results, claims)
@@ -245,7 +258,7 @@ def _main(cfg: StudyConfig, known: Known, jobs: mp.Queue, results: mp.Queue, par
     os._exit(0)
 
 
-def _guarded(sink: "_Sink", results: mp.Queue, fn, *args) -> "_Sink | None":
+def _guarded(sink: _Sink, results: mp.Queue, fn, *args) -> _Sink | None:
     try:
         fn(*args)
         return sink
@@ -268,7 +281,7 @@ def _one_line(e: BaseException) -> str:
 
 
 class _Sink:
-    """The writer process's storage, artifact store and TensorBoard folder, and the trials it holds."""
+    """The writer process's storage, artifact store, TensorBoard folder and the trials it holds."""
 
     def __init__(self, cfg: StudyConfig, known: Known, results: mp.Queue, claims: _Claims):
         self.cfg, self.results, self.claims = cfg, results, claims
@@ -277,7 +290,9 @@ class _Sink:
         try:
             self.study_id = self.storage.get_study_id_from_name(cfg.study)
         except KeyError:  # Optuna says only "Record does not exist."
-            raise LookupError(f"study {cfg.study!r} is not in {cfg.storage} (deleted while the run started?)") from None
+            raise LookupError(
+                f"study {cfg.study!r} is not in {cfg.storage} (deleted while the run started?)"
+            ) from None
         self.study = optuna.load_study(study_name=cfg.study, storage=self.storage)
         self.store = FileSystemArtifactStore(cfg.artifact_dir)
         self.ids: dict[int, int] = {}  # engine key -> trial_id, while the trial runs
@@ -286,10 +301,16 @@ class _Sink:
         self.held_ever = 0  # trials stored for the trainer: each used one of its budget claims
         self.max_id = known.max_id  # highest trial id the mirror has seen
         self.unfinished = dict(known.unfinished)  # others' RUNNING / WAITING trials, by id
-        self.synced: list[tuple[int, frozenset]] = []  # (sync seq, parameter set) of others' new trials
+        self.synced: list[
+            tuple[int, frozenset]
+        ] = []  # (sync seq, parameter set) of others' new trials
         self.seq = 0
         now = time.monotonic()
-        self.due = {"beat": now + cfg.heartbeat_interval, "sync": now + SYNC_S, "sweep": now + cfg.grace_period}
+        self.due = {
+            "beat": now + cfg.heartbeat_interval,
+            "sync": now + SYNC_S,
+            "sweep": now + cfg.grace_period,
+        }
 
     # ---------------------------------------------------------------- jobs
 
@@ -308,13 +329,24 @@ class _Sink:
         new = [s for s in starts if s.claim is None]
         if new:
             seen = min(s.seen for s in new)
-            avoid = {ps for seq, ps in self.synced if seq > seen}  # stored by others after the mirror looked
-            stored = add_trials(self.storage, self.study_id, [s.trial for s in new], heartbeat=True,
-                                after_id=self.max_id, avoid=avoid, own=self.own)
-            for s, got in zip(new, stored):
+            avoid = {
+                ps for seq, ps in self.synced if seq > seen
+            }  # stored by others after the mirror looked
+            stored = add_trials(
+                self.storage,
+                self.study_id,
+                [s.trial for s in new],
+                heartbeat=True,
+                after_id=self.max_id,
+                avoid=avoid,
+                own=self.own,
+            )
+            for s, got in zip(new, stored, strict=True):
                 if got is None:
                     self._lost(s.key, "another engine already trains the same parameter set")
-                    self.synced.append((self.seq, param_set(s.trial.params, s.trial.distributions)))
+                    self.synced.append(
+                        (self.seq, param_set(s.trial.params, s.trial.distributions))
+                    )
                 else:
                     self._hold(s.key, *got)
         for s in starts:
@@ -353,7 +385,9 @@ class _Sink:
         return True
 
     def values(self, values: dict[int, dict[int, float]]) -> None:
-        append_values(self.storage, {self.ids[k]: v for k, v in values.items() if k in self.ids and v})
+        append_values(
+            self.storage, {self.ids[k]: v for k, v in values.items() if k in self.ids and v}
+        )
 
     def finish(self, f: Finish) -> None:
         trial_id = self.ids.pop(f.key, None)
@@ -362,12 +396,31 @@ class _Sink:
         number = self.numbers.pop(trial_id)
         attrs = dict(f.attrs)
         if f.model is not None:
-            attrs["model_artifact"] = upload_model(self.store, self.storage.get_trial(trial_id), number, f.tcfg, f.model, self.storage,
-                                                   scaling=self.cfg.data.input_scaling)
-        if not finish_trial(self.storage, trial_id, state=f.state, value=f.value, values=f.values, user_attrs=attrs,
-                            system_attrs=f.system_attrs, completed=f.completed):
-            print(f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for {self.cfg.grace_period} s); "
-                  "its result is not stored", file=sys.stderr)
+            attrs["model_artifact"] = upload_model(
+                self.store,
+                self.storage.get_trial(trial_id),
+                number,
+                f.tcfg,
+                f.model,
+                self.storage,
+                scaling=self.cfg.data.input_scaling,
+            )
+        if not finish_trial(
+            self.storage,
+            trial_id,
+            state=f.state,
+            value=f.value,
+            values=f.values,
+            user_attrs=attrs,
+            system_attrs=f.system_attrs,
+            completed=f.completed,
+        ):
+            print(
+                f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for "
+                f"{self.cfg.grace_period} s); "
+                "its result is not stored",
+                file=sys.stderr,
+            )
             return
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, number)
         for log, walltime in f.epochs:
@@ -387,18 +440,29 @@ class _Sink:
             self.sync()
             self.due["sync"] = now + SYNC_S
         if now >= self.due["sweep"]:
-            for n in sweep_stale(self.study, grace_period=self.cfg.grace_period, max_retries=self.cfg.max_retries):
-                print(f"sinstudy: trial #{n} had no heartbeat for {self.cfg.grace_period} s: marked FAIL"
-                      f"{' and queued for retry' if self.cfg.max_retries else ''}", file=sys.stderr)
+            for n in sweep_stale(
+                self.study, grace_period=self.cfg.grace_period, max_retries=self.cfg.max_retries
+            ):
+                print(
+                    f"sinstudy: trial #{n} had no heartbeat for {self.cfg.grace_period} s: marked "
+                    f"FAIL"
+                    f"{' and queued for retry' if self.cfg.max_retries else ''}",
+                    file=sys.stderr,
+                )
             self.due["sweep"] = now + max(self.cfg.heartbeat_interval, self.cfg.grace_period / 2)
 
     def sync(self) -> None:
         """Send the trainer the trials others stored or changed since the last look."""
         if self.journal:
-            trials = [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False)
-                      if t._trial_id > self.max_id or t._trial_id in self.unfinished]
+            trials = [
+                t
+                for t in self.storage.get_all_trials(self.study_id, deepcopy=False)
+                if t._trial_id > self.max_id or t._trial_id in self.unfinished
+            ]
         else:  # only the new rows and the unfinished ones: Optuna's own incremental read
-            trials = self.storage._get_trials(self.study_id, None, set(self.unfinished), self.max_id)
+            trials = self.storage._get_trials(
+                self.study_id, None, set(self.unfinished), self.max_id
+            )
         changed = []
         for t in trials:
             self.max_id = max(self.max_id, t._trial_id)
@@ -417,13 +481,20 @@ class _Sink:
 
     def fail_held(self) -> None:
         """The trainer died: fail the trials it was training and queue their retries, and give
-        back their budget (the retries run in their places) and that of trials never handed over."""
-        failed = [n for n in self.numbers.values() if fail_and_retry(self.study, n, self.cfg.max_retries)]
+        back their budget (the retries run in their places) and that of trials never handed
+        over."""
+        failed = [
+            n for n in self.numbers.values() if fail_and_retry(self.study, n, self.cfg.max_retries)
+        ]
         self.claims.give_back(self.claims.claims.value - self.held_ever)
         self.claims.give_back(len(failed), for_queued=self.cfg.max_retries > 0)
         if failed:
-            print(f"sinstudy: the training process died; trials {', '.join(f'#{n}' for n in sorted(failed))} "
-                  f"marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}", file=sys.stderr)
+            print(
+                f"sinstudy: the training process died; trials "
+                f"{', '.join(f'#{n}' for n in sorted(failed))} "
+                f"marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}",
+                file=sys.stderr,
+            )
 
     def publish(self) -> None:
         publish(self.study)
