@@ -287,12 +287,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     url = args.storage or DEFAULTS.storage
     storage_mod.check(url)  # read-only: a bad URL or a foreign file is one line, nothing written
     cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
-    bar = tqdm(
-        total=cells,
-        unit="cell",
-        disable=args.no_progress,
-        desc=f"compare {args.factor} ({args.seeds} seeds per cell)",
-    )
+    bars = []
+
+    def progress(done: int) -> None:  # the bar appears once the comparison has passed its checks
+        if not bars:
+            desc = f"compare {args.factor} ({args.seeds} seeds per cell)"
+            bars.append(tqdm(total=cells, unit="cell", disable=args.no_progress, desc=desc))
+        bars[0].update(done - bars[0].n)
+
     try:
         rows = compare.run(
             args.factor,
@@ -303,10 +305,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             setup=args.setup,
             log_dir=DEFAULTS.log_dir,
             artifact_dir=DEFAULTS.artifact_dir,
-            progress=lambda n: bar.update(1),
+            progress=progress,
         )
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     text = "\n".join(
         [
             f"## compare {args.factor}: {compare.FACTORS[args.factor](args.max_epochs).question}",

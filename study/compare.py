@@ -26,7 +26,7 @@ from . import config, interrupt
 from .batched.engine import run_batched
 from .config import ConfigError, DataConfig, TrainConfig
 from .course import TEST_MSE as REPORT_TEST_MSE
-from .opening import open_study_storage
+from .opening import name_metric, open_study_storage
 from .pool import Budget
 
 # Held fixed unless a factor varies it: the report trained with ReLU and no schedule; it named
@@ -82,6 +82,7 @@ NETS = {"shallow": {"depth": 1}, "deep": {"depth": 4}}  # at the base width, as 
 # the report leaves open (optimizer, learning rate, input scaling, training-set size).
 _RAW, _RAW_4800 = {"input_scaling": "raw"}, {"input_scaling": "raw", "n_train": 4800}
 _SGD = {"optimizer": "sgd", "momentum": 0.0}
+_HALVED = {"scheduler": "step", "step_size": 100, "gamma": 0.5}
 HYPOTHESES: dict[str, dict[str, Any]] = {
     "sinstudy's setting": {},
     "raw x": {"data": _RAW},
@@ -91,6 +92,29 @@ HYPOTHESES: dict[str, dict[str, Any]] = {
     "raw x, 4800 points, SGD 1e-3": {**_SGD, "lr": 1e-3, "data": _RAW_4800},
     "raw x, 4800 points, SGD 1e-4": {**_SGD, "lr": 1e-4, "data": _RAW_4800},
     "raw x, 4800 points, SGD 1e-2": {**_SGD, "lr": 1e-2, "data": _RAW_4800},
+    "raw x, 4800 points, SGD 3e-3": {**_SGD, "lr": 3e-3, "data": _RAW_4800},
+    # "converged after about 400 epochs": a learning rate that decays by then
+    "raw x, 4800 points, SGD 1e-2 halved every 100 epochs": {
+        **_SGD,
+        **_HALVED,
+        "lr": 1e-2,
+        "data": _RAW_4800,
+    },
+    "raw x, 4800 points, SGD 3e-3 halved every 100 epochs": {
+        **_SGD,
+        **_HALVED,
+        "lr": 3e-3,
+        "data": _RAW_4800,
+    },
+    "raw x, 4800 points, SGD 1e-2 x0.1 every 250 epochs": {
+        **_SGD,
+        "scheduler": "step",
+        "step_size": 250,
+        "gamma": 0.1,
+        "lr": 1e-2,
+        "data": _RAW_4800,
+    },
+    "raw x, 4800 points, Adam 1e-4": {"lr": 1e-4, "data": _RAW_4800},
 }
 
 FACTORS: dict[str, Callable[[int], Factor]] = {
@@ -205,7 +229,8 @@ def run(
     """Train the missing cells of one factor and return its statistics. A cell is one trial of a
     grid study with `seeds` repeats (seeds 0..seeds-1, the same in every cell, so the cells differ
     only in what they vary); the cells x seeds of one data set train at once in the batched
-    engine (one engine run per data set), no pruning. `progress(n)`: n cells finished."""
+    engine (one engine run per data set), no pruning. `progress(n)`: n cells finished, first
+    called once every check has passed."""
     if name not in FACTORS:
         raise ConfigError(f"unknown comparison {name!r}; choose one of: {', '.join(FACTORS)}")
     if setup not in SETUPS:
@@ -240,11 +265,20 @@ def run(
         pruner=optuna.pruners.NopPruner(),
     )
     trials = study.get_trials(deepcopy=False)
+    stored = next((t.distributions["cell"] for t in trials if "cell" in t.distributions), None)
+    if stored is not None and list(stored.choices) != list(factor.cells):
+        raise ConfigError(
+            f"study {study.study_name!r} in this storage holds other cells than `compare {name}` "
+            "has now (an older sinstudy); delete it (optuna delete-study) or use another --storage"
+        )
     done = {
         t.params.get("cell") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
     }
     queued = {t.params.get("cell") for t in trials if t.state == TrialState.WAITING}
-    finished = [0]
+    name_metric(study)
+    finished = [len(done & set(factor.cells))]
+    if progress:
+        progress(finished[0])  # everything checked: training starts
 
     def on_trial(number: int, state: TrialState, value: float | None) -> None:
         finished[0] += 1

@@ -20,9 +20,11 @@ import torch
 from . import __version__
 from . import storage as storage_mod
 from .config import ConfigError, StudyConfig, to_dict
+from .quiet import experimental
 from .space import grid
 
 VERSION_ATTR = "sinstudy_version"
+METRIC_NAME = "val_mse"  # every trial's value: its best validation MSE (the mean over repeats)
 
 
 def resolve_device(name: str, *, say: Callable[[str], None] = print) -> torch.device:
@@ -163,6 +165,7 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
         pruner=make_pruner(cfg),
         load_if_exists=True,
     )
+    name_metric(study)
     if UID_ATTR not in study.user_attrs:  # studies made before sinstudy stored it get one too
         study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     if "identity" not in study.user_attrs:
@@ -172,6 +175,13 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
         study.set_user_attr("config", json.dumps(stored))
         study.set_user_attr(VERSION_ATTR, __version__)
     return study
+
+
+def name_metric(study: optuna.Study) -> None:
+    """The value's name, as optuna-dashboard and Optuna's plots show it (not "Objective 0")."""
+    if study.metric_names is None:
+        with experimental():
+            study.set_metric_names([METRIC_NAME])
 
 
 def check_folders(cfg: StudyConfig) -> None:

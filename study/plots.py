@@ -6,6 +6,7 @@ against sin(x) is drawn here, from `analysis.Fit`. MSE axes are logarithmic: val
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,13 @@ from .analysis import Fit
 from .config import ConfigError
 from .quiet import experimental
 
-LOG_Y = {"history", "intermediate_values", "slice"}
+LOG_Y = {"history", "intermediate_values"}  # figures whose y axis is the MSE itself (slices too)
+SLICE_PARAMS = 4  # parameters per slice figure: one row of panels stays readable on a screen
+MSE = "val MSE"
+
+
+def _log10_value(t: optuna.trial.FrozenTrial) -> float:
+    return math.log10(max(t.value, 1e-30))
 
 
 def fit_figure(f: Fit, title: str = "best network vs sin(x)") -> go.Figure:
@@ -91,19 +98,27 @@ def study_figures(
 ) -> tuple[dict[str, go.Figure], list[str]]:
     """Every figure the study's data allows, by file stem; and one note per figure skipped."""
     notes: list[str] = []
+    # Values span decades (1e-7 .. 1e-1): axes that show the MSE are logarithmic; where Optuna
+    # draws the value as a colour or a parallel axis, it is given log10(MSE) to draw.
+    log_target = {"target": _log10_value, "target_name": f"log10 {MSE}"}
     makers: dict[str, Callable[[], go.Figure]] = {
-        "history": lambda: vis.plot_optimization_history(study),
+        "history": lambda: vis.plot_optimization_history(study, target_name=MSE),
         "intermediate_values": lambda: vis.plot_intermediate_values(study),
-        "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study),
-        "slice": lambda: vis.plot_slice(study),
-        "edf": lambda: vis.plot_edf(study),
+        "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study, **log_target),
+        "edf": lambda: _log_x(vis.plot_edf(study, target_name=MSE)),
         "timeline": lambda: vis.plot_timeline(study),
     }
-    params = {p for t in analysis.complete_trials(study) for p in t.params}
+    params = sorted({p for t in analysis.complete_trials(study) for p in t.params})
+    for i in range(0, len(params), SLICE_PARAMS):
+        chunk = params[i : i + SLICE_PARAMS]
+        name = "slice" if i == 0 else f"slice_{i // SLICE_PARAMS + 1}"
+        makers[name] = lambda chunk=chunk: _log_y(
+            vis.plot_slice(study, params=chunk, target_name=MSE)
+        )
     for other in ("depth", "width"):
-        if {"lr", other} <= params:
+        if {"lr", other} <= set(params):
             makers[f"contour_lr_{other}"] = lambda other=other: vis.plot_contour(
-                study, params=["lr", other]
+                study, params=["lr", other], **log_target
             )
     shortfall = analysis.importance_shortfall(study)
     if shortfall:
@@ -118,9 +133,21 @@ def study_figures(
         for name, make in makers.items():
             fig = make()
             if name in LOG_Y:
-                fig.update_yaxes(type="log")
+                _log_y(fig)
             figs[name] = fig
     return figs, notes
+
+
+def _log_y(fig: go.Figure) -> go.Figure:
+    fig.update_yaxes(type="log")
+    fig.update_layout(yaxis_title=f"{MSE} (log scale)")  # the first (or only) panel's axis
+    return fig
+
+
+def _log_x(fig: go.Figure) -> go.Figure:
+    fig.update_xaxes(type="log")
+    fig.update_layout(xaxis_title=f"{MSE} (log scale)")
+    return fig
 
 
 def write(figs: dict[str, go.Figure], out_dir: Path, *, png: bool) -> list[Path]:
@@ -131,6 +158,7 @@ def write(figs: dict[str, go.Figure], out_dir: Path, *, png: bool) -> list[Path]
         html = out_dir / f"{name}.html"
         fig.write_html(html, include_plotlyjs="directory")
         written.append(html)
+    written.append(out_dir / "plotly.min.js")  # the pages' one copy of plotly.js
     if png:  # one call: kaleido starts the browser once for all figures
         pngs = [out_dir / f"{name}.png" for name in figs]
         pio.write_images(

@@ -25,7 +25,7 @@ from .data import SinData, make_data
 from .opening import make_pruner, make_sampler, open_study_storage
 from .recovery import JournalHeartbeat, sweep_stale
 from .space import grid_started, suggest
-from .tracking import TrialLogger
+from .tracking import TrialLogger, trial_metrics
 from .train import EpochLog, train, train_repeats
 from .trial_attrs import outcome, start_attrs, trial_seed
 
@@ -77,13 +77,15 @@ class Objective:
             else:  # the seeds in lockstep: the pruner sees their mean curve
                 results = train_repeats(tcfgs, self.data, on_epoch=on_epoch)
         except optuna.TrialPruned:
-            logger.close(hparams, {"val_mse": last["val_mse"]})
+            logger.close(hparams, trial_metrics(last["val_mse"], {}), "PRUNED")
             raise
         except BaseException:  # interrupted or failed: keep the curve written so far
             logger.writer.close()
             raise
         out = outcome(results, tcfgs)
-        logger.close(hparams, {"val_mse": out.value, "test_mse": out.attrs["test_mse"]})
+        logger.close(
+            hparams, trial_metrics(out.value, out.attrs), "PRUNED" if out.diverged else "COMPLETE"
+        )
 
         for k, v in out.attrs.items():
             trial.set_user_attr(k, v)

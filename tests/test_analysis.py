@@ -100,7 +100,7 @@ def test_figures_have_the_expected_traces(synthetic):
     assert expected == set(figs)
     par = figs["parallel_coordinate"]  # Optuna 5 draws one line per trial on shared axes
     assert set(par.layout.xaxis.ticktext) == {
-        "Objective Value",
+        "log10 val MSE",
         "depth",
         "width",
         "lr",

@@ -163,3 +163,18 @@ def test_report_verdict_says_which_setting_lands_within_2x():
     assert [line.split(":")[0] for line in v if "reproduces the report within 2x" in line] == [
         "raw x, 4800 points, SGD 1e-3"
     ]
+
+
+def test_compare_refuses_a_stored_comparison_with_other_cells(workdir):
+    (workdir / "storage").mkdir()
+    url = "sqlite:///storage/sinstudy.db"
+    old = optuna.create_study(study_name="compare-activation-e40-s2", storage=url)
+    old.enqueue_trial({"cell": "relu"})
+    trial = old.ask()
+    trial.suggest_categorical("cell", ["relu", "sigmoid"])  # an older cell list
+    old.tell(trial, 1.0)
+    before = (workdir / "storage/sinstudy.db").read_bytes()
+    r = run_cli("compare", "activation", "--max-epochs", "40", "--seeds", "2", cwd=workdir)
+    assert r.returncode == 2 and "holds other cells" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2  # the no-GPU note, then the one error line
+    assert (workdir / "storage/sinstudy.db").read_bytes() == before

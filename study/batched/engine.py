@@ -31,6 +31,7 @@ from ..data import make_data
 from ..model import n_params
 from ..opening import open_study_storage
 from ..space import grid_started, suggest
+from ..tracking import trial_metrics
 from ..train import EpochLog, TrainResult, lr_at, mse
 from ..trial_attrs import outcome, start_attrs, trial_seed
 from .mirror import Mirror
@@ -401,13 +402,7 @@ class BatchedEngine:
         value = (
             live.best_val if state == TrialState.COMPLETE else last
         )  # Optuna: a pruned trial keeps its last value
-        metrics = {
-            "val_mse": live.best_val
-            if state == TrialState.COMPLETE
-            else (last if last is not None else math.inf)
-        }
-        if "test_mse" in attrs:
-            metrics["test_mse"] = attrs["test_mse"]
+        metrics = trial_metrics(live.best_val if state == TrialState.COMPLETE else last, attrs)
         new_best = state == TrialState.COMPLETE and value < self.best_value
         if new_best:
             self.best_value = value

@@ -425,7 +425,7 @@ class _Sink:
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, number)
         for log, walltime in f.epochs:
             logger.log_epoch(log, walltime=walltime)
-        logger.close(dict(self.storage.get_trial(trial_id).params), f.metrics)
+        logger.close(dict(self.storage.get_trial(trial_id).params), f.metrics, f.state.name)
         value = f.value if f.value is None or abs(f.value) != float("inf") else None
         self.results.put(("written", number, f.state.name, value))
 

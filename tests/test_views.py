@@ -1,0 +1,110 @@
+"""What people look at: the value's name, TensorBoard's HParams table, the plots' MSE axes."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+from study import config, plots, runner
+from study.tracking import METRICS
+
+TOML = {
+    "data": {"n_train": 96, "n_val": 32, "n_test": 64},
+    "train": {"batch_size": 32},
+    "search_space": {
+        "depth": [1, 2],
+        "width": [4, 16],
+        "lr": [1e-4, 3e-1],
+        "activation": ["tanh", "relu"],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A batched study with pruned and complete trials, its TensorBoard runs beside it."""
+    folder = tmp_path_factory.mktemp("views")
+    cfg = config.build(
+        TOML,
+        study="v",
+        storage=f"sqlite:///{folder}/v.db",
+        n_trials=24,
+        max_epochs=9,
+        device="cpu",
+        log_dir=str(folder / "tb"),
+        artifact_dir=str(folder / "art"),
+    )
+    runner.run(cfg, progress=False, say=lambda line: None)
+    return cfg, optuna.load_study(study_name="v", storage=cfg.storage)
+
+
+def test_the_value_is_named_val_mse(tiny):
+    _, study = tiny
+    assert study.metric_names == [
+        "val_mse"
+    ]  # optuna-dashboard shows this instead of "Objective 0"
+
+
+def test_hparams_declares_every_metric_in_every_run_and_marks_how_it_ended(tiny):
+    cfg, study = tiny
+    states = {t.number: t.state for t in study.trials}
+    assert {TrialState.COMPLETE, TrialState.PRUNED} <= set(states.values())
+    status = {
+        TrialState.COMPLETE: api_pb2.STATUS_SUCCESS,
+        TrialState.PRUNED: api_pb2.STATUS_UNKNOWN,
+    }
+    for number, state in states.items():
+        ea = EventAccumulator(f"{cfg.log_dir}/v/trial-{number:04d}")
+        ea.Reload()
+        content = {
+            tag: plugin_data_pb2.HParamsPluginData.FromString(raw)
+            for tag, raw in ea.PluginTagToContent("hparams").items()
+        }
+        exp = content["_hparams_/experiment"].experiment
+        assert [m.name.tag for m in exp.metric_infos] == [f"hparam/{m}" for m in METRICS]
+        start = content["_hparams_/session_start_info"].session_start_info
+        assert start.hparams["state"].string_value == state.name
+        assert content["_hparams_/session_end_info"].session_end_info.status == status[state]
+        written = set(ea.Tags()["scalars"])
+        assert "hparam/val_mse" in written
+        if (
+            state == TrialState.COMPLETE
+        ):  # a complete run has every metric, with its trial's values
+            assert {f"hparam/{m}" for m in METRICS} <= written
+            t = study.trials[number]
+            assert ea.Scalars("hparam/test_mse")[0].value == pytest.approx(
+                t.user_attrs["test_mse"], rel=1e-6
+            )
+
+
+def test_mse_axes_are_logarithmic_and_named_so(tiny):
+    _, study = tiny
+    figs, _ = plots.study_figures(study, evaluators=("ped-anova",))
+    for name in ("history", "intermediate_values", "slice"):
+        assert (
+            figs[name].layout.yaxis.type == "log"
+            and "(log scale)" in figs[name].layout.yaxis.title.text
+        )
+    assert figs["edf"].layout.xaxis.type == "log"
+    par = figs["parallel_coordinate"]
+    assert par.layout.xaxis.ticktext[0] == "log10 val MSE"  # the value's axis, drawn in log10
+    best = min(t.value for t in study.trials if t.state == TrialState.COMPLETE)
+    assert par.data[-1].marker.cmin == pytest.approx(math.log10(best))
+    assert figs["contour_lr_depth"].data[0].colorbar.title.text == "log10 val MSE"
+
+
+def test_wide_spaces_split_the_slice_plot():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: sum(t.suggest_float(f"p{i}", 1, 2) for i in range(9)), n_trials=12)
+    figs, _ = plots.study_figures(study, evaluators=())
+    assert [n for n in figs if n.startswith("slice")] == ["slice", "slice_2", "slice_3"]
+    panels = [
+        sum(1 for k in figs[n].layout if k.startswith("xaxis"))
+        for n in ("slice", "slice_2", "slice_3")
+    ]
+    assert panels == [4, 4, 1]
