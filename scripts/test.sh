@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: set up .venv, then run the whole suite. Skipped tests fail the run, since
-# every test (PostgreSQL, Redis, browser) is meant to run on a machine set up like CI.
+# every test (PostgreSQL, worker processes, the browser) is meant to run on a machine set up like CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

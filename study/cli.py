@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--slots",
         type=int,
-        help="models the batched engine trains at once, per worker (default 32 on CPU, 1024 on "
-        "GPU)",
+        help="models the batched engine trains at once, per worker (default "
+        f"{config_mod.DEFAULT_SLOTS['cpu']} on CPU, {config_mod.DEFAULT_SLOTS['cuda']} on GPU)",
     )
     run.add_argument(
         "--workers",

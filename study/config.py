@@ -137,8 +137,8 @@ class StudyConfig:
     """batched: many trials as one computation (study/batched/); standard: study.optimize, one at
     a time; auto: batched"""
     slots: int | None = None
-    """models the batched engine trains at once, per worker (default 32 on CPU, 1024 on a GPU,
-    at least `repeats`); a trial takes `repeats` of them"""
+    """models the batched engine trains at once, per worker (default: DEFAULT_SLOTS of the
+    device, at least `repeats`); a trial takes `repeats` of them"""
     workers: int = 1
     """worker processes on this machine sharing the study, one engine each; --n-trials is met
     exactly across them"""

@@ -32,7 +32,9 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}h2{margin-top:2em;border-bottom:
 """
 
 
-def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
+def _table(head: list[str] | None, rows: list[list[str]], left: int = 1) -> str:
+    """An HTML table; `head` None: no header row (a key-value table)."""
+
     def cells(tag: str, values: list[str]) -> str:
         return "".join(
             f"<{tag}{' class=l' if i < left else ''}>{html.escape(v)}</{tag}>"
@@ -40,7 +42,8 @@ def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
         )
 
     body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
-    return f"<table><tr>{cells('th', head)}</tr>{body}</table>"
+    top = f"<tr>{cells('th', head)}</tr>" if head else ""
+    return f"<table>{top}{body}</table>"
 
 
 def build(study: optuna.Study, artifact_dir: str) -> str:
@@ -56,7 +59,7 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
         f"retraining).</p>",
         "<h2>Summary</h2>",
         _table(
-            ["", ""],
+            None,
             [
                 ["trials", f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed"],
                 ["best trial", f"#{best.number}: {analysis.params_text(best.params)}"],

@@ -53,7 +53,7 @@ class Objective:
         seeds = [trial_seed(self.cfg, trial.number, r) for r in range(self.cfg.repeats)]
         tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=seeds[0])
         tcfgs = [replace(tcfg, seed=s) for s in seeds]
-        for k, v in start_attrs("standard", tcfg.seed, self.cfg.repeats).items():
+        for k, v in start_attrs("standard", tcfg, trial.params, self.cfg.repeats).items():
             trial.set_user_attr(k, v)
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, trial.number)
         last = {"val_mse": float("inf"), "epoch": 0}

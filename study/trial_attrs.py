@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
+from optuna.trial import FrozenTrial
 
 from .config import StudyConfig, TrainConfig
 from .train import TrainResult
@@ -22,12 +22,33 @@ def trial_seed(cfg: StudyConfig, trial_number: int, repeat: int = 0) -> int:
     return cfg.seed + cfg.repeats * trial_number + repeat
 
 
-def start_attrs(engine: str, seed: int, repeats: int = 1) -> dict:
-    """Stored when a trial starts, so pruned and failed trials carry them too."""
-    attrs = {"engine": engine, "seed": seed, "worker": WORKER}
+def start_attrs(engine: str, tcfg: TrainConfig, params: dict, repeats: int = 1) -> dict:
+    """Stored when a trial starts, so pruned and failed trials carry them too: who trains it,
+    its (first) seed, and what of its TrainConfig its params do not show, one short attr per
+    field (`train_<field>`: one long JSON value would stretch optuna-dashboard's trial page)."""
+    attrs = {"engine": engine, "seed": tcfg.seed, "worker": WORKER}
     if repeats > 1:
         attrs["repeats"] = repeats
+    shown = set(params) | ({"width"} if any(p.startswith("width_") for p in params) else set())
+    for f in fields(TrainConfig):
+        if f.name not in shown and f.name != "seed":
+            value = getattr(tcfg, f.name)
+            attrs[f"train_{f.name}"] = list(value) if isinstance(value, tuple) else value
     return attrs
+
+
+def train_config(trial: FrozenTrial) -> TrainConfig:
+    """The TrainConfig a stored trial trained with (its first repeat's), from its params and
+    attrs: what `train(config, data)` needs to train it again."""
+    ua, p = trial.user_attrs, trial.params
+    values = {k.removeprefix("train_"): v for k, v in ua.items() if k.startswith("train_")}
+    values.update({k: v for k, v in p.items() if k in {f.name for f in fields(TrainConfig)}})
+    widths = [p[f"width_{i}"] for i in range(len(p)) if f"width_{i}" in p]
+    if widths:
+        values["width"] = tuple(widths)
+    if isinstance(values.get("width"), list):
+        values["width"] = tuple(values["width"])
+    return TrainConfig(**values, seed=ua["seed"])
 
 
 def result_attrs(result: TrainResult, tcfg: TrainConfig) -> dict:
@@ -42,7 +63,6 @@ def result_attrs(result: TrainResult, tcfg: TrainConfig) -> dict:
         "seconds": round(result.seconds, 4),
         "device": result.device,
         "seed": tcfg.seed,
-        "train_config": json.dumps(asdict(tcfg)),
     }
 
 

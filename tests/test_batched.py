@@ -219,7 +219,8 @@ def test_batched_run_writes_what_the_standard_engine_writes(workdir, backend, re
             "seconds",
             "device",
             "seed",
-            "train_config",
+            "train_optimizer",
+            "train_max_epochs",
         ):
             assert key in t.user_attrs, key
         assert t.datetime_complete >= t.datetime_start

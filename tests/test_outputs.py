@@ -62,6 +62,10 @@ def test_plot_writes_html_and_png_including_importance_parallel_and_fit(studied)
         "contour_lr_width",
     } <= html
     assert (out / "plotly.min.js").exists()  # beside the pages: they open offline
+    listed = [line.strip() for line in r.stdout.splitlines()[1:]]
+    assert f"wrote {len(listed)} files" in r.stdout and sorted(listed) == sorted(
+        p.name for p in out.iterdir()
+    )  # the count is what is there
     if not Path(CHROMIUM).exists():
         pytest.fail(
             f"Chromium not found at {CHROMIUM}: PNG export is untested (apt-get install chromium)"
@@ -96,6 +100,7 @@ def test_report_is_one_offline_html_file(studied, tmp_path):
     assert "PED-ANOVA" in text and "fANOVA" in text and "Top 10 trials" in text
     assert f"#{study.best_trial.number}" in text
     assert text.count("<tr>") >= 1 + 10 + 4  # summary rows, top-10 rows, importance rows
+    assert "<th></th>" not in text  # the summary is a key-value table, no empty header row
 
 
 @pytest.mark.parametrize("cmd", ["plot", "report"])
@@ -195,6 +200,8 @@ def test_dashboard_in_a_real_browser(studied):
             page.get_by_text(f"Trial {best}", exact=True).first.click()
             page.wait_for_selector("img[src*='/artifacts/']", timeout=30000)
             page.screenshot(path=str(ARTIFACTS / "dashboard-trials.png"), full_page=True)
+            # the trial page keeps the window's width: no attr stretches it sideways
+            width = page.evaluate("document.documentElement.scrollWidth")
             browser.close()
         study = optuna.load_study(
             study_name="sinstudy", storage=f"sqlite:///{studied}/storage/sinstudy.db"
@@ -205,6 +212,8 @@ def test_dashboard_in_a_real_browser(studied):
         assert (
             "12 Trials" in trials_text and "Trial 0" in trials_text and "Trial 11" in trials_text
         )
+        assert width <= 1400, f"the trial page is {width} px wide"
+        assert "val_mse" in body  # the value's name, not "Objective 0"
     finally:
         server.terminate()
         server.wait(timeout=10)

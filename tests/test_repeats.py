@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from dataclasses import replace
@@ -16,6 +15,7 @@ from study import config, runner
 from study.config import TrainConfig
 from study.data import make_data
 from study.train import train, train_repeats
+from study.trial_attrs import train_config
 
 REL = 1e-4  # float32: the batched engine against train.py
 EPOCHS = 6
@@ -42,8 +42,20 @@ ONE_MODEL_KEYS = {
     "epochs",
     "seconds",
     "device",
-    "train_config",
     "model_artifact",
+    *(
+        f"train_{f}"
+        for f in (
+            "momentum",
+            "optimizer",
+            "weight_decay",
+            "scheduler",
+            "step_size",
+            "gamma",
+            "batch_size",
+            "max_epochs",
+        )
+    ),
 }
 
 
@@ -69,10 +81,7 @@ def _run(
 
 
 def _trial_config(t: optuna.trial.FrozenTrial) -> TrainConfig:
-    d = json.loads(t.user_attrs["train_config"])
-    return TrainConfig(
-        **{**d, "width": tuple(d["width"]) if isinstance(d["width"], list) else d["width"]}
-    )
+    return train_config(t)
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +249,17 @@ def test_repeats_bad_input_is_one_line_and_changes_nothing(workdir, args, fragme
         else None
     )
     assert after == before
+
+
+def test_a_trials_config_is_rebuilt_from_its_params_and_short_attrs(tmp_path):
+    """Every TrainConfig field is a param or a `train_<field>` attr, none long enough to stretch
+    optuna-dashboard's trial page; `train_config(trial)` puts them back together."""
+    toml = {**TOML, "search_space": {**TOML["search_space"], "per_layer_width": True}}
+    cfg, study = _run(tmp_path, engine="standard", repeats=1, toml=toml, n_trials=2)
+    for t in study.trials:
+        tcfg = train_config(t)
+        assert tcfg.widths == tuple(t.params[f"width_{i}"] for i in range(t.params["depth"]))
+        assert tcfg.lr == t.params["lr"] and tcfg.seed == t.user_attrs["seed"]
+        assert tcfg.max_epochs == EPOCHS and tcfg.batch_size == 32
+        long = {k: v for k, v in t.user_attrs.items() if len(f"{k} {v}") >= 60}
+        assert not long, long

@@ -254,7 +254,7 @@ class BatchedEngine:
                         datetime_complete=None,
                         params=dict(trial.params),
                         distributions=dict(trial.distributions),
-                        user_attrs=start_attrs("batched", tcfgs[0].seed, len(tcfgs)),
+                        user_attrs=start_attrs("batched", tcfgs[0], trial.params, len(tcfgs)),
                         system_attrs=self.mirror.system_attrs(trial),
                         intermediate_values={},
                         trial_id=0,
