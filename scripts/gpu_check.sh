@@ -12,8 +12,10 @@ status=0
 step() { echo "== $1"; shift; "$@" || { echo "!! failed ($?): $*"; status=1; }; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, optuna; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'optuna', optuna.__version__)"
-step "equivalence on cuda (per-epoch validation MSE vs train.py, 1e-4 relative)" \
-  env SINSTUDY_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_batched.py -k equivalence
+step "equivalence on cuda (per-epoch validation MSE vs train.py, 1e-4 relative; repeats: the mean of train.py's seeds)" \
+  env SINSTUDY_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_repeats.py -k "equivalence or mean_of_train_py"
+step "the same on this image's torch, on the CPU (the private kernels the engine calls)" \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_repeats.py tests/test_train.py -k "equivalence or repeat or train"
 step "raw engine (1,024 mixed models vs train.py, eager and as CUDA graphs), then a 1,000-trial study: batched, TPE + Hyperband, <= 200 epochs, SQLite" \
   timeout 170 python3 scripts/bench.py --device cuda --raw 1024 --space default --n-trials 1000 --max-epochs 200 --engines batched
 step "standard vs batched, same budget" \

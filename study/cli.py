@@ -326,6 +326,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(f"storage/compare/{name.removeprefix('compare-')}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
+    from optuna_dashboard import save_note
+
+    save_note(optuna.load_study(study_name=name, storage=url), text)  # the dashboard's note
     print(text)
     print(f"\n(table saved to {out}; curves: tensorboard --logdir {DEFAULTS.log_dir}/{name})")
     return 0

@@ -311,6 +311,7 @@ def run(
                 on_trial=on_trial,
                 storage=storage,
                 configure=configure,
+                publish=False,  # the note is the comparison's table (cli), not a study summary
             )
         if interrupt.requested():
             raise KeyboardInterrupt

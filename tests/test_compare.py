@@ -47,6 +47,10 @@ def test_compare_activation_end_to_end_on_the_batched_engine(workdir):
         .read_text()
         .startswith("## compare activation")
     )
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    note = get_note_from_system_attrs(study._storage.get_study_system_attrs(study._study_id), None)
+    assert note["body"].startswith("## compare activation")  # the dashboard shows the table
     assert len(list((workdir / "storage/tensorboard/compare-activation-e40-s2").iterdir())) == 3
     # a second call resumes: nothing is missing, nothing is rerun
     r2 = run_cli(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 from dataclasses import replace
@@ -18,6 +19,8 @@ from study.train import train, train_repeats
 from study.trial_attrs import train_config
 
 REL = 1e-4  # float32: the batched engine against train.py
+# scripts/gpu_check.sh runs the repeat equivalence on CUDA with SINSTUDY_TEST_DEVICE=cuda
+DEVICE = os.environ.get("SINSTUDY_TEST_DEVICE", "cpu")
 EPOCHS = 6
 TOML = {
     "data": {"n_train": 96, "n_val": 32, "n_test": 64},
@@ -71,7 +74,7 @@ def _run(
         pruner="none",
         engine=engine,
         repeats=repeats,
-        device="cpu",
+        device=DEVICE,
         seed=5,
         log_dir=str(tmp_path / "tb"),
         artifact_dir=str(tmp_path / "art"),
@@ -86,7 +89,7 @@ def _trial_config(t: optuna.trial.FrozenTrial) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def data():
-    return make_data(config.build(TOML).data, "cpu")
+    return make_data(config.build(TOML).data, DEVICE)
 
 
 @pytest.mark.parametrize("engine", ["batched", "standard"])

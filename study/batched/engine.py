@@ -95,10 +95,12 @@ def run_batched(
     storage: optuna.storages.BaseStorage | None = None,
     on_writer: Callable[[int], None] = lambda pid: None,
     configure: Configure | None = None,
+    publish: bool = True,
 ) -> float:
     """One batched engine on this process's device until the budget is spent. Returns its
     bookkeeping seconds. The caller handles signals (interrupt.handle_signals). `configure`:
-    what a trial trains (default: the study's search space, `cfg.repeats` seeds)."""
+    what a trial trains (default: the study's search space, `cfg.repeats` seeds); `publish`:
+    update the study note at the end."""
     storage = storage or open_study_storage(cfg)
     study = optuna.load_study(study_name=cfg.study, storage=storage)
     engine = BatchedEngine(
@@ -110,7 +112,7 @@ def run_batched(
         on_trial=on_trial or (lambda number, state, value: None),
         configure=configure,
     )
-    engine.run(budget, on_writer=on_writer)
+    engine.run(budget, on_writer=on_writer, publish=publish)
     return engine.stats.book_seconds
 
 
@@ -146,10 +148,12 @@ class BatchedEngine:
 
     # ---------------------------------------------------------------- the loop
 
-    def run(self, budget, on_writer: Callable[[int], None] = lambda pid: None) -> int:
+    def run(
+        self, budget, on_writer: Callable[[int], None] = lambda pid: None, publish: bool = True
+    ) -> int:
         """Train until the budget is spent. Returns the interrupting signal, or 0. Returns only
-        when every finished trial is stored; unless interrupted, the writer then updates the
-        study note the dashboard shows."""
+        when every finished trial is stored; unless interrupted (or `publish` is False), the
+        writer then updates the study note the dashboard shows."""
         self.writer = Writer(self.cfg, self.mirror.known, budget)
         on_writer(self.writer.proc.pid)
         clean = False
@@ -188,7 +192,7 @@ class BatchedEngine:
         finally:
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
-            messages = self.writer.close(publish=clean and not interrupt.requested())
+            messages = self.writer.close(publish=publish and clean and not interrupt.requested())
             self.stats.book_seconds += time.perf_counter() - t0
         self._messages(messages)
         return interrupt.requested()
