@@ -6,11 +6,25 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+
+# pip, quietly: its own notices (a local index it cannot read, setuptools' editable-install
+# warning box) are shown only when the install fails.
+pipq() {
+  local log
+  log=$(mktemp)
+  if ! python -m pip "$@" >"$log" 2>&1; then
+    grep -v '^WARNING: Location' "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
+}
+
+pipq install -q --upgrade pip
 # torch first and pinned: a bare `torch` requirement would pull a several-GB CUDA build.
 # A CUDA build already installed (GPU users) is kept.
 if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "torch==${SINSTUDY_TORCH:-2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
+  pipq install -q "torch==${SINSTUDY_TORCH:-2.13.0}"
 fi
-python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+pipq install -q -e ".[test]"
 python -c "import torch, optuna; print(f'sinstudy environment ready: torch {torch.__version__}, optuna {optuna.__version__}')"

@@ -1,0 +1,91 @@
+"""Keep the README's example output true: run command (a) as the README shows it, in a fresh
+folder, and compare its output with the block in README.md (`--write`: replace the block).
+
+    python scripts/readme_output.py [--write]
+
+Times and the artifact id differ from run to run and are compared as patterns; everything else
+(trial counts, the best trial, its MSEs) must match: the run is deterministic on a CPU with the
+same number of threads (`.ci/run` calls this on the CI machine, a 2-core CPU like the one the
+block comes from). Exit 1 with a diff when the README is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START = "<!-- output of command (a): scripts/readme_output.py keeps it true -->"
+VOLATILE = [
+    (re.compile(r"\(\d+\.\d s on "), "(<s> s on "),
+    (re.compile(r"trained in \d+\.\d s"), "trained in <s> s"),
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<id>"),
+]
+
+
+def run() -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+        r = subprocess.run(
+            [sys.executable, "-m", "study", "run", "--no-progress"],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    if r.returncode:
+        sys.exit(f"readme_output: `sinstudy run` failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stderr.splitlines() + r.stdout.splitlines()  # the device note comes first
+
+
+def block(text: str) -> tuple[int, int]:
+    """Line range of the README's output block (inside the fence after START)."""
+    lines = text.splitlines()
+    i = lines.index(START)
+    assert lines[i + 1].startswith("```"), "the output block must follow the marker"
+    j = next(k for k in range(i + 2, len(lines)) if lines[k].startswith("```"))
+    return i + 2, j
+
+
+def masked(lines: list[str]) -> list[str]:
+    out = []
+    for line in lines:
+        for pattern, repl in VOLATILE:
+            line = pattern.sub(repl, line)
+        out.append(line)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="replace the README's block")
+    args = ap.parse_args()
+    text = README.read_text()
+    lo, hi = block(text)
+    lines = text.splitlines()
+    got = run()
+    if args.write:
+        README.write_text("\n".join(lines[:lo] + got + lines[hi:]) + "\n")
+        print(f"README.md: output block rewritten ({len(got)} lines)")
+        return
+    diff = list(
+        difflib.unified_diff(masked(lines[lo:hi]), masked(got), "README.md", "now", lineterm="")
+    )
+    if diff:
+        print("\n".join(diff))
+        sys.exit(
+            "readme_output: the README's output of command (a) is stale; "
+            "run `python scripts/readme_output.py --write` and commit"
+        )
+    print("README.md: the output of command (a) is current")
+
+
+if __name__ == "__main__":
+    main()
