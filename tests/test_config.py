@@ -49,6 +49,9 @@ def test_single_value_fixes_a_parameter(tmp_path):
         ("[search_space]\ndepth = [0, 3]\n", "depth"),
         ("[search_space]\ndepth = [1.5, 3]\n", "ints"),
         ("[train]\nscheduler = 'warmup'\n", "unknown scheduler"),
+        ("[data]\ninput_scaling = 'log'\n", "unknown data.input_scaling 'log'"),
+        ("[study]\nrepeats = 0\n", "--repeats must be an integer from 1"),
+        ("[study]\nrepeats = 2.5\n", "--repeats"),
         ("[data]\nn_train = -3\n", "data.n_train"),
         ("depth = [", "not valid TOML"),
     ],
@@ -71,6 +74,7 @@ def test_bad_toml_is_one_clear_line(tmp_path, text, fragment):
         ({"pruner": "asha"}, "unknown pruner"),
         ({"timeout": -1.0}, "--timeout"),
         ({"study": " "}, "study name"),
+        ({"repeats": 4, "slots": 3}, "--slots 3 cannot hold one trial of --repeats 4"),
     ],
 )
 def test_bad_overrides(kw, fragment):

@@ -211,27 +211,8 @@ def test_repeats_in_summary_report_and_note(tmp_path):
     ],
 )
 def test_repeats_bad_input_is_one_line_and_changes_nothing(workdir, args, fragment):
-    if fragment.startswith("created"):
-        assert (
-            run_cli(
-                "run",
-                "--config",
-                "tiny.toml",
-                "--n-trials",
-                "1",
-                "--max-epochs",
-                "2",
-                "--no-progress",
-                cwd=workdir,
-            ).returncode
-            == 0
-        )
-    before = (
-        (workdir / "storage/sinstudy.db").read_bytes()
-        if (workdir / "storage/sinstudy.db").exists()
-        else None
-    )
-    r = run_cli(
+    db = workdir / "storage/sinstudy.db"
+    tiny = (
         "run",
         "--config",
         "tiny.toml",
@@ -240,18 +221,14 @@ def test_repeats_bad_input_is_one_line_and_changes_nothing(workdir, args, fragme
         "--max-epochs",
         "2",
         "--no-progress",
-        *args,
-        cwd=workdir,
     )
-    assert (
-        r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    ), r.stderr
-    after = (
-        (workdir / "storage/sinstudy.db").read_bytes()
-        if (workdir / "storage/sinstudy.db").exists()
-        else None
-    )
-    assert after == before
+    if fragment.startswith("created"):
+        assert run_cli(*tiny, cwd=workdir).returncode == 0
+    before = db.read_bytes() if db.exists() else None
+    r = run_cli(*tiny, *args, cwd=workdir)
+    assert r.returncode == 2 and fragment in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (db.read_bytes() if db.exists() else None) == before
 
 
 def test_a_trials_config_is_rebuilt_from_its_params_and_short_attrs(tmp_path):
