@@ -320,7 +320,7 @@ def main() -> None:
             f"| {r['engine']} | {r['trials']} | {r['complete']} | {r['wall_s']:.1f} | "
             f"{r['model_steps_per_s']:,.0f} | "
             f"{r['trials_per_min']:.1f} | {100 * r['bookkeeping']:.0f}% | {r['best_val_mse']:.2e} "
-            f"| {r['peak_mib']:,.0f} |"
+            f"| {'-' if math.isnan(r['peak_mib']) else format(r['peak_mib'], ',.0f')} |"
         )
     by = {r["engine"]: r for r in rows}
     if {"standard", "batched"} <= set(by):
