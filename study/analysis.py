@@ -136,7 +136,12 @@ def mse_texts(t: FrozenTrial) -> tuple[str, str]:
     )
 
 
+def seeds_text(t: FrozenTrial) -> str:
+    """'' for one model per trial, else 'mean of 3 seeds'."""
+    n = t.user_attrs.get("repeats", 1)
+    return f"mean of {n} seeds" if n > 1 else ""
+
+
 def repeats_text(t: FrozenTrial) -> str:
     """'' for one model per trial, else ' (mean of 3 seeds)'."""
-    n = t.user_attrs.get("repeats", 1)
-    return f" (mean of {n} seeds)" if n > 1 else ""
+    return f" ({seeds_text(t)})" if seeds_text(t) else ""

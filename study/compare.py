@@ -74,9 +74,8 @@ SETUPS = {
 
 @dataclass(frozen=True)
 class Factor:
-    cells: dict[
-        str, dict[str, Any]
-    ]  # cell name -> TrainConfig fields it changes (and "data": DataConfig fields)
+    # cell name -> TrainConfig fields it changes (and "data": DataConfig fields)
+    cells: dict[str, dict[str, Any]]
     report: dict[str, str]  # cell name -> what the report found for it
     question: str
 
@@ -261,8 +260,6 @@ def run(
     by_data: dict[DataConfig, list[str]] = {}
     for cell in factor.cells:
         by_data.setdefault(cell_data(factor, cell, fixed), []).append(cell)
-    for data in by_data:
-        config.validate(config.StudyConfig(data=data))
     cfgs = {
         data: config.build(
             {"data": asdict(data)},

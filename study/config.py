@@ -21,10 +21,11 @@ PRUNERS = ("hyperband", "median", "sha", "none")
 SAMPLINGS = ("uniform", "grid")
 INPUT_SCALINGS = ("unit", "raw")
 ENGINES = ("auto", "batched", "standard")
+# models the batched engine trains at once, by device type
 DEFAULT_SLOTS = {
     "cpu": 32,
     "cuda": 1024,
-}  # models the batched engine trains at once, by device type
+}
 
 
 class ConfigError(ValueError):

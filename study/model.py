@@ -26,9 +26,8 @@ class Activation:
 
     module: Callable[[], nn.Module]
     forward: Callable[[torch.Tensor, torch.Tensor], object]  # (z, out)
-    backward: (
-        Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object] | None
-    )  # (grad, z, a); None: identity
+    # (grad, z, a); None: identity
+    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object] | None
     zero_at_zero: bool = True
 
 

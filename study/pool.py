@@ -200,9 +200,8 @@ class Pool:
         self.workers: set[str] = set()  # every worker process's `worker` attr
         self.generation = [0] * len(placements)
         cpu_workers = sum(dev == "cpu" for dev, _ in placements)
-        self.threads = max(
-            1, (os.cpu_count() or 1) // max(1, cpu_workers)
-        )  # cores split between CPU workers
+        # cores split between CPU workers
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
         self.signum = 0
 
     def _start(self, i: int) -> None:
@@ -225,9 +224,8 @@ class Pool:
                 else:
                     os.environ[k] = v
         self.procs[i] = p
-        self.workers.add(
-            f"{socket.gethostname()}:{p.pid}"
-        )  # as trial_attrs.WORKER in that process
+        # as trial_attrs.WORKER in that process
+        self.workers.add(f"{socket.gethostname()}:{p.pid}")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self.signum:

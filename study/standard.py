@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
@@ -24,10 +23,10 @@ from .config import StudyConfig
 from .data import SinData, make_data
 from .opening import make_pruner, make_sampler, open_study_storage
 from .recovery import JournalHeartbeat, sweep_stale
-from .space import grid_started, suggest
+from .space import grid_started
 from .tracking import TrialLogger, trial_metrics
 from .train import EpochLog, train, train_repeats
-from .trial_attrs import outcome, start_attrs, trial_seed
+from .trial_attrs import outcome, start_attrs, trial_configs
 
 
 class Objective:
@@ -50,9 +49,8 @@ class Objective:
             self.seconds_inside += time.perf_counter() - start
 
     def _trial(self, trial: optuna.Trial) -> float:
-        seeds = [trial_seed(self.cfg, trial.number, r) for r in range(self.cfg.repeats)]
-        tcfg = suggest(trial, self.cfg.space, self.cfg.train, seed=seeds[0])
-        tcfgs = [replace(tcfg, seed=s) for s in seeds]
+        tcfgs = trial_configs(self.cfg, trial, trial.number)
+        tcfg = tcfgs[0]
         for k, v in start_attrs("standard", tcfg, trial.params, self.cfg.repeats).items():
             trial.set_user_attr(k, v)
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, trial.number)

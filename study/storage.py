@@ -83,9 +83,8 @@ def parse(url: str) -> StorageURL:
             raise StorageError(
                 f"storage URL {shown!r} names no file; use sqlite:///path/to/study.db"
             )
-        return StorageURL(
-            "sqlite:///" + rest, "sqlite", Path(rest)
-        )  # SQLAlchemy wants the scheme in lower case
+        # SQLAlchemy wants the scheme in lower case
+        return StorageURL("sqlite:///" + rest, "sqlite", Path(rest))
     if scheme == "journal":
         rest = url[len("journal:///") :] if url.lower().startswith("journal:///") else None
         if not rest:
@@ -141,9 +140,8 @@ def _check_sqlite(path: Path) -> None:
             tables = {
                 r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
-            problems = [
-                r[0] for r in con.execute("PRAGMA quick_check(1)")
-            ]  # every page, read-only
+            # every page, read-only
+            problems = [r[0] for r in con.execute("PRAGMA quick_check(1)")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError(
                     " ".join(problems[0].replace("*** in database main ***", "").split())

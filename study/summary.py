@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .analysis import Counts, mse_texts, params_text, repeats_text
+from .analysis import Counts, mse_texts, params_text, seeds_text
 from .config import StudyConfig
 from .course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
 from .storage import redact
@@ -103,10 +103,10 @@ def describe_trial(t: FrozenTrial) -> list[str]:
     """Lines that describe a finished trial: params, value, test MSE and the key attrs."""
     ua = t.user_attrs
     val, test = mse_texts(t)
+    about = [f"best epoch {ua.get('best_epoch', '?')} of {ua.get('epochs', '?')}", seeds_text(t)]
     lines = [
         f"best trial     #{t.number}: {params_text(t.params)}",
-        f"val MSE        {val}  (best epoch {ua.get('best_epoch', '?')} of "
-        f"{ua.get('epochs', '?')}{repeats_text(t).replace(' (', ', ').rstrip(')')})",
+        f"val MSE        {val}  ({', '.join(a for a in about if a)})",
         f"test MSE       {test}  (report's best: {REPORT_BEST_TEST_MSE:.3e})",
         f"parameters     {ua.get('n_params', '?')}, trained in "
         f"{ua.get('seconds', float('nan')):.1f} s on {ua.get('device', '?')}",

@@ -71,6 +71,11 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr
 
 
+def divergence(epoch: int, lr: float) -> str:
+    """Why a run stopped: its training loss went non-finite in `epoch` (1-based) at rate `lr`."""
+    return f"non-finite training loss in epoch {epoch} (lr={lr:.3g}): training diverged"
+
+
 @torch.no_grad()
 def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return torch.mean((model(x) - y) ** 2).item()  # note: a device sync on GPU, once per epoch
@@ -86,9 +91,8 @@ class Training:
         self.cfg, self.data = cfg, data
         self.model = init_model(cfg.widths, cfg.activation, cfg.seed, data.device)
         self.opt = make_optimizer(cfg, self.model.parameters())
-        self.order = torch.Generator().manual_seed(
-            cfg.seed + 1
-        )  # minibatch order, same on every device
+        # minibatch order, same on every device
+        self.order = torch.Generator().manual_seed(cfg.seed + 1)
         self.best_val, self.best_epoch, self.best_state = (
             math.inf,
             0,
@@ -117,9 +121,7 @@ class Training:
             total += loss.detach() * idx.numel()
         train_loss = total.item() / n
         if not math.isfinite(train_loss):
-            self.diverged = (
-                f"non-finite training loss in epoch {self.epoch} (lr={lr:.3g}): training diverged"
-            )
+            self.diverged = divergence(self.epoch, lr)
             return None
         model.eval()
         self.val = mse(model, data.x_val, data.y_val)

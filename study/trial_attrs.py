@@ -1,16 +1,19 @@
-"""The user attrs every trial carries, from either engine, and the trial seed rule."""
+"""The user attrs every trial carries, from either engine, the trial seed rule and what a
+trial trains (one TrainConfig per repeat)."""
 
 from __future__ import annotations
 
 import math
 import os
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
+import optuna
 import torch
 from optuna.trial import FrozenTrial
 
 from .config import StudyConfig, TrainConfig
+from .space import suggest
 from .train import TrainResult
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a trial
@@ -20,6 +23,12 @@ def trial_seed(cfg: StudyConfig, trial_number: int, repeat: int = 0) -> int:
     """Trial k's repeat r (of S = cfg.repeats) trains with seed `seed + S*k + r` (its weights and
     its minibatch order): with S = 1, seed + k; no two models of a study share a seed."""
     return cfg.seed + cfg.repeats * trial_number + repeat
+
+
+def trial_configs(cfg: StudyConfig, trial: optuna.Trial, number: int) -> list[TrainConfig]:
+    """What study trial `number` trains: the space's suggestion, once per repeat with its seed."""
+    tcfg = suggest(trial, cfg.space, cfg.train, seed=trial_seed(cfg, number))
+    return [replace(tcfg, seed=trial_seed(cfg, number, r)) for r in range(cfg.repeats)]
 
 
 def start_attrs(engine: str, tcfg: TrainConfig, params: dict, repeats: int = 1) -> dict:
@@ -77,15 +86,14 @@ class Outcome:
     model_cfg: TrainConfig  # and its config (its seed)
 
 
+def repeat_reason(reason: str, seed: int, repeats: int) -> str:
+    """A repeat's reason as its trial's: naming the seed when the trial has several."""
+    return f"seed {seed}: {reason}" if repeats > 1 else reason
+
+
 def outcome(results: list[TrainResult], tcfgs: list[TrainConfig]) -> Outcome:
     gone = [(r, c) for r, c in zip(results, tcfgs, strict=True) if r.diverged]
-    diverged = (
-        None
-        if not gone
-        else gone[0][0].diverged
-        if len(results) == 1
-        else f"seed {gone[0][1].seed}: {gone[0][0].diverged}"
-    )
+    diverged = repeat_reason(gone[0][0].diverged, gone[0][1].seed, len(results)) if gone else None
     i = min(range(len(results)), key=lambda j: results[j].best_val_mse)
     return Outcome(
         value=sum(r.best_val_mse for r in results) / len(results),

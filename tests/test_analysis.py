@@ -109,9 +109,8 @@ def test_figures_have_the_expected_traces(synthetic):
     assert sum(len(t.x) == 5 for t in par.data) >= 60
     assert len(figs["intermediate_values"].data) == 60  # one curve per trial
     bars = figs["importance_fanova"].data[0]
-    assert (
-        isinstance(bars, go.Bar) and list(bars.y)[-1] == "lr"
-    )  # plotly draws the largest last (top)
+    # plotly draws the largest last (top)
+    assert isinstance(bars, go.Bar) and list(bars.y)[-1] == "lr"
     assert figs["history"].layout.yaxis.type == "log"
     fit = plots.fit_figure(analysis.fit(_Sin(), n=100))
     assert [t.name for t in fit.data] == ["sin(x)", "network", "residual"]

@@ -163,9 +163,8 @@ def test_a_diverging_slot_leaves_the_others_alone(data):
     vals, losses = _run(stack, 5)
     for k, slot in enumerate(stack.slots):
         if slot.cfg is wild:
-            assert not all(
-                v == v and abs(v) < float("inf") for v in losses[k]
-            )  # NaN or inf appeared
+            # NaN or inf appeared
+            assert not all(v == v and abs(v) < float("inf") for v in losses[k])
         else:
             _close(vals[k], _reference(slot.cfg, data)[0])
 
@@ -199,9 +198,8 @@ def test_batched_run_writes_what_the_standard_engine_writes(workdir, backend, re
     assert r.returncode == 0, r.stderr
     study = optuna.load_study(study_name="sinstudy", storage=url)
     trials = study.trials
-    assert len(trials) == 14 and [t.number for t in trials] == list(
-        range(14)
-    )  # 14 > 4 slots: refilled
+    # 14 > 4 slots: refilled
+    assert len(trials) == 14 and [t.number for t in trials] == list(range(14))
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert complete
@@ -331,9 +329,8 @@ def test_batched_interrupt_writes_live_trials_as_fail(workdir, signum, target, c
     states = Counter(t.state for t in study.trials)
     assert states == Counter({TrialState.FAIL: 3}), (states, err)
     runs = sorted(p.name for p in (workdir / "storage/tensorboard/sinstudy").glob("trial-*"))
-    assert runs == [
-        f"trial-{t.number:04d}" for t in study.trials
-    ]  # each FAIL trial's curve so far
+    # each FAIL trial's curve so far
+    assert runs == [f"trial-{t.number:04d}" for t in study.trials]
     for t in study.trials:
         assert t.intermediate_values and t.user_attrs["failed_reason"] == "interrupted"
 

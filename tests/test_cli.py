@@ -85,9 +85,8 @@ def test_tensorboard_runs_are_readable_with_tensorboards_reader(ran):
         acc = EventAccumulator(str(workdir / f"storage/tensorboard/sinstudy/trial-{t.number:04d}"))
         acc.Reload()
         assert {"loss/train", "mse/val", "lr"} <= set(acc.Tags()["scalars"])
-        assert "_hparams_/session_start_info" in acc.PluginTagToContent(
-            "hparams"
-        )  # the HParams tab
+        # the HParams tab
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
         vals = [e.value for e in acc.Scalars("mse/val")]
         assert vals == pytest.approx(
             [t.intermediate_values[s] for s in sorted(t.intermediate_values)], rel=1e-6
@@ -207,11 +206,12 @@ def test_module_and_console_script_are_the_same_cli(workdir):
 
 @pytest.mark.parametrize("engine", ["batched", "standard"])
 def test_grid_sampler_stops_when_the_grid_is_done(workdir, engine):
+    # 3 activations: 3 points
     (workdir / "g.toml").write_text(
         TINY_TOML.replace("depth = [1, 2]", "depth = [1]")
         .replace("width = [4, 16]", "width = [4]")
         .replace("lr = [1e-3, 3e-2]", "lr = [1e-3]")
-    )  # 3 activations: 3 points
+    )
     r = run_cli(
         "run",
         "--config",

@@ -140,9 +140,8 @@ def test_a_journal_cut_mid_record_is_repaired_with_a_copy_and_loses_no_trial(tmp
     )
     log = tmp_path / "storage/s.log"
     whole = log.read_bytes()
-    cut = (
-        whole + b'{"op_code": 5, "worker_id": "x", "trial_id": 1, "us'
-    )  # a record cut off mid-write
+    # a record cut off mid-write
+    cut = whole + b'{"op_code": 5, "worker_id": "x", "trial_id": 1, "us'
     log.write_bytes(cut)
     r = run_cli("run", *TINY, "--n-trials", "2", "--slots", "2", "--storage", url, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -157,9 +156,8 @@ def test_a_journal_cut_mid_record_is_repaired_with_a_copy_and_loses_no_trial(tmp
 
 def test_a_password_is_never_stored_printed_or_served(tmp_path, pg_url):
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
-    url = pg_url.replace(
-        "postgres@", "postgres:s3cret@", 1
-    )  # trust auth: any password is accepted
+    # trust auth: any password is accepted
+    url = pg_url.replace("postgres@", "postgres:s3cret@", 1)
     r = run_cli("run", *TINY, "--n-trials", "2", "--storage", url, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "s3cret" not in r.stdout + r.stderr and "postgres:***@" in r.stdout

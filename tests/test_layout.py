@@ -56,6 +56,5 @@ def test_each_engine_has_a_module_named_for_it():
         "study.summary",
         "study.artifacts",
     } <= set(graph)
-    assert [m for m, deps in graph.items() if "study.runner" in deps] == [
-        "study.cli"
-    ]  # the top: nothing else runs a run
+    # the top: nothing else runs a run
+    assert [m for m, deps in graph.items() if "study.runner" in deps] == ["study.cli"]

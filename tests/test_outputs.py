@@ -45,9 +45,8 @@ def studied(tmp_path_factory):
 def test_plot_writes_html_and_png_including_importance_parallel_and_fit(studied):
     r = run_cli("plot", cwd=studied)
     assert r.returncode == 0, r.stderr
-    assert "[W " not in r.stderr and "Warning" not in r.stderr, (
-        r.stderr
-    )  # Optuna's log and warnings stay out
+    # Optuna's log and warnings stay out
+    assert "[W " not in r.stderr and "Warning" not in r.stderr, r.stderr
     out = studied / "storage/plots/sinstudy"
     html = {p.stem for p in out.glob("*.html")}
     assert len(html) >= 6
@@ -63,9 +62,10 @@ def test_plot_writes_html_and_png_including_importance_parallel_and_fit(studied)
     } <= html
     assert (out / "plotly.min.js").exists()  # beside the pages: they open offline
     listed = [line.strip() for line in r.stdout.splitlines()[1:]]
+    # the count is what is there
     assert f"wrote {len(listed)} files" in r.stdout and sorted(listed) == sorted(
         p.name for p in out.iterdir()
-    )  # the count is what is there
+    )
     if not Path(CHROMIUM).exists():
         pytest.fail(
             f"Chromium not found at {CHROMIUM}: PNG export is untested (apt-get install chromium)"

@@ -66,11 +66,12 @@ def test_a_trial_enqueued_with_plain_optuna_is_trained_first(workdir):
 
 
 def test_grid_run_twice_never_repeats_a_point(workdir):
+    # 2 x 3 = 6 points
     (workdir / "g.toml").write_text(
         TINY_TOML.replace("depth = [1, 2]", "depth = [1]")
         .replace("width = [4, 16]", "width = [4]")
         .replace("lr = [1e-3, 3e-2]", "lr = [1e-3, 1e-2]")
-    )  # 2 x 3 = 6 points
+    )
     args = (
         "run",
         "--config",
@@ -99,9 +100,8 @@ def test_two_runs_at_once_share_one_study_without_repeating_a_parameter_set(
     """The same command started twice at the same time (as on two machines): every trial of
     both budgets, unique numbers, no parameter set trained twice, each run its own trials."""
     url = f"sqlite:///{workdir}/s.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
-    assert (
-        run_cli("run", *TINY, "--n-trials", "1", "--storage", url, cwd=workdir).returncode == 0
-    )  # the study exists
+    # the study exists
+    assert run_cli("run", *TINY, "--n-trials", "1", "--storage", url, cwd=workdir).returncode == 0
     procs = [
         start_cli("run", *TINY, "--n-trials", "10", "--slots", "3", "--storage", url, cwd=workdir)
         for _ in range(2)
@@ -150,9 +150,8 @@ def test_workers_run_one_batched_engine_each_and_meet_the_budget(workdir):
     complete, pruned = map(
         int, re.search(r"this run +(\d+) complete, (\d+) pruned", r.stdout).groups()
     )
-    assert (
-        "2 workers" in r.stdout and complete + pruned == 16
-    )  # counted by the pool's worker processes
+    # counted by the pool's worker processes
+    assert "2 workers" in r.stdout and complete + pruned == 16
     points = _param_sets(study)
     assert len(points) == len(set(points))
 

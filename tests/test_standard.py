@@ -48,9 +48,8 @@ def test_pruner_prunes_a_hopeless_trial(setup):
         pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
     )
     study.enqueue_trial({"depth": 2, "width": 32, "lr": 1e-2, "activation": "tanh"})
-    study.enqueue_trial(
-        {"depth": 1, "width": 4, "lr": 1e-4, "activation": "identity"}
-    )  # cannot fit sin
+    # cannot fit sin
+    study.enqueue_trial({"depth": 1, "width": 4, "lr": 1e-4, "activation": "identity"})
     good, bad = _drive(study, objective), _drive(study, objective)
     assert (
         good.state == TrialState.COMPLETE and len(good.intermediate_values) == cfg.train.max_epochs
@@ -73,9 +72,8 @@ def test_complete_trial_carries_attrs_and_best_keeps_its_model(setup, tmp_path):
     _, objective = setup
     study = optuna.create_study(pruner=optuna.pruners.NopPruner())
     study.enqueue_trial({"depth": 2, "width": 16, "lr": 1e-2, "activation": "tanh"})
-    study.enqueue_trial(
-        {"depth": 1, "width": 4, "lr": 1e-4, "activation": "identity"}
-    )  # worse: no model
+    # worse: no model
+    study.enqueue_trial({"depth": 1, "width": 4, "lr": 1e-4, "activation": "identity"})
     first, second = _drive(study, objective), _drive(study, objective)
     for key in ("test_mse", "n_params", "epochs", "seconds", "device"):
         assert key in first.user_attrs

@@ -101,9 +101,8 @@ def test_each_optimizer_trains(data, optimizer):
         ),
         data,
     )
-    assert (
-        r.diverged is None and r.best_val_mse < 0.05
-    )  # a straight line fits no better than ~0.19
+    # a straight line fits no better than ~0.19
+    assert r.diverged is None and r.best_val_mse < 0.05
 
 
 def test_no_activation_cannot_fit_sin(data):

@@ -45,9 +45,8 @@ def tiny(tmp_path_factory):
 
 def test_the_value_is_named_val_mse(tiny):
     _, study = tiny
-    assert study.metric_names == [
-        "val_mse"
-    ]  # optuna-dashboard shows this instead of "Objective 0"
+    # optuna-dashboard shows this instead of "Objective 0"
+    assert study.metric_names == ["val_mse"]
 
 
 def test_hparams_declares_every_metric_in_every_run_and_marks_how_it_ended(tiny):
@@ -72,9 +71,8 @@ def test_hparams_declares_every_metric_in_every_run_and_marks_how_it_ended(tiny)
         assert content["_hparams_/session_end_info"].session_end_info.status == status[state]
         written = set(ea.Tags()["scalars"])
         assert "hparam/val_mse" in written
-        if (
-            state == TrialState.COMPLETE
-        ):  # a complete run has every metric, with its trial's values
+        # a complete run has every metric, with its trial's values
+        if state == TrialState.COMPLETE:
             assert {f"hparam/{m}" for m in METRICS} <= written
             t = study.trials[number]
             assert ea.Scalars("hparam/test_mse")[0].value == pytest.approx(

@@ -146,9 +146,8 @@ def test_sigkilled_worker_costs_only_its_running_trials_which_are_retried(workdi
     states = _check_exact(study, 8)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert 1 <= states[TrialState.FAIL] <= (1 if engine == "standard" else 2)
-    assert all(
-        t.user_attrs["worker"].endswith(f":{pid}") for t in failed
-    )  # the killed worker's, no other
+    # the killed worker's, no other
+    assert all(t.user_attrs["worker"].endswith(f":{pid}") for t in failed)
     for f in failed:
         retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == f.number]
         assert len(retries) == 1 and retries[0].params == f.params
@@ -188,9 +187,8 @@ def test_killed_standard_run_is_recovered_on_resume_by_heartbeat(workdir, kind):
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     new = [t for t in study.trials if t.number > victim.number]
-    assert (
-        sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in new) == 2
-    )  # the budget of the resume
+    # the budget of the resume
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in new) == 2
 
 
 @pytest.mark.parametrize(

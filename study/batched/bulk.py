@@ -155,9 +155,8 @@ def _insert(
         tables[models.TrialSystemAttributeModel] += _attr_rows(tid, t.system_attrs)
         tables[models.TrialIntermediateValueModel] += _step_rows(tid, t.intermediate_values)
     if heartbeat:
-        now = session.execute(
-            sqlalchemy.func.now()
-        ).scalar()  # the database's clock, as Optuna's heartbeat
+        # the database's clock, as Optuna's heartbeat
+        now = session.execute(sqlalchemy.func.now()).scalar()
         tables[models.TrialHeartbeatModel] = [
             dict(trial_id=row.trial_id, heartbeat=now) for row, _ in stored
         ]

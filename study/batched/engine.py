@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import optuna
@@ -30,10 +30,10 @@ from ..config import StudyConfig, TrainConfig, models_at_once
 from ..data import make_data
 from ..model import n_params
 from ..opening import open_study_storage
-from ..space import grid_started, suggest
+from ..space import grid_started
 from ..tracking import trial_metrics
-from ..train import EpochLog, TrainResult, lr_at, mse
-from ..trial_attrs import outcome, start_attrs, trial_seed
+from ..train import EpochLog, TrainResult, divergence, lr_at, mse
+from ..trial_attrs import outcome, repeat_reason, start_attrs, trial_configs
 from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
 from .writer import SYNC_S, Finish, Start, Writer
@@ -50,17 +50,16 @@ class Live:
     started: datetime
     values: dict[int, float] = field(default_factory=dict)  # epoch -> validation MSE
     flushed: int = 0  # epochs already handed to the writer
-    epochs: list[tuple[EpochLog, float]] = field(
-        default_factory=list
-    )  # TensorBoard points, wall time
+    # TensorBoard points, wall time
+    epochs: list[tuple[EpochLog, float]] = field(default_factory=list)
     best_val: float = math.inf  # the best of the trial's (mean) validation curve so far
+    diverged: bool = False  # a repeat's training loss went non-finite
 
 
 @dataclass
 class Stats:
-    book_seconds: float = (
-        0.0  # sampler and pruner in the training loop, plus the final wait for the writer
-    )
+    # sampler and pruner in the training loop, plus the final wait for the writer
+    book_seconds: float = 0.0
 
 
 def _key(slot: Slot) -> tuple[str, int, int]:
@@ -70,19 +69,8 @@ def _key(slot: Slot) -> tuple[str, int, int]:
     return slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
 
 
-Configure = Callable[
-    [optuna.Trial, int], list[TrainConfig]
-]  # (trial, its number) -> one config per repeat
-
-
-def study_configs(cfg: StudyConfig) -> Configure:
-    """A study trial's models: the space's suggestion, once per repeat with the repeat's seed."""
-
-    def configure(trial: optuna.Trial, number: int) -> list[TrainConfig]:
-        tcfg = suggest(trial, cfg.space, cfg.train, seed=trial_seed(cfg, number))
-        return [replace(tcfg, seed=trial_seed(cfg, number, r)) for r in range(cfg.repeats)]
-
-    return configure
+# (trial, its number) -> one config per repeat
+Configure = Callable[[optuna.Trial, int], list[TrainConfig]]
 
 
 def run_batched(
@@ -129,15 +117,14 @@ class BatchedEngine:
         configure: Configure | None = None,
     ):
         self.cfg, self.device, self.k = cfg, device, slots
-        self.configure = configure or study_configs(cfg)
+        self.configure = configure or (lambda trial, number: trial_configs(cfg, trial, number))
         self.on_trial = on_trial
         self.data = make_data(cfg.data, device)
         self.stacks: dict[tuple[str, int, int], Stack] = {}
         self.stats = Stats()
         self.writer: Writer | None = None
-        self.dirty: set[tuple[str, int, int]] = (
-            set()
-        )  # stacks whose slots changed since their build
+        # stacks whose slots changed since their build
+        self.dirty: set[tuple[str, int, int]] = set()
         self.mirror = Mirror(cfg, stored, seed=seed)
         self.best_value = min(
             (t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf
@@ -180,9 +167,10 @@ class BatchedEngine:
                 ended: list[tuple[tuple, int, TrialState, str | None]] = []
                 for key in sorted(self.stacks):
                     loss, val = self.stacks[key].train_epoch()
+                    # one sync per stack per epoch
                     ended += [
                         (key, *e) for e in self._after_epoch(key, loss.tolist(), val.tolist())
-                    ]  # one sync per stack per epoch
+                    ]
                 self._end(ended)
                 self._flush()
                 if interrupt.requested():
@@ -267,9 +255,8 @@ class BatchedEngine:
                     seen=self.mirror.seen,
                 )
             )
-            tag = Live(
-                trial, claim, now
-            )  # shared by the trial's repeats: one slot per seed, one stack
+            # shared by the trial's repeats: one slot per seed, one stack
+            tag = Live(trial, claim, now)
             for tcfg in tcfgs:
                 slot = new_slot(tcfg, self.device, tag=tag)
                 new.setdefault(_key(slot), []).append(slot)
@@ -300,10 +287,10 @@ class BatchedEngine:
         """Report each trial's epoch (the mean over its repeats' slots) to the mirror; returns the
         trials that end now, as (their slots, state, reason)."""
         stack = self.stacks[key]
-        members = _members(stack)
+        # each trial's slots and the mean of their validation MSE
+        means = [(ks, sum(val[k] for k in ks) / len(ks)) for ks in _members(stack).values()]
         improved = [False] * len(stack.slots)
-        for ks in members.values():
-            mean = sum(val[k] for k in ks) / len(ks)
+        for ks, mean in means:
             if mean < stack.slots[ks[0]].tag.best_val:
                 for k in ks:
                     improved[k] = True
@@ -312,23 +299,21 @@ class BatchedEngine:
         t0 = time.perf_counter()
         now = time.time()
         done: list[tuple[list[int], TrialState, str | None]] = []
-        for ks in members.values():
+        for ks, mean in means:
             first = stack.slots[ks[0]]
             live: Live = first.tag
             epoch, lr = first.epoch, lr_at(first.cfg, first.epoch - 1)
-            mean = sum(val[k] for k in ks) / len(ks)
             if improved[ks[0]]:
                 live.best_val = mean
                 for k in ks:
                     stack.slots[k].best_val, stack.slots[k].best_epoch = val[k], epoch
             bad = [k for k in ks if not math.isfinite(loss[k])]
             if bad:
-                reason = (
-                    f"non-finite training loss in epoch {epoch} (lr={lr:.3g}): training diverged"
+                live.diverged = True
+                seed = stack.slots[bad[0]].cfg.seed
+                done.append(
+                    (ks, TrialState.PRUNED, repeat_reason(divergence(epoch, lr), seed, len(ks)))
                 )
-                if len(ks) > 1:
-                    reason = f"seed {stack.slots[bad[0]].cfg.seed}: {reason}"
-                done.append((ks, TrialState.PRUNED, reason))
                 continue
             live.values[epoch] = mean
             for k in ks:
@@ -393,7 +378,7 @@ class BatchedEngine:
         """Close a trial (its repeats' slots `ks`) as the standard engine would: same attrs,
         value, curve, artifacts."""
         live: Live = stack.slots[ks[0]].tag
-        diverged = reason is not None and "non-finite" in reason
+        diverged = live.diverged
         out = None
         if state == TrialState.COMPLETE or diverged:
             out = outcome(
@@ -403,9 +388,8 @@ class BatchedEngine:
         if reason:
             attrs["pruned_reason"] = reason
         last = live.values[max(live.values)] if live.values else None
-        value = (
-            live.best_val if state == TrialState.COMPLETE else last
-        )  # Optuna: a pruned trial keeps its last value
+        # Optuna: a pruned trial keeps its last value
+        value = live.best_val if state == TrialState.COMPLETE else last
         metrics = trial_metrics(live.best_val if state == TrialState.COMPLETE else last, attrs)
         new_best = state == TrialState.COMPLETE and value < self.best_value
         if new_best:

@@ -34,12 +34,10 @@ class Mirror:
                 pruner=make_pruner(cfg),
             )
         self._storage, self._id = self.study._storage, self.study._study_id
-        self.unfinished: dict[
-            int, int
-        ] = {}  # stored trial_id -> mirror trial_id, others' RUNNING/WAITING
-        self.waiting: dict[
-            int, tuple[int, int]
-        ] = {}  # mirror trial_id -> (stored trial_id, number)
+        # stored trial_id -> mirror trial_id, others' RUNNING/WAITING
+        self.unfinished: dict[int, int] = {}
+        # mirror trial_id -> (stored trial_id, number)
+        self.waiting: dict[int, tuple[int, int]] = {}
         self.seen = 0  # sync messages applied
         self.reseeded = False
         for t in sorted(stored, key=lambda t: t.number):

@@ -200,20 +200,17 @@ class Stack:
         self.flat = [torch.cat([x.rows[j] for x in s]) for j in range(len(s[0].rows))]
         self.p, self.state, self.best = self.flat[0], self.flat[1:-1], self.flat[-1]
         self.params = _views(self.p, self.layout)
-        self.weights_t = [
-            w.transpose(1, 2) for w in self.params[0::2]
-        ]  # W^T per layer, for dh = dz @ W^T
+        # W^T per layer, for dh = dz @ W^T
+        self.weights_t = [w.transpose(1, 2) for w in self.params[0::2]]
         k = len(s)
         self.grad = torch.empty_like(self.p)
-        self.grads = [
-            torch.empty(k, r, c, device=dev) for _, r, c in segments(self.layout)
-        ]  # bmm/sum write here
+        # bmm/sum write here
+        self.grads = [torch.empty(k, r, c, device=dev) for _, r, c in segments(self.layout)]
         self._grad_rows = [g.view(k, -1) for g in self.grads]
         self._bufs: dict[int, _Buffers] = {}
         n = self.data.x_train.shape[0]
-        self.xs = torch.empty(
-            k, n, 1, device=dev
-        )  # this epoch's inputs and targets, in each slot's order
+        # this epoch's inputs and targets, in each slot's order
+        self.xs = torch.empty(k, n, 1, device=dev)
         self.ys = torch.empty(k, n, 1, device=dev)
         self.x_val = self.data.x_val.expand(k, -1, -1)
         self.batches = [(i, min(self.batch_size, n - i)) for i in range(0, n, self.batch_size)]
@@ -221,9 +218,8 @@ class Stack:
         groups: dict[str, list[int]] = {}
         for i, x in enumerate(s):
             groups.setdefault(x.cfg.activation, []).append(i)
-        self.groups = [
-            (ACTIVATIONS[a], ix[0], ix[-1] + 1) for a, ix in groups.items()
-        ]  # (Activation, start, stop)
+        # (Activation, start, stop)
+        self.groups = [(ACTIVATIONS[a], ix[0], ix[-1] + 1) for a, ix in groups.items()]
         self.masked = [
             (ix[0], ix[-1] + 1) for a, ix in groups.items() if not ACTIVATIONS[a].zero_at_zero
         ]
@@ -366,12 +362,10 @@ class Stack:
         for i, b in self.batches:
             buf = self._buffers(b)
             xb, yb = self.xs[:, i : i + b], self.ys[:, i : i + b]
-            diff = torch.sub(
-                self.forward(xb, buf), yb, out=self.diffs[:, i : i + b]
-            )  # kept for the epoch's loss
-            self._backward(
-                xb, torch.mul(diff, 2.0 / b, out=buf.dy), buf
-            )  # d mean(diff^2) / d output
+            # kept for the epoch's loss
+            diff = torch.sub(self.forward(xb, buf), yb, out=self.diffs[:, i : i + b])
+            # d mean(diff^2) / d output
+            self._backward(xb, torch.mul(diff, 2.0 / b, out=buf.dy), buf)
             torch.cat(self._grad_rows, dim=1, out=self.grad)
             self._step(lr)
         val_buf = self._buffers(self.x_val.shape[1])

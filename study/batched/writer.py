@@ -77,9 +77,8 @@ class Finish:
     attrs: dict
     system_attrs: dict  # the pruner's (rungs), for other engines' pruners
     completed: datetime
-    epochs: list[tuple[EpochLog, float]] = field(
-        default_factory=list
-    )  # TensorBoard points, wall time
+    # TensorBoard points, wall time
+    epochs: list[tuple[EpochLog, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # TensorBoard HParams metrics
     model: State | None = None  # a new best's weights, stored as an artifact
     tcfg: TrainConfig | None = None
@@ -207,9 +206,8 @@ def _main(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     import torch
 
-    torch.set_num_threads(
-        1
-    )  # the trainer has the cores; this process draws one small image at most
+    # the trainer has the cores; this process draws one small image at most
+    torch.set_num_threads(1)
     sink: _Sink | None = None  # None once it has failed: later jobs are drained, not written
     try:
         sink = _Sink(cfg, known, results, claims)
@@ -301,9 +299,8 @@ class _Sink:
         self.held_ever = 0  # trials stored for the trainer: each used one of its budget claims
         self.max_id = known.max_id  # highest trial id the mirror has seen
         self.unfinished = dict(known.unfinished)  # others' RUNNING / WAITING trials, by id
-        self.synced: list[
-            tuple[int, frozenset]
-        ] = []  # (sync seq, parameter set) of others' new trials
+        # (sync seq, parameter set) of others' new trials
+        self.synced: list[tuple[int, frozenset]] = []
         self.seq = 0
         now = time.monotonic()
         self.due = {
@@ -329,9 +326,8 @@ class _Sink:
         new = [s for s in starts if s.claim is None]
         if new:
             seen = min(s.seen for s in new)
-            avoid = {
-                ps for seq, ps in self.synced if seq > seen
-            }  # stored by others after the mirror looked
+            # stored by others after the mirror looked
+            avoid = {ps for seq, ps in self.synced if seq > seen}
             stored = add_trials(
                 self.storage,
                 self.study_id,
