@@ -27,9 +27,23 @@ from .quiet import experimental
 HEARTBEAT_ATTR = "sinstudy:heartbeat"  # unix time of a journal trial's last beat
 
 
-def retry_callback(max_retries: int) -> RetryHeartbeatStaleTrialCallback:
-    with experimental():  # experimental in Optuna 5.0; its behaviour is what we want
-        return RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+class StaleRetry:
+    """Optuna's stale-trial callback (RetryHeartbeatStaleTrialCallback), which also remembers the
+    trials it was called for: Optuna calls it only for the trials this process failed, so a
+    sweep can name them (and not those another engine failed at the same moment)."""
+
+    def __init__(self, max_retries: int):
+        with experimental():  # experimental in Optuna 5.0; its behaviour is what we want
+            self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+        self.failed: list[int] = []
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._retry(study, trial)
+        self.failed.append(trial.number)
+
+
+def retry_callback(max_retries: int) -> StaleRetry:
+    return StaleRetry(max_retries)
 
 
 def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> bool:
@@ -62,11 +76,13 @@ def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -
     """Fail (and retry) trials whose worker is gone. RDB: Optuna's heartbeat; journal: ours."""
     storage = study._storage
     if not isinstance(storage, JournalStorage):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        callback = storage.get_heartbeat_stale_trial_callback()
+        if not isinstance(callback, StaleRetry):  # a storage opened without our heartbeat
+            return []
+        seen = len(callback.failed)
         with experimental():  # "experimental" since Optuna 2.9; what the heartbeat runs
             optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return sorted(before - after)
+        return sorted(callback.failed[seen:])
     now = time.time()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

@@ -434,6 +434,51 @@ def test_a_failing_writer_is_one_clear_error(tmp_path):
     assert w.proc.exitcode == 0
 
 
+def test_the_writer_beats_while_a_job_runs_and_stops_when_its_loop_is_stuck(tmp_path, monkeypatch):
+    """Heartbeats come from the writer's own thread: a job longer than grace_period (a big
+    TensorBoard run on a loaded machine) must not let another engine's sweep fail a live trial;
+    a writer whose loop stops coming round must let its trials go stale."""
+    import multiprocessing as mp
+    import queue
+
+    from study import config
+    from study.batched import writer
+    from study.opening import open_study_storage
+    from study.quiet import experimental
+
+    cfg = config.build(
+        {"study": {"heartbeat_interval": 1, "grace_period": 2}},
+        study="sinstudy",
+        storage=f"sqlite:///{tmp_path}/s.db",
+        log_dir=str(tmp_path / "tb"),
+        artifact_dir=str(tmp_path / "art"),
+    )
+    storage = open_study_storage(cfg)
+    study = optuna.create_study(study_name="sinstudy", storage=storage)
+    sink = writer._Sink(
+        cfg, writer.Known(-1, {}), queue.Queue(), writer._Claims(None, mp.Value("i"))
+    )
+
+    def held_trial() -> int:
+        with pytest.warns(UserWarning, match="Heartbeat"):  # "meant for Study.optimize"
+            trial_id = study.ask()._trial_id
+        storage.record_heartbeat(trial_id)
+        with sink.lock:
+            sink.ids[trial_id] = trial_id
+        return trial_id
+
+    def state_after(seconds: float, trial_id: int) -> TrialState:
+        time.sleep(seconds)
+        with experimental():  # a sibling engine's sweep
+            optuna.storages.fail_stale_trials(study)
+        return study._storage.get_trial(trial_id).state
+
+    sink.looped = time.monotonic()  # the loop came round, then a job runs for 3.5 s
+    assert state_after(3.5, held_trial()) == TrialState.RUNNING
+    monkeypatch.setattr(writer, "STUCK_S", 0.5)  # now the loop is stuck
+    assert state_after(3.5, held_trial()) == TrialState.FAIL
+
+
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_bench_script_runs_both_engines_and_ends_with_the_speedup(tmp_path, storage):
     """scripts/bench.py on a tiny budget: the raw line, both engines' rows, and the ratio as its

@@ -14,6 +14,8 @@ import pytest
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
+from study.recovery import fail_and_retry
+
 TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
 FAST_HB = '\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = "none"\n'
 
@@ -282,3 +284,40 @@ def test_killed_writer_ends_the_run_with_one_line(workdir):
     lines = [line for line in err.splitlines() if line.startswith("sinstudy:")]
     assert len(lines) == 1 and "writer process died" in lines[0], err
     assert not spawned_children(proc.pid)
+
+
+def test_a_live_trial_failed_by_another_engine_is_not_stored_and_its_claim_returns(workdir):
+    """A sibling's sweep can fail a live trial (its machine stalled past grace_period): the
+    engine that trains it must not crash when it ends, store nothing of it, and give its budget
+    claim back, so the run still ends with exactly --n-trials trials."""
+    url = "sqlite:///storage/sinstudy.db"
+    (workdir / "slow.toml").write_text(TINY_TOML + FAST_HB)
+    args = ["--config", "slow.toml", "--max-epochs", "4000", "--no-progress", "--slots", "1"]
+    proc = start_cli("run", *args, "--n-trials", "2", cwd=workdir)
+    try:
+        (victim,) = _wait(
+            lambda: [
+                t
+                for t in _study(url).get_trials(states=(TrialState.RUNNING,))
+                if len(t.intermediate_values) > 5
+            ],
+            proc,
+        )
+        # What another engine's sweep does. The first trial is a new best: its weights are
+        # uploaded when it ends, to a trial that is no longer running.
+        assert victim.number == 0
+        assert fail_and_retry(_study(url), victim.number, max_retries=1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert f"trial #{victim.number} had been failed by another engine" in err
+    study = _study(url)
+    states = Counter(t.state for t in study.trials)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 2, states
+    failed = study.trials[victim.number]
+    assert failed.state == TrialState.FAIL and "test_mse" not in failed.user_attrs
+    assert "model_artifact" not in failed.user_attrs
+    best = study.best_trial  # the next best stored its weights instead
+    assert best.number != victim.number and "model_artifact" in best.user_attrs

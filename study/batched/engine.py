@@ -131,6 +131,10 @@ class BatchedEngine:
         )
         self.last_flush = time.monotonic()
         self.pending: set[int] = set()  # trials handed to the writer, not yet confirmed stored
+        # Ended trials handed to the writer, not yet confirmed stored (key -> value if COMPLETE):
+        # one that another engine failed meanwhile is not, and gives its budget claim back.
+        self.finishing: dict[int, float] = {}
+        self.stored_best = self.best_value  # the best value confirmed stored
         self.retry_wait: float | None = None  # until when the loop waits for a queued retry
 
     # ---------------------------------------------------------------- the loop
@@ -155,12 +159,17 @@ class BatchedEngine:
                 self._messages(self.writer.poll())
                 self._fill(budget)
                 if not self.stacks:
-                    if interrupt.requested() or not (self.pending or self._awaiting_retry(budget)):
+                    if interrupt.requested() or not (
+                        self.pending or self.finishing or self._awaiting_retry(budget)
+                    ):
                         break
-                    # The budget looks spent, but the writer has not confirmed every start yet
-                    # (one it could not store gives its claim back), or a crashed worker's retry
-                    # has a claim reserved and the mirror has not seen it yet: wait for them.
+                    # The budget looks spent, but the writer has not confirmed every start and
+                    # finish yet (one it could not store gives its claim back), or a crashed
+                    # worker's retry has a claim reserved and the mirror has not seen it yet:
+                    # wait for them.
+                    t0 = time.perf_counter()
                     time.sleep(0.05)
+                    self.stats.book_seconds += time.perf_counter() - t0
                     continue
                 # sorted: the same order in every process (str hashing is salted per process),
                 # so the mirror sees reports and tells in the same order and a seed repeats
@@ -189,7 +198,13 @@ class BatchedEngine:
         lost = []
         for msg in messages:
             if msg[0] == "written":
-                self.on_trial(msg[1], TrialState[msg[2]], msg[3])
+                value = self.finishing.pop(msg[1], math.inf)
+                self.stored_best = min(self.stored_best, value)
+                self.on_trial(msg[2], TrialState[msg[3]], msg[4])
+            elif msg[0] == "dropped":
+                self.finishing.pop(msg[1], None)
+                # if it was the best, the next best must upload its weights
+                self.best_value = min(self.stored_best, *self.finishing.values(), math.inf)
             elif msg[0] == "sync":
                 self.mirror.apply(msg[1], msg[2])
             elif msg[0] == "started":
@@ -403,6 +418,8 @@ class BatchedEngine:
     def _put(
         self, live: Live, state: TrialState, value, attrs: dict, metrics: dict, model, tcfg
     ) -> None:
+        complete = state == TrialState.COMPLETE
+        self.finishing[live.trial.number] = value if complete else math.inf
         self.writer.put(
             Finish(
                 key=live.trial.number,

@@ -11,9 +11,11 @@ What the writer does, in the order the trainer hands it over (one queue):
   - `Finish`: a new best's weights and fit image are uploaded as artifacts (the trial is still
     RUNNING: Optuna takes none on finished trials), then its state, value, remaining values
     and attrs in one transaction, then its TensorBoard run with each epoch's original time.
-Between jobs: the heartbeat of every trial it holds (`heartbeat_interval`), the trials other
-engines stored (sent to the trainer's mirror, `SYNC_S`), and the stale-trial sweep that fails
-and retries trials of dead runs (`grace_period`), as Optuna's heartbeat does for study.optimize.
+Between jobs: the trials other engines stored (sent to the trainer's mirror, `SYNC_S`), and the
+stale-trial sweep that fails and retries trials of dead runs (`grace_period`). The heartbeat of
+every trial it holds (`heartbeat_interval`) comes from a thread, as Optuna's does for
+study.optimize: beaten between jobs, a long job (a 2,000-epoch trial's TensorBoard run on a loaded
+machine) let a live trial look dead to the other engines' sweeps.
 
 Why a process and not a thread: every torch op releases the GIL and takes it back when its
 kernel is done. While a writer *thread* ran Python (SQLAlchemy, TensorBoard, matplotlib), each
@@ -36,6 +38,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,6 +59,9 @@ from .bulk import add_trials, append_values, beat, finish_trial, param_set
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
 SYNC_S = 2.0  # how often other engines' trials are read from storage for the mirror
+# A writer whose loop has not come round for this long stops beating: its trials go stale and
+# other engines recover them, as they would a dead writer's.
+STUCK_S = 60.0
 
 
 @dataclass
@@ -233,7 +239,9 @@ def _main(
                 continue
             if not warmed:  # the first idle moment: imports a new best and the note will need
                 warmed = True
-                _warm_up()
+                # In a thread: on a loaded machine the imports took 4 s, and curves in storage
+                # stood still that long.
+                threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
             item = None
         if isinstance(item, tuple):
             close = item
@@ -266,11 +274,14 @@ def _guarded(sink: _Sink, results: mp.Queue, fn, *args) -> _Sink | None:
 
 
 def _warm_up() -> None:
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401  (~0.4 s)
-    import optuna_dashboard  # noqa: F401  (~1 s)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401  (~0.4 s)
+        import optuna_dashboard  # noqa: F401  (~1 s)
+    except Exception:  # a job that needs them imports them again and reports the failure
+        pass
 
 
 def _one_line(e: BaseException) -> str:
@@ -303,11 +314,11 @@ class _Sink:
         self.synced: list[tuple[int, frozenset]] = []
         self.seq = 0
         now = time.monotonic()
-        self.due = {
-            "beat": now + cfg.heartbeat_interval,
-            "sync": now + SYNC_S,
-            "sweep": now + cfg.grace_period,
-        }
+        self.due = {"sync": now + SYNC_S, "sweep": now + cfg.grace_period}
+        self.lock = threading.Lock()  # self.ids, shared with the heartbeat thread
+        self.looped = now  # when the loop last came round (the heartbeat's proof of life)
+        self.beat_error: BaseException | None = None
+        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
 
     # ---------------------------------------------------------------- jobs
 
@@ -358,7 +369,8 @@ class _Sink:
 
     def _hold(self, key: int, trial_id: int, number: int) -> None:
         self.held_ever += 1
-        self.ids[key] = trial_id
+        with self.lock:
+            self.ids[key] = trial_id
         self.numbers[trial_id] = number
         self.own.add(trial_id)
         self.results.put(("started", key, number))
@@ -386,35 +398,45 @@ class _Sink:
         )
 
     def finish(self, f: Finish) -> None:
-        trial_id = self.ids.pop(f.key, None)
+        with self.lock:
+            trial_id = self.ids.pop(f.key, None)
         if trial_id is None:  # never stored (lost to another engine)
+            self.results.put(("dropped", f.key))
             return
         number = self.numbers.pop(trial_id)
         attrs = dict(f.attrs)
-        if f.model is not None:
-            attrs["model_artifact"] = upload_model(
-                self.store,
-                self.storage.get_trial(trial_id),
-                number,
-                f.tcfg,
-                f.model,
+        try:
+            if f.model is not None:
+                attrs["model_artifact"] = upload_model(
+                    self.store,
+                    self.storage.get_trial(trial_id),
+                    number,
+                    f.tcfg,
+                    f.model,
+                    self.storage,
+                    scaling=self.cfg.data.input_scaling,
+                )
+            stored = finish_trial(
                 self.storage,
-                scaling=self.cfg.data.input_scaling,
+                trial_id,
+                state=f.state,
+                value=f.value,
+                values=f.values,
+                user_attrs=attrs,
+                system_attrs=f.system_attrs,
+                completed=f.completed,
             )
-        if not finish_trial(
-            self.storage,
-            trial_id,
-            state=f.state,
-            value=f.value,
-            values=f.values,
-            user_attrs=attrs,
-            system_attrs=f.system_attrs,
-            completed=f.completed,
-        ):
+        except optuna.exceptions.UpdateFinishedTrialError:  # raised by the artifact upload
+            stored = False
+        if not stored:
+            # Its claim goes back to the budget: the trial counts for nothing, and its retry
+            # (or a new trial) takes its place.
+            self.held_ever -= 1
+            self.claims.give_back(1)
+            self.results.put(("dropped", f.key))
             print(
                 f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for "
-                f"{self.cfg.grace_period} s); "
-                "its result is not stored",
+                f"{self.cfg.grace_period} s); its result is not stored",
                 file=sys.stderr,
             )
             return
@@ -423,15 +445,29 @@ class _Sink:
             logger.log_epoch(log, walltime=walltime)
         logger.close(dict(self.storage.get_trial(trial_id).params), f.metrics, f.state.name)
         value = f.value if f.value is None or abs(f.value) != float("inf") else None
-        self.results.put(("written", number, f.state.name, value))
+        self.results.put(("written", f.key, number, f.state.name, value))
 
     # ---------------------------------------------------------------- between jobs
 
+    def _beat(self) -> None:
+        """The heartbeat thread: every trial held, every `heartbeat_interval`, while the loop
+        lives. A storage error ends it; the loop reports it."""
+        while True:
+            time.sleep(self.cfg.heartbeat_interval)
+            if time.monotonic() - self.looped > STUCK_S:
+                continue
+            with self.lock:
+                ids = list(self.ids.values())
+            try:  # a trial that finishes meanwhile: a beat on a finished trial changes nothing
+                beat(self.storage, ids, HEARTBEAT_ATTR)
+            except BaseException as e:
+                self.beat_error = e
+                return
+
     def periodic(self) -> None:
-        now = time.monotonic()
-        if now >= self.due["beat"]:
-            beat(self.storage, self.ids.values(), HEARTBEAT_ATTR)
-            self.due["beat"] = now + self.cfg.heartbeat_interval
+        now = self.looped = time.monotonic()
+        if self.beat_error is not None:
+            raise self.beat_error
         if now >= self.due["sync"]:
             self.sync()
             self.due["sync"] = now + SYNC_S
