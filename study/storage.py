@@ -17,13 +17,16 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
@@ -32,6 +35,7 @@ from .recovery import retry_callback
 
 SQLITE_BUSY_TIMEOUT_S = 60  # wait for a lock instead of failing with "database is locked"
 PG_CONNECT_TIMEOUT_S = 5  # an unreachable server is reported after this, not a hang
+SCHEMA_RACE_TRIES = 3  # opens of a storage whose schema someone else is creating at that moment
 JOURNAL_LOCK_GRACE_S = 10  # a journal lock older than this is broken (its holder died mid-append)
 # Any of Optuna's tables marks its database: a second process may look while the first is still
 # creating the schema, and a half-made Optuna schema is not another program's database.
@@ -285,12 +289,26 @@ def open_storage(
             heartbeat_stale_trial_callback=retry_callback(heartbeat.max_retries),
         )
     try:
-        with experimental(), _schema_lock(parsed):  # heartbeat: "experimental" in Optuna 5.0
-            return RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
+        for attempt in range(SCHEMA_RACE_TRIES):
+            try:
+                with experimental(), _schema_lock(parsed):  # heartbeat: experimental in Optuna 5
+                    return RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
+            except sqlalchemy.exc.DBAPIError as e:
+                # Another program (plain Optuna, the dashboard, a run on another machine) created
+                # the schema while this one did: it exists now, so open it again.
+                if attempt + 1 == SCHEMA_RACE_TRIES or not _schema_race(e):
+                    raise
+                time.sleep(0.1 + random.random() * 0.4)
+        raise AssertionError("unreachable")
     except RuntimeError as e:  # e.g. a schema from another Optuna version
         raise StorageError(
             f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1
         ) from None
+
+
+def _schema_race(e: Exception) -> bool:
+    text = str(e).lower()
+    return "already exists" in text or "duplicate key" in text
 
 
 @contextlib.contextmanager

@@ -90,3 +90,38 @@ def test_a_journal_lock_left_by_a_killed_process_is_broken(tmp_path, monkeypatch
         storage=storage.open_storage(storage.parse("journal:///storage/s.log")), study_name="b"
     )
     assert time.monotonic() - t0 < storage.JOURNAL_LOCK_GRACE_S + 10
+
+
+def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
+    tmp_path, monkeypatch
+):
+    """Plain Optuna (or the dashboard, or a run on another machine) creating the schema while a
+    run does made the run fail with "table studies already exists"; other errors still fail."""
+    import sqlalchemy.exc
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    real, calls = storage.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the other program wins the race
+            optuna.storages.RDBStorage(url)
+            raise sqlalchemy.exc.OperationalError(
+                "CREATE TABLE studies",
+                {},
+                sqlite3.OperationalError("table studies already exists"),
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "RDBStorage", racing)
+    optuna.create_study(storage=storage.open_storage(storage.check(url)), study_name="x")
+    assert len(calls) == 2
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O"))
+
+    monkeypatch.setattr(storage, "RDBStorage", broken)
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O"):
+        storage.open_storage(storage.check(url))
+    assert len(calls) == 3

@@ -222,7 +222,7 @@ def _main(
     # This process never puts jobs: closing its copy of the pipe's sending end means a trainer
     # killed in the middle of a put leaves an EOF here, not a read that waits forever.
     jobs._writer.close()
-    close, orphaned, warmed = None, False, False
+    close, orphaned = None, False
     while True:
         try:
             item = jobs.get_nowait() if close else jobs.get(timeout=0.2)
@@ -237,11 +237,8 @@ def _main(
             if os.getppid() != parent:  # the trainer died: store what is queued, then go
                 close, orphaned = ("close", False), True
                 continue
-            if not warmed:  # the first idle moment: imports a new best and the note will need
-                warmed = True
-                # In a thread: on a loaded machine the imports took 4 s, and curves in storage
-                # stood still that long.
-                threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+            if sink is not None:  # the first idle moment
+                sink.warm_up.start()
             item = None
         if isinstance(item, tuple):
             close = item
@@ -273,15 +270,42 @@ def _guarded(sink: _Sink, results: mp.Queue, fn, *args) -> _Sink | None:
         return None
 
 
-def _warm_up() -> None:
-    try:
-        import matplotlib
+class _WarmUp:
+    """The imports a trial's end (TensorBoard), a new best (matplotlib) and the note need, done
+    at the writer's first idle moment in a thread: on a loaded machine they took 4 s, and a loop
+    doing them stored no curves that long. The loop waits for the thread before it needs them
+    itself: two threads importing plotly's modules at once deadlocked (Python detects it and
+    raises in one of them)."""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401  (~0.4 s)
-        import optuna_dashboard  # noqa: F401  (~1 s)
-    except Exception:  # a job that needs them imports them again and reports the failure
-        pass
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._imports, name="warm-up", daemon=True)
+            self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is None:  # no idle moment yet: import here, and no thread ever
+            self.thread = threading.current_thread()
+            self._imports()
+        elif self.thread is not threading.current_thread():
+            self.thread.join()
+
+    @staticmethod
+    def _imports() -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401  (~0.4 s)
+            import optuna_dashboard  # noqa: F401  (~1 s)
+            import tensorboard.plugins.hparams.api_pb2  # noqa: F401
+            import torch.utils.tensorboard.summary  # noqa: F401
+
+            from .. import plots  # noqa: F401  (plotly)
+        except Exception:  # the job that needs them imports them again and reports the failure
+            pass
 
 
 def _one_line(e: BaseException) -> str:
@@ -318,6 +342,7 @@ class _Sink:
         self.lock = threading.Lock()  # self.ids, shared with the heartbeat thread
         self.looped = now  # when the loop last came round (the heartbeat's proof of life)
         self.beat_error: BaseException | None = None
+        self.warm_up = _WarmUp()
         threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
 
     # ---------------------------------------------------------------- jobs
@@ -405,6 +430,7 @@ class _Sink:
             return
         number = self.numbers.pop(trial_id)
         attrs = dict(f.attrs)
+        self.warm_up.wait()
         try:
             if f.model is not None:
                 attrs["model_artifact"] = upload_model(
@@ -529,4 +555,5 @@ class _Sink:
             )
 
     def publish(self) -> None:
+        self.warm_up.wait()
         publish(self.study)
