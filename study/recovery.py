@@ -42,10 +42,6 @@ class StaleRetry:
         self.failed.append(trial.number)
 
 
-def retry_callback(max_retries: int) -> StaleRetry:
-    return StaleRetry(max_retries)
-
-
 def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> bool:
     """Mark a RUNNING trial FAIL and enqueue its params once more (up to max_retries times).
 
@@ -61,7 +57,7 @@ def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> 
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
     if max_retries > 0:
-        retry_callback(max_retries)(study, study._storage.get_trial(trial._trial_id))
+        StaleRetry(max_retries)(study, study._storage.get_trial(trial._trial_id))
     return True
 
 

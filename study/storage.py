@@ -31,7 +31,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from .quiet import experimental
-from .recovery import retry_callback
+from .recovery import StaleRetry
 
 SQLITE_BUSY_TIMEOUT_S = 60  # wait for a lock instead of failing with "database is locked"
 PG_CONNECT_TIMEOUT_S = 5  # an unreachable server is reported after this, not a hang
@@ -286,7 +286,7 @@ def open_storage(
         hb = dict(
             heartbeat_interval=heartbeat.interval,
             grace_period=heartbeat.grace_period,
-            heartbeat_stale_trial_callback=retry_callback(heartbeat.max_retries),
+            heartbeat_stale_trial_callback=StaleRetry(heartbeat.max_retries),
         )
     try:
         for attempt in range(SCHEMA_RACE_TRIES):

@@ -172,18 +172,18 @@ def _wait(predicate, proc, timeout: float = 60.0):
     raise AssertionError("timed out")
 
 
-def _slow(workdir) -> list[str]:
+def _slow(workdir, *, epochs: int = 20000, slots: int = 3, n_trials: int = 20) -> list[str]:
     (workdir / "slow.toml").write_text(TINY_TOML + FAST_HB)
     return [
         "--config",
         "slow.toml",
         "--max-epochs",
-        "20000",
+        str(epochs),
         "--no-progress",
         "--slots",
-        "3",
+        str(slots),
         "--n-trials",
-        "20",
+        str(n_trials),
     ]
 
 
@@ -291,9 +291,7 @@ def test_a_live_trial_failed_by_another_engine_is_not_stored_and_its_claim_retur
     engine that trains it must not crash when it ends, store nothing of it, and give its budget
     claim back, so the run still ends with exactly --n-trials trials."""
     url = "sqlite:///storage/sinstudy.db"
-    (workdir / "slow.toml").write_text(TINY_TOML + FAST_HB)
-    args = ["--config", "slow.toml", "--max-epochs", "4000", "--no-progress", "--slots", "1"]
-    proc = start_cli("run", *args, "--n-trials", "2", cwd=workdir)
+    proc = start_cli("run", *_slow(workdir, epochs=4000, slots=1, n_trials=2), cwd=workdir)
     try:
         (victim,) = _wait(
             lambda: [

@@ -418,8 +418,7 @@ class BatchedEngine:
     def _put(
         self, live: Live, state: TrialState, value, attrs: dict, metrics: dict, model, tcfg
     ) -> None:
-        complete = state == TrialState.COMPLETE
-        self.finishing[live.trial.number] = value if complete else math.inf
+        self.finishing[live.trial.number] = value if state == TrialState.COMPLETE else math.inf
         self.writer.put(
             Finish(
                 key=live.trial.number,
