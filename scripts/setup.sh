@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtual environment in .venv with the CPU build of PyTorch and everything sinstudy
-# and its tests need. Idempotent: a second run only checks. GPU users: see README "GPU".
+# Set up a virtual environment in .venv with PyTorch (the CPU build where there is no NVIDIA GPU)
+# and everything sinstudy and its tests need. Idempotent: a second run only checks. GPU users: see README "GPU".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,10 +21,8 @@ pipq() {
 }
 
 pipq install -q --upgrade pip
-# torch first and pinned: a bare `torch` requirement would pull a several-GB CUDA build.
-# A CUDA build already installed (GPU users) is kept.
-if ! python -c "import torch" 2>/dev/null; then
-  pipq install -q "torch==${SINSTUDY_TORCH:-2.13.0}"
-fi
+# torch first, the build chosen for this machine (scripts/install_torch.sh): a bare `torch`
+# requirement would pull PyPI's several-GB CUDA build onto a machine without a GPU.
+PYTHON=python bash scripts/install_torch.sh
 pipq install -q -e ".[test]"
 python -c "import torch, optuna; print(f'sinstudy environment ready: torch {torch.__version__}, optuna {optuna.__version__}')"

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from . import config as config_mod
 from .config import ConfigError, StudyConfig
-from .storage import StorageError
+from .errors import StorageError
+from .interrupt import Interrupted
 
 DEFAULTS = StudyConfig()
 
@@ -265,6 +267,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from . import compare
     from . import storage as storage_mod
+    from .batched import kernels
     from .opening import resolve_device
 
     if args.factor not in compare.FACTORS:
@@ -284,6 +287,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the bar and the table say it all
     device = resolve_device(args.device, say=lambda line: print(line, file=sys.stderr))
+    kernels.check(device.type)  # compare trains on the batched engine
     url = args.storage or DEFAULTS.storage
     storage_mod.check(url)  # read-only: a bad URL or a foreign file is one line, nothing written
     cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
@@ -357,7 +361,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM (`kill PID`) as Ctrl-C is: an exception that ends the command through the handlers
+    # below, exit 143, not a silent death wherever the command was (a run's engines install
+    # their own handlers while they train)
+    signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
     handler = {
         "run": cmd_run,
@@ -375,12 +387,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as e:
         print(f"sinstudy: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("sinstudy: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # anything else: one line, unless the user asks for the traceback
         if os.environ.get("SINSTUDY_DEBUG"):
             raise
+        if hasattr(e, "exit_code"):  # an error whose message is its own one line with the fix
+            print(f"sinstudy: error: {e}", file=sys.stderr)
+            return e.exit_code
         print(
             f"sinstudy: error: {type(e).__name__}: {e} (set SINSTUDY_DEBUG=1 for the traceback)",
             file=sys.stderr,

@@ -24,10 +24,10 @@ from optuna.trial import TrialState
 
 from . import config, interrupt
 from .batched.engine import run_batched
+from .budget import Budget
 from .config import ConfigError, DataConfig, TrainConfig
 from .course import TEST_MSE as REPORT_TEST_MSE
 from .opening import name_metric, open_study_storage
-from .pool import Budget
 
 # Held fixed unless a factor varies it: the report trained with ReLU and no schedule; it named
 # no optimizer (Adam here) and no widths (32 here).

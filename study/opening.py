@@ -258,13 +258,19 @@ def _available_ram() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(cfg: StudyConfig, device: torch.device, slots: int) -> None:
-    """Refuse (exit 2) a space whose largest model, `slots` times, cannot fit the device."""
+# What one process of a run holds besides its models (torch, Optuna, SQLAlchemy, and in a writer
+# TensorBoard and matplotlib), measured on the 2-core CPU with some margin.
+PROCESS_BYTES = 350 * 2**20
+
+
+def check_memory(
+    cfg: StudyConfig, device: torch.device, slots: int, *, processes: int = 1
+) -> None:
+    """Refuse (exit 2) a space whose largest model, `slots` times, cannot fit the device, or a
+    run whose `processes` (workers and their writers) cannot fit this machine's memory."""
     need = estimate_bytes(cfg, slots)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_ram()
+    ram = _available_ram()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else ram
     if need > 0.8 * free:
         raise ConfigError(
             f"the largest model of the search space (depth {cfg.space.depth[1]}, width "
@@ -272,6 +278,13 @@ def check_memory(cfg: StudyConfig, device: torch.device, slots: int) -> None:
             f"in {slots} slot(s) needs about {need / 2**30:.1f} GiB, more than the "
             f"{free / 2**30:.1f} GiB free on "
             f"{device}; lower search_space.depth / width or --slots"
+        )
+    host = processes * PROCESS_BYTES + (need if device.type == "cpu" else 0)
+    if processes > 1 and host > 0.8 * ram:
+        raise ConfigError(
+            f"{processes} processes (workers and their storage writers, about "
+            f"{PROCESS_BYTES // 2**20} MiB each) need about {host / 2**30:.1f} GiB, more than "
+            f"the {ram / 2**30:.1f} GiB of memory available; use fewer --workers"
         )
 
 

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -28,9 +29,12 @@ from optuna.trial import TrialState
 
 from . import interrupt
 from .batched.engine import run_batched
+from .batched.writer import WriterError
+from .budget import Budget
 from .config import StudyConfig
 from .recovery import fail_and_retry
 from .standard import run_trials
+from .trial_attrs import SEED_STREAM
 
 _CTX = mp.get_context("spawn")  # fork after torch/SQLAlchemy have threads is unsafe
 # Our queues' and counters' semaphores are registered with multiprocessing's resource tracker,
@@ -39,52 +43,6 @@ _CTX = mp.get_context("spawn")  # fork after torch/SQLAlchemy have threads is un
 _QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
 if _QUIET_TRACKER not in sys.warnoptions:
     sys.warnoptions.append(_QUIET_TRACKER)
-
-
-class Budget:
-    """Trials this run may still start, shared by the local workers (exact across them).
-
-    A claim given back for a crashed trial whose retry was queued is `reserved` for a queued
-    trial: a worker about to start a new trial cannot take it before the retry is seen."""
-
-    def __init__(self, n_trials: int, timeout: float | None):
-        self.n_trials = n_trials
-        self.deadline = None if timeout is None else time.time() + timeout
-        self._claimed = _CTX.Value("i", 0)
-        self._reserved = _CTX.Value("i", 0)
-        self._stopped = _CTX.Value("b", 0)
-
-    def claim(self, *, queued: bool = False) -> bool:
-        """One trial may start; `queued`: it is a queued trial (a retry, an enqueued trial)."""
-        with self._claimed.get_lock():
-            if self._stopped.value:
-                return False
-            if queued and self._reserved.value > 0:
-                self._reserved.value -= 1
-                self._claimed.value += 1
-                return True
-            if self._claimed.value + self._reserved.value >= self.n_trials:
-                return False
-            if self.deadline is not None and time.time() >= self.deadline:
-                return False
-            self._claimed.value += 1
-            return True
-
-    def release(self, n: int = 1, *, for_queued: bool = False) -> None:
-        """Give back n claims; `for_queued`: their trials' retries are queued, keep the claims."""
-        with self._claimed.get_lock():
-            self._claimed.value -= n
-            if for_queued:
-                self._reserved.value += n
-
-    def reserved(self) -> int:
-        return self._reserved.value
-
-    def stop(self) -> None:
-        self._stopped.value = 1
-
-
-SEED_STREAM = 1_000_003  # worker seeds this far apart: the samplers add the study's trial count
 
 
 def worker_seed(cfg: StudyConfig, index: int, n_workers: int, generation: int) -> int:
@@ -102,13 +60,15 @@ def run_engine(
     *,
     seed: int,
     device: str,
+    stream: int = 0,
     current: mp.Array | None = None,
     index: int = 0,
     on_trial: Callable | None = None,
     storage=None,
 ) -> float | None:
-    """Run this process's engine until the budget is spent. Returns its bookkeeping seconds
-    (None where the engine does not measure them)."""
+    """Run this process's engine (worker `index`; its trials' seeds counted in `stream`) until
+    the budget is spent. Returns its bookkeeping seconds (None where the engine does not measure
+    them)."""
 
     def on_start(number: int) -> None:  # standard: the running trial; batched: its writer's pid
         if current is not None:
@@ -123,6 +83,8 @@ def run_engine(
             on_trial=on_trial,
             storage=storage,
             on_writer=on_start,
+            worker=index,
+            stream=stream,
         )
 
     start = time.perf_counter()
@@ -134,6 +96,7 @@ def run_engine(
         on_start=on_start,
         callbacks=[on_trial] if on_trial else [],
         storage=storage,
+        worker=index,
     )
     # everything outside the objective (ask, tell, sampler) plus its reporting and pruning
     return (time.perf_counter() - start) - objective.seconds_inside + objective.seconds_reporting
@@ -143,23 +106,43 @@ def _worker_main(
     cfg: StudyConfig,
     index: int,
     seed: int,
+    stream: int,
     budget: Budget,
     current: mp.Array,
     device: str,
     threads: int,
 ) -> None:
-    """Entry point of a spawned worker: exit 0 done, 128+signal interrupted, 1 error."""
+    """Entry point of a spawned worker: exit 0 done, 128+signal interrupted, 1 error.
+
+    It runs in a process group of its own, so a terminal's Ctrl-C (sent to the run's group)
+    reaches only the parent, which forwards it once: a worker that got it twice took the second
+    for "stop now" and left its trials to its writer's crash path (FAIL and retry). SIGINT and
+    SIGTERM are blocked from its start (Pool._start) until its handlers are in place."""
+    os.setpgrp()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # see runner.run
     torch.set_num_threads(threads)
+    _stop_with_parent(os.getppid())
     try:
         with interrupt.handle_signals():
-            run_engine(cfg, budget, seed=seed, device=device, current=current, index=index)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            run_engine(
+                cfg,
+                budget,
+                seed=seed,
+                stream=stream,
+                device=device,
+                current=current,
+                index=index,
+            )
             if interrupt.requested():  # arrived between trials
                 sys.exit(128 + interrupt.requested())
     except interrupt.Interrupted as e:
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         sys.exit(130)
+    except WriterError as e:  # its trials were failed and retried: the parent replaces it
+        print(f"sinstudy: worker {index}: {e}", file=sys.stderr)
+        sys.exit(WRITER_DIED)
     except Exception as e:  # one line for the user; the parent stops the run
         print(f"sinstudy: worker {index}: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
@@ -167,6 +150,22 @@ def _worker_main(
 
 class WorkerError(RuntimeError):
     pass
+
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+WRITER_DIED = 75  # a worker's exit code when its storage writer process died
+
+
+def _stop_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (kill -9) stops as if told to: its trials end FAIL,
+    stored by its writer, instead of training on with nobody to wait for them."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def worker_devices(cfg: StudyConfig, device: str) -> list[tuple[str, dict[str, str]]]:
@@ -194,7 +193,7 @@ class Pool:
     ):
         self.cfg, self.study, self.placements = cfg, study, placements
         self.say, self.on_progress = say, on_progress
-        self.budget = Budget(cfg.n_trials, cfg.timeout)
+        self.budget = Budget(cfg.n_trials, cfg.timeout, workers=len(placements))
         self.current = _CTX.Array("i", [-1] * len(placements))  # standard workers' running trial
         self.procs: dict[int, mp.Process] = {}
         self.workers: set[str] = set()  # every worker process's `worker` attr
@@ -206,18 +205,22 @@ class Pool:
 
     def _start(self, i: int) -> None:
         device, env = self.placements[i]
+        stream = i + len(self.placements) * self.generation[i]
         seed = worker_seed(self.cfg, i, len(self.placements), self.generation[i])
         self.generation[i] += 1
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # a spawned child copies the environment at start
+        # blocked across the start: the child inherits the mask (see _worker_main)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             p = _CTX.Process(
                 target=_worker_main,
-                args=(self.cfg, i, seed, self.budget, self.current, device, self.threads),
+                args=(self.cfg, i, seed, stream, self.budget, self.current, device, self.threads),
                 name=f"sinstudy-worker-{i}",
             )
             p.start()
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -264,6 +267,12 @@ class Pool:
         held = self.current[i]
         if code == 0 or self.signum:
             return None
+        if code == WRITER_DIED:
+            self.say(
+                f"worker {i}'s storage writer died; its trials are retried; starting a replacement"
+            )
+            self._start(i)
+            return None
         if code < 0:  # killed by a signal we did not send: fail its trials, retry them, replace it
             self.current[i] = -1
             name = signal.Signals(-code).name
@@ -276,7 +285,7 @@ class Pool:
                 )
                 _wait_gone(held, timeout=self.cfg.grace_period + 30)
             elif held >= 0 and fail_and_retry(self.study, held, self.cfg.max_retries):
-                self.budget.release()
+                self.budget.release(worker=i)
                 self.say(
                     f"worker {i} was killed ({name}); trial #{held} marked FAIL"
                     f"{' and queued for retry' if self.cfg.max_retries else ''}; starting a "

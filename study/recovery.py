@@ -9,22 +9,70 @@ Three ways a trial's worker can vanish, and who notices:
   - the same on a journal file, which has no heartbeat in Optuna: `JournalHeartbeat` writes a
     system attr every interval and `sweep_stale` plays the stale-trial check. The batched engine
     beats and sweeps from its writer process (study.batched.writer).
+A trial whose owner ran on this machine (OWNER_ATTR: host, boot, pid and the process's start
+time) is failed and retried by the next sweep here as soon as that process is gone, without
+waiting for the grace period: a restart on the same machine finds its predecessor's trials at
+once. Trials of other machines keep the heartbeat rule.
 Retries use Optuna's RetryHeartbeatStaleTrialCallback, so a retried trial carries
 `failed_trial` / `retry_history` system attrs exactly as Optuna's own heartbeat writes them.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 
 import optuna
-from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
+import sqlalchemy
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models  # private: Optuna's heartbeat table (pinned optuna)
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 from .quiet import experimental
 
 HEARTBEAT_ATTR = "sinstudy:heartbeat"  # unix time of a journal trial's last beat
+# "host boot-id pid start-ticks" of the process that keeps a trial alive (the batched engine's
+# writer, the standard engine's process): a pid reused after a restart or a reboot differs in
+# its start time or boot id.
+OWNER_ATTR = "sinstudy:owner"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time since boot (clock ticks), None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]  # field 22 of proc(5); a zombie is gone
+
+
+def owner_attr(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()} {_boot_id()} {pid} {_start_ticks(pid) or ''}"
+
+
+def owner_gone(owner: object) -> bool:
+    """True when `owner` names a process of this machine (this boot) that no longer runs.
+    False for another machine, or where /proc cannot tell (the heartbeat rule decides)."""
+    parts = owner.split(" ") if isinstance(owner, str) else []
+    if len(parts) != 4 or not parts[1] or not parts[3]:
+        return False
+    host, boot, pid, ticks = parts
+    if host != socket.gethostname() or boot != _boot_id():
+        return False
+    return _start_ticks(int(pid)) != ticks
 
 
 class StaleRetry:
@@ -68,8 +116,26 @@ def _by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
     return None
 
 
-def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -> list[int]:
-    """Fail (and retry) trials whose worker is gone. RDB: Optuna's heartbeat; journal: ours."""
+def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -> dict[int, str]:
+    """Fail (and retry) trials whose worker is gone: at once where it ran on this machine, else
+    after `grace_period` without a heartbeat (RDB: Optuna's heartbeat; journal: ours). Returns
+    {trial number: why} for the trials this call failed."""
+    gone = [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if owner_gone(t.system_attrs.get(OWNER_ATTR))
+    ]
+    out = {
+        n: "its process on this machine is gone"
+        for n in gone
+        if fail_and_retry(study, n, max_retries)
+    }
+    for n in _sweep_heartbeats(study, grace_period, max_retries):
+        out[n] = f"no heartbeat for {grace_period} s"
+    return dict(sorted(out.items()))
+
+
+def _sweep_heartbeats(study: optuna.Study, grace_period: float, max_retries: int) -> list[int]:
     storage = study._storage
     if not isinstance(storage, JournalStorage):
         callback = storage.get_heartbeat_stale_trial_callback()
@@ -120,3 +186,26 @@ class JournalHeartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def heartbeat_ages(study: optuna.Study, trials: list[FrozenTrial]) -> dict[int, float]:
+    """Seconds since each running trial's last heartbeat, by number (trials without one are left
+    out). RDB: Optuna's heartbeat table, against the database's clock; journal: our attr."""
+    storage = study._storage
+    if isinstance(storage, JournalStorage):
+        now = time.time()
+        return {
+            t.number: now - t.system_attrs[HEARTBEAT_ATTR]
+            for t in trials
+            if isinstance(t.system_attrs.get(HEARTBEAT_ATTR), (int, float))
+        }
+    storage = getattr(storage, "_backend", storage)  # a study's RDBStorage sits in a cache
+    if not trials or not isinstance(storage, RDBStorage):
+        return {}
+    numbers = {t._trial_id: t.number for t in trials}
+    beat = models.TrialHeartbeatModel
+    with _create_scoped_session(storage.scoped_session) as session:
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        query = sqlalchemy.select(beat.trial_id, beat.heartbeat)
+        rows = session.execute(query.where(beat.trial_id.in_(list(numbers)))).all()
+    return {numbers[tid]: (now - at.replace(tzinfo=None)).total_seconds() for tid, at in rows}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -20,7 +21,11 @@ def open_for_reading(url: str) -> optuna.storages.BaseStorage:
         raise ConfigError(
             f"no study storage at {str(parsed.path)!r}; run `sinstudy run` first or fix --storage"
         )
-    return storage_mod.open_storage(parsed)
+    storage = storage_mod.open_storage(parsed)
+    if parsed.kind == "journal":  # opening read the file: say which lines were skipped
+        for note in storage_mod.journal_notes(storage, parsed.path):
+            print(note, file=sys.stderr)
+    return storage
 
 
 def load_existing(study_name: str, url: str) -> optuna.Study:

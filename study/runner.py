@@ -18,8 +18,10 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from . import interrupt, recovery
+from . import interrupt, recovery, trial_attrs
 from . import storage as storage_mod
+from .batched import kernels
+from .budget import Budget
 from .config import StudyConfig, models_at_once
 from .dashboard import publish
 from .opening import (
@@ -34,7 +36,7 @@ from .opening import (
     resolve_device,
     storage_advice,
 )
-from .pool import Budget, Pool, finished_since, run_engine, worker_devices
+from .pool import Pool, finished_since, run_engine, worker_devices
 from .summary import Progress, Summary, summarize
 from .trial_attrs import WORKER
 
@@ -58,12 +60,16 @@ def run(
     if device.type == "cuda":  # full float32 matmuls: the engines must agree with train.py
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    if cfg.engine == "batched":
+        kernels.check(device.type)
     placements = worker_devices(cfg, str(device))
     # models held at once on one device: every CPU worker shares this machine, GPU workers their
     # card
     per_worker = models_at_once(cfg, device.type)
     sharing = Counter(env.get("CUDA_VISIBLE_DEVICES") for _, env in placements)
-    check_memory(cfg, device, per_worker * max(sharing.values()))
+    # each worker is a process, and a batched engine's writer another
+    processes = len(placements) * (2 if cfg.engine == "batched" else 1)
+    check_memory(cfg, device, per_worker * max(sharing.values()), processes=processes)
     parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
     check_folders(cfg)
     if parsed.path is not None and not parsed.path.exists():
@@ -72,23 +78,27 @@ def run(
     check_study(cfg, storage)
     check_tensorboard_owner(cfg, storage)
     notes += storage_advice(parsed.kind, len(placements))
-    if parsed.kind == "journal" and (note := storage_mod.repair_journal(parsed.path)):
-        notes.append(note)
+    if parsed.kind == "journal":
+        if note := storage_mod.repair_journal(parsed.path):
+            notes.append(note)
+        notes += storage_mod.journal_notes(storage, parsed.path)
     for note in notes:  # only once every check has passed, so a refusal stays one line
         say(note)
     study = open_study(cfg, storage)
     Path(cfg.artifact_dir).mkdir(parents=True, exist_ok=True)
     claim_tensorboard_folder(cfg, study)
-    for n in recovery.sweep_stale(
+    recovered = recovery.sweep_stale(
         study, grace_period=cfg.grace_period, max_retries=cfg.max_retries
-    ):
-        say(
-            f"trial #{n} of an earlier run had no heartbeat for {cfg.grace_period} s: marked FAIL "
-            f"and queued for retry"
-        )
+    )
+    for n, why in recovered.items():
+        retry = " and queued for retry" if cfg.max_retries else ""
+        say(f"trial #{n} of an earlier run: {why}; marked FAIL{retry}")
 
+    run_name = trial_attrs.new_run()  # every trial this run's processes start carries it
     # what the study held before this run (queued trials it may take are not among them)
-    before = {t.number for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING}
+    stored = study.get_trials(deepcopy=False)
+    before = {t.number for t in stored if t.state != TrialState.WAITING}
+    running_before = {t.number for t in stored if t.state == TrialState.RUNNING}
     bar = Progress(cfg.n_trials, progress)
     start = time.perf_counter()
     signum, book, workers = 0, None, {WORKER}
@@ -117,6 +127,9 @@ def run(
         workers=workers,
         wall=time.perf_counter() - start,
         signum=signum,
+        recovered=recovered,
+        running_before=running_before,
+        run=run_name,
     )
     summary.bookkeeping_seconds = book
     return summary

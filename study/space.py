@@ -69,3 +69,8 @@ def grid(space: SearchSpace) -> dict[str, list[Any]]:
     if space.optimizer is not None:
         g["optimizer"] = list(space.optimizer)
     return g
+
+
+def param_set(params: dict[str, Any], distributions: dict) -> frozenset:
+    """What "the same parameter set" means: (name, Optuna's internal value) pairs."""
+    return frozenset((name, distributions[name].to_internal_repr(v)) for name, v in params.items())

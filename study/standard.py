@@ -10,23 +10,29 @@ bring their own objective.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import JournalStorage
+from optuna.trial import TrialState
 
 from . import interrupt
 from .artifacts import model_state, upload_model
-from .config import StudyConfig
+from .config import StudyConfig, TrainConfig
 from .data import SinData, make_data
 from .opening import make_pruner, make_sampler, open_study_storage
-from .recovery import JournalHeartbeat, sweep_stale
-from .space import grid_started
+from .recovery import OWNER_ATTR, JournalHeartbeat, owner_attr, sweep_stale
+from .space import grid_started, param_set
 from .tracking import TrialLogger, trial_metrics
 from .train import EpochLog, train, train_repeats
-from .trial_attrs import outcome, start_attrs, trial_configs
+from .trial_attrs import SEED_STREAM, outcome, start_attrs, trial_configs
+
+
+class DuplicateTrial(Exception):
+    """Another engine trains this trial's parameter set: the trial ends FAIL, counting nothing."""
 
 
 class Objective:
@@ -40,19 +46,21 @@ class Objective:
         # on reporting, pruning decisions and TensorBoard (the rest of a run is ask/tell).
         self.seconds_inside = 0.0
         self.seconds_reporting = 0.0
+        self.duplicates = 0  # trials ended FAIL as DuplicateTrial
 
     def __call__(self, trial: optuna.Trial) -> float:
         start = time.perf_counter()
         try:
             return self._trial(trial)
+        except DuplicateTrial:
+            self.duplicates += 1
+            raise
         finally:
             self.seconds_inside += time.perf_counter() - start
 
     def _trial(self, trial: optuna.Trial) -> float:
-        tcfgs = trial_configs(self.cfg, trial, trial.number)
+        tcfgs = self._unique(trial, trial_configs(self.cfg, trial, trial.number))
         tcfg = tcfgs[0]
-        for k, v in start_attrs("standard", tcfg, trial.params, self.cfg.repeats).items():
-            trial.set_user_attr(k, v)
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, trial.number)
         last = {"val_mse": float("inf"), "epoch": 0}
 
@@ -102,6 +110,34 @@ class Objective:
             trial.set_user_attr("model_artifact", artifact_id)
         return out.value
 
+    def _unique(self, trial: optuna.Trial, tcfgs: list[TrainConfig]) -> list[TrainConfig]:
+        """Its parameter set and seed, stored, then checked against every other trial: another
+        engine may have stored the same ones meanwhile (Optuna's ask has no such check, and a
+        batched engine checks only what is stored when it creates its trials). A parameter set
+        another trial trains or trained ends this one FAIL (DuplicateTrial: the loop gives its
+        budget back and reseeds the sampler); a seed another trial used moves this one's seeds
+        to a stream of its own. A queued trial (a retry, an enqueued point) is not checked."""
+        storage, tid = trial.study._storage, trial._trial_id
+        for k, v in start_attrs("standard", tcfgs[0], trial.params, self.cfg.repeats).items():
+            trial.set_user_attr(k, v)
+        if {"failed_trial", "fixed_params"} & set(storage.get_trial(tid).system_attrs):
+            return tcfgs  # from Optuna's queue: a retry, or a point someone asked for
+        others = [t for t in trial.study.get_trials(deepcopy=False) if t._trial_id != tid]
+        mine = param_set(trial.params, trial.distributions)
+        for t in others:
+            if t.state != TrialState.FAIL and param_set(t.params, t.distributions) == mine:
+                reason = f"trial #{t.number} has the same parameter set (another engine)"
+                trial.set_user_attr("failed_reason", reason)
+                raise DuplicateTrial(reason)
+        seeds = {t.user_attrs.get("seed") for t in others}
+        while tcfgs[0].seed in seeds:
+            stream = random.SystemRandom().randrange(1 << 10, 1 << 20) * SEED_STREAM
+            tcfgs = trial_configs(self.cfg, trial, trial.number + stream)
+            trial.set_user_attr("seed", tcfgs[0].seed)
+            if len(tcfgs) > 1:
+                trial.set_user_attr("seeds", [c.seed for c in tcfgs])
+        return tcfgs
+
     @staticmethod
     def _is_new_best(trial: optuna.Trial, value: float) -> bool:
         try:
@@ -119,6 +155,7 @@ def run_trials(
     on_start: Callable[[int], None] = lambda n: None,
     callbacks: list[Callable] = (),
     storage: optuna.storages.BaseStorage | None = None,
+    worker: int = 0,
 ) -> Objective:
     """Claim, run one trial, repeat, until the budget or the grid is spent or a signal arrives.
     `on_start(number)` is told each trial's number as it starts (-1 when it ends); `storage`:
@@ -131,8 +168,11 @@ def run_trials(
     )
     journal = isinstance(storage, JournalStorage)
 
+    owner = owner_attr()
+
     def run_one(trial: optuna.Trial) -> float:
         on_start(trial.number)
+        storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner)
         if journal:
             with JournalHeartbeat(study, trial, cfg.heartbeat_interval):
                 return objective(trial)
@@ -141,9 +181,13 @@ def run_trials(
     def grid_done() -> bool:
         return cfg.sampler == "grid" and grid_started(study, cfg.space)
 
-    while not interrupt.requested() and not grid_done() and budget.claim():
+    while not interrupt.requested() and not grid_done() and budget.claim(worker=worker):
         if journal:  # RDB storages: study.optimize runs Optuna's own stale-trial sweep
             sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
-        study.optimize(run_one, n_trials=1, callbacks=list(callbacks))
+        n = objective.duplicates
+        study.optimize(run_one, n_trials=1, callbacks=list(callbacks), catch=(DuplicateTrial,))
+        if objective.duplicates > n:  # a FAIL that counts nothing: its claim goes back
+            budget.release(worker=worker)
+            study.sampler.reseed_rng()
         on_start(-1)
     return objective

@@ -18,7 +18,9 @@ import fcntl
 import json
 import os
 import random
+import shlex
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +31,11 @@ import optuna
 import sqlalchemy.exc
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from optuna.storages.journal._storage import (
+    JournalOperation,
+)  # private: see TolerantJournalBackend
 
+from .errors import StorageError
 from .quiet import experimental
 from .recovery import StaleRetry
 
@@ -47,14 +53,6 @@ _OPTUNA_TABLES = {
     "study_directions",
     "trial_values",
 }
-
-
-class StorageError(Exception):
-    """The storage cannot be used as given. `exit_code`: 2 for bad input, 1 for the environment."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -275,8 +273,7 @@ def open_storage(
         # target the link dangles, so a lock left by a killed process is never broken (every
         # later run hangs). Held for one append at a time, a lock this old has a dead holder.
         path = str(parsed.path.resolve())
-        lock = JournalFileSymlinkLock(path, grace_period=JOURNAL_LOCK_GRACE_S)
-        return JournalStorage(JournalFileBackend(path, lock_obj=lock))
+        return JournalStorage(TolerantJournalBackend(path, lock_obj=ReentrantJournalLock(path)))
     if parsed.kind == "sqlite":
         kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
@@ -304,6 +301,106 @@ def open_storage(
         raise StorageError(
             f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1
         ) from None
+
+
+class ReentrantJournalLock(JournalFileSymlinkLock):
+    """Optuna's journal file lock, which the thread holding it may take again: a check of the
+    file and the append it guards (sinstudy.batched.bulk) run under one hold, and the append's
+    own acquire (Optuna's append_logs) nests inside it."""
+
+    def __init__(self, path: str):
+        super().__init__(path, grace_period=JOURNAL_LOCK_GRACE_S)
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self) -> bool:
+        if self._depth and self._owner == threading.get_ident():
+            self._depth += 1
+            return True
+        got = super().acquire()
+        self._owner, self._depth = threading.get_ident(), 1
+        return got
+
+    def release(self) -> None:
+        if not self._depth or self._owner != threading.get_ident():
+            # the base class breaking a dead holder's lock from inside acquire()
+            super().release()
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            super().release()
+
+
+@contextlib.contextmanager
+def journal_lock(storage: JournalStorage) -> Iterator[None]:
+    """Hold the journal file's lock (a storage opened here) across several calls."""
+    lock = storage._backend._lock
+    if not isinstance(lock, ReentrantJournalLock):
+        raise TypeError("journal storage not opened by sinstudy.storage.open_storage")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class TolerantJournalBackend(JournalFileBackend):
+    """Optuna's journal file reader, which raises JSONDecodeError on a whole line that is not a
+    record (a stray write, an editor's save) and so stops every command on the file. Here such
+    a line reads as a record that changes nothing (Optuna's DISCARD_TRIALS, which its replay
+    skips), so the line count that readers resume from stays right; `bad_lines` names them (1 =
+    the first line). A last line without its newline is an append in progress, as in Optuna."""
+
+    def __init__(self, path: str, lock_obj: JournalFileSymlinkLock):
+        super().__init__(path, lock_obj=lock_obj)
+        self.bad_lines: set[int] = set()
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict]:
+        with open(self._file_path, "rb") as f:
+            remaining = os.stat(self._file_path).st_size
+            start = 0
+            if log_number_from in self._log_number_offset:
+                f.seek(self._log_number_offset[log_number_from])
+                start = log_number_from
+                remaining -= self._log_number_offset[log_number_from]
+            for number, line in enumerate(f, start=start):
+                remaining -= len(line)
+                if remaining < 0 or not line.endswith(b"\n"):
+                    break  # appended after the size was read, or being written now
+                self._log_number_offset.setdefault(
+                    number + 1, self._log_number_offset[number] + len(line)
+                )
+                if number < log_number_from:
+                    continue
+                yield _record(line) or self._bad(number + 1)
+
+    def _bad(self, line_number: int) -> dict:
+        self.bad_lines.add(line_number)
+        return {"op_code": JournalOperation.DISCARD_TRIALS}
+
+
+def _record(line: bytes) -> dict | None:
+    try:
+        log = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(log, dict) and isinstance(log.get("op_code"), int)
+    return log if ok and log["op_code"] in _JOURNAL_OPS else None
+
+
+_JOURNAL_OPS = {int(op) for op in JournalOperation}
+
+
+def journal_notes(storage: optuna.storages.BaseStorage, path: Path) -> list[str]:
+    """One line per line of the journal that is not a record (after the storage has read it)."""
+    backend = getattr(storage, "_backend", None)
+    bad = sorted(getattr(backend, "bad_lines", ()))
+    return [
+        f"note: line {n} of {str(path)!r} is not an Optuna journal record; it is skipped "
+        f"(remove it when no run uses the file: sed -i '{n}d' {shlex.quote(str(path))})"
+        for n in bad
+    ]
 
 
 def _schema_race(e: Exception) -> bool:

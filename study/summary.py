@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .analysis import Counts, mse_texts, params_text, seeds_text
 from .config import StudyConfig
 from .course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
+from .recovery import heartbeat_ages
 from .storage import redact
 
 
@@ -28,6 +29,83 @@ class Summary:
     best: FrozenTrial | None = None
     signum: int = 0  # the signal that interrupted the run, or 0
     bookkeeping_seconds: float | None = None  # sampler, pruner, storage, TensorBoard (one process)
+    left: Leftovers | None = None  # what the run found and leaves unfinished in the study
+
+
+@dataclass
+class Leftovers:
+    """Trials a user must know of when a run ends: those of earlier or other runs that were
+    failed while it ran (and their retries), those still RUNNING (and how long since their last
+    heartbeat) and those queued (WAITING)."""
+
+    failed: dict[int, str]  # number -> why (this run's start found its process gone, ...)
+    retries: dict[int, int]  # failed number -> its retry's number
+    running: dict[int, float | None]  # number -> seconds since its heartbeat (None: unknown)
+    running_ours: list[int]  # RUNNING trials of this run's processes (a fault: should be none)
+    waiting: dict[int, int | None]  # number -> the trial it retries (None: enqueued by hand)
+
+    @classmethod
+    def of(
+        cls,
+        study: optuna.Study,
+        trials: list[FrozenTrial],
+        *,
+        recovered: dict[int, str],
+        running_before: set[int],
+        mine,
+    ) -> Leftovers:
+        by_number = {t.number: t for t in trials}
+        failed = dict(recovered)
+        for n in sorted(running_before - set(failed)):
+            if by_number[n].state == TrialState.FAIL:
+                failed[n] = "failed by a sweep while this run ran"
+        retries = {}
+        waiting = {}
+        for t in trials:
+            history = t.system_attrs.get("retry_history") or []
+            if history and history[-1] in failed:
+                retries[history[-1]] = t.number
+            if t.state == TrialState.WAITING:
+                waiting[t.number] = history[-1] if history else None
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        ages = heartbeat_ages(study, running)
+        return cls(
+            failed=failed,
+            retries=retries,
+            running={t.number: ages.get(t.number) for t in running if not mine(t)},
+            running_ours=[t.number for t in running if mine(t)],
+            waiting=waiting,
+        )
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.failed:
+            whys = sorted(set(self.failed.values()))
+            retried = [f"#{self.retries[n]}" for n in self.failed if n in self.retries]
+            out.append(
+                f"recovered      {_numbers(self.failed)} of earlier runs marked FAIL "
+                f"({'; '.join(whys)})"
+                + (f"; retried as {', '.join(retried)}" if retried else "; not retried")
+            )
+        if self.running_ours:
+            out.append(f"left running   {_numbers(self.running_ours)} (this run's: a fault)")
+        if self.running:
+            ages = [a for a in self.running.values() if a is not None]
+            beat = f", last heartbeat {max(ages):.0f} s ago at most" if ages else ""
+            out.append(f"running        {_numbers(self.running)} of other runs{beat}")
+        if self.waiting:
+            of = [f"#{n}" for n in self.waiting.values() if n is not None]
+            retries = f" (retries of {', '.join(of)})" if of else ""
+            out.append(
+                f"queued         {_numbers(self.waiting)}{retries}: the next run takes them"
+            )
+        return out
+
+
+def _numbers(numbers, most: int = 8) -> str:
+    ns = sorted(numbers)
+    text = ", ".join(f"#{n}" for n in ns[:most])
+    return text + (f" and {len(ns) - most} more" if len(ns) > most else "")
 
 
 class Progress:
@@ -79,12 +157,22 @@ def summarize(
     workers: set[str],
     wall: float,
     signum: int = 0,
+    recovered: dict[int, str] | None = None,
+    running_before: set[int] = frozenset(),
+    run: str | None = None,
 ) -> Summary:
     """`since`: the trial numbers stored before the run; `workers`: its processes (the `worker`
-    attr), which tells its trials from those other runs add to the study at the same time."""
+    attr), which tells its trials from those other runs add to the study at the same time;
+    `recovered`: trials of earlier runs its start failed (number -> why); `running_before`:
+    others' trials RUNNING when it started; `run`: the `run` attr of its trials."""
     trials = study.get_trials(deepcopy=False)
     best = study.best_trial if any(t.state == TrialState.COMPLETE for t in trials) else None
-    ours = [t for t in trials if t.number not in since and t.user_attrs.get("worker") in workers]
+
+    def mine(t: FrozenTrial) -> bool:
+        ua = t.user_attrs
+        return (ua.get("run") == run) if run and "run" in ua else ua.get("worker") in workers
+
+    ours = [t for t in trials if t.number not in since and mine(t)]
     return Summary(
         study=study.study_name,
         storage=redact(cfg.storage),
@@ -96,6 +184,13 @@ def summarize(
         artifact_dir=cfg.artifact_dir,
         best=best,
         signum=int(signum),
+        left=Leftovers.of(
+            study,
+            trials,
+            recovered=recovered or {},
+            running_before=set(running_before),
+            mine=mine,
+        ),
     )
 
 
@@ -124,6 +219,7 @@ def format_summary(s: Summary) -> str:
         f"this run       {r.complete} complete, {r.pruned} pruned, {r.failed} failed",
         f"whole study    {tot.complete} complete, {tot.pruned} pruned, {tot.failed} failed",
     ]
+    lines += s.left.lines() if s.left else []
     lines += describe_trial(s.best) if s.best else ["best trial     none complete yet"]
     lines += [
         f"storage        {s.storage}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass, fields, replace
 
 import optuna
@@ -17,11 +18,30 @@ from .space import suggest
 from .train import TrainResult
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a trial
+RUN_ENV = "SINSTUDY_RUN"  # the run a process belongs to: its workers and writers inherit it
+
+
+def new_run() -> str:
+    """Name the run this process starts (`host:pid:time`); the processes it spawns inherit it."""
+    os.environ[RUN_ENV] = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns() // 1_000_000}"
+    return os.environ[RUN_ENV]
+
+
+def run_id() -> str:
+    return os.environ.get(RUN_ENV) or WORKER
+
+
+# Streams this far apart: worker i of a run samples with seed + i * SEED_STREAM (the samplers add
+# the study's trial count), and its batched engine counts its trials from i * SEED_STREAM.
+SEED_STREAM = 1_000_003
 
 
 def trial_seed(cfg: StudyConfig, trial_number: int, repeat: int = 0) -> int:
     """Trial k's repeat r (of S = cfg.repeats) trains with seed `seed + S*k + r` (its weights and
-    its minibatch order): with S = 1, seed + k; no two models of a study share a seed."""
+    its minibatch order): with S = 1, seed + k. k is the trial's number as its engine counted it
+    when it started: its number in the study when one engine runs; worker i of a run counts from
+    i * SEED_STREAM, and an engine that finds a seed taken by another moves to a stream of its
+    own, so no two trials of a study share a seed (retries reuse their trial's)."""
     return cfg.seed + cfg.repeats * trial_number + repeat
 
 
@@ -35,7 +55,7 @@ def start_attrs(engine: str, tcfg: TrainConfig, params: dict, repeats: int = 1) 
     """Stored when a trial starts, so pruned and failed trials carry them too: who trains it,
     its (first) seed, and what of its TrainConfig its params do not show, one short attr per
     field (`train_<field>`: one long JSON value would stretch optuna-dashboard's trial page)."""
-    attrs = {"engine": engine, "seed": tcfg.seed, "worker": WORKER}
+    attrs = {"engine": engine, "seed": tcfg.seed, "worker": WORKER, "run": run_id()}
     if repeats > 1:
         attrs["repeats"] = repeats
     shown = set(params) | ({"width"} if any(p.startswith("width_") for p in params) else set())

@@ -37,6 +37,7 @@ ONE_MODEL_KEYS = {
     "engine",
     "seed",
     "worker",
+    "run",
     "test_mse",
     "final_val_mse",
     "final_test_mse",

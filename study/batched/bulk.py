@@ -24,6 +24,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -36,14 +37,11 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import delete, insert, update
 
+from ..space import param_set
+from ..storage import journal_lock
+
 _RETRIES = 5  # as Optuna's create_new_trial: a deadlock between writers is retried after a pause
 T = TypeVar("T")
-
-ParamSet = frozenset  # of (name, internal value): what "the same parameter set" means
-
-
-def param_set(params: dict[str, Any], distributions: dict) -> ParamSet:
-    return frozenset((name, distributions[name].to_internal_repr(v)) for name, v in params.items())
 
 
 def _transaction(storage: RDBStorage, body: Callable[[Any], T]) -> T:
@@ -65,34 +63,79 @@ def add_trial(
     return add_trials(storage, study_id, [trial], heartbeat=False)[0]
 
 
+@dataclass(frozen=True)
+class Taken:
+    """What a new trial may not repeat: parameter sets others train or trained (FAIL trials'
+    excepted: retries repeat those) and weight seeds others used (FAIL trials' included)."""
+
+    params: frozenset = frozenset()
+    seeds: frozenset = frozenset()
+
+    def __or__(self, other: Taken) -> Taken:
+        return Taken(self.params | other.params, self.seeds | other.seeds)
+
+    def refuses(self, t: FrozenTrial, seed: int | None) -> bool:
+        return (seed is not None and seed in self.seeds) or bool(
+            t.params and self.params and param_set(t.params, t.distributions) in self.params
+        )
+
+
 def add_trials(
     storage: optuna.storages.BaseStorage,
     study_id: int,
     trials: list[FrozenTrial],
     *,
     heartbeat: bool,
-    after_id: int = -1,
-    avoid: Iterable[ParamSet] = (),
+    after_id: int | None = None,
+    taken: Taken = Taken(),
     own: set[int] = frozenset(),
+    seeds: list[int | None] | None = None,
 ) -> list[tuple[int, int] | None]:
     """Store `trials` as new trials of the study, numbered in list order, in one transaction.
     Returns (trial_id, number) per trial, or None for a trial not stored because another engine
-    already has its parameter set: one in `avoid`, or one stored by someone else (not in `own`)
-    after trial id `after_id`, checked under the study lock. `heartbeat`: give each a heartbeat
-    row, which Optuna's stale-trial check needs to see it."""
+    already has its parameter set or its weight seed (`seeds`, one per trial; None: no check):
+    one in `taken`, or one of a trial stored by someone else (not in `own`) after trial id
+    `after_id` (-1: any), checked under the study lock (the journal's file lock). `heartbeat`:
+    give each a heartbeat row, which Optuna's stale-trial check needs to see it."""
+    seeds = seeds or [None] * len(trials)
     if not isinstance(storage, RDBStorage):
-        return [_journal_add(storage, study_id, t, set(avoid)) for t in trials]
+        return _journal_add(storage, study_id, trials, after_id, taken, own, seeds)
     return _transaction(
-        storage, lambda s: _insert(s, study_id, trials, heartbeat, after_id, set(avoid), own)
+        storage, lambda s: _insert(s, study_id, trials, heartbeat, after_id, taken, own, seeds)
     )
 
 
-def _journal_add(storage, study_id: int, t: FrozenTrial, avoid: set) -> tuple[int, int] | None:
-    # The journal has no transaction: the check runs just before the append (a file lock each).
-    if t.params and avoid and param_set(t.params, t.distributions) in avoid:
-        return None
-    trial_id = storage.create_new_trial(study_id, template_trial=t)
-    return trial_id, storage.get_trial_number_from_id(trial_id)
+def _journal_add(
+    storage, study_id: int, trials, after_id, taken: Taken, own, seeds
+) -> list[tuple[int, int] | None]:
+    # Under the file lock, the file itself is read (not only what the last sync saw), so two
+    # engines appending at the same moment cannot both store one parameter set.
+    with journal_lock(storage):
+        if after_id is not None:
+            others = [
+                t
+                for t in storage.get_all_trials(study_id, deepcopy=False)
+                if t._trial_id > after_id and t._trial_id not in own
+            ]
+            taken = taken | _taken_of(others)
+        out: list[tuple[int, int] | None] = []
+        for t, seed in zip(trials, seeds, strict=True):
+            if taken.refuses(t, seed):
+                out.append(None)
+                continue
+            trial_id = storage.create_new_trial(study_id, template_trial=t)
+            out.append((trial_id, storage.get_trial_number_from_id(trial_id)))
+        return out
+
+
+def _taken_of(trials: Iterable[FrozenTrial]) -> Taken:
+    params, seeds = set(), set()
+    for t in trials:
+        if t.params and t.state != TrialState.FAIL:
+            params.add(param_set(t.params, t.distributions))
+        if isinstance(t.user_attrs.get("seed"), int):
+            seeds.add(t.user_attrs["seed"])
+    return Taken(frozenset(params), frozenset(seeds))
 
 
 def _insert(
@@ -100,17 +143,18 @@ def _insert(
     study_id: int,
     trials: list[FrozenTrial],
     heartbeat: bool,
-    after_id: int,
-    avoid: set,
+    after_id: int | None,
+    taken: Taken,
     own: set[int],
+    seeds: list[int | None],
 ) -> list[tuple[int, int] | None]:
     # The lock Optuna takes while it numbers a trial (trial numbers have no unique constraint).
     models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-    if after_id >= 0:
-        avoid = avoid | _param_sets_after(session, study_id, after_id, own)
+    if after_id is not None:
+        taken = taken | _taken_after(session, study_id, after_id, own)
     rows: list[models.TrialModel | None] = []
-    for t in trials:
-        if t.params and avoid and param_set(t.params, t.distributions) in avoid:
+    for t, seed in zip(trials, seeds, strict=True):
+        if taken.refuses(t, seed):
             rows.append(None)
             continue
         row = models.TrialModel(
@@ -166,26 +210,35 @@ def _insert(
     return [None if r is None else (r.trial_id, r.number) for r in rows]
 
 
-def _param_sets_after(session, study_id: int, after_id: int, own: set[int]) -> set[ParamSet]:
-    """Parameter sets of trials others stored after `after_id` (not FAIL: retries repeat those)."""
+def _taken_after(session, study_id: int, after_id: int, own: set[int]) -> Taken:
+    """Parameter sets (not of FAIL trials: retries repeat those) and weight seeds of the trials
+    others stored after `after_id`."""
+    trials = models.TrialModel
     rows = session.execute(
         sqlalchemy.select(
             models.TrialParamModel.trial_id,
             models.TrialParamModel.param_name,
             models.TrialParamModel.param_value,
         )
-        .join(models.TrialModel, models.TrialModel.trial_id == models.TrialParamModel.trial_id)
+        .join(trials, trials.trial_id == models.TrialParamModel.trial_id)
         .where(
-            models.TrialModel.study_id == study_id,
-            models.TrialModel.trial_id > after_id,
-            models.TrialModel.state != TrialState.FAIL,
+            trials.study_id == study_id,
+            trials.trial_id > after_id,
+            trials.state != TrialState.FAIL,
         )
     ).all()
     sets: dict[int, set] = {}
     for tid, name, value in rows:
         if tid not in own:
             sets.setdefault(tid, set()).add((name, value))
-    return {frozenset(s) for s in sets.values()}
+    attrs = models.TrialUserAttributeModel
+    seed_rows = session.execute(
+        sqlalchemy.select(attrs.trial_id, attrs.value_json)
+        .join(trials, trials.trial_id == attrs.trial_id)
+        .where(trials.study_id == study_id, trials.trial_id > after_id, attrs.key == "seed")
+    ).all()
+    seeds = {json.loads(v) for tid, v in seed_rows if tid not in own}
+    return Taken(frozenset(frozenset(s) for s in sets.values()), frozenset(seeds))
 
 
 def _value_rows(tid: int, values: list[float]) -> list[dict]:
@@ -276,6 +329,20 @@ def finish_trial(
             if table_rows:
                 session.execute(insert(model), table_rows)
         return True
+
+    return _transaction(storage, body)
+
+
+def trial_states(storage: RDBStorage, trial_ids: Iterable[int]) -> dict[int, TrialState]:
+    """The stored state of each trial: one small SELECT, none of the trials' values."""
+    ids = list(trial_ids)
+    if not ids:
+        return {}
+    m = models.TrialModel
+
+    def body(session) -> dict[int, TrialState]:
+        rows = session.execute(sqlalchemy.select(m.trial_id, m.state).where(m.trial_id.in_(ids)))
+        return dict(rows.all())
 
     return _transaction(storage, body)
 

@@ -15,6 +15,7 @@ Ctrl-C / SIGTERM end the trials still training as FAIL with their curves.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,13 +31,14 @@ from ..config import StudyConfig, TrainConfig, models_at_once
 from ..data import make_data
 from ..model import n_params
 from ..opening import open_study_storage
+from ..recovery import fail_and_retry
 from ..space import grid_started
 from ..tracking import trial_metrics
 from ..train import EpochLog, TrainResult, divergence, lr_at, mse
-from ..trial_attrs import outcome, repeat_reason, start_attrs, trial_configs
+from ..trial_attrs import SEED_STREAM, outcome, repeat_reason, start_attrs, trial_configs
 from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
-from .writer import SYNC_S, Finish, Start, Writer
+from .writer import SYNC_S, Finish, Start, Writer, WriterError
 
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
 
@@ -84,11 +86,14 @@ def run_batched(
     on_writer: Callable[[int], None] = lambda pid: None,
     configure: Configure | None = None,
     publish: bool = True,
+    worker: int = 0,
+    stream: int = 0,
 ) -> float:
     """One batched engine on this process's device until the budget is spent. Returns its
     bookkeeping seconds. The caller handles signals (interrupt.handle_signals). `configure`:
-    what a trial trains (default: the study's search space, `cfg.repeats` seeds); `publish`:
-    update the study note at the end."""
+    what a trial trains (default: the study's search space, `cfg.repeats` seeds, each trial's
+    seeds its own); `publish`: update the study note at the end; `worker`: its index in the
+    run's budget; `stream`: where it counts its trials' seeds from (trial_attrs.trial_seed)."""
     storage = storage or open_study_storage(cfg)
     study = optuna.load_study(study_name=cfg.study, storage=storage)
     engine = BatchedEngine(
@@ -99,8 +104,13 @@ def run_batched(
         seed=seed,
         on_trial=on_trial or (lambda number, state, value: None),
         configure=configure,
+        stream=stream,
     )
-    engine.run(budget, on_writer=on_writer, publish=publish)
+    try:
+        engine.run(budget, on_writer=on_writer, publish=publish, worker=worker)
+    except WriterError:
+        engine.settle(study, budget, worker)
+        raise
     return engine.stats.book_seconds
 
 
@@ -115,9 +125,14 @@ class BatchedEngine:
         seed: int,
         on_trial: Callable[[int, TrialState, float | None], None],
         configure: Configure | None = None,
+        stream: int = 0,
     ):
         self.cfg, self.device, self.k = cfg, device, slots
+        # The study's own trials: each its own seeds, checked by the writer (compare's cells
+        # share their seeds on purpose).
+        self.unique_seeds = configure is None
         self.configure = configure or (lambda trial, number: trial_configs(cfg, trial, number))
+        self.seed_base = stream * SEED_STREAM  # trial k trains with seed + S*(k + seed_base)
         self.on_trial = on_trial
         self.data = make_data(cfg.data, device)
         self.stacks: dict[tuple[str, int, int], Stack] = {}
@@ -131,6 +146,7 @@ class BatchedEngine:
         )
         self.last_flush = time.monotonic()
         self.pending: set[int] = set()  # trials handed to the writer, not yet confirmed stored
+        self.stored: dict[int, int] = {}  # key -> stored number, from its start to its end
         # Ended trials handed to the writer, not yet confirmed stored (key -> value if COMPLETE):
         # one that another engine failed meanwhile is not, and gives its budget claim back.
         self.finishing: dict[int, float] = {}
@@ -140,12 +156,17 @@ class BatchedEngine:
     # ---------------------------------------------------------------- the loop
 
     def run(
-        self, budget, on_writer: Callable[[int], None] = lambda pid: None, publish: bool = True
+        self,
+        budget,
+        on_writer: Callable[[int], None] = lambda pid: None,
+        publish: bool = True,
+        worker: int = 0,
     ) -> int:
         """Train until the budget is spent. Returns the interrupting signal, or 0. Returns only
         when every finished trial is stored; unless interrupted (or `publish` is False), the
         writer then updates the study note the dashboard shows."""
-        self.writer = Writer(self.cfg, self.mirror.known, budget)
+        self.worker = worker
+        self.writer = Writer(self.cfg, self.mirror.known, budget, worker=worker)
         on_writer(self.writer.proc.pid)
         clean = False
         threads = torch.get_num_threads()
@@ -195,8 +216,10 @@ class BatchedEngine:
         return interrupt.requested()
 
     def _messages(self, messages: list[tuple]) -> None:
-        lost = []
+        lost, failed = [], []
         for msg in messages:
+            if msg[0] in ("written", "dropped", "failed"):
+                self.stored.pop(msg[1], None)
             if msg[0] == "written":
                 value = self.finishing.pop(msg[1], math.inf)
                 self.stored_best = min(self.stored_best, value)
@@ -209,11 +232,34 @@ class BatchedEngine:
                 self.mirror.apply(msg[1], msg[2])
             elif msg[0] == "started":
                 self.pending.discard(msg[1])
+                self.stored[msg[1]] = msg[2]
             elif msg[0] == "lost":
                 self.pending.discard(msg[1])
                 lost.append(msg[1])
+                if msg[3]:  # another engine has its parameter set or seed: move away from it
+                    self.mirror.collided()
+                    self.seed_base = (
+                        random.SystemRandom().randrange(1 << 10, 1 << 20) * SEED_STREAM
+                    )
+            elif msg[0] == "failed":
+                failed.append(msg[1])
         if lost:
             self._drop(set(lost))
+        if failed:
+            self._drop(set(failed), failed=True)
+
+    def settle(self, study: optuna.Study, budget, worker: int) -> None:
+        """The writer died: fail and retry at once the stored trials it held (those it stored
+        finished before it died count), and give their budget back, and that of trials whose
+        start it never confirmed (a sweep recovers them if they were stored)."""
+        retry = self.cfg.max_retries > 0
+        for number in self.stored.values():
+            if fail_and_retry(study, number, self.cfg.max_retries):
+                budget.release(for_queued=retry, worker=worker)
+        if self.pending:
+            budget.release(len(self.pending), worker=worker)
+        self.stored.clear()
+        self.pending.clear()
 
     def _awaiting_retry(self, budget) -> bool:
         """A claim is reserved for a queued retry: worth a few syncs' wait, not forever (another
@@ -224,16 +270,20 @@ class BatchedEngine:
             self.retry_wait = time.monotonic() + 3 * SYNC_S
         return time.monotonic() < self.retry_wait
 
-    def _drop(self, keys: set[int]) -> None:
-        """Trials the writer could not start (it gave their budget back): nothing of them is
-        stored, and those still training leave their stacks (the others ended already)."""
-        for key, stack in self.stacks.items():
+    def _drop(self, keys: set[int], *, failed: bool = False) -> None:
+        """Trials the writer could not start, or (`failed`) that were failed in storage from
+        outside while they trained (another engine's sweep, optuna-dashboard's "Fail trial"):
+        the writer gave their budget back; those still training stop and leave their stacks,
+        and the next fill replaces them."""
+        for key, stack in list(self.stacks.items()):
             gone = [k for k, x in enumerate(stack.slots) if x.tag.trial.number in keys]
             for live in _trials(stack.slots[k] for k in gone):
-                self.mirror.lost(live.trial, live.claim)
+                if failed:
+                    self.mirror.tell(live.trial, None, TrialState.FAIL)
+                else:
+                    self.mirror.lost(live.trial, live.claim)
             if gone:
                 self._remove(key, set(gone))
-        self.mirror.collided()
 
     def _fill(self, budget) -> None:
         live = sum(len(s.slots) for s in self.stacks.values())
@@ -244,11 +294,11 @@ class BatchedEngine:
             live + self.cfg.repeats <= self.k
             and not interrupt.requested()
             and not self._grid_started()
-            and budget.claim(queued=bool(self.mirror.waiting))
+            and budget.claim(queued=bool(self.mirror.waiting), worker=self.worker)
         ):
             self.writer.claimed()
             trial, claim = self.mirror.ask()
-            tcfgs = self.configure(trial, claim[1] if claim else trial.number)
+            tcfgs = self.configure(trial, claim[1] if claim else trial.number + self.seed_base)
             now = datetime.now()
             starts.append(
                 Start(
@@ -268,6 +318,7 @@ class BatchedEngine:
                     ),
                     claim=claim[0] if claim else None,
                     seen=self.mirror.seen,
+                    seed=tcfgs[0].seed if self.unique_seeds else None,
                 )
             )
             # shared by the trial's repeats: one slot per seed, one stack

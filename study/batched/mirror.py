@@ -49,6 +49,9 @@ class Mirror:
                 for t in stored
                 if t.state in (TrialState.RUNNING, TrialState.WAITING)
             },
+            frozenset(
+                t.user_attrs["seed"] for t in stored if isinstance(t.user_attrs.get("seed"), int)
+            ),
         )
 
     def _add(self, t: FrozenTrial) -> None:

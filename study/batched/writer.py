@@ -26,8 +26,8 @@ Crashes. The writer ignores SIGINT/SIGTERM (a Ctrl-C reaches the whole process g
 trainer decides what an interrupt means and the writer drains its queue. If the trainer dies,
 the writer stores what it was handed, then fails the trials it still holds and queues their
 retries (`max_retries`), at once rather than after the grace period. If the writer dies, the
-trainer stops with one line; its trials stay RUNNING until a later run or a sibling engine
-fails and retries them after `grace_period`. Everything handed over is plain data (weights as
+trainer fails and retries the trials it had stored and stops with one line (a worker of
+`--workers N` is then replaced). Everything handed over is plain data (weights as
 arrays), so the writer can store it after the trainer is gone.
 """
 
@@ -52,10 +52,11 @@ from ..artifacts import State, upload_model
 from ..config import StudyConfig, TrainConfig
 from ..dashboard import publish
 from ..opening import open_study_storage
-from ..recovery import HEARTBEAT_ATTR, fail_and_retry, sweep_stale
+from ..recovery import HEARTBEAT_ATTR, OWNER_ATTR, fail_and_retry, owner_attr, sweep_stale
+from ..space import param_set
 from ..tracking import TrialLogger
 from ..train import EpochLog
-from .bulk import add_trials, append_values, beat, finish_trial, param_set
+from .bulk import Taken, add_trials, append_values, beat, finish_trial, trial_states
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
 SYNC_S = 2.0  # how often other engines' trials are read from storage for the mirror
@@ -70,6 +71,7 @@ class Start:
     trial: FrozenTrial  # RUNNING: params, distributions, user and system attrs, datetime_start
     claim: int | None = None  # storage trial_id of a WAITING trial to take; None: a new trial
     seen: int = 0  # sync messages the mirror had applied when the trial was asked
+    seed: int | None = None  # its weight seed, unique in the study (None: shared on purpose)
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Known:
 
     max_id: int
     unfinished: dict[int, TrialState]  # RUNNING / WAITING trials of others
+    seeds: frozenset[int] = frozenset()  # weight seeds the stored trials used
 
 
 class WriterError(RuntimeError):
@@ -105,7 +108,7 @@ class WriterError(RuntimeError):
 class Writer:
     """The trainer's side: put(), poll() what came back, close() at the end."""
 
-    def __init__(self, cfg: StudyConfig, known: Known, budget=None):
+    def __init__(self, cfg: StudyConfig, known: Known, budget=None, *, worker: int = 0):
         ctx = mp.get_context("spawn")  # no fork: the trainer has torch's thread pools running
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         # Budget claims the trainer has made: the writer gives back those of trials it could not
@@ -113,7 +116,14 @@ class Writer:
         self.claims = ctx.Value("i", 0)
         self.proc = ctx.Process(
             target=_main,
-            args=(cfg, known, self.jobs, self.results, os.getpid(), _Claims(budget, self.claims)),
+            args=(
+                cfg,
+                known,
+                self.jobs,
+                self.results,
+                os.getpid(),
+                _Claims(budget, self.claims, worker),
+            ),
             name="sinstudy-writer",
         )
         # Signals blocked across the start: the child inherits the mask, ignores both signals
@@ -175,8 +185,7 @@ class Writer:
         self._closed = True
         raise WriterError(
             f"the storage writer process died (exit code {self.proc.exitcode}); the trials it "
-            f"held stay "
-            "RUNNING until a later run fails and retries them after grace_period"
+            "held are marked FAIL and queued for retry"
         )
 
     @staticmethod
@@ -189,8 +198,8 @@ class Writer:
 class _Claims:
     """The writer's side of the budget: claims it gives back (the budget may be None in tests)."""
 
-    def __init__(self, budget, claims):
-        self.budget, self.claims = budget, claims
+    def __init__(self, budget, claims, worker: int = 0):
+        self.budget, self.claims, self.worker = budget, claims, worker
 
     def give_back(self, n: int, *, for_queued: bool = False) -> None:
         if n <= 0:
@@ -198,7 +207,7 @@ class _Claims:
         with self.claims.get_lock():
             self.claims.value -= n
         if self.budget is not None:
-            self.budget.release(n, for_queued=for_queued)
+            self.budget.release(n, for_queued=for_queued, worker=self.worker)
 
 
 # ------------------------------------------------------------------------ the writer process
@@ -336,9 +345,12 @@ class _Sink:
         self.unfinished = dict(known.unfinished)  # others' RUNNING / WAITING trials, by id
         # (sync seq, parameter set) of others' new trials
         self.synced: list[tuple[int, frozenset]] = []
+        self.seeds = set(known.seeds)  # weight seeds of every trial this writer has seen
+        self.owner = owner_attr()
         self.seq = 0
         now = time.monotonic()
-        self.due = {"sync": now + SYNC_S, "sweep": now + cfg.grace_period}
+        # the first sweep soon: a replaced worker's trials are recovered by the next one here
+        self.due = {"sync": now + SYNC_S, "sweep": now + min(SYNC_S, cfg.grace_period)}
         self.lock = threading.Lock()  # self.ids, shared with the heartbeat thread
         self.looped = now  # when the loop last came round (the heartbeat's proof of life)
         self.beat_error: BaseException | None = None
@@ -357,25 +369,31 @@ class _Sink:
 
     def start(self, starts: list[Start]) -> None:
         for s in starts:
+            s.trial.system_attrs[OWNER_ATTR] = self.owner
             if self.journal:  # the journal's heartbeat is a system attr, beaten from the start
                 s.trial.system_attrs[HEARTBEAT_ATTR] = time.time()
         new = [s for s in starts if s.claim is None]
         if new:
             seen = min(s.seen for s in new)
-            # stored by others after the mirror looked
-            avoid = {ps for seq, ps in self.synced if seq > seen}
+            # Stored by others after the mirror looked (the storage checks what it holds after
+            # the last sync, under its lock), and every seed seen: a new trial repeats neither.
+            taken = Taken(
+                frozenset(ps for seq, ps in self.synced if seq > seen), frozenset(self.seeds)
+            )
             stored = add_trials(
                 self.storage,
                 self.study_id,
                 [s.trial for s in new],
                 heartbeat=True,
                 after_id=self.max_id,
-                avoid=avoid,
+                taken=taken,
                 own=self.own,
+                seeds=[s.seed for s in new],
             )
             for s, got in zip(new, stored, strict=True):
                 if got is None:
-                    self._lost(s.key, "another engine already trains the same parameter set")
+                    why = "another engine already trains the same parameter set or seed"
+                    self._lost(s.key, why, collided=True)
                     self.synced.append(
                         (self.seq, param_set(s.trial.params, s.trial.distributions))
                     )
@@ -386,11 +404,11 @@ class _Sink:
                 if self._claim(s):
                     self._hold(s.key, s.claim, self.storage.get_trial_number_from_id(s.claim))
                 else:
-                    self._lost(s.key, "another engine took it first")
+                    self._lost(s.key, "another engine took it first", collided=False)
 
-    def _lost(self, key: int, why: str) -> None:
+    def _lost(self, key: int, why: str, *, collided: bool) -> None:
         self.claims.give_back(1)
-        self.results.put(("lost", key, why))
+        self.results.put(("lost", key, why, collided))
 
     def _hold(self, key: int, trial_id: int, number: int) -> None:
         self.held_ever += 1
@@ -404,6 +422,7 @@ class _Sink:
         """Take a WAITING trial as Optuna's ask() does: the state change is the atomic step."""
         if not self.storage.set_trial_state_values(s.claim, TrialState.RUNNING):
             return False
+        self.storage.set_trial_system_attr(s.claim, OWNER_ATTR, self.owner)
         if self.journal:
             beat(self.storage, [s.claim], HEARTBEAT_ATTR)
         else:  # its heartbeat row: Optuna's stale check skips trials without one
@@ -498,34 +517,40 @@ class _Sink:
             self.sync()
             self.due["sync"] = now + SYNC_S
         if now >= self.due["sweep"]:
-            for n in sweep_stale(
+            swept = sweep_stale(
                 self.study, grace_period=self.cfg.grace_period, max_retries=self.cfg.max_retries
-            ):
-                print(
-                    f"sinstudy: trial #{n} had no heartbeat for {self.cfg.grace_period} s: marked "
-                    f"FAIL"
-                    f"{' and queued for retry' if self.cfg.max_retries else ''}",
-                    file=sys.stderr,
-                )
+            )
+            for n, why in swept.items():
+                retry = " and queued for retry" if self.cfg.max_retries else ""
+                print(f"sinstudy: trial #{n}: {why}; marked FAIL{retry}", file=sys.stderr)
             self.due["sweep"] = now + max(self.cfg.heartbeat_interval, self.cfg.grace_period / 2)
 
     def sync(self) -> None:
-        """Send the trainer the trials others stored or changed since the last look."""
+        """Send the trainer the trials others stored or changed since the last look, and the
+        trials it trains that were failed from outside."""
+        with self.lock:
+            held = dict(self.ids)
         if self.journal:
+            everything = self.storage.get_all_trials(self.study_id, deepcopy=False)
             trials = [
                 t
-                for t in self.storage.get_all_trials(self.study_id, deepcopy=False)
+                for t in everything
                 if t._trial_id > self.max_id or t._trial_id in self.unfinished
             ]
+            states = {t._trial_id: t.state for t in everything}
         else:  # only the new rows and the unfinished ones: Optuna's own incremental read
             trials = self.storage._get_trials(
                 self.study_id, None, set(self.unfinished), self.max_id
             )
+            states = trial_states(self.storage, held.values())
+        self._stop_failed(held, states)
         changed = []
         for t in trials:
             self.max_id = max(self.max_id, t._trial_id)
             if t._trial_id in self.own or self.unfinished.get(t._trial_id) == t.state:
                 continue
+            if isinstance(t.user_attrs.get("seed"), int):
+                self.seeds.add(t.user_attrs["seed"])
             if t._trial_id not in self.unfinished and t.params and t.state != TrialState.FAIL:
                 self.synced.append((self.seq + 1, param_set(t.params, t.distributions)))
             if t.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -536,6 +561,28 @@ class _Sink:
         if changed:
             self.seq += 1
             self.results.put(("sync", self.seq, changed))
+
+    def _stop_failed(self, held: dict[int, int], states: dict[int, TrialState]) -> None:
+        """Trials of ours that someone else finished (a sweep that took our trial for dead,
+        optuna-dashboard's "Fail trial"): they count for nothing, their claims go back, and the
+        trainer stops them."""
+        for key, trial_id in held.items():
+            if not states.get(trial_id, TrialState.RUNNING).is_finished():
+                continue
+            with self.lock:
+                if self.ids.get(key) != trial_id:
+                    continue
+                del self.ids[key]
+            number = self.numbers.pop(trial_id)
+            self.held_ever -= 1
+            self.claims.give_back(1)
+            self.results.put(("failed", key, number))
+            print(
+                f"sinstudy: trial #{number} was marked {states[trial_id].name} by another process "
+                f"while it trained (a sweep that found no heartbeat, or optuna-dashboard); "
+                f"stopped, and its slot goes to the next trial",
+                file=sys.stderr,
+            )
 
     def fail_held(self) -> None:
         """The trainer died: fail the trials it was training and queue their retries, and give

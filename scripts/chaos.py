@@ -1,0 +1,464 @@
+"""A chaos harness for the shared study: random schedules of runs and faults, then invariants.
+
+    python scripts/chaos.py --seed 1 --rounds 20
+    python scripts/chaos.py --seed 7 --rounds 200 --storages sqlite,journal,postgresql
+
+Each round picks a storage (SQLite, journal file, PostgreSQL from $SINSTUDY_TEST_PG, default
+postgresql://postgres@127.0.0.1:5432/test) and a fresh study or the one an earlier round left on
+it, then starts 1-3 runs of `sinstudy run` on it (both engines, `--workers 1|2`, the study's
+`--repeats`), at the same instant or staggered, each in a session of its own as a terminal
+starts a job. Some runs get a fault at a random moment: SIGINT or SIGTERM to the run's process
+group or to its parent process, or SIGKILL to the group, the parent, a worker, a trainer or a
+writer. A killed run is sometimes restarted at once with the same command. When every run has
+ended, a recovery run on the study (as many trials as are queued, at least 1) stands for "the
+next run", and the invariants are checked:
+
+  count     a run that exited 0 finished exactly --n-trials trials (COMPLETE or PRUNED, by its
+            `run` attr); a run interrupted or killed (or with a process killed) at most that many
+  numbers   trial numbers are 0..n-1, each once
+  twins     no parameter set trained twice (COMPLETE, PRUNED or RUNNING) except by a retry, and
+            no weight seed used twice except by a retry
+  running   no RUNNING trial once every run has ended and the recovery run ran
+  waiting   no WAITING trial after a round whose runs all exited 0, nor after the recovery run
+  artifact  the best trial's model artifact exists and loads
+  curves    every stored curve's steps are 1..k without a gap
+  exit      each run's exit status is the one its fault implies (0, 130, 143, or killed)
+  traceback no "Traceback" on any run's stderr
+
+It prints a table at the end and, last, `N violations`; the exit status is 1 when N > 0. The
+suite runs a small fixed-seed schedule (tests/test_chaos.py); long runs are in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from study import storage as storage_mod
+from study.artifacts import load_model
+from study.space import param_set
+
+PG_URL = os.environ.get("SINSTUDY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+STUDY = "chaos"
+TOML = """
+[data]
+n_train = 128
+n_val = 64
+n_test = 256
+
+[train]
+batch_size = 32
+
+[search_space]
+depth = [1, 2]
+width = [4, 16]
+lr = [1e-3, 3e-2]
+activation = ["tanh", "relu", "identity"]
+
+[study]
+heartbeat_interval = 1
+grace_period = 4
+"""
+FAULTS = [
+    ("SIGINT", "group"),
+    ("SIGINT", "parent"),
+    ("SIGTERM", "group"),
+    ("SIGTERM", "parent"),
+    ("SIGKILL", "group"),
+    ("SIGKILL", "parent"),
+    ("SIGKILL", "worker"),
+    ("SIGKILL", "trainer"),
+    ("SIGKILL", "writer"),
+]
+RUN_TIMEOUT_S = 240
+
+
+@dataclass
+class Run:
+    args: list[str]
+    n_trials: int
+    fault: tuple[str, str] | None = None
+    fault_at: float = 0.0
+    delay: float = 0.0
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    sent: str | None = None  # what was actually done ("SIGKILL writer 1234"), None if nothing
+    out: str = ""
+    err: str = ""
+    run_prefix: str = ""  # the `run` attr of its trials starts with this
+    pids: set[int] = field(default_factory=set)  # every process of the run seen so far
+
+    @property
+    def label(self) -> str:
+        fault = f" {self.sent}" if self.sent else ""
+        return f"{' '.join(self.args[1:])}{fault}"
+
+
+@dataclass
+class Store:
+    kind: str
+    url: str
+    folder: Path
+    repeats: int
+    database: str | None = None
+
+
+@dataclass
+class Tally:
+    rounds: int = 0
+    runs: int = 0
+    signals: Counter = field(default_factory=Counter)
+    trials: int = 0
+    violations: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _children(pid: int) -> list[int]:
+    """Processes `pid` started with multiprocessing's spawn (workers, writers)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
+            kids.append(int(entry.name))
+    return kids
+
+
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        for kid in _children(todo.pop()):
+            out.add(kid)
+            todo.append(kid)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _target(run: Run, role: str) -> int | None:
+    """The pid of `role` in the run's process tree, None when the run has no such process now."""
+    parent = run.proc.pid
+    kids = _children(parent)
+    workers = "--workers" in run.args and run.args[run.args.index("--workers") + 1] != "1"
+    batched = "standard" not in run.args
+    if role == "parent":
+        return parent
+    if role == "worker":
+        return random.choice(kids) if workers and kids else None
+    trainers = kids if workers else [parent]
+    if role == "trainer":
+        return random.choice(trainers) if trainers else None
+    if role == "writer" and batched:
+        writers = [w for t in trainers for w in _children(t)]
+        return random.choice(writers) if writers else None
+    return None
+
+
+def _inject(run: Run) -> None:
+    signame, role = run.fault
+    sig = getattr(signal, signame)
+    if role == "group":
+        try:
+            os.killpg(run.proc.pid, sig)
+            run.sent = f"{signame} group"
+        except ProcessLookupError:
+            pass
+        return
+    pid = _target(run, role)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, sig)
+        run.sent = f"{signame} {role}"
+    except ProcessLookupError:
+        pass
+
+
+def _start(run: Run, cwd: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SINSTUDY_RUN", None)
+    env.pop("SINSTUDY_DEBUG", None)
+    run.proc = subprocess.Popen(
+        [sys.executable, "-m", "study", *run.args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal starts a job
+    )
+    run.started = time.monotonic()
+    run.run_prefix = f"{socket.gethostname()}:{run.proc.pid}:"
+
+
+def _drive(runs: list[Run], cwd: Path) -> None:
+    """Start each run after its delay, send each fault at its moment, wait for all."""
+    t0 = time.monotonic()
+    pending = sorted(runs, key=lambda r: r.delay)
+    while pending or any(r.proc and r.proc.poll() is None for r in runs):
+        now = time.monotonic() - t0
+        while pending and pending[0].delay <= now:
+            _start(pending.pop(0), cwd)
+        for r in runs:
+            live = r.proc is not None and r.proc.poll() is None
+            if live:
+                r.pids.update(_descendants(r.proc.pid))
+            if live and r.fault and not r.sent and time.monotonic() - r.started >= r.fault_at:
+                _inject(r)
+                if not r.sent:  # no such process (yet): try again a little later
+                    r.fault_at += 0.5
+                    if r.fault_at > 30:
+                        r.fault = None
+            if live and time.monotonic() - r.started > RUN_TIMEOUT_S:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+                r.err += f"\nchaos: killed after {RUN_TIMEOUT_S} s (hung)"
+        time.sleep(0.05)
+    for r in runs:
+        out, err = r.proc.communicate()
+        r.out, r.err = out, err + r.err
+    # A killed parent's workers and writers finish their clean-up by themselves: "every run has
+    # ended" means every process of it.
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and any(_alive(p) for r in runs for p in r.pids):
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def _store(kind: str, root: Path, rng: random.Random) -> Store:
+    folder = root / f"{kind}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    (folder / "chaos.toml").write_text(TOML)
+    repeats = rng.choice([1, 1, 2])
+    if kind == "sqlite":
+        return Store(kind, f"sqlite:///{folder}/s.db", folder, repeats)
+    if kind == "journal":
+        return Store(kind, f"journal:///{folder}/s.log", folder, repeats)
+    import psycopg
+
+    name = f"sinstudy_chaos_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return Store(kind, PG_URL.rsplit("/", 1)[0] + "/" + name, folder, repeats, name)
+
+
+def _drop(store: Store) -> None:
+    shutil.rmtree(store.folder, ignore_errors=True)
+    if store.database:
+        import psycopg
+
+        with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{store.database}" WITH (FORCE)')
+
+
+def _args(store: Store, rng: random.Random, n_trials: int, epochs: int, extra=()) -> list[str]:
+    args = ["run", "--config", "chaos.toml", "--study", STUDY, "--storage", store.url]
+    args += ["--no-progress", "--n-trials", str(n_trials), "--max-epochs", str(epochs)]
+    args += ["--repeats", str(store.repeats), "--slots", str(rng.choice([4, 8, 32]))]
+    args += ["--seed", str(rng.choice([0, 0, 1]))]  # the same command, mostly
+    return args + list(extra)
+
+
+def _plan(store: Store, rng: random.Random) -> list[Run]:
+    runs = []
+    together = rng.random() < 0.5  # the same instant, or staggered
+    for _ in range(rng.choice([1, 2, 2, 3])):
+        engine = rng.choice(["batched", "batched", "batched", "standard"])
+        workers = rng.choice([1, 1, 2])
+        n = rng.randint(2, 6)
+        epochs = rng.choice([8, 16, 40, 400])  # 400: long trials for faults to land in
+        extra = ["--engine", engine, "--workers", str(workers)]
+        run = Run(_args(store, rng, n, epochs, extra), n)
+        run.delay = 0.0 if together else rng.uniform(0, 4)
+        if rng.random() < 0.5:
+            run.fault = rng.choice(FAULTS)
+            run.fault_at = rng.uniform(1.0, 8.0)
+        runs.append(run)
+        if run.fault and rng.random() < 0.5:  # the same command again, once it has ended
+            again = Run(list(run.args), n, delay=run.delay + run.fault_at + rng.uniform(0, 3))
+            runs.append(again)
+    return runs
+
+
+# ---------------------------------------------------------------- invariants
+
+
+def _expected_exit(run: Run) -> set[int]:
+    if not run.sent:
+        return {0}
+    signame, role = run.sent.split()[:2]
+    if signame == "SIGKILL":
+        if role in ("group", "parent"):
+            return {-9}
+        # a worker, trainer or writer of the run: the run recovers and goes on (or, alone
+        # without workers, a writer's death ends the run with one line)
+        return {0, 1} if role == "writer" else {0, -9}
+    code = {"SIGINT": 130, "SIGTERM": 143}[signame]
+    return {code, 0}  # it may land after the last trial, as the run ends
+
+
+def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
+    def bad(kind: str, what: str) -> None:
+        tally.violations[kind] += 1
+        tally.examples.setdefault(kind, f"{store.kind} {store.folder.name}: {what}")
+        print(f"  violation {kind}: {what}", flush=True)
+
+    study = optuna.load_study(study_name=STUDY, storage=storage_mod.load(store.url))
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    for r in runs:
+        if r.proc is None:
+            continue
+        if "Traceback" in r.err:
+            bad("traceback", f"{r.label}: {r.err.strip().splitlines()[-1]}")
+        if r.proc.returncode not in _expected_exit(r):
+            last = (r.err.strip().splitlines() or [""])[-1]
+            bad("exit", f"{r.label}: exit {r.proc.returncode}: {last}")
+        mine = [t for t in finished if str(t.user_attrs.get("run", "")).startswith(r.run_prefix)]
+        clean = r.proc.returncode == 0 and not r.sent
+        if (clean and len(mine) != r.n_trials) or len(mine) > r.n_trials:
+            bad("count", f"{r.label}: {len(mine)} finished for --n-trials {r.n_trials}")
+    numbers = sorted(t.number for t in trials)
+    if numbers != list(range(len(trials))):
+        bad("numbers", f"numbers {numbers}")
+    live = [
+        t
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    ]
+    firsts = [t for t in live if "failed_trial" not in t.system_attrs]
+    sets = Counter(param_set(t.params, t.distributions) for t in firsts)
+    if sets and max(sets.values()) > 1:
+        bad("twins", f"{sum(n - 1 for n in sets.values())} parameter sets trained twice")
+    seeds = Counter(
+        t.user_attrs["seed"]
+        for t in trials
+        if "seed" in t.user_attrs and "failed_trial" not in t.system_attrs
+    )
+    if seeds and max(seeds.values()) > 1:
+        bad("twins", f"seeds used twice: {[s for s, n in seeds.items() if n > 1][:5]}")
+    if final and any(t.state == TrialState.RUNNING for t in trials):
+        bad("running", f"RUNNING: {[t.number for t in trials if t.state == TrialState.RUNNING]}")
+    all_clean = all(r.proc.returncode == 0 and not r.sent for r in runs if r.proc)
+    if (final or all_clean) and any(t.state == TrialState.WAITING for t in trials):
+        bad("waiting", f"WAITING: {[t.number for t in trials if t.state == TrialState.WAITING]}")
+    for t in trials:
+        steps = sorted(t.intermediate_values)
+        if steps and steps != list(range(1, len(steps) + 1)):
+            bad("curves", f"trial #{t.number} steps {steps[:3]}..{steps[-3:]} ({len(steps)})")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if final and complete:
+        best = min(complete, key=lambda t: t.value)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                load_model(best, store.folder / "storage" / "artifacts", tmp)
+        except Exception as e:
+            bad("artifact", f"best trial #{best.number}: {type(e).__name__}: {e}")
+    if final:
+        tally.trials += len(trials)
+
+
+def _round(i: int, rng: random.Random, stores: dict, root: Path, tally: Tally, kinds) -> None:
+    kind = kinds[i % len(kinds)]
+    if kind not in stores or rng.random() < 0.4:  # a fresh study (the old storage goes)
+        if kind in stores:
+            _drop(stores[kind])
+        stores[kind] = _store(kind, root, rng)
+    store = stores[kind]
+    runs = _plan(store, rng)
+    _drive(runs, store.folder)
+    tally.runs += len(runs)
+    tally.signals.update(r.sent.split()[0] for r in runs if r.sent)
+    try:
+        study = optuna.load_study(study_name=STUDY, storage=storage_mod.load(store.url))
+    except KeyError:  # every run was killed before it created the study
+        return
+    _check(store, runs, tally, final=False)
+    queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    recovery = Run(_args(store, rng, max(1, queued), 8, ["--workers", "1"]), max(1, queued))
+    _drive([recovery], store.folder)
+    tally.runs += 1
+    _check(store, runs + [recovery], tally, final=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--storages", default="sqlite,journal,postgresql")
+    p.add_argument("--keep", action="store_true", help="keep the temporary storages")
+    a = p.parse_args(argv)
+    kinds = a.storages.split(",")
+    bad = set(kinds) - {"sqlite", "journal", "postgresql"}
+    if bad:
+        p.error(f"unknown storage {sorted(bad)[0]!r}; use sqlite, journal, postgresql")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    rng = random.Random(a.seed)
+    random.seed(a.seed)  # which worker or writer a fault picks
+    root = Path(tempfile.mkdtemp(prefix="sinstudy-chaos-"))
+    stores: dict[str, Store] = {}
+    tally = Tally()
+    t0 = time.monotonic()
+    try:
+        for i in range(a.rounds):
+            before = sum(tally.violations.values())
+            _round(i, rng, stores, root, tally, kinds)
+            tally.rounds += 1
+            new = sum(tally.violations.values()) - before
+            print(
+                f"round {i + 1}/{a.rounds} ({kinds[i % len(kinds)]}): "
+                f"{'ok' if not new else f'{new} violations'} "
+                f"[{time.monotonic() - t0:.0f} s]",
+                flush=True,
+            )
+    finally:
+        if not a.keep:
+            for store in stores.values():
+                _drop(store)
+            shutil.rmtree(root, ignore_errors=True)
+    total = sum(tally.violations.values())
+    print()
+    print(f"seed {a.seed}: {tally.rounds} rounds, {tally.runs} runs, {tally.trials} trials")
+    print(f"faults sent: {dict(tally.signals) or 'none'}")
+    print("| violation | count | first seen |")
+    print("| --- | --- | --- |")
+    for kind in ("count", "numbers", "twins", "running", "waiting", "artifact", "curves"):
+        print(f"| {kind} | {tally.violations[kind]} | {tally.examples.get(kind, '')} |")
+    for kind in ("exit", "traceback"):
+        print(f"| {kind} | {tally.violations[kind]} | {tally.examples.get(kind, '')} |")
+    print(f"{total} violations")
+    return 1 if total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

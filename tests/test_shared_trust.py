@@ -1,0 +1,275 @@
+"""The shared study as users first meet it: one command started twice at once, workers, a restart
+on the same machine, a trial failed from outside, Ctrl-C with workers, a journal with a bad line.
+Each case failed before the fix named in its test (real processes, real storages)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import TINY_TOML, run_cli, spawned_children, start_cli
+from optuna.trial import TrialState
+
+from study import recovery
+from study import storage as storage_mod
+from study.budget import Budget
+from study.space import param_set
+from study.summary import Leftovers
+from study.trial_attrs import SEED_STREAM
+
+# Long trials (no pruning, many epochs) so a fault lands mid-trial; fast heartbeat for tests.
+SLOW_TOML = TINY_TOML + '\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = "none"\n'
+
+
+def _url(kind: str, workdir: Path, pg_url: str | None = None) -> str:
+    return {
+        "sqlite": f"sqlite:///{workdir}/s.db",
+        "journal": f"journal:///{workdir}/s.log",
+        "postgresql": pg_url,
+    }[kind]
+
+
+def _load(url: str) -> optuna.Study:
+    return optuna.load_study(study_name="sinstudy", storage=storage_mod.load(url))
+
+
+def _no_twins(study: optuna.Study) -> None:
+    """No parameter set trained twice except by retries, no weight seed shared."""
+    trials = [t for t in study.trials if t.state != TrialState.FAIL]
+    sets = Counter(
+        param_set(t.params, t.distributions)
+        for t in trials
+        if "failed_trial" not in t.system_attrs
+    )
+    assert max(sets.values()) == 1, [s for s, n in sets.items() if n > 1]
+    seeds = Counter(
+        t.user_attrs["seed"] for t in study.trials if "failed_trial" not in t.system_attrs
+    )
+    assert max(seeds.values()) == 1, [s for s, n in seeds.items() if n > 1]
+
+
+def _wait_running(url: str, n: int, proc, timeout: float = 60) -> list:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            running = [
+                t
+                for t in _load(url).get_trials(states=(TrialState.RUNNING,))
+                if len(t.intermediate_values) >= 1
+            ]
+        except Exception:  # the storage or the study is still being created
+            running = []
+        if len(running) >= n:
+            return running
+        time.sleep(0.2)
+    raise AssertionError("no trial trained in time")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_one_command_started_twice_at_once_on_a_fresh_study_trains_no_parameter_set_twice(
+    workdir, kind, request
+):
+    """Before: the storage check was skipped while an engine had seen no trial (SQLite,
+    PostgreSQL), and the journal compared only with its last sync: 12 of 12 trained twice."""
+    url = _url(kind, workdir, request.getfixturevalue("pg_url") if kind == "postgresql" else None)
+    args = ("run", "--config", "tiny.toml", "--max-epochs", "12", "--n-trials", "10")
+    args += ("--no-progress", "--storage", url)
+    procs = [start_cli(*args, cwd=workdir) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert "Traceback" not in err
+    study = _load(url)
+    states = Counter(t.state for t in study.trials)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 20
+    assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0
+    _no_twins(study)
+
+
+def test_workers_split_a_small_budget_and_each_seeds_from_its_own_stream(workdir):
+    """Before: with 32 slots each, the first worker up trained all 8 trials, and the second
+    worker's trials trained with the first one's weight seeds."""
+    url = f"sqlite:///{workdir}/s.db"
+    r = run_cli(
+        "run", "--config", "tiny.toml", "--max-epochs", "12", "--n-trials", "8",
+        "--workers", "2", "--no-progress", "--storage", url, cwd=workdir,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    study = _load(url)
+    assert sorted(Counter(t.user_attrs["worker"] for t in study.trials).values()) == [4, 4]
+    _no_twins(study)
+    streams = {t.user_attrs["seed"] // SEED_STREAM for t in study.trials}
+    assert streams == {0, 1}  # worker i counts its trials' seeds from i * SEED_STREAM
+
+
+def test_budget_shares_and_gives_back_by_worker():
+    b = Budget(5, None, workers=2)
+    assert [b.claim(worker=0) for _ in range(4)] == [True, True, True, False]  # share 3
+    assert [b.claim(worker=1) for _ in range(3)] == [True, True, False]  # 5 in all
+    b.release(worker=0)  # a trial worker 0 could not store: the claim goes back
+    assert b.claim(worker=0) and not b.claim(worker=1)  # 5 in all again, worker 0 at its share
+    b.release(worker=1, for_queued=True)  # a crashed trial whose retry is queued
+    assert not b.claim(worker=1)  # the reserved claim waits for the retry
+    assert b.claim(queued=True, worker=0)  # which may start anywhere, past the share
+
+
+def test_an_owner_is_gone_only_when_its_process_on_this_machine_has_ended():
+    alive = recovery.owner_attr()
+    assert not recovery.owner_gone(alive)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = recovery.owner_attr(p.pid)
+    p.wait()
+    assert recovery.owner_gone(dead)
+    host, boot, pid, ticks = alive.split(" ")
+    assert recovery.owner_gone(f"{host} {boot} {pid} {int(ticks) + 1}")  # a reused pid
+    assert not recovery.owner_gone(f"elsewhere {boot} {p.pid} {ticks}")  # the heartbeat decides
+    assert not recovery.owner_gone(f"{host} other-boot {p.pid} {ticks}")
+    assert not recovery.owner_gone(None) and not recovery.owner_gone("host:123")
+
+
+@pytest.mark.parametrize("engine", ["batched", "standard"])
+def test_a_restart_here_recovers_a_killed_runs_trials_at_once_and_says_so(workdir, engine):
+    """Before: the same command right after `kill -9` finished and left its predecessor's trials
+    RUNNING (the grace period had not passed), and its summary said "0 failed"."""
+    (workdir / "slow.toml").write_text(SLOW_TOML.replace("grace_period = 3", "grace_period = 600"))
+    url = f"sqlite:///{workdir}/s.db"
+    common = ("run", "--config", "slow.toml", "--no-progress", "--storage", url)
+    common += ("--engine", engine)
+    proc = start_cli(*common, "--max-epochs", "3000", "--n-trials", "4", cwd=workdir)
+    victims = _wait_running(url, 1, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # trainer and writer alike: nobody tells the storage
+    proc.wait()
+    stranded = {t.number for t in _load(url).get_trials(states=(TrialState.RUNNING,))}
+    assert {t.number for t in victims} <= stranded
+    r = run_cli(*common, "--max-epochs", "12", "--n-trials", str(len(stranded)), cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    for n in stranded:
+        assert f"trial #{n} of an earlier run: its process on this machine is gone" in r.stderr
+    study = _load(url)
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    for n in stranded:
+        assert study.trials[n].state == TrialState.FAIL
+        retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == n]
+        assert len(retry) == 1 and retry[0].state.is_finished()
+    line = next(x for x in r.stdout.splitlines() if x.startswith("recovered"))
+    assert all(f"#{n}" in line for n in stranded) and "retried as" in line, r.stdout
+
+
+def test_a_trial_failed_from_outside_stops_within_seconds_and_its_slot_is_refilled(workdir):
+    """optuna-dashboard's "Fail trial" (or a sibling's sweep): before, the trial trained on to
+    its end and was dropped then; now it stops, and the run still finishes its budget."""
+    (workdir / "slow.toml").write_text(SLOW_TOML)
+    url = f"sqlite:///{workdir}/s.db"
+    proc = start_cli(
+        "run", "--config", "slow.toml", "--no-progress", "--storage", url,
+        "--max-epochs", "4000", "--n-trials", "3", "--slots", "2", cwd=workdir,
+    )  # fmt: skip
+    victim = _wait_running(url, 1, proc)[0]
+    storage = storage_mod.load(url)
+    storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)  # the dashboard's button
+    time.sleep(6)  # the writer's sync (2 s) and the trainer's next epoch
+    seen = len(storage.get_trial(victim._trial_id).intermediate_values)
+    time.sleep(3)
+    assert len(storage.get_trial(victim._trial_id).intermediate_values) == seen
+    study = _load(url)  # the slot holds another trial now
+    assert [t.number for t in study.get_trials(states=(TrialState.RUNNING,))] != [victim.number]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert f"trial #{victim.number} was marked FAIL by another process" in err
+    assert "Traceback" not in err
+    assert not _load(url).get_trials(states=(TrialState.RUNNING,))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_ctrl_c_with_batched_workers_leaves_nothing_running(workdir, kind):
+    """Before: SIGINT to the group of `--workers 2` left 2-4 trials RUNNING for good."""
+    (workdir / "slow.toml").write_text(SLOW_TOML)
+    url = _url(kind, workdir)
+    proc = start_cli(
+        "run", "--config", "slow.toml", "--no-progress", "--storage", url,
+        "--max-epochs", "3000", "--n-trials", "8", "--workers", "2", cwd=workdir,
+    )  # fmt: skip
+    _wait_running(url, 4, proc)
+    kids = spawned_children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    study = _load(url)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert "interrupted by SIGINT" in out
+    assert not [k for k in kids if Path(f"/proc/{k}").exists()]
+
+
+def test_a_journal_line_of_garbage_is_skipped_with_one_line_naming_it(workdir):
+    """Before: every command ended with JSONDecodeError, naming no file, line or fix."""
+    url = f"journal:///{workdir}/s.log"
+    args = ("--config", "tiny.toml", "--max-epochs", "6", "--no-progress", "--storage", url)
+    assert run_cli("run", *args, "--n-trials", "3", cwd=workdir).returncode == 0
+    path = workdir / "s.log"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:5] + [b"{not json\n"] + lines[5:] + [b"garbage\n"]))
+    before = path.read_bytes()
+    best = run_cli("best", "--storage", url, cwd=workdir)
+    assert best.returncode == 0, best.stderr
+    assert path.read_bytes() == before  # a reader changes nothing
+    for n in (6, len(lines) + 2):
+        assert f"note: line {n} of {str(path)!r} is not an Optuna journal record" in best.stderr
+        assert f"sed -i '{n}d'" in best.stderr
+    r = run_cli("run", *args, "--n-trials", "3", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "note: line 6 of" in r.stderr
+    study = _load(url)
+    assert len(study.trials) == 6 and not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_the_summary_names_what_a_run_leaves_behind(tmp_path):
+    """Others' RUNNING trials with their heartbeat's age, queued retries, recovered trials."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    storage = storage_mod.open_storage(
+        storage_mod.parse(url), storage_mod.Heartbeat(5, 20, max_retries=1)
+    )
+    study = optuna.create_study(study_name="s", storage=storage)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, value=1.0))
+    gone = study.ask(dist)  # a trial whose run died: failed and retried
+    other = study.ask(dist)  # another run's, beating
+    storage.record_heartbeat(other._trial_id)
+    recovery.fail_and_retry(study, gone.number, max_retries=1)
+    left = Leftovers.of(
+        study,
+        study.get_trials(),
+        recovered={gone.number: "its process on this machine is gone"},
+        running_before={gone.number, other.number},
+        mine=lambda t: False,
+    )
+    text = "\n".join(left.lines())
+    assert f"recovered      #{gone.number} of earlier runs marked FAIL" in text
+    assert "retried as #3" in text
+    assert f"running        #{other.number} of other runs, last heartbeat" in text
+    assert f"queued         #3 (retries of #{gone.number}): the next run takes them" in text
+    age = left.running[other.number]
+    assert age is not None and 0 <= age < 60
+
+
+def test_workers_that_cannot_fit_in_memory_are_refused_before_anything_is_written(workdir):
+    """Before: --workers 256 passed, the memory check counting models, not processes."""
+    from study.opening import PROCESS_BYTES, _available_ram
+
+    workers = _available_ram() // PROCESS_BYTES  # twice that many processes with their writers
+    r = run_cli("run", "--workers", str(workers), "--slots", "1", "--n-trials", "1", cwd=workdir)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert f"{2 * workers} processes (workers and their storage writers" in lines[0]
+    assert lines[0].endswith("use fewer --workers")
+    assert not (workdir / "storage").exists()
