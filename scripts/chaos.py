@@ -16,8 +16,8 @@ next run", and the invariants are checked:
   count     a run that exited 0 finished exactly --n-trials trials (COMPLETE or PRUNED, by its
             `run` attr); a run interrupted or killed (or with a process killed) at most that many
   numbers   trial numbers are 0..n-1, each once
-  twins     no parameter set trained twice (COMPLETE, PRUNED or RUNNING) except by a retry, and
-            no weight seed used twice except by a retry
+  twins     no parameter set trained twice (COMPLETE, PRUNED or RUNNING) except by a retry, no
+            weight seed used twice, and a retry trains with its trial's seed
   running   no RUNNING trial once every run has ended and the recovery run ran
   waiting   no WAITING trial after a round whose runs all exited 0, nor after the recovery run
   artifact  the best trial's model artifact exists and loads
@@ -359,14 +359,37 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
     firsts = [t for t in live if "failed_trial" not in t.system_attrs]
     sets = Counter(param_set(t.params, t.distributions) for t in firsts)
     if sets and max(sets.values()) > 1:
-        bad("twins", f"{sum(n - 1 for n in sets.values())} parameter sets trained twice")
+        twice = {p for p, n in sets.items() if n > 1}
+        who = [
+            (t.number, t.state.name, t.user_attrs.get("engine"))
+            for t in firsts
+            if param_set(t.params, t.distributions) in twice
+        ]
+        bad("twins", f"parameter sets trained twice: {who[:6]}")
     seeds = Counter(
         t.user_attrs["seed"]
         for t in trials
         if "seed" in t.user_attrs and "failed_trial" not in t.system_attrs
     )
     if seeds and max(seeds.values()) > 1:
-        bad("twins", f"seeds used twice: {[s for s, n in seeds.items() if n > 1][:5]}")
+        twice = {s for s, n in seeds.items() if n > 1}
+        who = [
+            (t.number, t.state.name, t.user_attrs.get("engine"), t.user_attrs.get("seed"))
+            for t in trials
+            if t.user_attrs.get("seed") in twice
+        ]
+        bad("twins", f"seeds used twice: {who[:6]}")
+    by_number = {t.number: t for t in trials}
+    for t in trials:
+        first = by_number.get(t.system_attrs.get("failed_trial", -1))
+        if first is None or "seed" not in t.user_attrs or "seed" not in first.user_attrs:
+            continue
+        if t.user_attrs["seed"] != first.user_attrs["seed"]:
+            bad(
+                "twins",
+                f"retry #{t.number} seed {t.user_attrs['seed']}, its trial #{first.number} "
+                f"seed {first.user_attrs['seed']}",
+            )
     if final and any(t.state == TrialState.RUNNING for t in trials):
         bad("running", f"RUNNING: {[t.number for t in trials if t.state == TrialState.RUNNING]}")
     all_clean = all(r.proc.returncode == 0 and not r.sent for r in runs if r.proc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -140,7 +141,7 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
             f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another "
             f"--study name"
         )
-    stored = existing.user_attrs.get("identity")
+    stored = _stored_identity(existing)
     if stored is None:
         raise ConfigError(
             f"study {cfg.study!r} was not made by sinstudy; use another --study name"
@@ -153,6 +154,22 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
             f"study {cfg.study!r} was created with another {' and '.join(diff)}; run with the "
             f"config it was created with, or start a new study with --study NAME"
         )
+
+
+CREATION_WAIT_S = 10.0  # how long a study that another run is creating may lack its identity
+
+
+def _stored_identity(study: optuna.Study) -> str | None:
+    """The study's identity attr. A study without one and without trials may be one that
+    another run has created a moment ago and is about to label (open_study): wait for it."""
+    deadline = time.monotonic() + CREATION_WAIT_S
+    while True:
+        attrs = study._storage.get_study_user_attrs(study._study_id)
+        if "identity" in attrs:
+            return attrs["identity"]
+        if study._storage.get_n_trials(study._study_id) or time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
 
 
 def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -174,6 +191,9 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
         stored = {**to_dict(cfg), "storage": storage_mod.redact(cfg.storage)}
         study.set_user_attr("config", json.dumps(stored))
         study.set_user_attr(VERSION_ATTR, __version__)
+        # Two runs that created the study at the same moment both label it: the last label
+        # stands, and a run with another config then stops here (check_study's refusal).
+        check_study(cfg, storage)
     return study
 
 

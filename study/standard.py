@@ -11,6 +11,7 @@ bring their own objective.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable
 
@@ -28,7 +29,14 @@ from .recovery import OWNER_ATTR, JournalHeartbeat, owner_attr, sweep_stale
 from .space import grid_started, param_set
 from .tracking import TrialLogger, trial_metrics
 from .train import EpochLog, train, train_repeats
-from .trial_attrs import SEED_STREAM, outcome, start_attrs, trial_configs
+from .trial_attrs import SEED_STREAM, WORKER, outcome, start_attrs, trial_configs
+
+MAX_DUPLICATES = 100  # proposals lost to other engines in a row before the engine stops asking
+CHECK_S = 2.0  # how often a training trial's stored state is read (failed from outside?)
+
+
+class FinishedElsewhere(Exception):
+    """Another process finished the training trial; it stops, and counts for nothing here."""
 
 
 class DuplicateTrial(Exception):
@@ -47,8 +55,11 @@ class Objective:
         self.seconds_inside = 0.0
         self.seconds_reporting = 0.0
         self.duplicates = 0  # trials ended FAIL as DuplicateTrial
+        self.checked = time.monotonic()  # when the running trial's stored state was last read
+        self.trial: optuna.Trial | None = None  # the last trial it was called with
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.trial = trial
         start = time.perf_counter()
         try:
             return self._trial(trial)
@@ -59,13 +70,14 @@ class Objective:
             self.seconds_inside += time.perf_counter() - start
 
     def _trial(self, trial: optuna.Trial) -> float:
-        tcfgs = self._unique(trial, trial_configs(self.cfg, trial, trial.number))
+        tcfgs = self._unique(trial)
         tcfg = tcfgs[0]
         logger = TrialLogger(self.cfg.log_dir, self.cfg.study, trial.number)
         last = {"val_mse": float("inf"), "epoch": 0}
 
         def on_epoch(log: EpochLog) -> None:
             interrupt.check()  # Ctrl-C / SIGTERM: stop here, between epochs
+            self._check_running(trial)
             t0 = time.perf_counter()
             logger.log_epoch(log)
             last.update(val_mse=log.val_mse, epoch=log.epoch)
@@ -110,19 +122,48 @@ class Objective:
             trial.set_user_attr("model_artifact", artifact_id)
         return out.value
 
-    def _unique(self, trial: optuna.Trial, tcfgs: list[TrainConfig]) -> list[TrainConfig]:
-        """Its parameter set and seed, stored, then checked against every other trial: another
+    def _check_running(self, trial: optuna.Trial) -> None:
+        """Every CHECK_S: is the trial still RUNNING in storage? Another process may have
+        finished it (optuna-dashboard's "Fail trial", a sweep): then stop training it."""
+        now = time.monotonic()
+        if now - self.checked < CHECK_S:
+            return
+        self.checked = now
+        state = trial.study._storage.get_trial(trial._trial_id).state
+        if state.is_finished():
+            raise FinishedElsewhere(f"trial #{trial.number} was marked {state.name} elsewhere")
+
+    def _unique(self, trial: optuna.Trial) -> list[TrainConfig]:
+        """What the trial trains: a retry with the seeds of the trial it repeats, any other
+        trial with seed + S * its number. Its parameter set and seed are stored, then checked
+        against every other trial: another
         engine may have stored the same ones meanwhile (Optuna's ask has no such check, and a
         batched engine checks only what is stored when it creates its trials). A parameter set
         another trial trains or trained ends this one FAIL (DuplicateTrial: the loop gives its
         budget back and reseeds the sampler); a seed another trial used moves this one's seeds
         to a stream of its own. A queued trial (a retry, an enqueued point) is not checked."""
         storage, tid = trial.study._storage, trial._trial_id
+        queued = storage.get_trial(tid).system_attrs
+        number = trial.number
+        if "failed_trial" in queued:
+            study_id = trial.study._study_id
+            first = storage.get_trial_id_from_study_id_trial_number(
+                study_id, queued["failed_trial"]
+            )
+            seed = storage.get_trial(first).user_attrs.get("seed")
+            if isinstance(seed, int):
+                number = (seed - self.cfg.seed) // self.cfg.repeats
+        tcfgs = trial_configs(self.cfg, trial, number)
         for k, v in start_attrs("standard", tcfgs[0], trial.params, self.cfg.repeats).items():
             trial.set_user_attr(k, v)
-        if {"failed_trial", "fixed_params"} & set(storage.get_trial(tid).system_attrs):
+        if {"failed_trial", "fixed_params"} & set(queued):
             return tcfgs  # from Optuna's queue: a retry, or a point someone asked for
-        others = [t for t in trial.study.get_trials(deepcopy=False) if t._trial_id != tid]
+        # other engines' trials: this process's own may repeat a point (its sampler's choice)
+        others = [
+            t
+            for t in trial.study.get_trials(deepcopy=False)
+            if t._trial_id != tid and t.user_attrs.get("worker") != WORKER
+        ]
         mine = param_set(trial.params, trial.distributions)
         for t in others:
             if t.state != TrialState.FAIL and param_set(t.params, t.distributions) == mine:
@@ -137,6 +178,20 @@ class Objective:
             if len(tcfgs) > 1:
                 trial.set_user_attr("seeds", [c.seed for c in tcfgs])
         return tcfgs
+
+    def finished_elsewhere(self, study: optuna.Study) -> bool:
+        """Was the last trial finished by another process? Says so on stderr."""
+        if self.trial is None:
+            return False
+        t = study._storage.get_trial(self.trial._trial_id)
+        if t.state == TrialState.RUNNING or t.user_attrs.get("worker") != WORKER:
+            return False
+        print(
+            f"sinstudy: trial #{t.number} was marked {t.state.name} by another process while it "
+            f"trained (optuna-dashboard, or a sweep); stopped, and the next trial takes its place",
+            file=sys.stderr,
+        )
+        return True
 
     @staticmethod
     def _is_new_best(trial: optuna.Trial, value: float) -> bool:
@@ -181,13 +236,29 @@ def run_trials(
     def grid_done() -> bool:
         return cfg.sampler == "grid" and grid_started(study, cfg.space)
 
+    lost = 0  # proposals in a row that other engines had trained already
     while not interrupt.requested() and not grid_done() and budget.claim(worker=worker):
         if journal:  # RDB storages: study.optimize runs Optuna's own stale-trial sweep
             sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
         n = objective.duplicates
-        study.optimize(run_one, n_trials=1, callbacks=list(callbacks), catch=(DuplicateTrial,))
-        if objective.duplicates > n:  # a FAIL that counts nothing: its claim goes back
+        try:
+            study.optimize(run_one, n_trials=1, callbacks=list(callbacks), catch=(DuplicateTrial,))
+        except ValueError:  # Optuna's tell of a trial that another process finished meanwhile
+            if not objective.finished_elsewhere(study):
+                raise
+            budget.release(worker=worker)
+            continue
+        lost = lost + 1 if objective.duplicates > n else 0
+        if lost:  # a FAIL that counts nothing: its claim goes back
             budget.release(worker=worker)
             study.sampler.reseed_rng()
+        if lost >= MAX_DUPLICATES:
+            print(
+                f"sinstudy: the last {MAX_DUPLICATES} parameter sets this engine proposed were "
+                "trained by other engines already; it starts no more trials (is the search "
+                "space that small?)",
+                file=sys.stderr,
+            )
+            break
         on_start(-1)
     return objective

@@ -160,17 +160,22 @@ def test_a_restart_here_recovers_a_killed_runs_trials_at_once_and_says_so(workdi
         assert study.trials[n].state == TrialState.FAIL
         retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == n]
         assert len(retry) == 1 and retry[0].state.is_finished()
+        assert retry[0].user_attrs["seed"] == study.trials[n].user_attrs["seed"]  # its seed
     line = next(x for x in r.stdout.splitlines() if x.startswith("recovered"))
     assert all(f"#{n}" in line for n in stranded) and "retried as" in line, r.stdout
 
 
-def test_a_trial_failed_from_outside_stops_within_seconds_and_its_slot_is_refilled(workdir):
-    """optuna-dashboard's "Fail trial" (or a sibling's sweep): before, the trial trained on to
-    its end and was dropped then; now it stops, and the run still finishes its budget."""
+@pytest.mark.parametrize("engine", ["batched", "standard"])
+def test_a_trial_failed_from_outside_stops_within_seconds_and_its_slot_is_refilled(
+    workdir, engine
+):
+    """optuna-dashboard's "Fail trial" (or a sibling's sweep): before, a batched trial trained
+    on to its end and was dropped then, and the standard engine crashed on Optuna's tell of a
+    finished trial; now it stops, and the next trial takes its place."""
     (workdir / "slow.toml").write_text(SLOW_TOML)
     url = f"sqlite:///{workdir}/s.db"
     proc = start_cli(
-        "run", "--config", "slow.toml", "--no-progress", "--storage", url,
+        "run", "--config", "slow.toml", "--no-progress", "--storage", url, "--engine", engine,
         "--max-epochs", "4000", "--n-trials", "3", "--slots", "2", cwd=workdir,
     )  # fmt: skip
     victim = _wait_running(url, 1, proc)[0]
@@ -273,3 +278,26 @@ def test_workers_that_cannot_fit_in_memory_are_refused_before_anything_is_writte
     assert f"{2 * workers} processes (workers and their storage writers" in lines[0]
     assert lines[0].endswith("use fewer --workers")
     assert not (workdir / "storage").exists()
+
+
+def test_standard_engines_started_together_never_train_one_parameter_set_twice(workdir):
+    """Before: the standard engine (Optuna's own ask) had no check at all. On a one-point space
+    every proposal is the same: only one run may train it, and the other stops asking."""
+    (workdir / "point.toml").write_text(
+        TINY_TOML.split("[search_space]")[0]
+        + '[search_space]\ndepth = [1]\nwidth = [4]\nlr = [0.01]\nactivation = ["tanh"]\n'
+    )
+    url = f"sqlite:///{workdir}/s.db"
+    args = ("run", "--config", "point.toml", "--engine", "standard", "--max-epochs", "4")
+    args += ("--n-trials", "2", "--no-progress", "--storage", url)
+    procs = [start_cli(*args, cwd=workdir) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("Traceback" in err for _, err in outs)
+    study = _load(url)
+    trained = [t for t in study.trials if t.state != TrialState.FAIL]
+    assert trained and len({t.user_attrs["run"] for t in trained}) == 1
+    for t in study.trials:
+        if t.state == TrialState.FAIL:
+            assert "has the same parameter set" in t.user_attrs["failed_reason"]
+    assert any("starts no more trials" in err for _, err in outs)

@@ -90,32 +90,37 @@ def add_trials(
     taken: Taken = Taken(),
     own: set[int] = frozenset(),
     seeds: list[int | None] | None = None,
+    recheck: Iterable[int] = (),
 ) -> list[tuple[int, int] | None]:
     """Store `trials` as new trials of the study, numbered in list order, in one transaction.
     Returns (trial_id, number) per trial, or None for a trial not stored because another engine
     already has its parameter set or its weight seed (`seeds`, one per trial; None: no check):
     one in `taken`, or one of a trial stored by someone else (not in `own`) after trial id
-    `after_id` (-1: any), checked under the study lock (the journal's file lock). `heartbeat`:
-    give each a heartbeat row, which Optuna's stale-trial check needs to see it."""
+    `after_id` (-1: any) or in `recheck` (trials seen before their params or seed were stored:
+    the standard engine stores them after it creates its trial), checked under the study lock
+    (the journal's file lock). `heartbeat`: give each a heartbeat row, which Optuna's stale-trial
+    check needs to see it."""
     seeds = seeds or [None] * len(trials)
+    look = None if after_id is None else (after_id, set(recheck))
     if not isinstance(storage, RDBStorage):
-        return _journal_add(storage, study_id, trials, after_id, taken, own, seeds)
+        return _journal_add(storage, study_id, trials, look, taken, own, seeds)
     return _transaction(
-        storage, lambda s: _insert(s, study_id, trials, heartbeat, after_id, taken, own, seeds)
+        storage, lambda s: _insert(s, study_id, trials, heartbeat, look, taken, own, seeds)
     )
 
 
 def _journal_add(
-    storage, study_id: int, trials, after_id, taken: Taken, own, seeds
+    storage, study_id: int, trials, look, taken: Taken, own, seeds
 ) -> list[tuple[int, int] | None]:
     # Under the file lock, the file itself is read (not only what the last sync saw), so two
     # engines appending at the same moment cannot both store one parameter set.
     with journal_lock(storage):
-        if after_id is not None:
+        if look is not None:
+            after_id, recheck = look
             others = [
                 t
                 for t in storage.get_all_trials(study_id, deepcopy=False)
-                if t._trial_id > after_id and t._trial_id not in own
+                if (t._trial_id > after_id or t._trial_id in recheck) and t._trial_id not in own
             ]
             taken = taken | _taken_of(others)
         out: list[tuple[int, int] | None] = []
@@ -143,15 +148,15 @@ def _insert(
     study_id: int,
     trials: list[FrozenTrial],
     heartbeat: bool,
-    after_id: int | None,
+    look: tuple[int, set[int]] | None,
     taken: Taken,
     own: set[int],
     seeds: list[int | None],
 ) -> list[tuple[int, int] | None]:
     # The lock Optuna takes while it numbers a trial (trial numbers have no unique constraint).
     models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-    if after_id is not None:
-        taken = taken | _taken_after(session, study_id, after_id, own)
+    if look is not None:
+        taken = taken | _taken_after(session, study_id, *look, own)
     rows: list[models.TrialModel | None] = []
     for t, seed in zip(trials, seeds, strict=True):
         if taken.refuses(t, seed):
@@ -210,10 +215,11 @@ def _insert(
     return [None if r is None else (r.trial_id, r.number) for r in rows]
 
 
-def _taken_after(session, study_id: int, after_id: int, own: set[int]) -> Taken:
+def _taken_after(session, study_id: int, after_id: int, recheck: set[int], own: set[int]) -> Taken:
     """Parameter sets (not of FAIL trials: retries repeat those) and weight seeds of the trials
-    others stored after `after_id`."""
+    others stored after `after_id` or listed in `recheck`."""
     trials = models.TrialModel
+    which = sqlalchemy.or_(trials.trial_id > after_id, trials.trial_id.in_(list(recheck)))
     rows = session.execute(
         sqlalchemy.select(
             models.TrialParamModel.trial_id,
@@ -223,7 +229,7 @@ def _taken_after(session, study_id: int, after_id: int, own: set[int]) -> Taken:
         .join(trials, trials.trial_id == models.TrialParamModel.trial_id)
         .where(
             trials.study_id == study_id,
-            trials.trial_id > after_id,
+            which,
             trials.state != TrialState.FAIL,
         )
     ).all()
@@ -235,7 +241,7 @@ def _taken_after(session, study_id: int, after_id: int, own: set[int]) -> Taken:
     seed_rows = session.execute(
         sqlalchemy.select(attrs.trial_id, attrs.value_json)
         .join(trials, trials.trial_id == attrs.trial_id)
-        .where(trials.study_id == study_id, trials.trial_id > after_id, attrs.key == "seed")
+        .where(trials.study_id == study_id, which, attrs.key == "seed")
     ).all()
     seeds = {json.loads(v) for tid, v in seed_rows if tid not in own}
     return Taken(frozenset(frozenset(s) for s in sets.values()), frozenset(seeds))

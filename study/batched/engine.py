@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from .stack import Slot, Stack, new_slot
 from .writer import SYNC_S, Finish, Start, Writer, WriterError
 
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
+MAX_COLLISIONS = 100  # proposals lost to other engines in a row before an engine stops asking
 
 
 @dataclass
@@ -147,6 +149,9 @@ class BatchedEngine:
         self.last_flush = time.monotonic()
         self.pending: set[int] = set()  # trials handed to the writer, not yet confirmed stored
         self.stored: dict[int, int] = {}  # key -> stored number, from its start to its end
+        self.first_seeds: dict[int, int] = {}  # key -> its first seed, until it is stored
+        self.collisions = 0  # proposals lost to other engines since the last one stored
+        self.said_exhausted = False
         # Ended trials handed to the writer, not yet confirmed stored (key -> value if COMPLETE):
         # one that another engine failed meanwhile is not, and gives its budget claim back.
         self.finishing: dict[int, float] = {}
@@ -231,12 +236,17 @@ class BatchedEngine:
             elif msg[0] == "sync":
                 self.mirror.apply(msg[1], msg[2])
             elif msg[0] == "started":
+                self.collisions = 0
                 self.pending.discard(msg[1])
                 self.stored[msg[1]] = msg[2]
+                if msg[1] in self.first_seeds:
+                    self.mirror.seeds[msg[2]] = self.first_seeds.pop(msg[1])
             elif msg[0] == "lost":
                 self.pending.discard(msg[1])
+                self.first_seeds.pop(msg[1], None)
                 lost.append(msg[1])
                 if msg[3]:  # another engine has its parameter set or seed: move away from it
+                    self.collisions += 1
                     self.mirror.collided()
                     self.seed_base = (
                         random.SystemRandom().randrange(1 << 10, 1 << 20) * SEED_STREAM
@@ -260,6 +270,30 @@ class BatchedEngine:
             budget.release(len(self.pending), worker=worker)
         self.stored.clear()
         self.pending.clear()
+
+    def _exhausted(self) -> bool:
+        """Every proposal lately was another engine's already (a search space small enough
+        for the engines to have trained all of it): stop asking rather than ask forever."""
+        if self.collisions >= MAX_COLLISIONS and not self.said_exhausted:
+            self.said_exhausted = True
+            print(
+                f"sinstudy: the last {MAX_COLLISIONS} parameter sets this engine proposed were "
+                "trained by other engines already; it starts no more trials (is the search "
+                "space that small?)",
+                file=sys.stderr,
+            )
+        return self.collisions >= MAX_COLLISIONS
+
+    def _seed_number(self, trial: optuna.Trial, claim: tuple[int, int] | None) -> int:
+        """The number a trial's seeds count from (trial_attrs.trial_seed): a retry trains with
+        the seeds of the trial it repeats; any other trial with its engine's count."""
+        if claim is None:
+            return trial.number + self.seed_base
+        failed = self.mirror.retried(trial)
+        seed = self.mirror.seeds.get(failed) if failed is not None else None
+        if seed is None:  # an enqueued point (or a retry of a trial without a seed attr)
+            return trial.number + self.seed_base
+        return (seed - self.cfg.seed) // self.cfg.repeats
 
     def _awaiting_retry(self, budget) -> bool:
         """A claim is reserved for a queued retry: worth a few syncs' wait, not forever (another
@@ -294,11 +328,12 @@ class BatchedEngine:
             live + self.cfg.repeats <= self.k
             and not interrupt.requested()
             and not self._grid_started()
+            and not self._exhausted()
             and budget.claim(queued=bool(self.mirror.waiting), worker=self.worker)
         ):
             self.writer.claimed()
             trial, claim = self.mirror.ask()
-            tcfgs = self.configure(trial, claim[1] if claim else trial.number + self.seed_base)
+            tcfgs = self.configure(trial, self._seed_number(trial, claim))
             now = datetime.now()
             starts.append(
                 Start(
@@ -321,6 +356,7 @@ class BatchedEngine:
                     seed=tcfgs[0].seed if self.unique_seeds else None,
                 )
             )
+            self.first_seeds[trial.number] = tcfgs[0].seed
             # shared by the trial's repeats: one slot per seed, one stack
             tag = Live(trial, claim, now)
             for tcfg in tcfgs:

@@ -39,6 +39,7 @@ class Mirror:
         # mirror trial_id -> (stored trial_id, number)
         self.waiting: dict[int, tuple[int, int]] = {}
         self.seen = 0  # sync messages applied
+        self.seeds: dict[int, int] = {}  # stored number -> weight seed, of every stored trial seen
         self.reseeded = False
         for t in sorted(stored, key=lambda t: t.number):
             self._add(t)
@@ -52,14 +53,25 @@ class Mirror:
             frozenset(
                 t.user_attrs["seed"] for t in stored if isinstance(t.user_attrs.get("seed"), int)
             ),
+            frozenset(
+                t._trial_id
+                for t in stored
+                if t.state == TrialState.RUNNING and not (t.params and "seed" in t.user_attrs)
+            ),
         )
 
     def _add(self, t: FrozenTrial) -> None:
+        if isinstance(t.user_attrs.get("seed"), int):
+            self.seeds[t.number] = t.user_attrs["seed"]
         mirror_id = self._storage.create_new_trial(self._id, template_trial=t)
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             self.unfinished[t._trial_id] = mirror_id
         if t.state == TrialState.WAITING:
             self.waiting[mirror_id] = (t._trial_id, t.number)
+
+    def retried(self, trial: optuna.Trial) -> int | None:
+        """The stored number of the trial that `trial` (a queued retry) repeats, else None."""
+        return self._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
 
     def ask(self) -> tuple[optuna.Trial, tuple[int, int] | None]:
         """A trial to start, and (stored trial_id, number) when it is a queued trial to claim."""

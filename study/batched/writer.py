@@ -99,6 +99,7 @@ class Known:
     max_id: int
     unfinished: dict[int, TrialState]  # RUNNING / WAITING trials of others
     seeds: frozenset[int] = frozenset()  # weight seeds the stored trials used
+    incomplete: frozenset[int] = frozenset()  # RUNNING trials stored without params or seed
 
 
 class WriterError(RuntimeError):
@@ -346,6 +347,9 @@ class _Sink:
         # (sync seq, parameter set) of others' new trials
         self.synced: list[tuple[int, frozenset]] = []
         self.seeds = set(known.seeds)  # weight seeds of every trial this writer has seen
+        # others' running trials seen without their params or seed yet (the standard engine
+        # stores them after creating the trial): the storage checks them again at each start
+        self.incomplete = set(known.incomplete)
         self.owner = owner_attr()
         self.seq = 0
         now = time.monotonic()
@@ -389,6 +393,7 @@ class _Sink:
                 taken=taken,
                 own=self.own,
                 seeds=[s.seed for s in new],
+                recheck=self.incomplete,
             )
             for s, got in zip(new, stored, strict=True):
                 if got is None:
@@ -551,6 +556,10 @@ class _Sink:
                 continue
             if isinstance(t.user_attrs.get("seed"), int):
                 self.seeds.add(t.user_attrs["seed"])
+            if t.state == TrialState.RUNNING and not (t.params and "seed" in t.user_attrs):
+                self.incomplete.add(t._trial_id)
+            else:
+                self.incomplete.discard(t._trial_id)
             if t._trial_id not in self.unfinished and t.params and t.state != TrialState.FAIL:
                 self.synced.append((self.seq + 1, param_set(t.params, t.distributions)))
             if t.state in (TrialState.RUNNING, TrialState.WAITING):
