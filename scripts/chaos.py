@@ -11,14 +11,15 @@ starts a job. Some runs get a fault at a random moment: SIGINT or SIGTERM to the
 group or to its parent process, or SIGKILL to the group, the parent, a worker, a trainer or a
 writer. A killed run is sometimes restarted at once with the same command. When every run has
 ended, a recovery run on the study (as many trials as are queued, at least 1) stands for "the
-next run", and the invariants are checked:
+next run" where a fault was sent or a trial is left RUNNING or WAITING, and the invariants are
+checked:
 
   count     a run that exited 0 finished exactly --n-trials trials (COMPLETE or PRUNED, by its
             `run` attr); a run interrupted or killed (or with a process killed) at most that many
   numbers   trial numbers are 0..n-1, each once
   twins     no parameter set trained twice (COMPLETE, PRUNED or RUNNING) except by a retry, no
             weight seed used twice, and a retry trains with its trial's seed
-  running   no RUNNING trial once every run has ended and the recovery run ran
+  running   no RUNNING trial after a round whose runs all exited 0, nor after the recovery run
   waiting   no WAITING trial after a round whose runs all exited 0, nor after the recovery run
   artifact  the best trial's model artifact exists and loads
   curves    every stored curve's steps are 1..k without a gap
@@ -390,9 +391,9 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
                 f"retry #{t.number} seed {t.user_attrs['seed']}, its trial #{first.number} "
                 f"seed {first.user_attrs['seed']}",
             )
-    if final and any(t.state == TrialState.RUNNING for t in trials):
-        bad("running", f"RUNNING: {[t.number for t in trials if t.state == TrialState.RUNNING]}")
     all_clean = all(r.proc.returncode == 0 and not r.sent for r in runs if r.proc)
+    if (final or all_clean) and any(t.state == TrialState.RUNNING for t in trials):
+        bad("running", f"RUNNING: {[t.number for t in trials if t.state == TrialState.RUNNING]}")
     if (final or all_clean) and any(t.state == TrialState.WAITING for t in trials):
         bad("waiting", f"WAITING: {[t.number for t in trials if t.state == TrialState.WAITING]}")
     for t in trials:
@@ -427,7 +428,11 @@ def _round(i: int, rng: random.Random, stores: dict, root: Path, tally: Tally, k
     except KeyError:  # every run was killed before it created the study
         return
     _check(store, runs, tally, final=False)
-    queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    open_ = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    if not open_ and all(r.proc.returncode == 0 and not r.sent for r in runs if r.proc):
+        _check(store, runs, tally, final=True)  # nothing for a next run to recover
+        return
+    queued = sum(t.state == TrialState.WAITING for t in open_)
     recovery = Run(_args(store, rng, max(1, queued), 8, ["--workers", "1"]), max(1, queued))
     _drive([recovery], store.folder)
     tally.runs += 1

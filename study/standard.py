@@ -169,6 +169,7 @@ class Objective:
             if t.state != TrialState.FAIL and param_set(t.params, t.distributions) == mine:
                 reason = f"trial #{t.number} has the same parameter set (another engine)"
                 trial.set_user_attr("failed_reason", reason)
+                trial.set_user_attr("seed", None)  # it trains nothing and holds no seed
                 raise DuplicateTrial(reason)
         seeds = {t.user_attrs.get("seed") for t in others}
         while tcfgs[0].seed in seeds:

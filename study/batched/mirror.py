@@ -99,6 +99,8 @@ class Mirror:
             del self.unfinished[t._trial_id]
 
     def _finish(self, mirror_id: int, t: FrozenTrial) -> None:
+        if isinstance(t.user_attrs.get("seed"), int):  # a trial first seen before its attrs
+            self.seeds[t.number] = t.user_attrs["seed"]
         s = self._storage
         if s.get_trial(mirror_id).state == TrialState.WAITING:
             s.set_trial_state_values(mirror_id, TrialState.RUNNING)
