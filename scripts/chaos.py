@@ -10,7 +10,8 @@ it, then starts 1-3 runs of `sinstudy run` on it (both engines, `--workers 1|2`,
 starts a job. Some runs get a fault at a random moment: SIGINT or SIGTERM to the run's process
 group or to its parent process, or SIGKILL to the group, the parent, a worker, a trainer or a
 writer. A killed run is sometimes restarted at once with the same command. When every run has
-ended, a recovery run on the study (as many trials as are queued, at least 1) stands for "the
+ended, a recovery run on the study (as many trials as are queued or running, at least 1) stands
+for "the
 next run" where a fault was sent or a trial is left RUNNING or WAITING, and the invariants are
 checked:
 
@@ -432,8 +433,10 @@ def _round(i: int, rng: random.Random, stores: dict, root: Path, tally: Tally, k
     if not open_ and all(r.proc.returncode == 0 and not r.sent for r in runs if r.proc):
         _check(store, runs, tally, final=True)  # nothing for a next run to recover
         return
-    queued = sum(t.state == TrialState.WAITING for t in open_)
-    recovery = Run(_args(store, rng, max(1, queued), 8, ["--workers", "1"]), max(1, queued))
+    # as many trials as it may have to take: the queued ones, and the retries of the RUNNING
+    # ones whose processes are gone, which its start queues
+    n = max(1, len(open_))
+    recovery = Run(_args(store, rng, n, 8, ["--workers", "1"]), n)
     _drive([recovery], store.folder)
     tally.runs += 1
     _check(store, runs + [recovery], tally, final=True)

@@ -406,7 +406,8 @@ def test_killed_trainer_fails_its_trials_at_once_and_the_resume_retries_them(wor
             t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             and t.params == failed[number].params
         )
-        assert t.user_attrs["seed"] == t.number  # a retry trains as the trial it now is
+        # a retry trains as the trial it repeats: its seed, so no other trial shares one
+        assert t.user_attrs["seed"] == failed[number].user_attrs["seed"]
 
 
 def test_a_failing_writer_is_one_clear_error(tmp_path):
