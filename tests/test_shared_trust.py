@@ -300,4 +300,44 @@ def test_standard_engines_started_together_never_train_one_parameter_set_twice(w
     for t in study.trials:
         if t.state == TrialState.FAIL:
             assert "has the same parameter set" in t.user_attrs["failed_reason"]
+            assert t.user_attrs["seed"] is None  # it trained nothing (found by the harness)
     assert any("starts no more trials" in err for _, err in outs)
+
+
+def test_sigterm_outside_an_engine_ends_a_command_with_143_and_one_line(tmp_path):
+    """Found by the harness: `kill PID` after the engines' handlers were gone (the summary, the
+    note) killed the run silently with -15. The dashboard serves until told to stop: the same
+    path."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="sinstudy", storage=url)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_cli("dashboard", "--storage", url, "--port", str(port), cwd=tmp_path)
+    assert "optuna-dashboard on" in proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["sinstudy: interrupted"], err
+
+
+def test_a_study_another_run_is_creating_is_waited_for_not_refused(tmp_path, monkeypatch):
+    """Found by the harness: a run that looked between another run's create_study and its
+    identity label refused the study as "not made by sinstudy"."""
+    import json
+    import threading
+
+    from study import config, opening
+
+    cfg = config.build(None, study="s", storage=f"sqlite:///{tmp_path}/s.db")
+    storage = storage_mod.load(cfg.storage)
+    study = optuna.create_study(study_name="s", storage=storage)  # labelled a moment later
+    label = json.dumps(opening._identity(cfg))
+    threading.Timer(1.0, study.set_user_attr, ("identity", label)).start()
+    opening.check_study(cfg, storage)  # waits for the label, then finds it the same
+    monkeypatch.setattr(opening, "CREATION_WAIT_S", 0.5)
+    optuna.create_study(study_name="plain", storage=storage)  # never labelled: a foreign study
+    with pytest.raises(opening.ConfigError, match="was not made by sinstudy"):
+        opening.check_study(config.build(None, study="plain", storage=cfg.storage), storage)
