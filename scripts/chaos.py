@@ -325,8 +325,9 @@ def _expected_exit(run: Run) -> set[int]:
         # a worker, trainer or writer of the run: the run recovers and goes on (or, alone
         # without workers, a writer's death ends the run with one line)
         return {0, 1} if role == "writer" else {0, -9}
-    code = {"SIGINT": 130, "SIGTERM": 143}[signame]
-    return {code, 0}  # it may land after the last trial, as the run ends
+    if signame == "SIGINT":  # killed by SIGINT after its clean-up: a shell shows 130 too
+        return {130, -2, 0}
+    return {143, 0}  # 0: it may land after the last trial, as the run ends
 
 
 def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
@@ -396,7 +397,22 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
     if (final or all_clean) and any(t.state == TrialState.RUNNING for t in trials):
         bad("running", f"RUNNING: {[t.number for t in trials if t.state == TrialState.RUNNING]}")
     if (final or all_clean) and any(t.state == TrialState.WAITING for t in trials):
-        bad("waiting", f"WAITING: {[t.number for t in trials if t.state == TrialState.WAITING]}")
+        by_number = {t.number: t for t in trials}
+        what = [
+            (t.number, "retry of", t.system_attrs.get("failed_trial"))
+            for t in trials
+            if t.state == TrialState.WAITING
+        ]
+        runs_ = [(r.label[-60:], r.proc.returncode) for r in runs if r.proc]
+        if os.environ.get("CHAOS_DEBUG"):
+            for n in {w[2] for w in what if w[2] is not None}:
+                f = by_number[n]
+                print("   ", n, f.state.name, f.user_attrs.get("run"), f.user_attrs.get("worker"))
+            print("   ", runs_)
+            for r in runs:
+                print("    --", r.label[-50:], r.proc.pid if r.proc else None)
+                print("      " + "\n      ".join(r.err.strip().splitlines()[-8:]))
+        bad("waiting", f"WAITING: {what}{' (final)' if final else ''}")
     for t in trials:
         steps = sorted(t.intermediate_values)
         if steps and steps != list(range(1, len(steps) + 1)):

@@ -62,5 +62,10 @@ class Budget:
     def reserved(self) -> int:
         return self._reserved.value
 
+    def unreserve(self) -> None:
+        """The claims reserved for retries that did not come are free for new trials."""
+        with self._claimed.get_lock():
+            self._reserved.value = 0
+
     def stop(self) -> None:
         self._stopped.value = 1

@@ -297,12 +297,16 @@ class BatchedEngine:
 
     def _awaiting_retry(self, budget) -> bool:
         """A claim is reserved for a queued retry: worth a few syncs' wait, not forever (another
-        run on the study may take the retry)."""
+        run on the study may take the retry, or none was queued: optuna-dashboard's "Fail
+        trial" queues none). When the wait is over the claim is free again, for a new trial."""
         if not budget.reserved():
             return False
         if self.retry_wait is None:
             self.retry_wait = time.monotonic() + 3 * SYNC_S
-        return time.monotonic() < self.retry_wait
+        if time.monotonic() >= self.retry_wait:
+            budget.unreserve()
+            self.retry_wait = None
+        return True
 
     def _drop(self, keys: set[int], *, failed: bool = False) -> None:
         """Trials the writer could not start, or (`failed`) that were failed in storage from

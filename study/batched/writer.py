@@ -482,7 +482,7 @@ class _Sink:
             # Its claim goes back to the budget: the trial counts for nothing, and its retry
             # (or a new trial) takes its place.
             self.held_ever -= 1
-            self.claims.give_back(1)
+            self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)  # as in _stop_failed
             self.results.put(("dropped", f.key))
             print(
                 f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for "
@@ -584,7 +584,8 @@ class _Sink:
                 del self.ids[key]
             number = self.numbers.pop(trial_id)
             self.held_ever -= 1
-            self.claims.give_back(1)
+            # a sweep queues its retry, which this run then takes (a claim kept for it)
+            self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)
             self.results.put(("failed", key, number))
             print(
                 f"sinstudy: trial #{number} was marked {states[trial_id].name} by another process "
