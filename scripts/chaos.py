@@ -27,7 +27,9 @@ checked:
   exit      each run's exit status is the one its fault implies (0, 130, 143, or killed)
   traceback no "Traceback" on any run's stderr
 
-It prints a table at the end and, last, `N violations`; the exit status is 1 when N > 0. The
+Each violation is printed as it is found (CHAOS_DEBUG=1: with the runs' last stderr lines and
+the trials involved), then a table at the end and, last, `N violations`; the exit status is 1
+when N > 0. The
 suite runs a small fixed-seed schedule (tests/test_chaos.py); long runs are in docs/results.md.
 """
 
