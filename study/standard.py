@@ -10,7 +10,6 @@ bring their own objective.
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +28,17 @@ from .recovery import OWNER_ATTR, JournalHeartbeat, owner_attr, sweep_stale
 from .space import grid_started, param_set
 from .tracking import TrialLogger, trial_metrics
 from .train import EpochLog, train, train_repeats
-from .trial_attrs import SEED_STREAM, WORKER, outcome, start_attrs, trial_configs
+from .trial_attrs import (
+    EXHAUSTED,
+    MAX_LOST,
+    WORKER,
+    fresh_stream,
+    outcome,
+    seed_number,
+    start_attrs,
+    trial_configs,
+)
 
-MAX_DUPLICATES = 100  # proposals lost to other engines in a row before the engine stops asking
 CHECK_S = 2.0  # how often a training trial's stored state is read (failed from outside?)
 
 
@@ -152,7 +159,7 @@ class Objective:
             )
             seed = storage.get_trial(first).user_attrs.get("seed")
             if isinstance(seed, int):
-                number = (seed - self.cfg.seed) // self.cfg.repeats
+                number = seed_number(self.cfg, seed)
         tcfgs = trial_configs(self.cfg, trial, number)
         for k, v in start_attrs("standard", tcfgs[0], trial.params, self.cfg.repeats).items():
             trial.set_user_attr(k, v)
@@ -173,8 +180,7 @@ class Objective:
                 raise DuplicateTrial(reason)
         seeds = {t.user_attrs.get("seed") for t in others}
         while tcfgs[0].seed in seeds:
-            stream = random.SystemRandom().randrange(1 << 10, 1 << 20) * SEED_STREAM
-            tcfgs = trial_configs(self.cfg, trial, trial.number + stream)
+            tcfgs = trial_configs(self.cfg, trial, trial.number + fresh_stream())
             trial.set_user_attr("seed", tcfgs[0].seed)
             if len(tcfgs) > 1:
                 trial.set_user_attr("seeds", [c.seed for c in tcfgs])
@@ -253,13 +259,8 @@ def run_trials(
         if lost:  # a FAIL that counts nothing: its claim goes back
             budget.release(worker=worker)
             study.sampler.reseed_rng()
-        if lost >= MAX_DUPLICATES:
-            print(
-                f"sinstudy: the last {MAX_DUPLICATES} parameter sets this engine proposed were "
-                "trained by other engines already; it starts no more trials (is the search "
-                "space that small?)",
-                file=sys.stderr,
-            )
+        if lost >= MAX_LOST:
+            print(EXHAUSTED, file=sys.stderr)
             break
         on_start(-1)
     return objective

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import socket
 import time
 from dataclasses import dataclass, fields, replace
@@ -34,6 +35,23 @@ def run_id() -> str:
 # Streams this far apart: worker i of a run samples with seed + i * SEED_STREAM (the samplers add
 # the study's trial count), and its batched engine counts its trials from i * SEED_STREAM.
 SEED_STREAM = 1_000_003
+
+
+MAX_LOST = 100  # proposals lost to other engines in a row before an engine stops asking
+EXHAUSTED = (
+    f"sinstudy: the last {MAX_LOST} parameter sets this engine proposed were trained by other "
+    "engines already; it starts no more trials (is the search space that small?)"
+)
+
+
+def fresh_stream() -> int:
+    """A seed count of its own, for an engine that met another's seed (far from the workers')."""
+    return random.SystemRandom().randrange(1 << 10, 1 << 20) * SEED_STREAM
+
+
+def seed_number(cfg: StudyConfig, seed: int) -> int:
+    """The number trial_seed counts from for a trial whose first seed is `seed` (a retry)."""
+    return (seed - cfg.seed) // cfg.repeats
 
 
 def trial_seed(cfg: StudyConfig, trial_number: int, repeat: int = 0) -> int:

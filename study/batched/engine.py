@@ -15,7 +15,6 @@ Ctrl-C / SIGTERM end the trials still training as FAIL with their curves.
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -36,13 +35,22 @@ from ..recovery import fail_and_retry
 from ..space import grid_started
 from ..tracking import trial_metrics
 from ..train import EpochLog, TrainResult, divergence, lr_at, mse
-from ..trial_attrs import SEED_STREAM, outcome, repeat_reason, start_attrs, trial_configs
+from ..trial_attrs import (
+    EXHAUSTED,
+    MAX_LOST,
+    SEED_STREAM,
+    fresh_stream,
+    outcome,
+    repeat_reason,
+    seed_number,
+    start_attrs,
+    trial_configs,
+)
 from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
 from .writer import SYNC_S, Finish, Start, Writer, WriterError
 
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
-MAX_COLLISIONS = 100  # proposals lost to other engines in a row before an engine stops asking
 
 
 @dataclass
@@ -248,9 +256,7 @@ class BatchedEngine:
                 if msg[3]:  # another engine has its parameter set or seed: move away from it
                     self.collisions += 1
                     self.mirror.collided()
-                    self.seed_base = (
-                        random.SystemRandom().randrange(1 << 10, 1 << 20) * SEED_STREAM
-                    )
+                    self.seed_base = fresh_stream()
             elif msg[0] == "failed":
                 failed.append(msg[1])
         if lost:
@@ -274,15 +280,10 @@ class BatchedEngine:
     def _exhausted(self) -> bool:
         """Every proposal lately was another engine's already (a search space small enough
         for the engines to have trained all of it): stop asking rather than ask forever."""
-        if self.collisions >= MAX_COLLISIONS and not self.said_exhausted:
+        if self.collisions >= MAX_LOST and not self.said_exhausted:
             self.said_exhausted = True
-            print(
-                f"sinstudy: the last {MAX_COLLISIONS} parameter sets this engine proposed were "
-                "trained by other engines already; it starts no more trials (is the search "
-                "space that small?)",
-                file=sys.stderr,
-            )
-        return self.collisions >= MAX_COLLISIONS
+            print(EXHAUSTED, file=sys.stderr)
+        return self.collisions >= MAX_LOST
 
     def _seed_number(self, trial: optuna.Trial, claim: tuple[int, int] | None) -> int:
         """The number a trial's seeds count from (trial_attrs.trial_seed): a retry trains with
@@ -293,7 +294,7 @@ class BatchedEngine:
         seed = self.mirror.seeds.get(failed) if failed is not None else None
         if seed is None:  # an enqueued point (or a retry of a trial without a seed attr)
             return trial.number + self.seed_base
-        return (seed - self.cfg.seed) // self.cfg.repeats
+        return seed_number(self.cfg, seed)
 
     def _awaiting_retry(self, budget) -> bool:
         """A claim is reserved for a queued retry: worth a few syncs' wait, not forever (another
