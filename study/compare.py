@@ -315,7 +315,7 @@ def run(
             if cell not in queued:
                 study.enqueue_trial({"cell": cell})
 
-        def configure(trial: optuna.Trial, number: int, cells=cells) -> list[TrainConfig]:
+        def configure(trial: optuna.Trial, first_seed: int, cells=cells) -> list[TrainConfig]:
             cell = trial.suggest_categorical("cell", list(factor.cells))
             if cell not in cells:
                 raise RuntimeError(f"queued cell {cell!r} belongs to another data set")

@@ -34,9 +34,9 @@ from .trial_attrs import (
     WORKER,
     fresh_stream,
     outcome,
-    seed_number,
     start_attrs,
     trial_configs,
+    trial_seed,
 )
 
 CHECK_S = 2.0  # how often a training trial's stored state is read (failed from outside?)
@@ -151,16 +151,16 @@ class Objective:
         to a stream of its own. A queued trial (a retry, an enqueued point) is not checked."""
         storage, tid = trial.study._storage, trial._trial_id
         queued = storage.get_trial(tid).system_attrs
-        number = trial.number
+        seed = trial_seed(self.cfg, trial.number)
         if "failed_trial" in queued:
             study_id = trial.study._study_id
             first = storage.get_trial_id_from_study_id_trial_number(
                 study_id, queued["failed_trial"]
             )
-            seed = storage.get_trial(first).user_attrs.get("seed")
-            if isinstance(seed, int):
-                number = seed_number(self.cfg, seed)
-        tcfgs = trial_configs(self.cfg, trial, number)
+            first_seed = storage.get_trial(first).user_attrs.get("seed")
+            if isinstance(first_seed, int):
+                seed = first_seed
+        tcfgs = trial_configs(self.cfg, trial, seed)
         for k, v in start_attrs("standard", tcfgs[0], trial.params, self.cfg.repeats).items():
             trial.set_user_attr(k, v)
         if {"failed_trial", "fixed_params"} & set(queued):
@@ -180,7 +180,8 @@ class Objective:
                 raise DuplicateTrial(reason)
         seeds = {t.user_attrs.get("seed") for t in others}
         while tcfgs[0].seed in seeds:
-            tcfgs = trial_configs(self.cfg, trial, trial.number + fresh_stream())
+            moved = trial_seed(self.cfg, trial.number + fresh_stream())
+            tcfgs = trial_configs(self.cfg, trial, moved)
             trial.set_user_attr("seed", tcfgs[0].seed)
             if len(tcfgs) > 1:
                 trial.set_user_attr("seeds", [c.seed for c in tcfgs])

@@ -49,11 +49,6 @@ def fresh_stream() -> int:
     return random.SystemRandom().randrange(1 << 10, 1 << 20) * SEED_STREAM
 
 
-def seed_number(cfg: StudyConfig, seed: int) -> int:
-    """The number trial_seed counts from for a trial whose first seed is `seed` (a retry)."""
-    return (seed - cfg.seed) // cfg.repeats
-
-
 def trial_seed(cfg: StudyConfig, trial_number: int, repeat: int = 0) -> int:
     """Trial k's repeat r (of S = cfg.repeats) trains with seed `seed + S*k + r` (its weights and
     its minibatch order): with S = 1, seed + k. k is the trial's number as its engine counted it
@@ -63,10 +58,12 @@ def trial_seed(cfg: StudyConfig, trial_number: int, repeat: int = 0) -> int:
     return cfg.seed + cfg.repeats * trial_number + repeat
 
 
-def trial_configs(cfg: StudyConfig, trial: optuna.Trial, number: int) -> list[TrainConfig]:
-    """What study trial `number` trains: the space's suggestion, once per repeat with its seed."""
-    tcfg = suggest(trial, cfg.space, cfg.train, seed=trial_seed(cfg, number))
-    return [replace(tcfg, seed=trial_seed(cfg, number, r)) for r in range(cfg.repeats)]
+def trial_configs(cfg: StudyConfig, trial: optuna.Trial, seed: int) -> list[TrainConfig]:
+    """What a trial trains: the space's suggestion, once per repeat r with seed `seed + r`.
+    `seed` is trial_seed(cfg, its count), or for a retry the first seed of the trial it repeats
+    (taken as stored, not recomputed: runs of one study may differ in --seed)."""
+    tcfg = suggest(trial, cfg.space, cfg.train, seed=seed)
+    return [replace(tcfg, seed=seed + r) for r in range(cfg.repeats)]
 
 
 def start_attrs(engine: str, tcfg: TrainConfig, params: dict, repeats: int = 1) -> dict:

@@ -166,6 +166,29 @@ def test_a_restart_here_recovers_a_killed_runs_trials_at_once_and_says_so(workdi
 
 
 @pytest.mark.parametrize("engine", ["batched", "standard"])
+def test_a_retry_by_a_run_with_another_seed_trains_with_its_trials_seeds(workdir, engine):
+    """Found by chaos.py (seed 12): runs of one study may differ in --seed, and a retry's seeds
+    were recomputed from a count, (seed - --seed) // repeats, which loses the offset: trial #0
+    of `--seed 1 --repeats 2` (seeds 1, 2) was retried by a `--seed 0` run with seeds 0, 1."""
+    url = f"sqlite:///{workdir}/s.db"
+    common = ("run", "--config", "tiny.toml", "--no-progress", "--storage", url, "--repeats", "2")
+    r = run_cli(*common, "--seed", "1", "--n-trials", "1", "--engine", engine, cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    study = _load(url)
+    first = study.trials[0]
+    assert first.user_attrs["seeds"] == [1, 2]
+    # a retry of #0, queued as Optuna's stale-trial callback queues it
+    study.enqueue_trial(first.params)
+    waiting = study.get_trials(states=(TrialState.WAITING,))[0]
+    study._storage.set_trial_system_attr(waiting._trial_id, "failed_trial", 0)
+    r = run_cli(*common, "--seed", "0", "--n-trials", "1", "--engine", engine, cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    retry = _load(url).trials[1]
+    assert retry.state.is_finished() and retry.system_attrs["failed_trial"] == 0
+    assert retry.user_attrs["seed"] == 1 and retry.user_attrs["seeds"] == [1, 2]
+
+
+@pytest.mark.parametrize("engine", ["batched", "standard"])
 def test_a_trial_failed_from_outside_stops_within_seconds_and_its_slot_is_refilled(
     workdir, engine
 ):

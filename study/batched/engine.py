@@ -42,9 +42,9 @@ from ..trial_attrs import (
     fresh_stream,
     outcome,
     repeat_reason,
-    seed_number,
     start_attrs,
     trial_configs,
+    trial_seed,
 )
 from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
@@ -141,7 +141,7 @@ class BatchedEngine:
         # The study's own trials: each its own seeds, checked by the writer (compare's cells
         # share their seeds on purpose).
         self.unique_seeds = configure is None
-        self.configure = configure or (lambda trial, number: trial_configs(cfg, trial, number))
+        self.configure = configure or (lambda trial, seed: trial_configs(cfg, trial, seed))
         self.seed_base = stream * SEED_STREAM  # trial k trains with seed + S*(k + seed_base)
         self.on_trial = on_trial
         self.data = make_data(cfg.data, device)
@@ -285,16 +285,15 @@ class BatchedEngine:
             print(EXHAUSTED, file=sys.stderr)
         return self.collisions >= MAX_LOST
 
-    def _seed_number(self, trial: optuna.Trial, claim: tuple[int, int] | None) -> int:
-        """The number a trial's seeds count from (trial_attrs.trial_seed): a retry trains with
-        the seeds of the trial it repeats; any other trial with its engine's count."""
+    def _first_seed(self, trial: optuna.Trial, claim: tuple[int, int] | None) -> int:
+        """The seed a trial's first repeat trains with (trial_attrs.trial_configs): a retry
+        trains with the seeds of the trial it repeats; any other trial with its engine's count."""
+        own = trial_seed(self.cfg, trial.number + self.seed_base)
         if claim is None:
-            return trial.number + self.seed_base
+            return own
         failed = self.mirror.retried(trial)
         seed = self.mirror.seeds.get(failed) if failed is not None else None
-        if seed is None:  # an enqueued point (or a retry of a trial without a seed attr)
-            return trial.number + self.seed_base
-        return seed_number(self.cfg, seed)
+        return own if seed is None else seed  # None: an enqueued point, a seedless one's retry
 
     def _awaiting_retry(self, budget) -> bool:
         """A claim is reserved for a queued retry: worth a few syncs' wait, not forever (another
@@ -338,7 +337,7 @@ class BatchedEngine:
         ):
             self.writer.claimed()
             trial, claim = self.mirror.ask()
-            tcfgs = self.configure(trial, self._seed_number(trial, claim))
+            tcfgs = self.configure(trial, self._first_seed(trial, claim))
             now = datetime.now()
             starts.append(
                 Start(
