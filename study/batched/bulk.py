@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+import sqlalchemy.orm
+import sqlalchemy.orm.attributes
 from optuna.distributions import distribution_to_json
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
@@ -335,6 +337,71 @@ def finish_trial(
             if table_rows:
                 session.execute(insert(model), table_rows)
         return True
+
+    return _transaction(storage, body)
+
+
+_UNFINISHED = (TrialState.RUNNING, TrialState.WAITING)
+
+
+def changed_trials(
+    storage: RDBStorage,
+    study_id: int,
+    max_id: int,
+    unfinished: Mapping[int, TrialState],
+    skip: Container[int] = (),
+) -> list[FrozenTrial]:
+    """Trials stored after `max_id` (but those in `skip`) and those of `unfinished` whose state
+    changed, in id order: what a mirror needs of the other engines' trials, read so that the
+    cost does not grow with the running trials' curves. Optuna's incremental read
+    (`_get_trials(study_id, None, unfinished, max_id)`) returns every unfinished trial with all
+    its intermediate values on every call. Here one SELECT of (id, state) finds what is new or
+    changed; new RUNNING / WAITING trials are read without intermediate values (no sampler or
+    pruner reads a running trial's curve: TPE reads its params, the pruners read finished
+    trials' values and the rungs' system attrs, which are stored at the end), and finished ones
+    with all of them, once: a finished trial's curve is what the pruners compare with."""
+    m = models.TrialModel
+
+    def states(session) -> dict[int, TrialState]:
+        rows = session.execute(
+            sqlalchemy.select(m.trial_id, m.state).where(
+                m.study_id == study_id,
+                sqlalchemy.or_(m.trial_id > max_id, m.state.in_(_UNFINISHED)),
+            )
+        )
+        return dict(rows.all())
+
+    now = _transaction(storage, states)
+    full = {tid for tid, state in unfinished.items() if now.get(tid) != state}
+    fresh = [tid for tid in now if tid > max_id and tid not in skip]
+    full |= {tid for tid in fresh if now[tid] not in _UNFINISHED}
+    light = sorted(tid for tid in fresh if now[tid] in _UNFINISHED)
+
+    out = _read_trials(storage, light, curves=False) if light else []
+    full |= {t._trial_id for t in out if t.state not in _UNFINISHED}  # finished meanwhile
+    out = [t for t in out if t._trial_id not in full]
+    if full:
+        out += _read_trials(storage, sorted(full), curves=True)
+    return sorted(out, key=lambda t: t._trial_id)
+
+
+def _read_trials(storage: RDBStorage, ids: list[int], *, curves: bool) -> list[FrozenTrial]:
+    """Trials `ids` as Optuna's _get_trials builds them; without `curves`, with no intermediate
+    values (none are read)."""
+    m = models.TrialModel
+
+    def body(session) -> list[FrozenTrial]:
+        query = session.query(m)
+        for rel in (m.params, m.values, m.user_attributes, m.system_attributes):
+            query = query.options(sqlalchemy.orm.selectinload(rel))
+        if curves:
+            query = query.options(sqlalchemy.orm.selectinload(m.intermediate_values))
+        out = []
+        for t in query.filter(m.trial_id.in_(ids)).order_by(m.trial_id).all():
+            if not curves:  # an empty curve, set as if loaded: the builder reads no values
+                sqlalchemy.orm.attributes.set_committed_value(t, "intermediate_values", [])
+            out.append(storage._build_frozen_trial_from_trial_model(t))
+        return out
 
     return _transaction(storage, body)
 

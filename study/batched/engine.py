@@ -48,7 +48,8 @@ from ..trial_attrs import (
 )
 from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
-from .writer import SYNC_S, Finish, Start, Writer, WriterError
+from .sync import SYNC_S
+from .writer import Finish, Start, Writer, WriterError
 
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
 

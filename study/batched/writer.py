@@ -57,9 +57,9 @@ from ..space import param_set
 from ..tracking import TrialLogger
 from ..train import EpochLog
 from .bulk import Taken, add_trials, append_values, beat, finish_trial, trial_states
+from .sync import SYNC_S, Changes
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
-SYNC_S = 2.0  # how often other engines' trials are read from storage for the mirror
 # A writer whose loop has not come round for this long stops beating: its trials go stale and
 # other engines recover them, as they would a dead writer's.
 STUCK_S = 60.0
@@ -342,8 +342,7 @@ class _Sink:
         self.numbers: dict[int, int] = {}  # trial_id -> number, while it runs
         self.own: set[int] = set()  # trial ids this engine started
         self.held_ever = 0  # trials stored for the trainer: each used one of its budget claims
-        self.max_id = known.max_id  # highest trial id the mirror has seen
-        self.unfinished = dict(known.unfinished)  # others' RUNNING / WAITING trials, by id
+        self.changes = Changes(known.max_id, known.unfinished)  # what the mirror has seen
         # (sync seq, parameter set) of others' new trials
         self.synced: list[tuple[int, frozenset]] = []
         self.seeds = set(known.seeds)  # weight seeds of every trial this writer has seen
@@ -389,7 +388,7 @@ class _Sink:
                 self.study_id,
                 [s.trial for s in new],
                 heartbeat=True,
-                after_id=self.max_id,
+                after_id=self.changes.max_id,
                 taken=taken,
                 own=self.own,
                 seeds=[s.seed for s in new],
@@ -535,38 +534,27 @@ class _Sink:
         trials it trains that were failed from outside."""
         with self.lock:
             held = dict(self.ids)
-        if self.journal:
-            everything = self.storage.get_all_trials(self.study_id, deepcopy=False)
-            trials = [
-                t
-                for t in everything
-                if t._trial_id > self.max_id or t._trial_id in self.unfinished
-            ]
-            states = {t._trial_id: t.state for t in everything}
-        else:  # only the new rows and the unfinished ones: Optuna's own incremental read
-            trials = self.storage._get_trials(
-                self.study_id, None, set(self.unfinished), self.max_id
-            )
+        before = set(self.changes.unfinished)
+        changed = self.changes.read(self.storage, self.study_id, self.own)
+        if self.journal:  # replayed in memory: the states are there already
+            ids = set(held.values())
+            states = {
+                t._trial_id: t.state
+                for t in self.storage.get_all_trials(self.study_id, deepcopy=False)
+                if t._trial_id in ids
+            }
+        else:
             states = trial_states(self.storage, held.values())
         self._stop_failed(held, states)
-        changed = []
-        for t in trials:
-            self.max_id = max(self.max_id, t._trial_id)
-            if t._trial_id in self.own or self.unfinished.get(t._trial_id) == t.state:
-                continue
+        for t in changed:
             if isinstance(t.user_attrs.get("seed"), int):
                 self.seeds.add(t.user_attrs["seed"])
             if t.state == TrialState.RUNNING and not (t.params and "seed" in t.user_attrs):
                 self.incomplete.add(t._trial_id)
             else:
                 self.incomplete.discard(t._trial_id)
-            if t._trial_id not in self.unfinished and t.params and t.state != TrialState.FAIL:
+            if t._trial_id not in before and t.params and t.state != TrialState.FAIL:
                 self.synced.append((self.seq + 1, param_set(t.params, t.distributions)))
-            if t.state in (TrialState.RUNNING, TrialState.WAITING):
-                self.unfinished[t._trial_id] = t.state
-            else:
-                self.unfinished.pop(t._trial_id, None)
-            changed.append(t)
         if changed:
             self.seq += 1
             self.results.put(("sync", self.seq, changed))
