@@ -173,27 +173,29 @@ def _stored_identity(study: optuna.Study) -> str | None:
 
 
 def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Create the study, or load it (after check_study), recording the config on creation."""
-    study = optuna.create_study(
-        study_name=cfg.study,
-        storage=storage,
-        direction="minimize",
-        sampler=make_sampler(cfg),
-        pruner=make_pruner(cfg),
-        load_if_exists=True,
-    )
+    """Create the study, or load it (after check_study), recording the config on creation.
+
+    Only the run that created the study labels it (its id, identity, config): two runs that
+    labelled one new study at the same moment each claimed the TensorBoard folder with their
+    own id, and the id that stood refused the other's folder. A run that finds the study waits
+    for its creator's label (check_study)."""
+    kw = dict(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg))
+    try:
+        study = optuna.create_study(**kw, direction="minimize", pruner=make_pruner(cfg))
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kw, pruner=make_pruner(cfg))
+        check_study(cfg, storage)  # waits for the label of a study created a moment ago
+        if UID_ATTR not in study.user_attrs:  # made before sinstudy stored an id
+            study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+        name_metric(study)
+        return study
     name_metric(study)
-    if UID_ATTR not in study.user_attrs:  # studies made before sinstudy stored it get one too
-        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
-    if "identity" not in study.user_attrs:
-        study.set_user_attr("identity", json.dumps(_identity(cfg)))
-        # no password in it: optuna-dashboard serves study attrs to anyone who can reach it
-        stored = {**to_dict(cfg), "storage": storage_mod.redact(cfg.storage)}
-        study.set_user_attr("config", json.dumps(stored))
-        study.set_user_attr(VERSION_ATTR, __version__)
-        # Two runs that created the study at the same moment both label it: the last label
-        # stands, and a run with another config then stops here (check_study's refusal).
-        check_study(cfg, storage)
+    study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+    study.set_user_attr("identity", json.dumps(_identity(cfg)))
+    # no password in it: optuna-dashboard serves study attrs to anyone who can reach it
+    stored = {**to_dict(cfg), "storage": storage_mod.redact(cfg.storage)}
+    study.set_user_attr("config", json.dumps(stored))
+    study.set_user_attr(VERSION_ATTR, __version__)
     return study
 
 

@@ -19,6 +19,7 @@ Retries use Optuna's RetryHeartbeatStaleTrialCallback, so a retried trial carrie
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -110,21 +111,41 @@ def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> 
 
 
 def _by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.number == number:
-            return t
-    return None
+    """The trial if it is RUNNING (one trial read, not the study's running trials)."""
+    try:
+        tid = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    except KeyError:
+        return None
+    trial = study._storage.get_trial(tid)
+    return trial if trial.state == TrialState.RUNNING else None
+
+
+def _running_owners(study: optuna.Study) -> dict[int, str | None]:
+    """{number: OWNER_ATTR} of the study's RUNNING trials. On an RDB storage one SELECT of the
+    attr: the running trials themselves would come with all their curves, on every sweep."""
+    storage = getattr(study._storage, "_backend", study._storage)  # a study's cache
+    if not isinstance(storage, RDBStorage):
+        return {
+            t.number: t.system_attrs.get(OWNER_ATTR)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        }
+    t, a = models.TrialModel, models.TrialSystemAttributeModel
+    query = (
+        sqlalchemy.select(t.number, a.value_json)
+        .select_from(t)
+        .outerjoin(a, sqlalchemy.and_(a.trial_id == t.trial_id, a.key == OWNER_ATTR))
+        .where(t.study_id == study._study_id, t.state == TrialState.RUNNING)
+    )
+    with _create_scoped_session(storage.scoped_session) as session:
+        rows = session.execute(query).all()
+    return {number: None if raw is None else json.loads(raw) for number, raw in rows}
 
 
 def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -> dict[int, str]:
     """Fail (and retry) trials whose worker is gone: at once where it ran on this machine, else
     after `grace_period` without a heartbeat (RDB: Optuna's heartbeat; journal: ours). Returns
     {trial number: why} for the trials this call failed."""
-    gone = [
-        t.number
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if owner_gone(t.system_attrs.get(OWNER_ATTR))
-    ]
+    gone = [n for n, owner in _running_owners(study).items() if owner_gone(owner)]
     out = {
         n: "its process on this machine is gone"
         for n in gone

@@ -364,3 +364,29 @@ def test_a_study_another_run_is_creating_is_waited_for_not_refused(tmp_path, mon
     optuna.create_study(study_name="plain", storage=storage)  # never labelled: a foreign study
     with pytest.raises(opening.ConfigError, match="was not made by sinstudy"):
         opening.check_study(config.build(None, study="plain", storage=cfg.storage), storage)
+
+
+def test_a_run_that_finds_a_study_being_created_keeps_its_creators_id(tmp_path):
+    """Found by the harness (PostgreSQL, two runs at once on a new study): both runs labelled the
+    study, each claimed the TensorBoard folder with its own id, the id that stood in storage
+    was the other's, and every later run was refused: "holds the runs of another study"."""
+    import json
+    import threading
+
+    from study import config, opening
+
+    cfg = config.build(
+        None, study="s", storage=f"sqlite:///{tmp_path}/s.db", log_dir=f"{tmp_path}/tb"
+    )
+    storage = storage_mod.load(cfg.storage)
+    creator = optuna.create_study(study_name="s", storage=storage)  # the other run's, unlabelled
+
+    def label() -> None:  # what the creating run does a moment later
+        creator.set_user_attr(opening.UID_ATTR, "the-creators-id")
+        creator.set_user_attr("identity", json.dumps(opening._identity(cfg)))
+
+    threading.Timer(1.0, label).start()
+    study = opening.open_study(cfg, storage)
+    opening.claim_tensorboard_folder(cfg, study)
+    assert study.user_attrs[opening.UID_ATTR] == "the-creators-id"
+    opening.check_tensorboard_owner(cfg, storage)  # the next run is not refused

@@ -9,7 +9,7 @@ transaction whatever its size:
   - `add_trials`: new RUNNING trials (params, distributions, user and system attrs, a
     heartbeat row) numbered as Optuna numbers them, under the same lock on the study row;
   - `append_values`: intermediate values of many running trials;
-  - `finish_trial`: state, value, remaining values and attrs of one trial;
+  - `finish_trials`: state, value, remaining values and attrs of trials that ended;
   - `beat`: the heartbeat of many running trials.
 
 What it writes is what Optuna writes: the same ORM models, the same stored representation of
@@ -289,56 +289,84 @@ def append_values(
     _transaction(storage, body)
 
 
-def finish_trial(
-    storage: optuna.storages.BaseStorage,
-    trial_id: int,
-    *,
-    state: TrialState,
-    value: float | None,
-    values: dict[int, float],
-    user_attrs: dict[str, Any],
-    system_attrs: dict[str, Any],
-    completed: datetime,
-) -> bool:
-    """End a running trial: its remaining intermediate values, attrs (replacing those of the same
-    key), value and state, in one transaction. False, and nothing written, when the trial had
-    already been finished (e.g. failed as stale by another engine)."""
-    if not isinstance(storage, RDBStorage):
-        try:
-            append_values(storage, {trial_id: values})
-            for k, v in user_attrs.items():
-                storage.set_trial_user_attr(trial_id, k, v)
-            for k, v in system_attrs.items():
-                storage.set_trial_system_attr(trial_id, k, v)
-            return storage.set_trial_state_values(
-                trial_id, state, None if value is None else [value]
-            )
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
+@dataclass(frozen=True)
+class Ending:
+    """How one running trial ends (finish_trials)."""
 
-    def body(session) -> bool:
-        row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-        if row.state.is_finished():
-            return False
-        row.state, row.datetime_complete = state, completed
-        for model, attrs in (
-            (models.TrialUserAttributeModel, user_attrs),
-            (models.TrialSystemAttributeModel, system_attrs),
+    trial_id: int
+    state: TrialState
+    value: float | None
+    values: dict[int, float]  # intermediate values not stored yet
+    user_attrs: dict[str, Any]
+    system_attrs: dict[str, Any]
+    completed: datetime
+
+
+def finish_trial(storage: optuna.storages.BaseStorage, trial_id: int, **ending: Any) -> bool:
+    """End one running trial (finish_trials)."""
+    return finish_trials(storage, [Ending(trial_id, **ending)])[0]
+
+
+def finish_trials(storage: optuna.storages.BaseStorage, endings: list[Ending]) -> list[bool]:
+    """End running trials: their remaining intermediate values, attrs (replacing those of the
+    same key), value and state, all in one transaction. Per trial, False and nothing written
+    when it had already been finished (e.g. failed as stale by another engine)."""
+    if not isinstance(storage, RDBStorage):
+        return [_journal_finish(storage, e) for e in endings]
+    if not endings:
+        return []
+
+    def body(session) -> list[bool]:
+        m = models.TrialModel
+        rows = {
+            r.trial_id: r
+            for r in session.query(m)
+            .filter(m.trial_id.in_([e.trial_id for e in endings]))
+            .with_for_update()
+            .all()
+        }
+        ok = [e.trial_id in rows and not rows[e.trial_id].state.is_finished() for e in endings]
+        ends = [e for e, good in zip(endings, ok, strict=True) if good]
+        for e in ends:
+            rows[e.trial_id].state, rows[e.trial_id].datetime_complete = e.state, e.completed
+        for model, field in (
+            (models.TrialUserAttributeModel, "user_attrs"),
+            (models.TrialSystemAttributeModel, "system_attrs"),
         ):
-            if attrs:
+            pairs = [(e.trial_id, k) for e in ends for k in getattr(e, field)]
+            if pairs:
                 session.execute(
-                    delete(model).where(model.trial_id == trial_id, model.key.in_(list(attrs)))
+                    delete(model).where(sqlalchemy.tuple_(model.trial_id, model.key).in_(pairs))
                 )
-                session.execute(insert(model), _attr_rows(trial_id, attrs))
+                attr_rows = [r for e in ends for r in _attr_rows(e.trial_id, getattr(e, field))]
+                session.execute(insert(model), attr_rows)
+        value_rows = [
+            r for e in ends for r in _value_rows(e.trial_id, [] if e.value is None else [e.value])
+        ]
+        step_rows = [r for e in ends for r in _step_rows(e.trial_id, e.values)]
         for model, table_rows in (
-            (models.TrialValueModel, _value_rows(trial_id, [] if value is None else [value])),
-            (models.TrialIntermediateValueModel, _step_rows(trial_id, values)),
+            (models.TrialValueModel, value_rows),
+            (models.TrialIntermediateValueModel, step_rows),
         ):
             if table_rows:
                 session.execute(insert(model), table_rows)
-        return True
+        return ok
 
     return _transaction(storage, body)
+
+
+def _journal_finish(storage: optuna.storages.BaseStorage, e: Ending) -> bool:
+    try:
+        append_values(storage, {e.trial_id: e.values})
+        for k, v in e.user_attrs.items():
+            storage.set_trial_user_attr(e.trial_id, k, v)
+        for k, v in e.system_attrs.items():
+            storage.set_trial_system_attr(e.trial_id, k, v)
+        return storage.set_trial_state_values(
+            e.trial_id, e.state, None if e.value is None else [e.value]
+        )
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 _UNFINISHED = (TrialState.RUNNING, TrialState.WAITING)

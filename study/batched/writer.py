@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -56,10 +57,21 @@ from ..recovery import HEARTBEAT_ATTR, OWNER_ATTR, fail_and_retry, owner_attr, s
 from ..space import param_set
 from ..tracking import TrialLogger
 from ..train import EpochLog
-from .bulk import Taken, add_trials, append_values, beat, finish_trial, trial_states
+from .bulk import (
+    Ending,
+    Taken,
+    add_trials,
+    append_values,
+    beat,
+    finish_trials,
+    trial_states,
+)
 from .sync import SYNC_S, Changes
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# Ended trials stored in one transaction at most: a GPU engine ends hundreds at one epoch (the
+# first rung of Hyperband), one transaction each kept the writer behind.
+FINISH_BATCH = 256
 # A writer whose loop has not come round for this long stops beating: its trials go stale and
 # other engines recover them, as they would a dead writer's.
 STUCK_S = 60.0
@@ -233,9 +245,13 @@ def _main(
     # killed in the middle of a put leaves an EOF here, not a read that waits forever.
     jobs._writer.close()
     close, orphaned = None, False
+    ahead: deque = deque()  # a job read while gathering finishes, handled next
     while True:
         try:
-            item = jobs.get_nowait() if close else jobs.get(timeout=0.2)
+            if ahead:
+                item = ahead.popleft()
+            else:
+                item = jobs.get_nowait() if close else jobs.get(timeout=0.2)
         except (EOFError, OSError):  # the trainer died mid-put: nothing more will come
             if close:
                 break
@@ -250,7 +266,20 @@ def _main(
             if sink is not None:  # the first idle moment
                 sink.warm_up.start()
             item = None
-        if isinstance(item, tuple):
+        if isinstance(item, Finish):  # with the finishes queued behind it: one transaction
+            batch = [item]
+            while len(batch) < FINISH_BATCH:
+                try:
+                    nxt = ahead.popleft() if ahead else jobs.get_nowait()
+                except (queue.Empty, EOFError, OSError):  # EOF: the next get sees it again
+                    break
+                if not isinstance(nxt, Finish):
+                    ahead.append(nxt)
+                    break
+                batch.append(nxt)
+            if sink is not None:
+                sink = _guarded(sink, results, sink.finish_all, batch)
+        elif isinstance(item, tuple):
             close = item
         elif item is not None and sink is not None:
             sink = _guarded(sink, results, sink.handle, item)
@@ -340,6 +369,7 @@ class _Sink:
         self.store = FileSystemArtifactStore(cfg.artifact_dir)
         self.ids: dict[int, int] = {}  # engine key -> trial_id, while the trial runs
         self.numbers: dict[int, int] = {}  # trial_id -> number, while it runs
+        self.params: dict[int, dict] = {}  # trial_id -> params, while it runs
         self.own: set[int] = set()  # trial ids this engine started
         self.held_ever = 0  # trials stored for the trainer: each used one of its budget claims
         self.changes = Changes(known.max_id, known.unfinished)  # what the mirror has seen
@@ -402,11 +432,12 @@ class _Sink:
                         (self.seq, param_set(s.trial.params, s.trial.distributions))
                     )
                 else:
-                    self._hold(s.key, *got)
+                    self._hold(s.key, *got, s.trial.params)
         for s in starts:
             if s.claim is not None:
                 if self._claim(s):
-                    self._hold(s.key, s.claim, self.storage.get_trial_number_from_id(s.claim))
+                    number = self.storage.get_trial_number_from_id(s.claim)
+                    self._hold(s.key, s.claim, number, s.trial.params)
                 else:
                     self._lost(s.key, "another engine took it first", collided=False)
 
@@ -414,11 +445,12 @@ class _Sink:
         self.claims.give_back(1)
         self.results.put(("lost", key, why, collided))
 
-    def _hold(self, key: int, trial_id: int, number: int) -> None:
+    def _hold(self, key: int, trial_id: int, number: int, params: dict) -> None:
         self.held_ever += 1
         with self.lock:
             self.ids[key] = trial_id
         self.numbers[trial_id] = number
+        self.params[trial_id] = params
         self.own.add(trial_id)
         self.results.put(("started", key, number))
 
@@ -446,55 +478,65 @@ class _Sink:
         )
 
     def finish(self, f: Finish) -> None:
-        with self.lock:
-            trial_id = self.ids.pop(f.key, None)
-        if trial_id is None:  # never stored (lost to another engine)
-            self.results.put(("dropped", f.key))
+        self.finish_all([f])
+
+    def finish_all(self, finishes: list[Finish]) -> None:
+        """Trials that ended, in one transaction: a new best's weights first (an artifact needs
+        a RUNNING trial), then every state, value and attr, then each TensorBoard run."""
+        held = []
+        for f in finishes:
+            with self.lock:
+                trial_id = self.ids.pop(f.key, None)
+            if trial_id is None:  # never stored (lost to another engine)
+                self.results.put(("dropped", f.key))
+            else:
+                held.append((f, trial_id, self.numbers.pop(trial_id), self.params.pop(trial_id)))
+        if not held:
             return
-        number = self.numbers.pop(trial_id)
-        attrs = dict(f.attrs)
         self.warm_up.wait()
-        try:
+        endings = []
+        for f, trial_id, number, _ in held:
+            attrs = dict(f.attrs)
             if f.model is not None:
-                attrs["model_artifact"] = upload_model(
-                    self.store,
-                    self.storage.get_trial(trial_id),
-                    number,
-                    f.tcfg,
-                    f.model,
-                    self.storage,
-                    scaling=self.cfg.data.input_scaling,
-                )
-            stored = finish_trial(
-                self.storage,
-                trial_id,
-                state=f.state,
-                value=f.value,
-                values=f.values,
-                user_attrs=attrs,
-                system_attrs=f.system_attrs,
-                completed=f.completed,
+                try:
+                    attrs["model_artifact"] = upload_model(
+                        self.store,
+                        self.storage.get_trial(trial_id),
+                        number,
+                        f.tcfg,
+                        f.model,
+                        self.storage,
+                        scaling=self.cfg.data.input_scaling,
+                    )
+                except optuna.exceptions.UpdateFinishedTrialError:  # failed elsewhere
+                    continue
+            endings.append(
+                Ending(trial_id, f.state, f.value, f.values, attrs, f.system_attrs, f.completed)
             )
-        except optuna.exceptions.UpdateFinishedTrialError:  # raised by the artifact upload
-            stored = False
-        if not stored:
-            # Its claim goes back to the budget: the trial counts for nothing, and its retry
-            # (or a new trial) takes its place.
-            self.held_ever -= 1
-            self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)  # as in _stop_failed
-            self.results.put(("dropped", f.key))
-            print(
-                f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for "
-                f"{self.cfg.grace_period} s); its result is not stored",
-                file=sys.stderr,
-            )
-            return
-        logger = TrialLogger(self.cfg.log_dir, self.cfg.study, number)
-        for log, walltime in f.epochs:
-            logger.log_epoch(log, walltime=walltime)
-        logger.close(dict(self.storage.get_trial(trial_id).params), f.metrics, f.state.name)
-        value = f.value if f.value is None or abs(f.value) != float("inf") else None
-        self.results.put(("written", f.key, number, f.state.name, value))
+        done = finish_trials(self.storage, endings)
+        stored = {e.trial_id for e, ok in zip(endings, done, strict=True) if ok}
+        for f, trial_id, number, params in held:
+            if trial_id not in stored:
+                self._not_stored(f, number)
+                continue
+            logger = TrialLogger(self.cfg.log_dir, self.cfg.study, number)
+            for log, walltime in f.epochs:
+                logger.log_epoch(log, walltime=walltime)
+            logger.close(dict(params), f.metrics, f.state.name)
+            value = f.value if f.value is None or abs(f.value) != float("inf") else None
+            self.results.put(("written", f.key, number, f.state.name, value))
+
+    def _not_stored(self, f: Finish, number: int) -> None:
+        """Another engine failed the trial while it trained: its claim goes back to the budget,
+        so the trial counts for nothing and its retry (or a new trial) takes its place."""
+        self.held_ever -= 1
+        self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)  # as in _stop_failed
+        self.results.put(("dropped", f.key))
+        print(
+            f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for "
+            f"{self.cfg.grace_period} s); its result is not stored",
+            file=sys.stderr,
+        )
 
     # ---------------------------------------------------------------- between jobs
 
@@ -571,6 +613,7 @@ class _Sink:
                     continue
                 del self.ids[key]
             number = self.numbers.pop(trial_id)
+            self.params.pop(trial_id, None)
             self.held_ever -= 1
             # a sweep queues its retry, which this run then takes (a claim kept for it)
             self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)
