@@ -249,3 +249,35 @@ def test_a_syncs_cost_does_not_grow_with_the_running_trials_curves(tmp_path, req
                 assert set(params) <= {ids[7]}, (sql, params)
         runs[epochs] = [(sql, len(params)) for sql, params in seen]
     assert runs[5] == runs[500]
+
+
+def test_a_sweep_reads_no_running_curves(tmp_path):
+    """The stale-trial sweep (every few seconds in every writer) read every running trial with
+    its curve to find their owners; it reads the owners alone, and only a trial it fails whole."""
+    from study import recovery
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    storage = storage_mod.open_storage(
+        storage_mod.parse(url), storage_mod.Heartbeat(5, 20, max_retries=1)
+    )
+    study_id = optuna.create_study(study_name="sweep", storage=storage)._study_id
+    ids = [
+        tid
+        for tid, _ in add_trials(storage, study_id, [_running(0.1), _running(0.2)], heartbeat=True)
+    ]
+    append_values(storage, {tid: {s: 1.0 / s for s in range(1, 200)} for tid in ids})
+    storage.set_trial_system_attr(ids[0], recovery.OWNER_ATTR, recovery.owner_attr())  # alive
+    host, boot, pid, _ = recovery.owner_attr().split(" ")
+    gone = f"{host} {boot} {pid} 1"  # this pid, another start time: a process that ended
+    storage.set_trial_system_attr(ids[1], recovery.OWNER_ATTR, gone)
+    study = optuna.load_study(
+        study_name="sweep", storage=storage
+    )  # a cached storage, as a writer's
+    out: dict = {}
+    seen = _statements(
+        storage, lambda: out.update(recovery.sweep_stale(study, grace_period=20, max_retries=1))
+    )
+    assert out == {1: "its process on this machine is gone"}
+    for sql, params in seen:
+        if "trial_intermediate_values" in sql:
+            assert set(params) <= {ids[1]}, (sql, params)
