@@ -371,10 +371,10 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
             if param_set(t.params, t.distributions) in twice
         ]
         bad("twins", f"parameter sets trained twice: {who[:6]}")
-    seeds = Counter(
+    seeds = Counter(  # None: a standard trial that gave way to another's (it trained nothing)
         t.user_attrs["seed"]
         for t in trials
-        if "seed" in t.user_attrs and "failed_trial" not in t.system_attrs
+        if isinstance(t.user_attrs.get("seed"), int) and "failed_trial" not in t.system_attrs
     )
     if seeds and max(seeds.values()) > 1:
         twice = {s for s, n in seeds.items() if n > 1}
