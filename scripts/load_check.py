@@ -210,7 +210,6 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
                         intermediate_values={},
                         trial_id=0,
                     ),
-                    seen=sink.seq,
                     seed=seed,
                 )
             )

@@ -390,3 +390,24 @@ def test_a_run_that_finds_a_study_being_created_keeps_its_creators_id(tmp_path):
     opening.claim_tensorboard_folder(cfg, study)
     assert study.user_attrs[opening.UID_ATTR] == "the-creators-id"
     opening.check_tensorboard_owner(cfg, storage)  # the next run is not refused
+
+
+def test_a_batched_run_never_trains_a_point_an_earlier_run_stored(workdir):
+    """Found by the harness (journal): two runs on one study whose samplers were seeded alike
+    drew the same point, and the second trained it again: the storage check looked only at
+    trials stored after the engine's mirror was loaded. On a one-point space that an earlier
+    run trained, a new run may train nothing and says why."""
+    (workdir / "point.toml").write_text(
+        TINY_TOML.split("[search_space]")[0]
+        + '[search_space]\ndepth = [1]\nwidth = [4]\nlr = [0.01]\nactivation = ["tanh"]\n'
+    )
+    url = f"sqlite:///{workdir}/s.db"
+    args = ("run", "--config", "point.toml", "--engine", "batched", "--max-epochs", "4")
+    args += ("--n-trials", "1", "--no-progress", "--storage", url, "--slots", "2")
+    first = run_cli(*args, cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*args, cwd=workdir)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    assert "starts no more trials" in again.stderr
+    trained = [t for t in _load(url).trials if t.state != TrialState.FAIL]
+    assert len(trained) == 1

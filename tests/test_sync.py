@@ -152,12 +152,12 @@ def test_the_light_sync_makes_the_decisions_optunas_incremental_read_made(
     }
     decisions: dict[str, list] = {name: [] for name in engines}
     light_running_values = optuna_running_values = 0
-    for seq in range(1, 41):
+    for _ in range(40):
         others.step()
         for name, (mirror, changes) in engines.items():
             if changes is not None:
                 trials = changes.read(storage, study_id, own=())
-                mirror.apply(seq, trials)
+                mirror.apply(trials)
                 running = sum(
                     len(t.intermediate_values) for t in trials if t.state == TrialState.RUNNING
                 )

@@ -243,7 +243,7 @@ class BatchedEngine:
                 # if it was the best, the next best must upload its weights
                 self.best_value = min(self.stored_best, *self.finishing.values(), math.inf)
             elif msg[0] == "sync":
-                self.mirror.apply(msg[1], msg[2])
+                self.mirror.apply(msg[1])
             elif msg[0] == "started":
                 self.collisions = 0
                 self.pending.discard(msg[1])
@@ -357,7 +357,6 @@ class BatchedEngine:
                         trial_id=0,
                     ),
                     claim=claim[0] if claim else None,
-                    seen=self.mirror.seen,
                     seed=tcfgs[0].seed if self.unique_seeds else None,
                 )
             )

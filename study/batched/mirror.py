@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..config import StudyConfig
 from ..opening import make_pruner, make_sampler
 from ..quiet import experimental
+from ..space import param_set
 from .writer import Known
 
 
@@ -38,7 +39,6 @@ class Mirror:
         self.unfinished: dict[int, int] = {}
         # mirror trial_id -> (stored trial_id, number)
         self.waiting: dict[int, tuple[int, int]] = {}
-        self.seen = 0  # sync messages applied
         self.seeds: dict[int, int] = {}  # stored number -> weight seed, of every stored trial seen
         self.reseeded = False
         for t in sorted(stored, key=lambda t: t.number):
@@ -57,6 +57,11 @@ class Mirror:
                 t._trial_id
                 for t in stored
                 if t.state == TrialState.RUNNING and not (t.params and "seed" in t.user_attrs)
+            ),
+            frozenset(
+                param_set(t.params, t.distributions)
+                for t in stored
+                if t.params and t.state != TrialState.FAIL
             ),
         )
 
@@ -81,9 +86,8 @@ class Mirror:
             del self.unfinished[claim[0]]
         return trial, claim
 
-    def apply(self, seq: int, trials: list[FrozenTrial]) -> None:
+    def apply(self, trials: list[FrozenTrial]) -> None:
         """Other engines' new or changed trials, from the writer's sync."""
-        self.seen = seq
         for t in trials:
             mirror_id = self.unfinished.get(t._trial_id)
             if mirror_id is None:

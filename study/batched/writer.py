@@ -82,7 +82,6 @@ class Start:
     key: int  # the engine's handle for the trial (its number in the engine's mirror)
     trial: FrozenTrial  # RUNNING: params, distributions, user and system attrs, datetime_start
     claim: int | None = None  # storage trial_id of a WAITING trial to take; None: a new trial
-    seen: int = 0  # sync messages the mirror had applied when the trial was asked
     seed: int | None = None  # its weight seed, unique in the study (None: shared on purpose)
 
 
@@ -112,6 +111,7 @@ class Known:
     unfinished: dict[int, TrialState]  # RUNNING / WAITING trials of others
     seeds: frozenset[int] = frozenset()  # weight seeds the stored trials used
     incomplete: frozenset[int] = frozenset()  # RUNNING trials stored without params or seed
+    params: frozenset[frozenset] = frozenset()  # parameter sets of the stored trials (not FAIL)
 
 
 class WriterError(RuntimeError):
@@ -373,14 +373,13 @@ class _Sink:
         self.own: set[int] = set()  # trial ids this engine started
         self.held_ever = 0  # trials stored for the trainer: each used one of its budget claims
         self.changes = Changes(known.max_id, known.unfinished)  # what the mirror has seen
-        # (sync seq, parameter set) of others' new trials
-        self.synced: list[tuple[int, frozenset]] = []
+        # parameter sets of every trial of others this writer has seen (FAIL ones excepted)
+        self.taken_params = set(known.params)
         self.seeds = set(known.seeds)  # weight seeds of every trial this writer has seen
         # others' running trials seen without their params or seed yet (the standard engine
         # stores them after creating the trial): the storage checks them again at each start
         self.incomplete = set(known.incomplete)
         self.owner = owner_attr()
-        self.seq = 0
         now = time.monotonic()
         # the first sweep soon: a replaced worker's trials are recovered by the next one here
         self.due = {"sync": now + SYNC_S, "sweep": now + min(SYNC_S, cfg.grace_period)}
@@ -407,12 +406,11 @@ class _Sink:
                 s.trial.system_attrs[HEARTBEAT_ATTR] = time.time()
         new = [s for s in starts if s.claim is None]
         if new:
-            seen = min(s.seen for s in new)
-            # Stored by others after the mirror looked (the storage checks what it holds after
-            # the last sync, under its lock), and every seed seen: a new trial repeats neither.
-            taken = Taken(
-                frozenset(ps for seq, ps in self.synced if seq > seen), frozenset(self.seeds)
-            )
+            # Every parameter set and seed of others seen (the storage checks what it holds
+            # after the last sync, under its lock): a new trial repeats none. A sampler can
+            # propose a point it knows (two runs on one study whose samplers were seeded
+            # alike drew the same first point), so what the mirror holds counts too.
+            taken = Taken(frozenset(self.taken_params), frozenset(self.seeds))
             stored = add_trials(
                 self.storage,
                 self.study_id,
@@ -428,9 +426,7 @@ class _Sink:
                 if got is None:
                     why = "another engine already trains the same parameter set or seed"
                     self._lost(s.key, why, collided=True)
-                    self.synced.append(
-                        (self.seq, param_set(s.trial.params, s.trial.distributions))
-                    )
+                    self.taken_params.add(param_set(s.trial.params, s.trial.distributions))
                 else:
                     self._hold(s.key, *got, s.trial.params)
         for s in starts:
@@ -576,7 +572,6 @@ class _Sink:
         trials it trains that were failed from outside."""
         with self.lock:
             held = dict(self.ids)
-        before = set(self.changes.unfinished)
         changed = self.changes.read(self.storage, self.study_id, self.own)
         if self.journal:  # replayed in memory: the states are there already
             ids = set(held.values())
@@ -595,11 +590,10 @@ class _Sink:
                 self.incomplete.add(t._trial_id)
             else:
                 self.incomplete.discard(t._trial_id)
-            if t._trial_id not in before and t.params and t.state != TrialState.FAIL:
-                self.synced.append((self.seq + 1, param_set(t.params, t.distributions)))
+            if t.params and t.state != TrialState.FAIL:
+                self.taken_params.add(param_set(t.params, t.distributions))
         if changed:
-            self.seq += 1
-            self.results.put(("sync", self.seq, changed))
+            self.results.put(("sync", changed))
 
     def _stop_failed(self, held: dict[int, int], states: dict[int, TrialState]) -> None:
         """Trials of ours that someone else finished (a sweep that took our trial for dead,
