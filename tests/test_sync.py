@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from study import config
 from study import storage as storage_mod
-from study.batched.bulk import add_trials, append_values, finish_trial
+from study.batched.bulk import add_trials, append_values, changed_trials, finish_trial
 from study.batched.mirror import Mirror
 from study.batched.sync import Changes
 from study.space import suggest
@@ -171,18 +171,42 @@ def test_the_light_sync_makes_the_decisions_optunas_incremental_read_made(
     assert decisions["blind"] != decisions["light"]
     # and the two reads differ where they should: only Optuna's carried running curves
     assert light_running_values == 0 < optuna_running_values
-    # finished trials reach the mirror whole, values and rungs alike
+    # the trials reach the mirror as Optuna's read builds them; the running ones without curves
     light = engines["light"][0].study.get_trials()
     old = engines["optuna"][0].study.get_trials()
+    fields = ("params", "distributions", "values", "system_attrs", "state", "number")
     for a, b in zip(light, old, strict=True):
+        assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
         if a.state.is_finished():
-            assert (a.params, a.values, a.intermediate_values, a.system_attrs, a.state) == (
-                b.params,
-                b.values,
-                b.intermediate_values,
-                b.system_attrs,
-                b.state,
-            )
+            assert a.intermediate_values == b.intermediate_values
+            assert a.user_attrs == b.user_attrs
+    # a read of the stored trials by either way gives equal trials, field by field
+    stored = storage._get_trials(study_id, None, set(), -1)
+    mine = changed_trials(storage, study_id, -1, {})
+    assert len(mine) == len(stored) > 0
+    for a, b in zip(mine, stored, strict=True):
+        if a.state.is_finished():
+            assert a == b and a.datetime_complete == b.datetime_complete
+        else:
+            assert not a.intermediate_values
+            assert a == FrozenTrial(**{**_fields(b), "intermediate_values": {}})
+
+
+def _fields(t: FrozenTrial) -> dict:
+    return dict(
+        number=t.number,
+        state=t.state,
+        value=None,
+        values=t.values,
+        datetime_start=t.datetime_start,
+        datetime_complete=t.datetime_complete,
+        params=t.params,
+        distributions=t.distributions,
+        user_attrs=t.user_attrs,
+        system_attrs=t.system_attrs,
+        intermediate_values=t.intermediate_values,
+        trial_id=t._trial_id,
+    )
 
 
 def _running(x: float) -> FrozenTrial:

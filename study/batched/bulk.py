@@ -25,13 +25,11 @@ import random
 import time
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-import sqlalchemy.orm
-import sqlalchemy.orm.attributes
 from optuna.distributions import distribution_to_json
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
@@ -213,7 +211,7 @@ def _insert(
         ]
     for model, table_rows in tables.items():
         if table_rows:
-            session.execute(insert(model), table_rows)
+            session.execute(insert(model.__table__), table_rows)
     return [None if r is None else (r.trial_id, r.number) for r in rows]
 
 
@@ -284,7 +282,7 @@ def append_values(
     def body(session) -> None:
         rows = [r for tid, steps in values.items() for r in _step_rows(tid, steps)]
         if rows:
-            session.execute(insert(models.TrialIntermediateValueModel), rows)
+            session.execute(insert(models.TrialIntermediateValueModel.__table__), rows)
 
     _transaction(storage, body)
 
@@ -339,7 +337,7 @@ def finish_trials(storage: optuna.storages.BaseStorage, endings: list[Ending]) -
                     delete(model).where(sqlalchemy.tuple_(model.trial_id, model.key).in_(pairs))
                 )
                 attr_rows = [r for e in ends for r in _attr_rows(e.trial_id, getattr(e, field))]
-                session.execute(insert(model), attr_rows)
+                session.execute(insert(model.__table__), attr_rows)
         value_rows = [
             r for e in ends for r in _value_rows(e.trial_id, [] if e.value is None else [e.value])
         ]
@@ -349,7 +347,7 @@ def finish_trials(storage: optuna.storages.BaseStorage, endings: list[Ending]) -
             (models.TrialIntermediateValueModel, step_rows),
         ):
             if table_rows:
-                session.execute(insert(model), table_rows)
+                session.execute(insert(model.__table__), table_rows)
         return ok
 
     return _transaction(storage, body)
@@ -413,25 +411,108 @@ def changed_trials(
     return sorted(out, key=lambda t: t._trial_id)
 
 
+def _local(utc: datetime | None) -> datetime | None:
+    """A stored naive UTC time as Optuna's TrialModel gives it: naive local time."""
+    if utc is None:
+        return None
+    return utc.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
+
+
 def _read_trials(storage: RDBStorage, ids: list[int], *, curves: bool) -> list[FrozenTrial]:
-    """Trials `ids` as Optuna's _get_trials builds them; without `curves`, with no intermediate
-    values (none are read)."""
-    m = models.TrialModel
+    """Trials `ids`, built as Optuna's `_build_frozen_trial_from_trial_model` builds them (the
+    same stored representations) from one plain SELECT per table; without `curves`, with no
+    intermediate values (none are read). Plain rows, not ORM objects: a sync reads hundreds of
+    trials with a dozen attrs each, and the ORM's objects cost more than the database."""
+    m = models
 
     def body(session) -> list[FrozenTrial]:
-        query = session.query(m)
-        for rel in (m.params, m.values, m.user_attributes, m.system_attributes):
-            query = query.options(sqlalchemy.orm.selectinload(rel))
-        if curves:
-            query = query.options(sqlalchemy.orm.selectinload(m.intermediate_values))
-        out = []
-        for t in query.filter(m.trial_id.in_(ids)).order_by(m.trial_id).all():
-            if not curves:  # an empty curve, set as if loaded: the builder reads no values
-                sqlalchemy.orm.attributes.set_committed_value(t, "intermediate_values", [])
-            out.append(storage._build_frozen_trial_from_trial_model(t))
-        return out
+        def rows(*cols, where):
+            return session.execute(sqlalchemy.select(*cols).where(where.in_(ids))).all()
 
-    return _transaction(storage, body)
+        t = m.TrialModel
+        start, complete = t._datetime_start_utc, t._datetime_complete_utc  # as stored: UTC
+        trials = rows(t.trial_id, t.number, t.state, start, complete, where=t.trial_id)
+        p = m.TrialParamModel
+        params = rows(
+            p.trial_id,
+            p.param_id,
+            p.param_name,
+            p.param_value,
+            p.distribution_json,
+            where=p.trial_id,
+        )
+        v = m.TrialValueModel
+        values = rows(v.trial_id, v.objective, v.value, v.value_type, where=v.trial_id)
+        attrs = {}
+        for model in (m.TrialUserAttributeModel, m.TrialSystemAttributeModel):
+            attrs[model] = rows(model.trial_id, model.key, model.value_json, where=model.trial_id)
+        iv = m.TrialIntermediateValueModel
+        steps = (
+            rows(
+                iv.trial_id,
+                iv.step,
+                iv.intermediate_value,
+                iv.intermediate_value_type,
+                where=iv.trial_id,
+            )
+            if curves
+            else []
+        )
+        return trials, params, values, attrs, steps
+
+    trials, params, values, attrs, steps = _transaction(storage, body)
+    dists: dict[str, Any] = {}  # distribution JSON -> distribution: few distinct ones
+    by_id = {
+        tid: dict(
+            number=n,
+            state=st,
+            start=ds,
+            complete=dc,
+            params=[],
+            values={},
+            user={},
+            system={},
+            steps={},
+        )
+        for tid, n, st, ds, dc in trials
+    }
+    for tid, pid, name, value, dist_json in params:
+        if dist_json not in dists:
+            dists[dist_json] = optuna.distributions.json_to_distribution(dist_json)
+        by_id[tid]["params"].append((pid, name, value, dists[dist_json]))
+    for tid, objective, value, kind in values:
+        by_id[tid]["values"][objective] = m.TrialValueModel.stored_repr_to_value(value, kind)
+    for model, key in (
+        (m.TrialUserAttributeModel, "user"),
+        (m.TrialSystemAttributeModel, "system"),
+    ):
+        for tid, name, value_json in attrs[model]:
+            by_id[tid][key][name] = json.loads(value_json)
+    for tid, step, value, kind in steps:
+        by_id[tid]["steps"][step] = (
+            m.TrialIntermediateValueModel.stored_repr_to_intermediate_value(value, kind)
+        )
+    out = []
+    for tid in sorted(by_id):
+        d = by_id[tid]
+        ps = sorted(d["params"], key=lambda x: x[0])
+        out.append(
+            FrozenTrial(
+                number=d["number"],
+                state=d["state"],
+                value=None,
+                values=[d["values"][i] for i in sorted(d["values"])] if d["values"] else None,
+                datetime_start=d["start"],
+                datetime_complete=d["complete"],
+                params={name: dist.to_external_repr(value) for _, name, value, dist in ps},
+                distributions={name: dist for _, name, _, dist in ps},
+                user_attrs=d["user"],
+                system_attrs=d["system"],
+                intermediate_values=d["steps"],
+                trial_id=tid,
+            )
+        )
+    return out
 
 
 def trial_states(storage: RDBStorage, trial_ids: Iterable[int]) -> dict[int, TrialState]:
