@@ -411,3 +411,47 @@ def test_a_batched_run_never_trains_a_point_an_earlier_run_stored(workdir):
     assert "starts no more trials" in again.stderr
     trained = [t for t in _load(url).trials if t.state != TrialState.FAIL]
     assert len(trained) == 1
+
+
+def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not_a_crash(tmp_path):
+    """Found by the harness (PostgreSQL): a queued trial that another process finished between
+    the writer's claim (WAITING -> RUNNING) and its attrs crashed the writer with
+    UpdateFinishedTrialError; the engine now loses that trial as one another engine took."""
+    import multiprocessing as mp
+    from datetime import datetime
+
+    from study import config, opening
+    from study.batched.writer import Known, Start, _Claims, _Sink
+
+    cfg = config.build(
+        None,
+        study="s",
+        storage=f"sqlite:///{tmp_path}/s.db",
+        log_dir=f"{tmp_path}/tb",
+        artifact_dir=f"{tmp_path}/a",
+    )
+    study = opening.open_study(cfg, storage_mod.load(cfg.storage))
+    study.enqueue_trial({"depth": 1, "width": 4, "lr": 0.01, "activation": "tanh"})
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+
+    class Box(list):
+        put = list.append
+
+    box = Box()
+    sink = _Sink(cfg, Known(-1, {}), box, _Claims(None, mp.Value("i", 1)))
+    claim = sink.storage.set_trial_state_values
+
+    def claim_then_fail(trial_id, state, values=None):  # another process fails it at once
+        took = claim(trial_id, state, values)
+        claim(trial_id, TrialState.FAIL)
+        return took
+
+    sink.storage.set_trial_state_values = claim_then_fail
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    trial = optuna.trial.create_trial(
+        state=TrialState.RUNNING, params={"x": 0.5}, distributions=dist
+    )
+    trial.datetime_start = datetime.now()
+    sink.start([Start(7, trial, claim=queued._trial_id)])
+    assert box == [("lost", 7, "another engine took it first", False)]
+    assert sink.claims.claims.value == 0  # its budget claim went back

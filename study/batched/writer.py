@@ -451,9 +451,18 @@ class _Sink:
         self.results.put(("started", key, number))
 
     def _claim(self, s: Start) -> bool:
-        """Take a WAITING trial as Optuna's ask() does: the state change is the atomic step."""
+        """Take a WAITING trial as Optuna's ask() does: the state change is the atomic step. A
+        trial another process finishes before its attrs are written (chaos.py found one, on
+        PostgreSQL) is lost to this engine, as one another engine claimed first."""
         if not self.storage.set_trial_state_values(s.claim, TrialState.RUNNING):
             return False
+        try:
+            self._label_claimed(s)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    def _label_claimed(self, s: Start) -> None:
         self.storage.set_trial_system_attr(s.claim, OWNER_ATTR, self.owner)
         if self.journal:
             beat(self.storage, [s.claim], HEARTBEAT_ATTR)
@@ -466,7 +475,6 @@ class _Sink:
                 self.storage.set_trial_param(s.claim, name, dist.to_internal_repr(value), dist)
         for k, v in s.trial.user_attrs.items():
             self.storage.set_trial_user_attr(s.claim, k, v)
-        return True
 
     def values(self, values: dict[int, dict[int, float]]) -> None:
         append_values(
