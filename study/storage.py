@@ -273,7 +273,13 @@ def open_storage(
         # target the link dangles, so a lock left by a killed process is never broken (every
         # later run hangs). Held for one append at a time, a lock this old has a dead holder.
         path = str(parsed.path.resolve())
-        return JournalStorage(TolerantJournalBackend(path, lock_obj=ReentrantJournalLock(path)))
+        storage = JournalStorage(TolerantJournalBackend(path, lock_obj=ReentrantJournalLock(path)))
+        # Reentrant, and taken before the file lock by journal_lock: a thread of this process
+        # (the writer's heartbeat) holds Optuna's lock while it waits for the file's, so a hold
+        # of the file that then needed Optuna's lock waited on it until the grace period broke
+        # the file lock (chaos.py: "did not possess lock").
+        storage._thread_lock = threading.RLock()
+        return storage
     if parsed.kind == "sqlite":
         kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
@@ -338,11 +344,12 @@ def journal_lock(storage: JournalStorage) -> Iterator[None]:
     lock = storage._backend._lock
     if not isinstance(lock, ReentrantJournalLock):
         raise TypeError("journal storage not opened by sinstudy.storage.open_storage")
-    lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    with storage._thread_lock:  # Optuna's, then the file's: the order its own calls take them
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 class TolerantJournalBackend(JournalFileBackend):

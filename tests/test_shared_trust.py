@@ -455,3 +455,111 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
     sink.start([Start(7, trial, claim=queued._trial_id)])
     assert box == [("lost", 7, "another engine took it first", False)]
     assert sink.claims.claims.value == 0  # its budget claim went back
+    # Found next (SQLite): a queued trial another engine claimed and finished already (its
+    # mirror had not seen it yet): Optuna raises there rather than return False.
+    sink.storage.set_trial_state_values = claim
+    study.enqueue_trial({"depth": 2, "width": 4, "lr": 0.01, "activation": "tanh"})
+    (done,) = study.get_trials(states=(TrialState.WAITING,))
+    claim(done._trial_id, TrialState.RUNNING)
+    claim(done._trial_id, TrialState.COMPLETE, [0.5])
+    sink.claims.claims.value = 1
+    sink.start([Start(8, trial, claim=done._trial_id)])
+    assert box[-1] == ("lost", 8, "another engine took it first", False)
+    assert sink.claims.claims.value == 0
+
+
+def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(tmp_path):
+    """Found by the harness (journal): the best trial had no model artifact. Its engine had
+    sent it without weights since a better trial was on its way to storage, and that one was
+    not stored (another engine had failed it meanwhile). Weights now go with every trial better
+    than the best confirmed stored, and the writer uploads those of the best when it stores."""
+    import multiprocessing as mp
+    from datetime import datetime
+
+    from study import config, opening
+    from study.artifacts import model_state
+    from study.batched.writer import Finish, Known, Start, _Claims, _Sink
+    from study.config import TrainConfig
+    from study.model import build_mlp
+
+    cfg = config.build(
+        None,
+        study="s",
+        storage=f"sqlite:///{tmp_path}/s.db",
+        log_dir=f"{tmp_path}/tb",
+        artifact_dir=f"{tmp_path}/a",
+    )
+    opening.open_study(cfg, storage_mod.load(cfg.storage))
+    (tmp_path / "a").mkdir()  # as the run creates it
+
+    def load() -> optuna.Study:
+        return optuna.load_study(study_name="s", storage=storage_mod.load(cfg.storage))
+
+    class Box(list):
+        put = list.append
+
+    box = Box()
+    sink = _Sink(cfg, Known(-1, {}), box, _Claims(None, mp.Value("i", 3)))
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    starts = []
+    for key, x in enumerate((0.1, 0.2, 0.3)):
+        t = optuna.trial.create_trial(
+            state=TrialState.RUNNING, params={"x": x}, distributions=dist
+        )
+        t.datetime_start = datetime.now()
+        starts.append(Start(key, t))
+    sink.start(starts)
+    ids = dict(sink.ids)
+    recovery.fail_and_retry(load(), 0, max_retries=0)  # another engine's sweep
+    tcfg = TrainConfig(depth=1, width=4)
+    weights = model_state(build_mlp(tcfg.widths, tcfg.activation))
+
+    def ending(key: int, value: float) -> Finish:
+        return Finish(
+            key,
+            TrialState.COMPLETE,
+            value,
+            {1: value},
+            {},
+            {},
+            datetime.now(),
+            model=weights,
+            tcfg=tcfg,
+        )
+
+    # #0 best but failed elsewhere, #1 next best, #2 worse: all three came with weights
+    sink.finish_all([ending(2, 0.3), ending(0, 0.1), ending(1, 0.2)])
+    study = load()
+    states = {t.number: t.state for t in study.trials}
+    assert states == {0: TrialState.FAIL, 1: TrialState.COMPLETE, 2: TrialState.COMPLETE}
+    assert study.best_trial.number == 1 and "model_artifact" in study.trials[1].user_attrs
+    assert "model_artifact" not in study.trials[2].user_attrs  # never the best when stored
+    assert ("dropped", 0) in box and ids[0] == study.trials[0]._trial_id
+
+
+def test_a_journal_hold_and_another_threads_write_wait_for_each_other(tmp_path, monkeypatch):
+    """Found by the harness (journal, "did not possess lock"): the writer held the file lock for
+    a check and then needed Optuna's thread lock, which its heartbeat thread held while waiting
+    for the file lock; after the grace period the heartbeat broke the writer's lock, whose
+    release then failed. Both locks are now taken in one order."""
+    import threading
+
+    monkeypatch.setattr(storage_mod, "JOURNAL_LOCK_GRACE_S", 3)
+    storage = storage_mod.open_storage(storage_mod.parse(f"journal:///{tmp_path}/s.log"))
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    order: list[str] = []
+
+    def beat() -> None:  # as the writer's heartbeat thread does
+        storage.set_trial_system_attr(trial._trial_id, "beat", 1)
+        order.append("beat")
+
+    with storage_mod.journal_lock(storage):
+        thread = threading.Thread(target=beat)
+        thread.start()
+        time.sleep(4)  # past the grace period: the beat must wait, not break the lock
+        storage.get_all_trials(study._study_id)  # a call of the hold (the duplicate check)
+        order.append("hold")
+    thread.join(10)
+    assert order == ["hold", "beat"]
+    assert storage.get_trial(trial._trial_id).system_attrs["beat"] == 1

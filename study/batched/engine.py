@@ -152,9 +152,6 @@ class BatchedEngine:
         # stacks whose slots changed since their build
         self.dirty: set[tuple[str, int, int]] = set()
         self.mirror = Mirror(cfg, stored, seed=seed)
-        self.best_value = min(
-            (t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf
-        )
         self.last_flush = time.monotonic()
         self.pending: set[int] = set()  # trials handed to the writer, not yet confirmed stored
         self.stored: dict[int, int] = {}  # key -> stored number, from its start to its end
@@ -164,7 +161,10 @@ class BatchedEngine:
         # Ended trials handed to the writer, not yet confirmed stored (key -> value if COMPLETE):
         # one that another engine failed meanwhile is not, and gives its budget claim back.
         self.finishing: dict[int, float] = {}
-        self.stored_best = self.best_value  # the best value confirmed stored
+        # the best value confirmed stored (this engine's and those it was loaded with)
+        self.stored_best = min(
+            (t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf
+        )
         self.retry_wait: float | None = None  # until when the loop waits for a queued retry
 
     # ---------------------------------------------------------------- the loop
@@ -240,8 +240,6 @@ class BatchedEngine:
                 self.on_trial(msg[2], TrialState[msg[3]], msg[4])
             elif msg[0] == "dropped":
                 self.finishing.pop(msg[1], None)
-                # if it was the best, the next best must upload its weights
-                self.best_value = min(self.stored_best, *self.finishing.values(), math.inf)
             elif msg[0] == "sync":
                 self.mirror.apply(msg[1])
             elif msg[0] == "started":
@@ -497,9 +495,11 @@ class BatchedEngine:
         # Optuna: a pruned trial keeps its last value
         value = live.best_val if state == TrialState.COMPLETE else last
         metrics = trial_metrics(live.best_val if state == TrialState.COMPLETE else last, attrs)
-        new_best = state == TrialState.COMPLETE and value < self.best_value
-        if new_best:
-            self.best_value = value
+        # Weights go with every trial better than the best confirmed stored; the writer uploads
+        # those of the trials that are best when it stores them. Decided here against trials
+        # still on their way, a trial handed over without weights stayed without them when the
+        # better one on its way was then not stored (failed meanwhile by another engine).
+        new_best = state == TrialState.COMPLETE and value < self.stored_best
         self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state)
         model = (
             (model_state(out.model), out.model_cfg) if new_best else (None, stack.slots[ks[0]].cfg)

@@ -13,6 +13,8 @@ stored trial atomically.
 
 from __future__ import annotations
 
+import math
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -63,6 +65,7 @@ class Mirror:
                 for t in stored
                 if t.params and t.state != TrialState.FAIL
             ),
+            min((t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf),
         )
 
     def _add(self, t: FrozenTrial) -> None:

@@ -33,6 +33,7 @@ arrays), so the writer can store it after the trainer is gone.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -112,6 +113,7 @@ class Known:
     seeds: frozenset[int] = frozenset()  # weight seeds the stored trials used
     incomplete: frozenset[int] = frozenset()  # RUNNING trials stored without params or seed
     params: frozenset[frozenset] = frozenset()  # parameter sets of the stored trials (not FAIL)
+    best: float = math.inf  # the best value of the stored COMPLETE trials
 
 
 class WriterError(RuntimeError):
@@ -300,6 +302,11 @@ def _main(
     os._exit(0)
 
 
+def _upload_order(held: tuple) -> tuple[bool, float]:
+    f = held[0]
+    return (f.model is None, f.value if f.model is not None else 0.0)
+
+
 def _guarded(sink: _Sink, results: mp.Queue, fn, *args) -> _Sink | None:
     try:
         fn(*args)
@@ -375,6 +382,7 @@ class _Sink:
         self.changes = Changes(known.max_id, known.unfinished)  # what the mirror has seen
         # parameter sets of every trial of others this writer has seen (FAIL ones excepted)
         self.taken_params = set(known.params)
+        self.best = known.best  # the best stored value seen: a new best's weights are uploaded
         self.seeds = set(known.seeds)  # weight seeds of every trial this writer has seen
         # others' running trials seen without their params or seed yet (the standard engine
         # stores them after creating the trial): the storage checks them again at each start
@@ -452,11 +460,12 @@ class _Sink:
 
     def _claim(self, s: Start) -> bool:
         """Take a WAITING trial as Optuna's ask() does: the state change is the atomic step. A
-        trial another process finishes before its attrs are written (chaos.py found one, on
-        PostgreSQL) is lost to this engine, as one another engine claimed first."""
-        if not self.storage.set_trial_state_values(s.claim, TrialState.RUNNING):
-            return False
-        try:
+        trial another engine claimed and finished already, or that another process finishes
+        before its attrs are written (chaos.py found both), is lost to this engine, as one
+        another engine claimed first."""
+        try:  # Optuna raises, rather than returns False, when the trial has finished already
+            if not self.storage.set_trial_state_values(s.claim, TrialState.RUNNING):
+                return False
             self._label_claimed(s)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
@@ -499,9 +508,10 @@ class _Sink:
             return
         self.warm_up.wait()
         endings = []
-        for f, trial_id, number, _ in held:
+        # the best first: of the trials that came with weights, those best when stored keep them
+        for f, trial_id, number, _ in sorted(held, key=_upload_order):
             attrs = dict(f.attrs)
-            if f.model is not None:
+            if f.model is not None and f.value < self.best:
                 try:
                     attrs["model_artifact"] = upload_model(
                         self.store,
@@ -514,6 +524,7 @@ class _Sink:
                     )
                 except optuna.exceptions.UpdateFinishedTrialError:  # failed elsewhere
                     continue
+                self.best = f.value
             endings.append(
                 Ending(trial_id, f.state, f.value, f.values, attrs, f.system_attrs, f.completed)
             )
@@ -600,6 +611,8 @@ class _Sink:
                 self.incomplete.discard(t._trial_id)
             if t.params and t.state != TrialState.FAIL:
                 self.taken_params.add(param_set(t.params, t.distributions))
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                self.best = min(self.best, t.value)
         if changed:
             self.results.put(("sync", changed))
 
