@@ -46,8 +46,9 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale_check import pg_database  # noqa: E402
 
-PG_ADMIN = os.environ.get("SINSTUDY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 FLUSH_S = 1.0  # as the engine (study.batched.engine.FLUSH_S)
 # Hyperband's rungs as fractions of --epochs, weighted as the H200 study ended (83% pruned)
 RUNGS = ((1 / 27, 0.50), (1 / 9, 0.22), (1 / 3, 0.11), (1.0, 0.17))
@@ -276,20 +277,6 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
 # ------------------------------------------------------------------------- the check
 
 
-def _pg_database() -> tuple[str, callable]:
-    import psycopg
-
-    name = f"sinstudy_load_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
-        con.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as con:
-            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name, drop
-
-
 def _postgres_cpu() -> float | None:
     """CPU seconds of this machine's PostgreSQL server processes (None: not local)."""
     total, found = 0, False
@@ -363,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     drop = None
     url = a.storage
     if url is None:
-        url, drop = _pg_database()
+        url, drop = pg_database("load")
     name = f"load-{uuid.uuid4().hex[:8]}"
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -32,10 +32,11 @@ from study import storage as storage_mod  # noqa: E402
 PG_ADMIN = os.environ.get("SINSTUDY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def pg_database() -> tuple[str, callable]:
+def pg_database(use: str = "scale") -> tuple[str, callable]:
+    """A throw-away database on PG_ADMIN's server: its URL, and the call that drops it."""
     import psycopg
 
-    name = f"sinstudy_scale_{uuid.uuid4().hex[:8]}"
+    name = f"sinstudy_{use}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as con:
         con.execute(f'CREATE DATABASE "{name}"')
 

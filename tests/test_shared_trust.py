@@ -413,15 +413,13 @@ def test_a_batched_run_never_trains_a_point_an_earlier_run_stored(workdir):
     assert len(trained) == 1
 
 
-def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not_a_crash(tmp_path):
-    """Found by the harness (PostgreSQL): a queued trial that another process finished between
-    the writer's claim (WAITING -> RUNNING) and its attrs crashed the writer with
-    UpdateFinishedTrialError; the engine now loses that trial as one another engine took."""
+def _writer_here(tmp_path: Path, *, claims: int):
+    """A study "s" on SQLite and a batched writer's storage side run in this process (its
+    messages collected in a list, `claims` budget claims held): (cfg, study, sink, messages)."""
     import multiprocessing as mp
-    from datetime import datetime
 
     from study import config, opening
-    from study.batched.writer import Known, Start, _Claims, _Sink
+    from study.batched.writer import Known, _Claims, _Sink
 
     cfg = config.build(
         None,
@@ -431,14 +429,26 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
         artifact_dir=f"{tmp_path}/a",
     )
     study = opening.open_study(cfg, storage_mod.load(cfg.storage))
-    study.enqueue_trial({"depth": 1, "width": 4, "lr": 0.01, "activation": "tanh"})
-    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    (tmp_path / "a").mkdir()  # as a run creates it
 
     class Box(list):
         put = list.append
 
     box = Box()
-    sink = _Sink(cfg, Known(-1, {}), box, _Claims(None, mp.Value("i", 1)))
+    return cfg, study, _Sink(cfg, Known(-1, {}), box, _Claims(None, mp.Value("i", claims))), box
+
+
+def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not_a_crash(tmp_path):
+    """Found by the harness (PostgreSQL): a queued trial that another process finished between
+    the writer's claim (WAITING -> RUNNING) and its attrs crashed the writer with
+    UpdateFinishedTrialError; the engine now loses that trial as one another engine took."""
+    from datetime import datetime
+
+    from study.batched.writer import Start
+
+    cfg, study, sink, box = _writer_here(tmp_path, claims=1)
+    study.enqueue_trial({"depth": 1, "width": 4, "lr": 0.01, "activation": "tanh"})
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
     claim = sink.storage.set_trial_state_values
 
     def claim_then_fail(trial_id, state, values=None):  # another process fails it at once
@@ -473,33 +483,18 @@ def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(t
     sent it without weights since a better trial was on its way to storage, and that one was
     not stored (another engine had failed it meanwhile). Weights now go with every trial better
     than the best confirmed stored, and the writer uploads those of the best when it stores."""
-    import multiprocessing as mp
     from datetime import datetime
 
-    from study import config, opening
     from study.artifacts import model_state
-    from study.batched.writer import Finish, Known, Start, _Claims, _Sink
+    from study.batched.writer import Finish, Start
     from study.config import TrainConfig
     from study.model import build_mlp
 
-    cfg = config.build(
-        None,
-        study="s",
-        storage=f"sqlite:///{tmp_path}/s.db",
-        log_dir=f"{tmp_path}/tb",
-        artifact_dir=f"{tmp_path}/a",
-    )
-    opening.open_study(cfg, storage_mod.load(cfg.storage))
-    (tmp_path / "a").mkdir()  # as the run creates it
+    cfg, _, sink, box = _writer_here(tmp_path, claims=3)
 
     def load() -> optuna.Study:
         return optuna.load_study(study_name="s", storage=storage_mod.load(cfg.storage))
 
-    class Box(list):
-        put = list.append
-
-    box = Box()
-    sink = _Sink(cfg, Known(-1, {}), box, _Claims(None, mp.Value("i", 3)))
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     starts = []
     for key, x in enumerate((0.1, 0.2, 0.3)):
