@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any, TypeVar
 
 import optuna
@@ -36,6 +37,7 @@ from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import delete, insert, update
+from sqlalchemy.dialects import postgresql
 
 from ..space import param_set
 from ..storage import journal_lock
@@ -54,6 +56,51 @@ def _transaction(storage: RDBStorage, body: Callable[[Any], T]) -> T:
                 raise
             time.sleep(random.random() * 2.0)  # Optuna's own back-off for the same case
     raise AssertionError("unreachable")
+
+
+def _id_array(ids: list[int]):
+    return sqlalchemy.bindparam(None, ids, type_=postgresql.ARRAY(sqlalchemy.Integer))
+
+
+def _one_of(session, column, ids: list[int]):
+    """`column IN ids`, as one array parameter on PostgreSQL (`= ANY(:ids)`): an IN list of a
+    thousand ids is a thousand bind parameters, which SQLAlchemy renders and psycopg parses on
+    every call, at more cost than the query."""
+    if _postgres(session):
+        return column == sqlalchemy.any_(_id_array(ids))
+    return column.in_(ids)
+
+
+def _rows(session, query) -> list[tuple]:
+    """Plain rows through the session's connection (SQLAlchemy Core): the ORM's result machinery
+    costs more than the database on reads of many small rows. On PostgreSQL psycopg's own tuples:
+    it returns every column read here (ints, floats, text, timestamps) as SQLAlchemy would."""
+    result = session.connection().execute(query)
+    if _postgres(session):
+        return result.cursor.fetchall()
+    return [tuple(r) for r in result.fetchall()]
+
+
+def _postgres(session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _put(session, model, rows: list[dict]) -> None:
+    """INSERT `rows` (dicts with the same keys) into `model`'s table. PostgreSQL: one COPY in the
+    session's transaction; an executemany there is one statement per row, whose parameters
+    psycopg adapts one by one, and the writer stores thousands of rows a second. Enum values go
+    as their names, which is how SQLAlchemy stores Optuna's enums."""
+    if not rows:
+        return
+    if not _postgres(session):
+        session.execute(insert(model.__table__), rows)
+        return
+    cols = list(rows[0])
+    raw = session.connection().connection.driver_connection
+    copy_sql = f"COPY {model.__table__.name} ({', '.join(cols)}) FROM STDIN"
+    with raw.cursor() as cur, cur.copy(copy_sql) as copy:
+        for r in rows:
+            copy.write_row([v.name if isinstance(v, Enum) else v for v in map(r.get, cols)])
 
 
 def add_trial(
@@ -157,27 +204,11 @@ def _insert(
     models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
     if look is not None:
         taken = taken | _taken_after(session, study_id, *look, own)
-    rows: list[models.TrialModel | None] = []
-    for t, seed in zip(trials, seeds, strict=True):
-        if taken.refuses(t, seed):
-            rows.append(None)
-            continue
-        row = models.TrialModel(
-            study_id=study_id,
-            number=None,
-            state=t.state,
-            datetime_start=t.datetime_start,
-            datetime_complete=t.datetime_complete,
-        )
-        session.add(row)
-        rows.append(row)
-    stored = [(r, t) for r, t in zip(rows, trials, strict=True) if r is not None]
+    keep = [not taken.refuses(t, seed) for t, seed in zip(trials, seeds, strict=True)]
+    stored = [t for t, ok in zip(trials, keep, strict=True) if ok]
     if not stored:
         return [None] * len(trials)
-    session.flush()  # their trial_ids
-    first = stored[0][0].count_past_trials(session)
-    for i, (row, _) in enumerate(stored):
-        row.number = first + i  # ids rise in insert order and the study row is locked
+    ids = (_new_trial_rows if _postgres(session) else _new_trial_models)(session, study_id, stored)
     tables: dict[Any, list[dict]] = {
         m: []
         for m in (
@@ -188,8 +219,7 @@ def _insert(
             models.TrialIntermediateValueModel,
         )
     }
-    for row, t in stored:
-        tid = row.trial_id
+    for (tid, _), t in zip(ids, stored, strict=True):
         tables[models.TrialValueModel] += _value_rows(tid, t.values or [])
         tables[models.TrialParamModel] += [
             dict(
@@ -203,23 +233,91 @@ def _insert(
         tables[models.TrialUserAttributeModel] += _attr_rows(tid, t.user_attrs)
         tables[models.TrialSystemAttributeModel] += _attr_rows(tid, t.system_attrs)
         tables[models.TrialIntermediateValueModel] += _step_rows(tid, t.intermediate_values)
-    if heartbeat:
-        # the database's clock, as Optuna's heartbeat
-        now = session.execute(sqlalchemy.func.now()).scalar()
-        tables[models.TrialHeartbeatModel] = [
-            dict(trial_id=row.trial_id, heartbeat=now) for row, _ in stored
-        ]
     for model, table_rows in tables.items():
-        if table_rows:
-            session.execute(insert(model.__table__), table_rows)
-    return [None if r is None else (r.trial_id, r.number) for r in rows]
+        _put(session, model, table_rows)
+    if heartbeat:  # the database's clock, as Optuna's heartbeat
+        beats = models.TrialHeartbeatModel.__table__
+        now = sqlalchemy.func.now()
+        if _postgres(session):
+            session.execute(
+                insert(beats).from_select(
+                    ["trial_id", "heartbeat"],
+                    sqlalchemy.select(sqlalchemy.func.unnest(_id_array([i for i, _ in ids])), now),
+                )
+            )
+        else:
+            now = session.execute(sqlalchemy.select(now)).scalar()
+            session.execute(insert(beats), [dict(trial_id=i, heartbeat=now) for i, _ in ids])
+    out = iter(ids)
+    return [next(out) if ok else None for ok in keep]
+
+
+def _new_trial_models(session, study_id: int, trials: list[FrozenTrial]) -> list[tuple[int, int]]:
+    """Trial rows as Optuna's create_new_trial stores them (ORM objects, numbered after the
+    flush by the trials before them); (trial_id, number) each."""
+    rows = [
+        models.TrialModel(
+            study_id=study_id,
+            number=None,
+            state=t.state,
+            datetime_start=t.datetime_start,
+            datetime_complete=t.datetime_complete,
+        )
+        for t in trials
+    ]
+    session.add_all(rows)
+    session.flush()  # their trial_ids
+    first = rows[0].count_past_trials(session)
+    for i, row in enumerate(rows):
+        row.number = first + i  # ids rise in insert order and the study row is locked
+    return [(r.trial_id, r.number) for r in rows]
+
+
+def _new_trial_rows(session, study_id: int, trials: list[FrozenTrial]) -> list[tuple[int, int]]:
+    """PostgreSQL: the same rows in one COPY, their ids taken from the table's sequence first
+    and their numbers counted before (the study row is locked, as Optuna locks it to number a
+    trial, and every trial of the study has a lower id than the sequence's next)."""
+    seq = sqlalchemy.func.pg_get_serial_sequence("trials", "trial_id")
+    ids = sorted(
+        session.execute(
+            sqlalchemy.select(sqlalchemy.func.nextval(seq)).select_from(
+                sqlalchemy.func.generate_series(1, len(trials))
+            )
+        ).scalars()
+    )
+    m = models.TrialModel
+    first = session.execute(
+        sqlalchemy.select(sqlalchemy.func.count(m.trial_id)).where(m.study_id == study_id)
+    ).scalar()
+    _put(
+        session,
+        m,
+        [
+            dict(
+                trial_id=tid,
+                number=first + i,
+                study_id=study_id,
+                state=t.state,
+                datetime_start=_utc(t.datetime_start),
+                datetime_complete=_utc(t.datetime_complete),
+            )
+            for i, (tid, t) in enumerate(zip(ids, trials, strict=True))
+        ],
+    )
+    return [(tid, first + i) for i, tid in enumerate(ids)]
+
+
+def _utc(local: datetime | None) -> datetime | None:
+    """A time as Optuna's TrialModel stores it: naive UTC."""
+    return None if local is None else local.astimezone(UTC).replace(tzinfo=None)
 
 
 def _taken_after(session, study_id: int, after_id: int, recheck: set[int], own: set[int]) -> Taken:
     """Parameter sets (not of FAIL trials: retries repeat those) and weight seeds of the trials
     others stored after `after_id` or listed in `recheck`."""
     trials = models.TrialModel
-    which = sqlalchemy.or_(trials.trial_id > after_id, trials.trial_id.in_(list(recheck)))
+    seen_before = _one_of(session, trials.trial_id, [*recheck])
+    which = sqlalchemy.or_(trials.trial_id > after_id, seen_before)
     rows = session.execute(
         sqlalchemy.select(
             models.TrialParamModel.trial_id,
@@ -281,8 +379,7 @@ def append_values(
 
     def body(session) -> None:
         rows = [r for tid, steps in values.items() for r in _step_rows(tid, steps)]
-        if rows:
-            session.execute(insert(models.TrialIntermediateValueModel.__table__), rows)
+        _put(session, models.TrialIntermediateValueModel, rows)
 
     _transaction(storage, body)
 
@@ -337,17 +434,13 @@ def finish_trials(storage: optuna.storages.BaseStorage, endings: list[Ending]) -
                     delete(model).where(sqlalchemy.tuple_(model.trial_id, model.key).in_(pairs))
                 )
                 attr_rows = [r for e in ends for r in _attr_rows(e.trial_id, getattr(e, field))]
-                session.execute(insert(model.__table__), attr_rows)
+                _put(session, model, attr_rows)
         value_rows = [
             r for e in ends for r in _value_rows(e.trial_id, [] if e.value is None else [e.value])
         ]
         step_rows = [r for e in ends for r in _step_rows(e.trial_id, e.values)]
-        for model, table_rows in (
-            (models.TrialValueModel, value_rows),
-            (models.TrialIntermediateValueModel, step_rows),
-        ):
-            if table_rows:
-                session.execute(insert(model.__table__), table_rows)
+        _put(session, models.TrialValueModel, value_rows)
+        _put(session, models.TrialIntermediateValueModel, step_rows)
         return ok
 
     return _transaction(storage, body)
@@ -376,6 +469,7 @@ def changed_trials(
     max_id: int,
     unfinished: Mapping[int, TrialState],
     skip: Container[int] = (),
+    user_keys: Iterable[str] | None = None,
 ) -> list[FrozenTrial]:
     """Trials stored after `max_id` (but those in `skip`) and those of `unfinished` whose state
     changed, in id order: what a mirror needs of the other engines' trials, read so that the
@@ -385,17 +479,19 @@ def changed_trials(
     changed; new RUNNING / WAITING trials are read without intermediate values (no sampler or
     pruner reads a running trial's curve: TPE reads its params, the pruners read finished
     trials' values and the rungs' system attrs, which are stored at the end), and finished ones
-    with all of them, once: a finished trial's curve is what the pruners compare with."""
+    with all of them, once: a finished trial's curve is what the pruners compare with.
+    `user_keys`: read only these user attrs (None: all); no sampler or pruner reads one."""
     m = models.TrialModel
 
     def states(session) -> dict[int, TrialState]:
-        rows = session.execute(
-            sqlalchemy.select(m.trial_id, m.state).where(
+        rows = _rows(
+            session,
+            sqlalchemy.select(m.trial_id, _name(m.state)).where(
                 m.study_id == study_id,
                 sqlalchemy.or_(m.trial_id > max_id, m.state.in_(_UNFINISHED)),
-            )
+            ),
         )
-        return dict(rows.all())
+        return {tid: TrialState[state] for tid, state in rows}
 
     now = _transaction(storage, states)
     full = {tid for tid, state in unfinished.items() if now.get(tid) != state}
@@ -403,12 +499,34 @@ def changed_trials(
     full |= {tid for tid in fresh if now[tid] not in _UNFINISHED}
     light = sorted(tid for tid in fresh if now[tid] in _UNFINISHED)
 
-    out = _read_trials(storage, light, curves=False) if light else []
+    keys = None if user_keys is None else list(user_keys)
+    out = _read_trials(storage, light, curves=False, user_keys=keys) if light else []
     full |= {t._trial_id for t in out if t.state not in _UNFINISHED}  # finished meanwhile
     out = [t for t in out if t._trial_id not in full]
     if full:
-        out += _read_trials(storage, sorted(full), curves=True)
+        out += _read_trials(storage, sorted(full), curves=True, user_keys=keys)
     return sorted(out, key=lambda t: t._trial_id)
+
+
+def _name(column):
+    """An Enum column read as the member's stored name: mapped by a dict lookup here, cheaper
+    than SQLAlchemy's per-row Enum processing."""
+    return sqlalchemy.type_coerce(column, sqlalchemy.String)
+
+
+_VALUE_TYPES = models.TrialValueModel.TrialValueType.__members__
+_STEP_TYPES = models.TrialIntermediateValueModel.TrialIntermediateValueType.__members__
+
+
+def _json(text: str, cache: dict[str, Any]) -> Any:
+    """json.loads, remembered where the value is a scalar (shared safely): most attrs repeat
+    across trials (the train config's fields, the engine's name)."""
+    if text in cache:
+        return cache[text]
+    value = json.loads(text)
+    if value is None or isinstance(value, str | int | float | bool):
+        cache[text] = value
+    return value
 
 
 def _local(utc: datetime | None) -> datetime | None:
@@ -418,7 +536,9 @@ def _local(utc: datetime | None) -> datetime | None:
     return utc.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
 
 
-def _read_trials(storage: RDBStorage, ids: list[int], *, curves: bool) -> list[FrozenTrial]:
+def _read_trials(
+    storage: RDBStorage, ids: list[int], *, curves: bool, user_keys: list[str] | None = None
+) -> list[FrozenTrial]:
     """Trials `ids`, built as Optuna's `_build_frozen_trial_from_trial_model` builds them (the
     same stored representations) from one plain SELECT per table; without `curves`, with no
     intermediate values (none are read). Plain rows, not ORM objects: a sync reads hundreds of
@@ -426,12 +546,14 @@ def _read_trials(storage: RDBStorage, ids: list[int], *, curves: bool) -> list[F
     m = models
 
     def body(session) -> list[FrozenTrial]:
-        def rows(*cols, where):
-            return session.execute(sqlalchemy.select(*cols).where(where.in_(ids))).all()
+        def rows(*cols, where, also=None):
+            query = sqlalchemy.select(*cols).where(_one_of(session, where, ids))
+            query = query if also is None else query.where(also)
+            return _rows(session, query)
 
         t = m.TrialModel
         start, complete = t._datetime_start_utc, t._datetime_complete_utc  # as stored: UTC
-        trials = rows(t.trial_id, t.number, t.state, start, complete, where=t.trial_id)
+        trials = rows(t.trial_id, t.number, _name(t.state), start, complete, where=t.trial_id)
         p = m.TrialParamModel
         params = rows(
             p.trial_id,
@@ -442,17 +564,21 @@ def _read_trials(storage: RDBStorage, ids: list[int], *, curves: bool) -> list[F
             where=p.trial_id,
         )
         v = m.TrialValueModel
-        values = rows(v.trial_id, v.objective, v.value, v.value_type, where=v.trial_id)
+        values = rows(v.trial_id, v.objective, v.value, _name(v.value_type), where=v.trial_id)
         attrs = {}
         for model in (m.TrialUserAttributeModel, m.TrialSystemAttributeModel):
-            attrs[model] = rows(model.trial_id, model.key, model.value_json, where=model.trial_id)
+            which = None
+            if model is m.TrialUserAttributeModel and user_keys is not None:
+                which = model.key.in_(user_keys)
+            cols = (model.trial_id, model.key, model.value_json)
+            attrs[model] = rows(*cols, where=model.trial_id, also=which)
         iv = m.TrialIntermediateValueModel
         steps = (
             rows(
                 iv.trial_id,
                 iv.step,
                 iv.intermediate_value,
-                iv.intermediate_value_type,
+                _name(iv.intermediate_value_type),
                 where=iv.trial_id,
             )
             if curves
@@ -462,10 +588,11 @@ def _read_trials(storage: RDBStorage, ids: list[int], *, curves: bool) -> list[F
 
     trials, params, values, attrs, steps = _transaction(storage, body)
     dists: dict[str, Any] = {}  # distribution JSON -> distribution: few distinct ones
+    scalars: dict[str, Any] = {}
     by_id = {
         tid: dict(
             number=n,
-            state=st,
+            state=TrialState[st],
             start=ds,
             complete=dc,
             params=[],
@@ -481,16 +608,20 @@ def _read_trials(storage: RDBStorage, ids: list[int], *, curves: bool) -> list[F
             dists[dist_json] = optuna.distributions.json_to_distribution(dist_json)
         by_id[tid]["params"].append((pid, name, value, dists[dist_json]))
     for tid, objective, value, kind in values:
-        by_id[tid]["values"][objective] = m.TrialValueModel.stored_repr_to_value(value, kind)
+        by_id[tid]["values"][objective] = m.TrialValueModel.stored_repr_to_value(
+            value, _VALUE_TYPES[kind]
+        )
     for model, key in (
         (m.TrialUserAttributeModel, "user"),
         (m.TrialSystemAttributeModel, "system"),
     ):
         for tid, name, value_json in attrs[model]:
-            by_id[tid][key][name] = json.loads(value_json)
+            by_id[tid][key][name] = _json(value_json, scalars)
     for tid, step, value, kind in steps:
         by_id[tid]["steps"][step] = (
-            m.TrialIntermediateValueModel.stored_repr_to_intermediate_value(value, kind)
+            m.TrialIntermediateValueModel.stored_repr_to_intermediate_value(
+                value, _STEP_TYPES[kind]
+            )
         )
     out = []
     for tid in sorted(by_id):
@@ -523,8 +654,9 @@ def trial_states(storage: RDBStorage, trial_ids: Iterable[int]) -> dict[int, Tri
     m = models.TrialModel
 
     def body(session) -> dict[int, TrialState]:
-        rows = session.execute(sqlalchemy.select(m.trial_id, m.state).where(m.trial_id.in_(ids)))
-        return dict(rows.all())
+        query = sqlalchemy.select(m.trial_id, _name(m.state))
+        rows = _rows(session, query.where(_one_of(session, m.trial_id, ids)))
+        return {tid: TrialState[state] for tid, state in rows}
 
     return _transaction(storage, body)
 
@@ -549,6 +681,6 @@ def beat(
     def body(session) -> None:
         now = session.execute(sqlalchemy.func.now()).scalar()
         m = models.TrialHeartbeatModel
-        session.execute(update(m).where(m.trial_id.in_(ids)).values(heartbeat=now))
+        session.execute(update(m).where(_one_of(session, m.trial_id, ids)).values(heartbeat=now))
 
     _transaction(storage, body)

@@ -1,10 +1,10 @@
 """Other engines' trials for the mirror: what is new or changed since the writer last looked.
 
 The writer reads every `SYNC_S`; what it sends the trainer's mirror is what the sampler and the
-pruner use: others' new trials (params, distributions, attrs) and every change of state, a
-finished trial with its curve. On an RDB storage the read costs the same however far the
-running trials are (bulk.changed_trials); the journal is replayed in memory by Optuna, so it is
-filtered there.
+pruner use: others' new trials (params, distributions, system attrs, the seed among user attrs)
+and every change of state, a finished trial with its curve. On an RDB storage the read costs
+the same however far the running trials are (bulk.changed_trials); the journal is replayed in
+memory by Optuna, so it is filtered there (all user attrs are there).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from optuna.trial import FrozenTrial, TrialState
 from .bulk import changed_trials
 
 SYNC_S = 2.0  # how often other engines' trials are read from storage for the mirror
+# Others' user attrs the engine reads: the weight seed (the writer refuses a seed in use). No
+# sampler or pruner reads a user attr, and a trial carries a dozen (its train config).
+USER_ATTRS = ("seed",)
 
 
 class Changes:
@@ -52,4 +55,6 @@ class Changes:
                 for t in storage.get_all_trials(study_id, deepcopy=False)
                 if t._trial_id > self.max_id or t._trial_id in self.unfinished
             ]
-        return changed_trials(storage, study_id, self.max_id, self.unfinished, skip=own)
+        return changed_trials(
+            storage, study_id, self.max_id, self.unfinished, skip=own, user_keys=USER_ATTRS
+        )

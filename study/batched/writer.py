@@ -382,6 +382,7 @@ class _Sink:
         self.changes = Changes(known.max_id, known.unfinished)  # what the mirror has seen
         # parameter sets of every trial of others this writer has seen (FAIL ones excepted)
         self.taken_params = set(known.params)
+        self.params_seen: set[int] = set()  # others' trials whose params are in taken_params
         self.best = known.best  # the best stored value seen: a new best's weights are uploaded
         self.seeds = set(known.seeds)  # weight seeds of every trial this writer has seen
         # others' running trials seen without their params or seed yet (the standard engine
@@ -609,8 +610,10 @@ class _Sink:
                 self.incomplete.add(t._trial_id)
             else:
                 self.incomplete.discard(t._trial_id)
-            if t.params and t.state != TrialState.FAIL:
+            # a trial comes again when it ends: its params were taken when it came running
+            if t.params and t.state != TrialState.FAIL and t._trial_id not in self.params_seen:
                 self.taken_params.add(param_set(t.params, t.distributions))
+                self.params_seen.add(t._trial_id)
             if t.state == TrialState.COMPLETE and t.value is not None:
                 self.best = min(self.best, t.value)
         if changed:
