@@ -19,6 +19,17 @@ from .interrupt import Interrupted
 DEFAULTS = StudyConfig()
 
 
+def version() -> str:
+    """The installed distribution's version: pyproject.toml's, its one source."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("sinstudy")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's own usage dump is noise)
         self.exit(2, f"sinstudy: error: {message} (see sinstudy {self.prog.split()[-1]} --help)\n")
@@ -45,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sinstudy", description="Optuna studies of an MLP that learns sin(x) on [0, 2*pi)."
     )
+    parser.add_argument("--version", action="version", version=f"sinstudy {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser(
@@ -166,11 +178,6 @@ def _artifact_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import (
-        runner,  # imported here so `--help` and bad flags answer fast (torch is slow to load)
-    )
-    from .summary import format_summary
-
     toml = config_mod.load_toml(args.config) if args.config else None
     cfg = config_mod.build(
         toml,
@@ -189,6 +196,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         slots=args.slots,
         repeats=args.repeats,
     )
+    # imported once the config holds, so a bad flag or key is refused before torch loads
+    from . import runner
+    from .summary import format_summary
+
     summary = runner.run(cfg, progress=not args.no_progress)
     print(format_summary(summary))
     return 128 + summary.signum if summary.signum else 0

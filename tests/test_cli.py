@@ -234,3 +234,25 @@ def test_grid_sampler_stops_when_the_grid_is_done(workdir, engine):
         study_name="sinstudy", storage="sqlite:///storage/sinstudy.db"
     ).trials
     assert sorted(t.params["activation"] for t in trials) == ["identity", "relu", "tanh"]
+
+
+def test_a_bad_run_flag_is_refused_before_torch_or_optuna_load(workdir):
+    import subprocess
+
+    probe = (
+        "import sys; from study.cli import main; rc = main(['run', '--slots', '0']); "
+        "print(rc, sorted({'torch', 'optuna', 'sqlalchemy'} & set(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], cwd=workdir, capture_output=True, text=True)
+    assert r.stdout.split("\n")[0] == "2 []", (r.stdout, r.stderr)
+    assert "--slots" in r.stderr and "Traceback" not in r.stderr
+    assert not (workdir / "storage").exists()
+
+
+def test_version_is_the_projects(workdir):
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    r = run_cli("--version", cwd=workdir)
+    assert (r.returncode, r.stdout.strip()) == (0, f"sinstudy {version}"), r.stderr
