@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -345,7 +346,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     save_note(optuna.load_study(study_name=name, storage=url), text)  # the dashboard's note
     print(text)
-    print(f"\n(table saved to {out}; curves: tensorboard --logdir {DEFAULTS.log_dir}/{name})")
+    logs = shlex.quote(f"{DEFAULTS.log_dir}/{name}")
+    print(f"\n(table saved to {out}; curves: tensorboard --logdir {logs})")
     return 0
 
 

@@ -63,7 +63,7 @@ def bind(url: str, *, host: str, port: int, artifact_dir: str):
 
     from .storage import StorageError
 
-    storage = results.open_for_reading(url)
+    storage = results.open_for_reading(url, read_only=False)  # its users may fail or note trials
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)
     app = wsgi(storage, artifact_store=FileSystemArtifactStore(artifact_dir))
     try:

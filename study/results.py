@@ -14,14 +14,16 @@ from .config import ConfigError
 from .summary import describe_trial
 
 
-def open_for_reading(url: str) -> optuna.storages.BaseStorage:
-    """Open a storage that must already exist (a missing file is a ConfigError, not created)."""
-    parsed = storage_mod.check(url)
-    if parsed.path is not None and not parsed.path.exists():
+def open_for_reading(url: str, *, read_only: bool = True) -> optuna.storages.BaseStorage:
+    """Open a storage that must already exist (a missing file is a ConfigError, not created);
+    `read_only` (readers): so that nothing can be written, which also reads a file or database
+    this user may not write."""
+    parsed = storage_mod.check(url, read_only=read_only)
+    if parsed.path is not None and (not parsed.path.exists() or not parsed.path.stat().st_size):
         raise ConfigError(
             f"no study storage at {str(parsed.path)!r}; run `sinstudy run` first or fix --storage"
         )
-    storage = storage_mod.open_storage(parsed)
+    storage = storage_mod.open_storage(parsed, read_only=read_only)
     if parsed.kind == "journal":  # opening read the file: say which lines were skipped
         for note in storage_mod.journal_notes(storage, parsed.path):
             print(note, file=sys.stderr)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import optuna
 import sqlalchemy.exc
@@ -121,7 +121,7 @@ def _check_writable_dir(path: Path) -> None:
         )
 
 
-def _check_sqlite(path: Path) -> None:
+def _check_sqlite(path: Path, read_only: bool = False) -> None:
     if path.is_dir():
         raise StorageError(
             f"storage path {str(path)!r} is a directory; point --storage at a .db file"
@@ -160,13 +160,15 @@ def _check_sqlite(path: Path) -> None:
             f"{str(path)!r} is another program's SQLite database (no Optuna tables); "
             "choose another --storage path"
         )
+    if read_only:
+        return
     if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
         raise StorageError(
             f"{str(path)!r} is read-only; make it writable or copy it elsewhere", exit_code=1
         )
 
 
-def _check_journal(path: Path) -> None:
+def _check_journal(path: Path, read_only: bool = False) -> None:
     if path.is_dir():
         raise StorageError(
             f"storage path {str(path)!r} is a directory; point --storage at a .log file"
@@ -185,7 +187,7 @@ def _check_journal(path: Path) -> None:
             f"{str(path)!r} is not an Optuna journal file; move it away or choose another "
             f"--storage path"
         )
-    if not os.access(path, os.W_OK):
+    if not read_only and not os.access(path, os.W_OK):
         raise StorageError(
             f"{str(path)!r} is read-only; make it writable or copy it elsewhere", exit_code=1
         )
@@ -239,13 +241,14 @@ def repair_journal(path: Path) -> str | None:
     )
 
 
-def check(url: str) -> StorageURL:
-    """Validate a storage URL without writing anything. Raises StorageError."""
+def check(url: str, *, read_only: bool = False) -> StorageURL:
+    """Validate a storage URL without writing anything. Raises StorageError. `read_only`: for a
+    reader, which needs no write access."""
     parsed = parse(url)
     if parsed.kind == "sqlite":
-        _check_sqlite(parsed.path)
+        _check_sqlite(parsed.path, read_only)
     elif parsed.kind == "journal":
-        _check_journal(parsed.path)
+        _check_journal(parsed.path, read_only)
     else:
         _check_postgresql(parsed.url)
     return parsed
@@ -259,13 +262,18 @@ class Heartbeat:
 
 
 def open_storage(
-    parsed: StorageURL, heartbeat: Heartbeat | None = None
+    parsed: StorageURL, heartbeat: Heartbeat | None = None, *, read_only: bool = False
 ) -> optuna.storages.BaseStorage:
     """Open a checked URL. Creates the SQLite/journal file (and its folder) on first use.
 
     With `heartbeat`, RDB storages run Optuna's heartbeat and retry stale trials; the journal has
-    no heartbeat in Optuna, see study.recovery for its equivalent.
+    no heartbeat in Optuna, see study.recovery for its equivalent. `read_only`: an existing
+    storage, opened so that nothing can be written (SQLite's mode=ro, a PostgreSQL session whose
+    transactions are read-only; the journal is only read unless something appends), so readers
+    work on a file or database they may not write.
     """
+    if read_only:
+        return _open_read_only(parsed)
     if parsed.path is not None:
         parsed.path.parent.mkdir(parents=True, exist_ok=True)
     if parsed.kind == "journal":
@@ -306,6 +314,32 @@ def open_storage(
     except RuntimeError as e:  # e.g. a schema from another Optuna version
         raise StorageError(
             f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1
+        ) from None
+
+
+def _open_read_only(parsed: StorageURL) -> optuna.storages.BaseStorage:
+    if parsed.kind == "journal":
+        # the file exists (the reader checked), so Optuna's backend creates nothing
+        path = str(parsed.path.resolve())
+        return JournalStorage(TolerantJournalBackend(path, lock_obj=ReentrantJournalLock(path)))
+    if parsed.kind == "sqlite":
+        url = f"sqlite:///file:{quote(str(parsed.path.resolve()))}?mode=ro&uri=true"
+        kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    else:
+        url = parsed.url
+        kwargs = {
+            "pool_pre_ping": True,
+            "connect_args": {
+                "connect_timeout": PG_CONNECT_TIMEOUT_S,
+                "options": "-c default_transaction_read_only=on",
+            },
+        }
+    try:
+        with experimental():
+            return RDBStorage(url, engine_kwargs=kwargs)
+    except (RuntimeError, sqlalchemy.exc.DBAPIError) as e:  # another Optuna version's schema
+        raise StorageError(
+            f"{redact(parsed.url)}: {str(e).strip().splitlines()[0]}", exit_code=1
         ) from None
 
 

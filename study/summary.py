@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,9 +224,10 @@ def format_summary(s: Summary) -> str:
     lines += describe_trial(s.best) if s.best else ["best trial     none complete yet"]
     lines += [
         f"storage        {s.storage}",
-        f"tensorboard    tensorboard --logdir {s.log_dir}",
-        f"dashboard      optuna-dashboard {dashboard_target(s.storage)} --artifact-dir "
-        f"{s.artifact_dir}",
+        # quoted for a shell: a study name or folder with a space must survive the copy
+        f"tensorboard    tensorboard --logdir {shlex.quote(s.log_dir)}",
+        f"dashboard      optuna-dashboard {shlex.quote(dashboard_target(s.storage))} "
+        f"--artifact-dir {shlex.quote(s.artifact_dir)}",
     ]
     return "\n".join(lines)
 

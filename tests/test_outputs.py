@@ -217,3 +217,58 @@ def test_dashboard_in_a_real_browser(studied):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _as_reader(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`args` as a user who may not write the storage: root here keeps to the file modes
+    (CAP_DAC_OVERRIDE dropped), anyone else does anyway."""
+    import os
+
+    drop = []
+    if os.geteuid() == 0:
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    return subprocess.run([*drop, *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_readers_read_a_storage_they_may_not_write(studied, tmp_path, kind):
+    """best, plot and report on a read-only file in a read-only folder, as plain Optuna reads
+    it: they open it read-only (not "make it writable") and it stays as it was."""
+    from study.storage import parse
+
+    src = f"sqlite:///{studied}/storage/sinstudy.db"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if kind == "sqlite":
+        shutil.copy(studied / "storage/sinstudy.db", ro / "s.db")
+        url = f"sqlite:///{ro / 's.db'}"
+    else:
+        url = f"journal:///{ro / 's.log'}"
+        optuna.copy_study(
+            from_study_name="sinstudy",
+            from_storage=src,
+            to_storage=optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(ro / "s.log"))
+            ),
+        )
+    db = parse(url).path
+    (ro / "s.log.lock").unlink(missing_ok=True)
+    before = db.read_bytes()
+    db.chmod(0o444)
+    ro.chmod(0o555)
+    try:
+        probe = _as_reader(sys.executable, "-c", "open('ro/x', 'w')", cwd=tmp_path)
+        assert "PermissionError" in probe.stderr  # the reader cannot write there
+        cli = (sys.executable, "-m", "study")
+        work = tmp_path / "work"
+        shutil.copytree(studied / "storage/artifacts", work / "storage/artifacts")
+        best = _as_reader(*cli, "best", "--storage", url, cwd=work)
+        assert best.returncode == 0 and "#" in best.stdout, best.stderr
+        report = _as_reader(*cli, "report", "--storage", url, "--out", "r.html", cwd=work)
+        assert report.returncode == 0 and (work / "r.html").stat().st_size, report.stderr
+        plot = _as_reader(*cli, "plot", "--storage", url, "--no-png", "--out", "p", cwd=work)
+        assert plot.returncode == 0 and list((work / "p").glob("*.html")), plot.stderr
+        assert sorted(p.name for p in ro.iterdir()) == [db.name]
+        assert db.read_bytes() == before
+    finally:
+        ro.chmod(0o755)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import sqlite3
 
 import optuna
@@ -125,3 +126,21 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
     with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O"):
         storage.open_storage(storage.check(url))
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_read_only_storage_reads_studies_and_cannot_write(tmp_path, request, kind):
+    """What readers (best, plot, report) open: the study is there, and a write is refused by
+    the database itself (SQLite's mode=ro, PostgreSQL's read-only transactions)."""
+    url = f"sqlite:///{tmp_path}/s.db" if kind == "sqlite" else request.getfixturevalue("pg_url")
+    study = optuna.create_study(study_name="s", storage=storage.load(url))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    ro = storage.open_storage(storage.check(url, read_only=True), read_only=True)
+    assert [t.value for t in optuna.load_study(study_name="s", storage=ro).trials] == [
+        t.value for t in study.trials
+    ]
+    with pytest.raises(Exception) as refused:  # Optuna wraps the database's error
+        ro.create_new_study([optuna.study.StudyDirection.MINIMIZE], "other")
+    e = refused.value
+    assert re.search("read.?only", f"{e} {e.__cause__} {e.__context__}", re.I), repr(e)
+    assert optuna.get_all_study_names(storage.load(url)) == ["s"]

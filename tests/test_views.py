@@ -106,3 +106,29 @@ def test_wide_spaces_split_the_slice_plot():
         for n in ("slice", "slice_2", "slice_3")
     ]
     assert panels == [4, 4, 1]
+
+
+def test_the_printed_commands_survive_a_study_name_with_spaces():
+    import shlex
+
+    from study.analysis import Counts
+    from study.summary import Summary, format_summary
+
+    s = Summary(
+        study="my study",
+        storage="journal:///runs/my study.log",
+        device="cpu",
+        this_run=Counts(1, 0, 0),
+        total=Counts(1, 0, 0),
+        wall_seconds=1.0,
+        log_dir="runs/my study",
+        artifact_dir="my artifacts",
+    )
+    lines = {ln[:15].strip(): ln[15:] for ln in format_summary(s).splitlines()}
+    assert shlex.split(lines["tensorboard"]) == ["tensorboard", "--logdir", "runs/my study"]
+    assert shlex.split(lines["dashboard"]) == [
+        "optuna-dashboard",
+        "runs/my study.log",
+        "--artifact-dir",
+        "my artifacts",
+    ]
