@@ -81,13 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--pruner", help=f"one of {', '.join(config_mod.PRUNERS)} (default {DEFAULTS.pruner})"
     )
     run.add_argument("--seed", type=int, help=f"sampler and weight seed (default {DEFAULTS.seed})")
-    run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    run.add_argument("--engine", help="auto (default: batched), batched or standard")
+    run.add_argument(
+        "--device",
+        help=f"auto (a GPU if there is one), cpu, cuda or cuda:N (default {DEFAULTS.device})",
+    )
+    run.add_argument(
+        "--engine", help=f"batched, standard, or auto: batched (default {DEFAULTS.engine})"
+    )
     run.add_argument(
         "--repeats",
         type=int,
         help="models per trial, one per seed; the trial's value is their mean curve's best "
-        "(default 1)",
+        f"(default {DEFAULTS.repeats})",
     )
     run.add_argument(
         "--slots",
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers",
         type=int,
-        help="worker processes on this machine sharing the study, one engine each (default 1)",
+        help="worker processes on this machine sharing the study, one engine each "
+        f"(default {DEFAULTS.workers})",
     )
     run.add_argument(
         "--devices",

@@ -100,3 +100,60 @@ def test_per_layer_width_list_must_match_depth():
         config.validate_train(config.TrainConfig(depth=3, width=(8, 8)))
     assert config.TrainConfig(depth=2, width=(8, 4)).widths == (8, 4)
     assert config.TrainConfig(depth=3, width=5).widths == (5, 5, 5)
+
+
+def _run_flags() -> dict[str, object]:
+    from study.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")  # argparse's subparsers
+    return {
+        a.option_strings[0]: a
+        for a in sub.choices["run"]._actions
+        if a.option_strings and a.dest not in {"help", "config", "no_progress"}
+    }
+
+
+def _key_of(dest: str):
+    """The config object and field a `run` flag sets (max_epochs lives in [train])."""
+    cfg = config.StudyConfig()
+    return (cfg.train, dest) if dest == "max_epochs" else (cfg, dest)
+
+
+def test_every_run_flag_is_a_config_key_with_the_same_default_in_help_and_readme():
+    """The flags are written beside the dataclasses (cli.py): each must name a key, state that
+    key's default (in its help and in the README's table) and nothing else."""
+    import re
+    import tomllib
+    from dataclasses import fields
+    from pathlib import Path
+
+    flags = _run_flags()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = {
+        m[1]: m[2].strip().strip("`")
+        for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \|([^|]*)\|", readme, re.M)
+    }
+    assert set(table) == set(flags) | {"--config"}, "README's flag table and `run` differ"
+    for flag, action in flags.items():
+        obj, name = _key_of(action.dest)
+        assert flag == "--" + name.replace("_", "-")
+        assert name in {f.name for f in fields(obj)}, f"{flag}: no config key {name}"
+        default = getattr(obj, name)
+        said = re.search(r"\(default ([^)]*)\)", action.help or "")
+        if name == "slots":  # per device, when not set
+            shown = [str(n) for n in config.DEFAULT_SLOTS.values()]
+            assert default is None and all(n in said[1] and n in table[flag] for n in shown)
+        elif default is None:
+            assert said is None and table[flag] == "", (flag, said, table[flag])
+        else:
+            assert said is not None and said[1].strip("'") == str(default), (flag, said)
+            assert table[flag] == str(default), (flag, table[flag], default)
+    # the README's config file: every key there is a key, with its default
+    block = re.search(r"```toml\n(.*?)```", readme[readme.index("## Configure") :], re.S)[1]
+    cfg = config.StudyConfig()
+    tables = {"study": cfg, "train": cfg.train, "data": cfg.data, "search_space": cfg.space}
+    for table_name, keys in tomllib.loads(block).items():
+        for key, value in keys.items():
+            want = getattr(tables[table_name], key)
+            assert (list(want) if isinstance(want, tuple) else want) == value, (table_name, key)
