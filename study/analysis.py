@@ -51,8 +51,8 @@ def importance_shortfall(study: optuna.Study) -> str | None:
 
 
 def make_evaluator(name: str, seed: int = 0) -> optuna.importance.BaseImportanceEvaluator:
-    # imported here: fANOVA pulls in scikit-learn (~2 s), which the objective's fit image never
-    # needs
+    # imported here: fANOVA pulls in scikit-learn, slow to import, which the objective's fit
+    # image never needs
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
     if name == "fanova":

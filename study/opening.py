@@ -310,8 +310,8 @@ def check_memory(
         )
 
 
-# Measured (README "Scale out"): SQLite with a 60 s busy timeout held 4 and 8 workers with no
-# "database is locked", but a journal file was faster per trial from 4 workers up.
+# SQLite (with its busy timeout) holds many workers without "database is locked", but a journal
+# file is faster per trial from a few workers up (docs/results.md).
 def storage_advice(kind: str, n_workers: int) -> list[str]:
     if kind == "sqlite" and n_workers >= 4:
         return [

@@ -58,7 +58,7 @@ def fit_figure(f: Fit, title: str = "best network vs sin(x)") -> go.Figure:
 
 
 def fit_png(f: Fit, path: Path, title: str) -> None:
-    """The same fit as `fit_figure`, as a PNG drawn by matplotlib (Agg): ~0.08 s and no browser,
+    """The same fit as `fit_figure`, as a PNG drawn by matplotlib (Agg): quick and no browser,
     so the objective can store it with a trial while the trial still runs (finished trials
     take no new artifacts)."""
     import matplotlib
@@ -66,8 +66,8 @@ def fit_png(f: Fit, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Fixed margins, not layout="constrained": the layout solver doubled the cost (170 -> 80 ms),
-    # and the batched engine's writer draws one of these per new best.
+    # Fixed margins, not layout="constrained": the layout solver doubled the cost, and the
+    # batched engine's writer draws one of these per new best.
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5), height_ratios=[2.3, 1])
     fig.subplots_adjust(left=0.11, right=0.98, top=0.94, bottom=0.09, hspace=0.08)
     top.plot(f.x, f.target, color="black", lw=2.5, label="sin(x)")

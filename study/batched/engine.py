@@ -186,8 +186,7 @@ class BatchedEngine:
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and threads > 1:
             # Leave the writer process a core. Torch's OpenMP threads spin at every parallel
-            # region's barrier; with one of them descheduled by the writer, an epoch took 1.5x as
-            # long.
+            # region's barrier, so one of them descheduled by the writer slows every epoch.
             torch.set_num_threads(threads - 1)
         try:
             while True:
@@ -453,7 +452,7 @@ class BatchedEngine:
         t0 = time.perf_counter()
 
         # Trials that end in the same epoch have no order of their own: complete ones go first,
-        # best first, so at most one of them is a new best (its artifacts cost ~0.1 s to write).
+        # best first, so at most one of them is a new best (its artifacts are a write each).
         def order(e):
             key, ks, state, _ = e
             return (

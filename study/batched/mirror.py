@@ -1,14 +1,14 @@
 """The batched engine's in-memory copy of the stored study, where the sampler and the pruner run.
 
-On an RDB storage, Optuna's report() + should_prune() cost ~5 ms per trial per epoch, and TPE's
-ask reads the whole study: more than an epoch of a whole stack. On the mirror (Optuna's
-in-memory storage) each costs ~0.1 ms. The mirror holds every stored trial, in number order, so
-a trial asked here gets the number the storage will give it when one engine runs (trial k then
-trains with seed + k); other engines' trials arrive through the writer's sync (new ones, and
-changes of state), so the sampler sees their finished trials and, for TPE's constant liar, their
-running ones. WAITING trials (enqueue_trial, retries of crashed trials) are in the mirror as
-WAITING, so the mirror's ask() takes them first, as Optuna's does; the writer then claims the
-stored trial atomically.
+On an RDB storage, Optuna's report() + should_prune() are database round trips per trial per epoch,
+and TPE's ask reads the whole study: more than an epoch of a whole stack. On the mirror (Optuna's
+in-memory storage) each is a few dict operations (docs/design.md has the figures). The mirror holds
+every stored trial, in number order, so a trial asked here gets the number the storage will give it
+when one engine runs (trial k then trains with seed + k); other engines' trials arrive through the
+writer's sync (new ones, and changes of state), so the sampler sees their finished trials and, for
+TPE's constant liar, their running ones. WAITING trials (enqueue_trial, retries of crashed trials)
+are in the mirror as WAITING, so the mirror's ask() takes them first, as Optuna's does; the writer
+then claims the stored trial atomically.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ machine) let a live trial look dead to the other engines' sweeps.
 
 Why a process and not a thread: every torch op releases the GIL and takes it back when its
 kernel is done. While a writer *thread* ran Python (SQLAlchemy, TensorBoard, matplotlib), each
-take-back waited up to the interpreter's switch interval (5 ms) for a kernel of ~20 us; on the
-2-core CPU the training loop took twice as long.
+take-back waited up to the interpreter's switch interval for a kernel far shorter than it, and
+the training loop slowed by a multiple (docs/design.md).
 
 Crashes. The writer ignores SIGINT/SIGTERM (a Ctrl-C reaches the whole process group): the
 trainer decides what an interrupt means and the writer drains its queue. If the trainer dies,
@@ -297,8 +297,8 @@ def _main(
         results.put(("closed",))
         results.close()
         results.join_thread()  # the message is in the pipe
-    # Everything is committed and closed; skip the interpreter's teardown of torch,
-    # SQLAlchemy and matplotlib (~0.8 s), which the trainer would otherwise wait for.
+    # Everything is committed and closed; skip the interpreter's slow teardown of torch,
+    # SQLAlchemy and matplotlib, which the trainer would otherwise wait for.
     os._exit(0)
 
 
@@ -318,8 +318,8 @@ def _guarded(sink: _Sink, results: mp.Queue, fn, *args) -> _Sink | None:
 
 class _WarmUp:
     """The imports a trial's end (TensorBoard), a new best (matplotlib) and the note need, done
-    at the writer's first idle moment in a thread: on a loaded machine they took 4 s, and a loop
-    doing them stored no curves that long. The loop waits for the thread before it needs them
+    at the writer's first idle moment in a thread: on a loaded machine they take seconds, and a
+    loop doing them stored no curves that long. The loop waits for the thread before it needs them
     itself: two threads importing plotly's modules at once deadlocked (Python detects it and
     raises in one of them)."""
 
@@ -344,8 +344,8 @@ class _WarmUp:
             import matplotlib
 
             matplotlib.use("Agg")
-            import matplotlib.pyplot  # noqa: F401  (~0.4 s)
-            import optuna_dashboard  # noqa: F401  (~1 s)
+            import matplotlib.pyplot  # noqa: F401
+            import optuna_dashboard  # noqa: F401
             import tensorboard.plugins.hparams.api_pb2  # noqa: F401
             import torch.utils.tensorboard.summary  # noqa: F401
 
