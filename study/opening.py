@@ -281,7 +281,7 @@ def _available_ram() -> int:
 
 
 # What one process of a run holds besides its models (torch, Optuna, SQLAlchemy, and in a writer
-# TensorBoard and matplotlib), measured on the 2-core CPU with some margin.
+# TensorBoard and matplotlib), with some margin.
 PROCESS_BYTES = 350 * 2**20
 
 

@@ -58,3 +58,23 @@ def test_each_engine_has_a_module_named_for_it():
     } <= set(graph)
     # the top: nothing else runs a run
     assert [m for m, deps in graph.items() if "study.runner" in deps] == ["study.cli"]
+
+
+def test_comments_and_docstrings_carry_no_benchmark_figures():
+    """Timings in code go stale with the next machine or release; they belong in
+    docs/results.md, where each has its machine, date and command."""
+    import io
+    import re
+    import tokenize
+
+    figure = re.compile(
+        r"~ ?\d[\d.]* ?(s|ms|us|µs)\b|\b\d[\d.]* ?(ms|us|µs)\b|\b\d[\d.]*x (as|faster|slower)"
+        r"|[Mm]easured on (the |an? |one )?(\d+-core|H[12]00|CPU|GPU)"
+    )
+    found = []
+    for p in STUDY.rglob("*.py"):
+        for tok in tokenize.generate_tokens(io.StringIO(p.read_text()).readline):
+            is_doc = tok.type == tokenize.STRING and tok.string.startswith(('"""', "'''"))
+            if (tok.type == tokenize.COMMENT or is_doc) and figure.search(tok.string):
+                found.append(f"{p.relative_to(STUDY.parent)}:{tok.start[0]}")
+    assert not found, found

@@ -66,7 +66,7 @@ def row_size(layout: Layout) -> int:
 class _Buffers:
     """The activations of one batch size, allocated once per build: every step writes into the
     same memory (no allocator work per step, and the static addresses a CUDA graph needs). The
-    per-group slices of each buffer are made here once, not in every step (~2 us each)."""
+    per-group slices of each buffer are made here once, not in every step."""
 
     def __init__(self, stack: Stack, b: int):
         k, w, dev = len(stack.slots), stack.width, stack.data.device
