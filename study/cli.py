@@ -339,9 +339,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             compare.describe_base(args.max_epochs, args.setup)
             + f"; {args.seeds} seeds per cell, device {device}",
             "",
-            compare.table(rows),
-            "",
-            *[f"- {v}" for v in compare.verdicts(args.factor, rows)],
+            compare.body(
+                args.factor, rows, epochs=args.max_epochs, seeds=args.seeds, setup=args.setup
+            ),
         ]
     )
     name = compare.study_name(args.factor, args.max_epochs, args.seeds, args.setup)

@@ -5,7 +5,8 @@ one trial per cell of the factor, with `seeds` repeats (different weights and ba
 same seeds in every cell), everything else held at BASE. All cells and seeds train at once in
 the batched engine (enqueued trials, no pruning), so curves land in TensorBoard and the
 dashboard like any trial's, and an interrupted comparison resumes with the cells it lacks.
-The table gives mean +- std over seeds; each verdict states its test and what it found.
+The table gives mean ± std over seeds, the ranking every cell against the best, each verdict its
+test, its uncertainty and what it found, and one line sums up what held (study.evidence).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from . import config, interrupt
+from . import config, evidence, interrupt
 from .batched.engine import run_batched
 from .budget import Budget
 from .config import ConfigError, DataConfig, TrainConfig
 from .course import TEST_MSE as REPORT_TEST_MSE
+from .evidence import LEVEL, Gap, Spread
 from .opening import name_metric, open_study_storage
 
 # Held fixed unless a factor varies it: the report trained with ReLU and no schedule; it named
@@ -192,29 +194,60 @@ FACTORS: dict[str, Callable[[int], Factor]] = {
 }
 
 
+SETTLE_WITHIN = 2.0  # "settled": the mean validation curve stays within this factor of its best
+LEARNED = 10.0  # ... and its best is this many times below its first epoch's (it learned)
+
+
 @dataclass(frozen=True)
 class CellStats:
+    """One cell's values, one per seed (its trial's `*_per_seed` attrs)."""
+
     cell: str
-    n: int
-    test: tuple[float, float]  # mean, std of test MSE on the best epoch's weights
-    final_test: tuple[float, float]  # on the last epoch's weights
-    val: tuple[float, float]  # best validation MSE
-    final_val: tuple[float, float]
+    test: tuple[float, ...]  # test MSE on the best epoch's weights
+    final_test: tuple[float, ...]  # on the last epoch's weights
+    val: tuple[float, ...]  # best validation MSE
+    final_val: tuple[float, ...]
     report: str
-    settled: int | None = None  # first epoch of the mean validation curve within 2x of its best
+    settled: int | None = None  # settled(): None = never (or no curve: n == 0)
+    note: str = ""  # what the reader must know to read the row (a schedule that never acts)
+
+    @property
+    def n(self) -> int:
+        return len(self.test)
 
 
 def settled(curve: dict[int, float]) -> int | None:
-    """The first epoch whose (mean) validation MSE is within 2x of the curve's best: where a
-    loss plot on a log scale stops visibly falling, what the report calls converged."""
-    finite = {e: v for e, v in curve.items() if math.isfinite(v)}
+    """The epoch from which the (mean) validation curve stays within SETTLE_WITHIN of its best:
+    where a loss plot on a log scale stops visibly falling, what the report calls converged.
+    None (never) where it ends above that, or where its best is not LEARNED times below its first
+    epoch's value (a curve that never fell has not converged, it has not learned)."""
+    finite = sorted((e, v) for e, v in curve.items() if math.isfinite(v))
     if not finite:
         return None
-    best = min(finite.values())
-    return min(e for e, v in finite.items() if v <= 2 * best)
+    best = min(v for _, v in finite)
+    if best * LEARNED > finite[0][1] or finite[-1][1] > SETTLE_WITHIN * best:
+        return None
+    out = finite[-1][0]
+    for e, v in reversed(finite):
+        if v > SETTLE_WITHIN * best:
+            break
+        out = e
+    return out
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def never_acts(cfg: TrainConfig) -> str:
+    """Words for a schedule that cannot change the learning rate within the cell's epochs, or ''.
+    A step schedule decays after `step_size` epochs: at step_size >= max_epochs it never does, and
+    the cell is its constant-lr twin."""
+    if cfg.scheduler == "step" and cfg.step_size >= cfg.max_epochs:
+        return (
+            f"its schedule (lr x{cfg.gamma:g} every {cfg.step_size} epochs) never acts within "
+            f"{cfg.max_epochs} epochs: give --max-epochs above {cfg.step_size} for it to"
+        )
+    return ""
+
+
+def _mean_std(values: tuple[float, ...] | list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -344,11 +377,16 @@ def run(
                 }
             ),
         )
-    return stats(study, factor, seeds)
+    return stats(study, factor, epochs, fixed)
 
 
-def stats(study: optuna.Study, factor: Factor, seeds: int) -> list[CellStats]:
-    """Mean +- std over each cell's seeds, from the per-seed values its trial stores."""
+def stats(
+    study: optuna.Study,
+    factor: Factor,
+    epochs: int,
+    setup: Setup = SETUPS["default"],
+) -> list[CellStats]:
+    """Each cell's per-seed values, from the attrs its trial stores."""
     rows = []
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     for cell in factor.cells:
@@ -361,107 +399,243 @@ def stats(study: optuna.Study, factor: Factor, seeds: int) -> list[CellStats]:
             None,
         )
 
-        def attr(key: str, t=t) -> tuple[float, float]:
-            return _mean_std([float(v) for v in t.user_attrs[f"{key}_per_seed"]] if t else [])
+        def per_seed(key: str, t=t) -> tuple[float, ...]:
+            return tuple(float(v) for v in t.user_attrs[f"{key}_per_seed"]) if t else ()
 
         rows.append(
             CellStats(
                 cell,
-                len(t.user_attrs["seeds"]) if t else 0,
-                attr("test_mse"),
-                attr("final_test_mse"),
-                attr("val_mse"),
-                attr("final_val_mse"),
+                per_seed("test_mse"),
+                per_seed("final_test_mse"),
+                per_seed("val_mse"),
+                per_seed("final_val_mse"),
                 factor.report.get(cell, ""),
                 settled(t.intermediate_values) if t else None,
+                never_acts(cell_config(factor, cell, 0, epochs, setup)),
             )
         )
     return rows
 
 
-def _lower(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """For mean a < mean b: does the gap exceed one standard deviation of each (seed spread)?"""
-    clear = a[0] + a[1] < b[0] - b[1]
-    return "clearly" if clear else "within the seed spread"
+HELD, FAILED, UNDECIDED = "held", "did not hold", "undecided"
 
 
-def verdicts(name: str, rows: list[CellStats]) -> list[str]:
+@dataclass(frozen=True)
+class Verdict:
+    claim: str  # what is tested, in a few words: the summary names it
+    outcome: str  # HELD, FAILED or UNDECIDED, at evidence.LEVEL
+    text: str  # the comparison made, its numbers and their uncertainty
+
+
+def _how(gap: Gap) -> str:
+    return f"Welch on log10 MSE, {gap.n_a} and {gap.n_b} seeds"
+
+
+def _hint(a: Spread, b: Spread, cmd: str) -> str:
+    n = evidence.seeds_to_settle(a, b)
+    if n is None:
+        return "no number of seeds would settle it: the two do not differ"
+    if n > config.MAX_REPEATS:
+        return (
+            f"more than {config.MAX_REPEATS} seeds per cell (the most --seeds takes) would be "
+            "needed for a gap this small at this spread"
+        )
+    return f"about {n} seeds per cell would settle a gap this size: {cmd} --seeds {n}"
+
+
+def _direction(
+    a: str, a_vals, b: str, b_vals, what: str, cmd: str
+) -> tuple[Gap, str, Spread, Spread]:
+    """a's values against b's: the gap and one sentence with its ratio, interval and test."""
+    sa, sb = Spread.of(a_vals), Spread.of(b_vals)
+    gap = evidence.welch(sa, sb)
+    text = f"{a}'s {what} is {gap.ratio()} {b}'s ({_how(gap)})"
+    if gap.decided:
+        text += f": clearly {'lower' if gap.diff < 0 else 'higher'}"
+    else:
+        text += f": undecided at this many seeds; {_hint(sa, sb, cmd)}"
+    return gap, text, sa, sb
+
+
+def _claim_lower(claim: str, a: str, a_vals, b: str, b_vals, what: str, cmd: str) -> Verdict:
+    """Verdict on "a's `what` is lower than b's"."""
+    gap, text, _, _ = _direction(a, a_vals, b, b_vals, what, cmd)
+    outcome = UNDECIDED if not gap.decided else HELD if gap.diff < 0 else FAILED
+    return Verdict(claim, outcome, text)
+
+
+def _both(claim: str, text: str, gaps: list[tuple[Gap, bool]]) -> Verdict:
+    """Held where every gap is decided the claimed way (True: a lower); failed where one is
+    decided against it."""
+    if any(g.decided and (g.diff < 0) != lower for g, lower in gaps):
+        return Verdict(claim, FAILED, text)
+    if all(g.decided for g, _ in gaps):
+        return Verdict(claim, HELD, text)
+    return Verdict(claim, UNDECIDED, text)
+
+
+def _geo(s: Spread) -> str:
+    return f"{10**s.mean:.2e}" if s.n else "no values"
+
+
+def _within(s: Spread, target: float, factor: float) -> str:
+    """HELD where the geometric mean's interval lies within `factor` of target, FAILED where it
+    lies wholly outside, UNDECIDED otherwise."""
+    lo, hi = s.interval()
+    t, f = math.log10(target), math.log10(factor)
+    if t - f <= lo and hi <= t + f:
+        return HELD
+    if hi < t - f or lo > t + f:
+        return FAILED
+    return UNDECIDED
+
+
+def _side(s: Spread, bound: float, *, below: bool) -> str:
+    """HELD where the geometric mean's interval lies wholly below (above) `bound`, FAILED where
+    wholly on the other side, UNDECIDED where it straddles it."""
+    lo, hi = s.interval()
+    b = math.log10(bound)
+    if (hi < b) if below else (lo > b):
+        return HELD
+    if (lo > b) if below else (hi < b):
+        return FAILED
+    return UNDECIDED
+
+
+def _ratio_interval(s: Spread, target: float) -> str:
+    lo, hi = s.interval()
+    t = math.log10(target)
+    low = "0" if lo == -math.inf else f"{10 ** (lo - t):.2g}x"
+    high = "inf" if hi == math.inf else f"{10 ** (hi - t):.2g}x"
+    return f"{10 ** (s.mean - t):.2g}x the report's, {LEVEL:.0%} CI {low}-{high}"
+
+
+def command(name: str, epochs: int, setup: str = "default") -> str:
+    return f"sinstudy compare {name} --max-epochs {epochs}" + (
+        "" if setup == "default" else f" --setup {setup}"
+    )
+
+
+def verdicts(
+    name: str, rows: list[CellStats], *, epochs: int, setup: str = "default"
+) -> list[Verdict]:
+    """What the comparison says about its question, each verdict with its test and uncertainty
+    (at evidence.LEVEL): "clearly" only where the interval excludes no difference."""
     r = {row.cell: row for row in rows}
+    cmd = command(name, epochs, setup)
     if name == "depth":
         s, d = r["shallow (1 layer)"], r["deep (4 layers)"]
-        agree = d.test[0] < s.test[0]
-        return [
-            f"deep vs shallow: test MSE {d.test[0]:.2e} vs {s.test[0]:.2e}: the deeper network is "
-            f"{'better' if agree else 'not better'} "
-            f"({_lower(d.test, s.test) if agree else _lower(s.test, d.test)}); "
+        v = _claim_lower(
+            "deep fits better than shallow", "deep", d.test, "shallow", s.test, "test MSE", cmd
+        )
+        report = (
             f"report: deep better ({REPORT_TEST_MSE['deep']:.1e} vs "
-            f"{REPORT_TEST_MSE['shallow']:.1e}) -> {'agrees' if agree else 'disagrees'}"
-        ]
+            f"{REPORT_TEST_MSE['shallow']:.1e})"
+        )
+        return [replace(v, text=f"deep vs shallow, the report's pair: {v.text} ({report})")]
     if name == "width":
         n, w = r["narrow (8)"], r["wide (128)"]
-        agree = w.test[0] < n.test[0]
         return [
-            f"wide vs narrow: test MSE {w.test[0]:.2e} vs {n.test[0]:.2e}: the wider network is "
-            f"{'better' if agree else 'not better'} "
-            f"({_lower(w.test, n.test) if agree else _lower(n.test, w.test)})"
+            _claim_lower(
+                "wide fits better than narrow", "wide", w.test, "narrow", n.test, "test MSE", cmd
+            )
         ]
     if name == "lr":
         lo, hi = r["lr 1e-4"], r["lr 1e-2"]
-        rise_hi, rise_lo = hi.final_val[0] / hi.val[0], lo.final_val[0] / lo.val[0]
-        rise = "the rise near the end is there" if rise_hi > 1.5 * rise_lo else "no clear rise"
-        return [
-            f"lr 1e-2 ends at {rise_hi:.1f}x its best validation MSE, lr 1e-4 at {rise_lo:.1f}x: "
-            f"{rise} with 1e-2 "
-            "(report: 1e-2 rose again)",
-            f"final-weights test MSE: lr 1e-2 {hi.final_test[0]:.2e} vs lr 1e-4 "
-            f"{lo.final_test[0]:.2e} -> "
-            f"{'1e-4' if lo.final_test[0] < hi.final_test[0] else '1e-2'} is better at the end of "
-            f"training",
-        ]
+
+        def rise(c: CellStats) -> list[float]:  # final / best validation MSE, per seed
+            return [f / b for f, b in zip(c.final_val, c.val, strict=True) if b > 0]
+
+        gap, text, sh, sl = _direction(
+            "lr 1e-2", rise(hi), "lr 1e-4", rise(lo), "rise at the end (final / best val MSE)", cmd
+        )
+        first = _both(
+            "lr 1e-2 ends above its best more than lr 1e-4 (the report's rise)",
+            f"lr 1e-2 ends at {10**sh.mean:.2g}x its best validation MSE, lr 1e-4 at "
+            f"{10**sl.mean:.2g}x (geometric means): {text} (report: 1e-2 rose again)",
+            [(gap, False)],
+        )
+        second = _claim_lower(
+            "lr 1e-4 ends with a lower test MSE than lr 1e-2",
+            "lr 1e-4",
+            lo.final_test,
+            "lr 1e-2",
+            hi.final_test,
+            "test MSE on its final weights",
+            cmd,
+        )
+        return [first, second]
     if name == "scheduler":
         none = r["no schedule"]
         out = []
         for cell in ("step schedule", "cosine schedule"):
             c = r[cell]
-            test_worse, val_better = (
-                c.final_test[0] > none.final_test[0],
-                c.final_val[0] < none.final_val[0],
+            g_test, t_test, _, _ = _direction(
+                cell, c.final_test, "no schedule", none.final_test, "final test MSE", cmd
             )
+            g_val, t_val, _, _ = _direction(
+                cell, c.final_val, "no schedule", none.final_val, "final val MSE", cmd
+            )
+            note = f" ({c.note})" if c.note else ""
             out.append(
-                f"{cell} vs none (final weights): test {c.final_test[0]:.2e} vs "
-                f"{none.final_test[0]:.2e} "
-                f"({'worse' if test_worse else 'better'}), validation {c.final_val[0]:.2e} vs "
-                f"{none.final_val[0]:.2e} "
-                f"({'better' if val_better else 'worse'}) -> report's finding (worse on test, "
-                f"better on validation) "
-                f"{'reproduced' if test_worse and val_better else 'not reproduced'}"
+                _both(
+                    f"{cell}: worse on test, better on validation",
+                    f"{cell} vs none, final weights{note}: {t_test}; {t_val} (report: a schedule "
+                    "was worse on test and better on validation)",
+                    [(g_test, False), (g_val, True)],
+                )
             )
         return out
     if name == "report":
         out = []
         for h in HYPOTHESES:
-            got = {net: r[f"{h} / {net}"] for net in NETS}
-            ratios = {net: got[net].test[0] / REPORT_TEST_MSE[net] for net in NETS}
-            close = all(0.5 <= x <= 2.0 for x in ratios.values())
+            got = {net: Spread.of(r[f"{h} / {net}"].test) for net in NETS}
+            outcomes = [_within(got[net], REPORT_TEST_MSE[net], 2.0) for net in NETS]
+            outcome = (
+                FAILED if FAILED in outcomes else UNDECIDED if UNDECIDED in outcomes else HELD
+            )
+            when = " / ".join(
+                "never" if r[f"{h} / {net}"].settled is None else str(r[f"{h} / {net}"].settled)
+                for net in ("deep", "shallow")
+            )
+            notes = {r[f"{h} / {net}"].note for net in NETS} - {""}
+            vs = {net: _ratio_interval(got[net], REPORT_TEST_MSE[net]) for net in NETS}
+            words = {HELD: "reproduces", FAILED: "does not reproduce", UNDECIDED: "undecided:"}
             out.append(
-                f"{h}: deep {got['deep'].test[0]:.2e} ({ratios['deep']:.2g}x the report's), "
-                f"shallow "
-                f"{got['shallow'].test[0]:.2e} ({ratios['shallow']:.2g}x), settled by epoch "
-                f"{got['deep'].settled} / {got['shallow'].settled} -> "
-                f"{'reproduces the report within 2x' if close else 'does not reproduce it'}"
+                Verdict(
+                    h,
+                    outcome,
+                    f"{h}: deep {_geo(got['deep'])} ({vs['deep']}), shallow "
+                    f"{_geo(got['shallow'])} ({vs['shallow']}), settled by epoch {when} -> "
+                    f"{words[outcome]} the report within 2x"
+                    + (f" ({'; '.join(sorted(notes))})" if notes else ""),
+                )
             )
         return out
-    act, lin = r["relu"], r["none (identity)"]
-    fits = act.test[0] < 1e-2 and lin.test[0] > 0.1
-    found = (
-        "only the network with an activation fits sin(x); without one it is a straight line"
-        if fits
-        else "unexpected: see the table"
-    )
+    act, lin = Spread.of(r["relu"].test), Spread.of(r["none (identity)"].test)
+    fits, flat = _side(act, 1e-2, below=True), _side(lin, 0.1, below=False)
+    outcome = HELD if fits == flat == HELD else FAILED if FAILED in (fits, flat) else UNDECIDED
     return [
-        f"relu {act.test[0]:.2e} vs no activation {lin.test[0]:.2e} test MSE: {found} "
-        "(report: only with the activation did it converge)"
+        Verdict(
+            "only with an activation does the network fit sin(x)",
+            outcome,
+            f"relu test MSE {_geo(act)}, no activation {_geo(lin)} (geometric means over "
+            f"{act.n} and {lin.n} seeds; held where relu's {LEVEL:.0%} interval lies below 1e-2 "
+            "and the identity's above 0.1) (report: only with the activation did it converge)",
+        )
     ]
+
+
+def summary(found: list[Verdict], seeds: int) -> str:
+    """One line: which claims held, which did not, which are undecided at this many seeds."""
+    parts = []
+    for outcome in (HELD, FAILED, UNDECIDED):
+        claims = [v.claim for v in found if v.outcome == outcome]
+        if not claims:
+            continue
+        named = "; ".join(claims) if len(claims) <= 4 or outcome != FAILED else f"{len(claims)}"
+        parts.append(f"{outcome}: {named}")
+    return f"Summary ({seeds} seeds per cell, {LEVEL:.0%} level): " + ". ".join(parts) + "."
 
 
 def describe_base(epochs: int, setup: str = "default") -> str:
@@ -474,25 +648,79 @@ def describe_base(epochs: int, setup: str = "default") -> str:
         "cosine": "cosine schedule",
         "exponential": f"lr x{b.gamma:g} per epoch",
     }[b.scheduler]
+    idle = never_acts(b)
     return (
         f"held fixed unless the cell varies it: depth {b.depth}, width {b.width}, {b.activation}, "
         f"{opt} lr {b.lr:g}, {schedule}, batch {b.batch_size}, {epochs} epochs; {fixed.about}"
+        + (f" ({idle})" if idle else "")
     )
 
 
 def table(rows: list[CellStats]) -> str:
-    def ms(v: tuple[float, float]) -> str:
-        return f"{v[0]:.2e} +- {v[1]:.1e}"
+    def ms(values: tuple[float, ...]) -> str:
+        mean, sd = _mean_std(values)
+        return f"{mean:.2e} ± {sd:.1e}" if values else ""
+
+    def when(r: CellStats) -> str:
+        return "" if not r.n else "never" if r.settled is None else str(r.settled)
 
     lines = [
         "| cell | seeds | test MSE (best epoch) | test MSE (final) | val MSE (best) | val MSE "
-        "(final) | settled | report |",
+        "(final) | settled (epoch) | report |",
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r.cell} | {r.n} | {ms(r.test)} | {ms(r.final_test)} | {ms(r.val)} | "
-        f"{ms(r.final_val)} | {r.settled or ''} "
-        f"| {r.report} |"
+        f"| {r.cell}{' (*)' if r.note else ''} | {r.n} | {ms(r.test)} | {ms(r.final_test)} | "
+        f"{ms(r.val)} | {ms(r.final_val)} | {when(r)} | {r.report} |"
         for r in rows
     ]
+    lines += [
+        "",
+        "Mean ± standard deviation over seeds. Settled: the epoch from which the mean validation "
+        f"curve stays within {SETTLE_WITHIN:g}x of its best; never: it ends above that, or its "
+        f"best is not {LEARNED:g}x below its first epoch's (it did not learn).",
+    ]
+    lines += [f"(*) {r.cell}: {r.note}." for r in rows if r.note]
     return "\n".join(lines)
+
+
+def ranking(rows: list[CellStats]) -> str:
+    """Every cell by its geometric-mean test MSE, each against the best (Welch's interval on
+    log10 MSE) and whether the seeds tell it from the best."""
+    places = evidence.rank({r.cell: Spread.of(r.test) for r in rows})
+    lines = [
+        "| place | cell | test MSE (geometric mean; log10 mean ± sd) | vs the best "
+        f"({LEVEL:.0%} CI, Welch) | told from the best |",
+        "|---|---|---|---|---|",
+    ]
+    for p in places:
+        vs = "best" if p.to_best is None else p.to_best.ratio()
+        told = "" if p.to_best is None else "no: tied" if p.tied_with_best else "yes"
+        lines.append(
+            f"| {p.place} | {p.cell} | {10**p.spread.mean:.2e} ({p.spread.mean:.2f} ± "
+            f"{p.spread.sd:.2f}) | {vs} | {told} |"
+        )
+    tied = [p.cell for p in places if p.tied_with_best]
+    seeds = max(r.n for r in rows)
+    if len(tied) > 1:
+        lines += ["", f"Indistinguishable from the best at {seeds} seeds: {', '.join(tied)}."]
+    elif len(places) > 1:
+        lines += ["", f"At {seeds} seeds every other cell is told from the best, {tied[0]}."]
+    return "\n".join(lines)
+
+
+def body(name: str, rows: list[CellStats], *, epochs: int, seeds: int, setup: str) -> str:
+    """The comparison's text below its heading: table, ranking, verdicts and the summary line
+    (what the CLI prints, saves as markdown and leaves as the dashboard's note)."""
+    found = verdicts(name, rows, epochs=epochs, setup=setup)
+    return "\n".join(
+        [
+            table(rows),
+            "",
+            ranking(rows),
+            "",
+            *[f"- {v.text}" for v in found],
+            "",
+            f"**{summary(found, seeds)}**",
+        ]
+    )
