@@ -81,9 +81,10 @@ class TrialLogger:
 # The HParams metrics of every run: the trial's value (best validation MSE, or the last one of a
 # pruned trial), the test MSE of the same weights, and both on the last epoch's weights.
 METRICS = ("val_mse", "test_mse", "final_val_mse", "final_test_mse")
-# TensorBoard's session statuses have no "stopped early": a pruned run is UNKNOWN there, and its
-# `state` hparam says PRUNED.
-_STATUS = {"COMPLETE": "STATUS_SUCCESS", "PRUNED": "STATUS_UNKNOWN", "FAIL": "STATUS_FAILURE"}
+# TensorBoard's session statuses have no "stopped early". A pruned run ended as the study meant
+# it to (UNKNOWN would read as a run whose end was lost), so it is a success there and its
+# `state` hparam says PRUNED; FAIL is a failure.
+_STATUS = {"COMPLETE": "STATUS_SUCCESS", "PRUNED": "STATUS_SUCCESS", "FAIL": "STATUS_FAILURE"}
 
 
 def trial_metrics(value: float | None, attrs: dict) -> dict[str, float]:
