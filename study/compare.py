@@ -600,14 +600,18 @@ def verdicts(
             )
             notes = {r[f"{h} / {net}"].note for net in NETS} - {""}
             vs = {net: _ratio_interval(got[net], REPORT_TEST_MSE[net]) for net in NETS}
-            words = {HELD: "reproduces", FAILED: "does not reproduce", UNDECIDED: "undecided:"}
+            words = {
+                HELD: "reproduces",
+                FAILED: "does not reproduce",
+                UNDECIDED: "undecided whether it reproduces",
+            }
             out.append(
                 Verdict(
                     h,
                     outcome,
                     f"{h}: deep {_geo(got['deep'])} ({vs['deep']}), shallow "
-                    f"{_geo(got['shallow'])} ({vs['shallow']}), settled by epoch {when} -> "
-                    f"{words[outcome]} the report within 2x"
+                    f"{_geo(got['shallow'])} ({vs['shallow']}), settled (deep / shallow) "
+                    f"{when} -> {words[outcome]} the report within 2x"
                     + (f" ({'; '.join(sorted(notes))})" if notes else ""),
                 )
             )
@@ -633,7 +637,8 @@ def summary(found: list[Verdict], seeds: int) -> str:
         claims = [v.claim for v in found if v.outcome == outcome]
         if not claims:
             continue
-        named = "; ".join(claims) if len(claims) <= 4 or outcome != FAILED else f"{len(claims)}"
+        many = len(claims) > 4 and outcome == FAILED
+        named = f"{len(claims)} claims (listed above)" if many else "; ".join(claims)
         parts.append(f"{outcome}: {named}")
     return f"Summary ({seeds} seeds per cell, {LEVEL:.0%} level): " + ". ".join(parts) + "."
 
