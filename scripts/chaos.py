@@ -26,6 +26,8 @@ checked:
   curves    every stored curve's steps are 1..k without a gap
   exit      each run's exit status is the one its fault implies (0, 130, 143, or killed)
   traceback no "Traceback" on any run's stderr
+  unreadable the study loads (a storage nothing can read ends the round; the next one starts
+            on a fresh storage of that kind)
 
 Each violation is printed as it is found (CHAOS_DEBUG=1: with the runs' last stderr lines and
 the trials involved), then a table at the end and, last, `N violations`; the exit status is 1
@@ -442,6 +444,19 @@ def _round(i: int, rng: random.Random, stores: dict, root: Path, tally: Tally, k
     _drive(runs, store.folder)
     tally.runs += len(runs)
     tally.signals.update(r.sent.split()[0] for r in runs if r.sent)
+    try:
+        _after(store, runs, rng, tally)
+    except Exception as e:  # a study nothing can read is a violation; the next round starts anew
+        what = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        tally.violations["unreadable"] += 1
+        tally.examples.setdefault("unreadable", f"{store.kind} {store.folder.name}: {what}")
+        print(f"  violation unreadable: {what}", flush=True)
+        _drop(store)
+        del stores[kind]
+
+
+def _after(store: Store, runs: list[Run], rng: random.Random, tally: Tally) -> None:
+    """Check the round's study; where anything is left to recover, run the next run first."""
     try:
         study = optuna.load_study(study_name=STUDY, storage=storage_mod.load(store.url))
     except KeyError:  # every run was killed before it created the study

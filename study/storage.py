@@ -303,7 +303,10 @@ def open_storage(
         for attempt in range(SCHEMA_RACE_TRIES):
             try:
                 with experimental(), _schema_lock(parsed):  # heartbeat: experimental in Optuna 5
-                    return RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
+                    storage = RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
+                    if parsed.kind == "sqlite":
+                        _complete_indexes(storage, parsed.path)
+                    return storage
             except sqlalchemy.exc.DBAPIError as e:
                 # Another program (plain Optuna, the dashboard, a run on another machine) created
                 # the schema while this one did: it exists now, so open it again.
@@ -442,6 +445,28 @@ def journal_notes(storage: optuna.storages.BaseStorage, path: Path) -> list[str]
         f"(remove it when no run uses the file: sed -i '{n}d' {shlex.quote(str(path))})"
         for n in bad
     ]
+
+
+def _complete_indexes(storage: RDBStorage, path: Path) -> None:
+    """Create the indexes of Optuna's schema that a SQLite file lacks. SQLite runs each CREATE
+    of Optuna's schema in a transaction of its own, so a process killed while it created a new
+    file (between CREATE TABLE studies and its UNIQUE INDEX on the name: the chaos harness found
+    it) left tables without their indexes, which later opens never add: two runs could then each
+    create a study of the same name. Called under the schema lock; cheap when all are there."""
+    from optuna.storages._rdb import models
+
+    for table in models.BaseModel.metadata.sorted_tables:
+        for index in table.indexes:
+            try:
+                index.create(storage.engine, checkfirst=True)
+            except sqlalchemy.exc.IntegrityError:
+                column = ", ".join(c.name for c in index.columns)
+                raise StorageError(
+                    f"{str(path)!r} holds rows that should be unique ({table.name}.{column}: e.g. "
+                    "two studies of one name, from a run killed while it created the file); "
+                    "delete the extra ones (optuna delete-study) or choose another --storage path",
+                    exit_code=1,
+                ) from None
 
 
 def _schema_race(e: Exception) -> bool:

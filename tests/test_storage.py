@@ -144,3 +144,30 @@ def test_a_read_only_storage_reads_studies_and_cannot_write(tmp_path, request, k
     e = refused.value
     assert re.search("read.?only", f"{e} {e.__cause__} {e.__context__}", re.I), repr(e)
     assert optuna.get_all_study_names(storage.load(url)) == ["s"]
+
+
+def test_a_sqlite_file_left_without_its_indexes_gets_them_back(tmp_path):
+    """A run killed while it created a new SQLite file, between Optuna's CREATE TABLE studies
+    and its unique index on the name (each CREATE commits alone in SQLite): the next open adds
+    the index, so two runs cannot each create a study of one name; a file that already holds
+    two is refused with one line."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    storage.load(url).engine.dispose()
+    con = sqlite3.connect(tmp_path / "s.db")
+    con.execute("DROP INDEX ix_studies_study_name")
+    con.commit()
+    con.close()
+    opened = storage.load(url)
+    optuna.create_study(study_name="s", storage=opened)
+    with pytest.raises(optuna.exceptions.DuplicatedStudyError):
+        optuna.create_study(study_name="s", storage=storage.load(url))
+    # a file that already holds two studies of one name
+    con = sqlite3.connect(tmp_path / "s.db")
+    con.execute("DROP INDEX ix_studies_study_name")
+    con.execute("INSERT INTO studies (study_name) VALUES ('s')")
+    con.commit()
+    con.close()
+    with pytest.raises(StorageError, match="should be unique.*optuna delete-study"):
+        storage.load(url)
