@@ -272,9 +272,9 @@ def open_storage(
     transactions are read-only; the journal is only read unless something appends), so readers
     work on a file or database they may not write.
     """
-    if read_only:
+    if read_only and parsed.kind != "journal":  # a journal is opened alike: readers only read
         return _open_read_only(parsed)
-    if parsed.path is not None:
+    if parsed.path is not None and not read_only:
         parsed.path.parent.mkdir(parents=True, exist_ok=True)
     if parsed.kind == "journal":
         # An absolute path: Optuna's lock is a symlink to the journal, and with a relative
@@ -321,10 +321,7 @@ def open_storage(
 
 
 def _open_read_only(parsed: StorageURL) -> optuna.storages.BaseStorage:
-    if parsed.kind == "journal":
-        # the file exists (the reader checked), so Optuna's backend creates nothing
-        path = str(parsed.path.resolve())
-        return JournalStorage(TolerantJournalBackend(path, lock_obj=ReentrantJournalLock(path)))
+    """An RDB storage whose connections cannot write."""
     if parsed.kind == "sqlite":
         url = f"sqlite:///file:{quote(str(parsed.path.resolve()))}?mode=ro&uri=true"
         kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
