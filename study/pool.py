@@ -45,6 +45,23 @@ if _QUIET_TRACKER not in sys.warnoptions:
     sys.warnoptions.append(_QUIET_TRACKER)
 
 
+def _own_resource_tracker() -> None:
+    """Let this worker start its own resource tracker, in its own process group.
+
+    A spawned child shares its parent's tracker, which lives in the parent's group: a kill -9 of
+    that group (the run, as `kill -9 -PGID` or a job scheduler does) kills the tracker while
+    this worker winds down by design, and its queues' semaphores are then reported gone to a
+    tracker relaunched without their creation, a KeyError traceback each on the run's stderr.
+    Leans on CPython's private `_fd`/`_pid` (tests/test_workers.py fails if they change)."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(tracker._fd)  # the parent's tracker ends with the parent, not with us
+    tracker._fd = tracker._pid = None
+
+
 def worker_seed(cfg: StudyConfig, index: int, n_workers: int, generation: int) -> int:
     """Each worker its own sampler seed: identical seeds would make parallel workers propose
     identical params. A replacement worker gets a fresh one, so it does not re-propose what
@@ -119,6 +136,7 @@ def _worker_main(
     for "stop now" and left its trials to its writer's crash path (FAIL and retry). SIGINT and
     SIGTERM are blocked from its start (Pool._start) until its handlers are in place."""
     os.setpgrp()
+    _own_resource_tracker()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # see runner.run
     torch.set_num_threads(threads)
     _stop_with_parent(os.getppid())
