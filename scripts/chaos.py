@@ -329,9 +329,8 @@ def _expected_exit(run: Run) -> set[int]:
         # a worker, trainer or writer of the run: the run recovers and goes on (or, alone
         # without workers, a writer's death ends the run with one line)
         return {0, 1} if role == "writer" else {0, -9}
-    if signame == "SIGINT":  # killed by SIGINT after its clean-up: a shell shows 130 too
-        return {130, -2, 0}
-    return {143, 0}  # 0: it may land after the last trial, as the run ends
+    # 0: it may land after the last trial, as the run ends; never death by the signal itself
+    return {130, 0} if signame == "SIGINT" else {143, 0}
 
 
 def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:

@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import config as config_mod
 from .config import ConfigError, StudyConfig
@@ -384,11 +385,39 @@ def _terminate(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def entry(argv: Sequence[str] | None = None) -> NoReturn:
+    """The `sinstudy` program: `main`, then an exit that a late Ctrl-C or `kill` cannot turn
+    into a death by signal. Python puts the default dispositions back before it frees its
+    modules (long, with torch loaded): a signal landing there killed a command whose work was
+    done and whose summary was printed, and its status read "killed by SIGTERM"."""
+    try:
+        code = main(argv, program=True)
+    except KeyboardInterrupt as e:  # landed in main's own error handling
+        _ignore_stops()
+        code = 128 + getattr(e, "signum", signal.SIGINT)
+    sys.exit(code)
+
+
+def _ignore_stops() -> None:
+    # ignored dispositions survive the interpreter's teardown; a signal now has nothing to stop
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def main(argv: Sequence[str] | None = None, *, program: bool = False) -> int:
+    """Run one command; `program`: this process is the command (see `entry`)."""
     # SIGTERM (`kill PID`) as Ctrl-C is: an exception that ends the command through the handlers
     # below, exit 143, not a silent death wherever the command was (a run's engines install
     # their own handlers while they train)
     signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        if program:
+            _ignore_stops()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
         "run": cmd_run,
@@ -423,4 +452,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
