@@ -27,6 +27,7 @@ START = "<!-- output of command (a): scripts/readme_output.py keeps it true -->"
 VOLATILE = [
     (re.compile(r"\(\d+\.\d s on "), "(<s> s on "),
     (re.compile(r"trained in \d+\.\d s"), "trained in <s> s"),
+    (re.compile(r"share of the device: \d+\.\d s"), "share of the device: <s> s"),
     (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<id>"),
     # decided by float kernels, which differ between CPU models
     (re.compile(r"\d+ complete, \d+ pruned"), "<n> complete, <n> pruned"),

@@ -32,6 +32,13 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}h2{margin-top:2em;border-bottom:
 """
 
 
+def _compute_text(attrs: dict) -> str:
+    """Its share of the device's time (the batched engine trains trials together; its
+    seconds run from its start to its end, beside the others)."""
+    compute = attrs.get("compute_seconds")
+    return "" if compute is None else f"{compute:.1f}"
+
+
 def _table(head: list[str] | None, rows: list[list[str]], left: int = 1) -> str:
     """An HTML table; `head` None: no header row (a key-value table)."""
 
@@ -90,7 +97,7 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
     parts += [
         "<h2>Top 10 trials</h2>",
         _table(
-            ["trial", "params", "val MSE", "test MSE", "best epoch", "seconds"],
+            ["trial", "params", "val MSE", "test MSE", "best epoch", "seconds", "compute s"],
             [
                 [
                     f"#{t.number}",
@@ -98,6 +105,7 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
                     *analysis.mse_texts(t),
                     str(t.user_attrs.get("best_epoch", "")),
                     f"{t.user_attrs.get('seconds', 0):.1f}",
+                    _compute_text(t.user_attrs),
                 ]
                 for t in top
             ],

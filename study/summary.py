@@ -195,6 +195,15 @@ def summarize(
     )
 
 
+def shared_text(attrs: dict) -> str:
+    """Its share of the device where it trained beside others (the batched engine): its
+    start-to-end time then counts the others' epochs too."""
+    compute, seconds = attrs.get("compute_seconds"), attrs.get("seconds")
+    if compute is None or seconds is None or compute >= 0.95 * seconds:
+        return ""
+    return f" (its share of the device: {compute:.1f} s)"
+
+
 def describe_trial(t: FrozenTrial) -> list[str]:
     """Lines that describe a finished trial: params, value, test MSE and the key attrs."""
     ua = t.user_attrs
@@ -205,7 +214,7 @@ def describe_trial(t: FrozenTrial) -> list[str]:
         f"val MSE        {val}  ({', '.join(a for a in about if a)})",
         f"test MSE       {test}  (report's best: {REPORT_BEST_TEST_MSE:.3e})",
         f"parameters     {ua.get('n_params', '?')}, trained in "
-        f"{ua.get('seconds', float('nan')):.1f} s on {ua.get('device', '?')}",
+        f"{ua.get('seconds', float('nan')):.1f} s on {ua.get('device', '?')}{shared_text(ua)}",
     ]
     if "model_artifact" in ua:
         lines.append(f"model artifact {ua['model_artifact']}")

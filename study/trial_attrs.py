@@ -104,7 +104,8 @@ def result_attrs(result: TrainResult, tcfg: TrainConfig) -> dict:
         "best_epoch": result.best_epoch,
         "n_params": result.n_params,
         "epochs": result.epochs,
-        "seconds": round(result.seconds, 4),
+        "seconds": round(result.seconds, 4),  # from its start to its end
+        "compute_seconds": round(result.seconds, 4),  # the device's time it took (alone: all)
         "device": result.device,
         "seed": tcfg.seed,
     }
@@ -167,6 +168,7 @@ def repeat_attrs(results: list[TrainResult], tcfgs: list[TrainConfig]) -> dict:
         final_val_mse=mean(per["final_val_mse"]),
         final_test_mse=mean(per["final_test_mse"]),
         seconds=round(max(r.seconds for r in results), 4),
+        compute_seconds=round(max(r.seconds for r in results), 4),  # in lockstep: all its own
         repeats=len(results),  # side by side: the longest
         val_mse_std=std(per["best_val_mse"]),
         test_mse_std=std(per["test_mse"]),

@@ -215,6 +215,7 @@ def test_batched_run_writes_what_the_standard_engine_writes(workdir, backend, re
             "n_params",
             "epochs",
             "seconds",
+            "compute_seconds",
             "device",
             "seed",
             "train_optimizer",
@@ -222,6 +223,12 @@ def test_batched_run_writes_what_the_standard_engine_writes(workdir, backend, re
         ):
             assert key in t.user_attrs, key
         assert t.datetime_complete >= t.datetime_start
+        assert 0 < t.user_attrs["compute_seconds"] <= t.user_attrs["seconds"] + 1e-3
+    # a trial's share of the device, not its start-to-end time: the shares add up to at most
+    # the study's span, where the start-to-end times of trials trained together exceed it
+    span = max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
+    assert sum(t.user_attrs["compute_seconds"] for t in complete) <= span.total_seconds() + 0.1
+    assert any(t.user_attrs["compute_seconds"] < 0.9 * t.user_attrs["seconds"] for t in complete)
     for t in trials:
         if t.state == TrialState.PRUNED:
             assert "pruned_reason" in t.user_attrs

@@ -98,6 +98,7 @@ def test_report_is_one_offline_html_file(studied, tmp_path):
     assert "plotly.js v" in text  # the library itself is inside
     assert text.count("Plotly.newPlot") >= 5
     assert "PED-ANOVA" in text and "fANOVA" in text and "Top 10 trials" in text
+    assert "<th>compute s</th>" in text  # each trial's share of the device beside "seconds"
     assert f"#{study.best_trial.number}" in text
     assert text.count("<tr>") >= 1 + 10 + 4  # summary rows, top-10 rows, importance rows
     assert "<th></th>" not in text  # the summary is a key-value table, no empty header row

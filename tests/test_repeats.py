@@ -45,6 +45,7 @@ ONE_MODEL_KEYS = {
     "n_params",
     "epochs",
     "seconds",
+    "compute_seconds",
     "device",
     "model_artifact",
     *(

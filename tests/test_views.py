@@ -132,3 +132,13 @@ def test_the_printed_commands_survive_a_study_name_with_spaces():
         "--artifact-dir",
         "my artifacts",
     ]
+
+
+def test_the_summary_names_a_trials_share_of_the_device_only_where_it_shared_it():
+    from study.summary import shared_text
+
+    assert shared_text({"seconds": 8.9, "compute_seconds": 1.26}) == (
+        " (its share of the device: 1.3 s)"
+    )
+    assert shared_text({"seconds": 8.9, "compute_seconds": 8.9}) == ""  # trained alone
+    assert shared_text({"seconds": 8.9}) == ""  # stored before compute_seconds existed

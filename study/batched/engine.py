@@ -67,6 +67,7 @@ class Live:
     epochs: list[tuple[EpochLog, float]] = field(default_factory=list)
     best_val: float = math.inf  # the best of the trial's (mean) validation curve so far
     diverged: bool = False  # a repeat's training loss went non-finite
+    compute: float = 0.0  # its slots' share of their stacks' epochs, in seconds
 
 
 @dataclass
@@ -209,11 +210,15 @@ class BatchedEngine:
                 # so the mirror sees reports and tells in the same order and a seed repeats
                 ended: list[tuple[tuple, int, TrialState, str | None]] = []
                 for key in sorted(self.stacks):
-                    loss, val = self.stacks[key].train_epoch()
-                    # one sync per stack per epoch
-                    ended += [
-                        (key, *e) for e in self._after_epoch(key, loss.tolist(), val.tolist())
-                    ]
+                    stack = self.stacks[key]
+                    t0 = time.perf_counter()
+                    loss, val = stack.train_epoch()
+                    loss, val = loss.tolist(), val.tolist()  # one sync per stack per epoch
+                    # the epoch's time split evenly: the slots of a stack have one padded shape
+                    share = (time.perf_counter() - t0) / len(stack.slots)
+                    for x in stack.slots:
+                        x.tag.compute += share
+                    ended += [(key, *e) for e in self._after_epoch(key, loss, val)]
                 self._end(ended)
                 self._flush()
                 if interrupt.requested():
@@ -488,6 +493,8 @@ class BatchedEngine:
                 [self._result(stack, k, diverged) for k in ks], [stack.slots[k].cfg for k in ks]
             )
         attrs = dict(out.attrs) if out else {}
+        if out:  # trained alongside others: its own time is its share, not its start-to-end
+            attrs["compute_seconds"] = round(live.compute, 4)
         if reason:
             attrs["pruned_reason"] = reason
         last = live.values[max(live.values)] if live.values else None
