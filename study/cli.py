@@ -13,23 +13,13 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from . import __version__
 from . import config as config_mod
 from .config import ConfigError, StudyConfig
 from .errors import StorageError
 from .interrupt import Interrupted
 
 DEFAULTS = StudyConfig()
-
-
-def version() -> str:
-    """The installed distribution's version: pyproject.toml's, its one source."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("sinstudy")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "(not installed)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sinstudy", description="Optuna studies of an MLP that learns sin(x) on [0, 2*pi)."
     )
-    parser.add_argument("--version", action="version", version=f"sinstudy {version()}")
+    parser.add_argument("--version", action="version", version=f"sinstudy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser(

@@ -288,10 +288,7 @@ def open_storage(
         # the file lock (chaos.py: "did not possess lock").
         storage._thread_lock = threading.RLock()
         return storage
-    if parsed.kind == "sqlite":
-        kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    else:
-        kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
+    url, kwargs = _engine(parsed, read_only=False)
     hb = {}
     if heartbeat is not None:
         hb = dict(
@@ -303,7 +300,7 @@ def open_storage(
         for attempt in range(SCHEMA_RACE_TRIES):
             try:
                 with experimental(), _schema_lock(parsed):  # heartbeat: experimental in Optuna 5
-                    storage = RDBStorage(parsed.url, engine_kwargs=kwargs, **hb)
+                    storage = RDBStorage(url, engine_kwargs=kwargs, **hb)
                     if parsed.kind == "sqlite":
                         _complete_indexes(storage, parsed.path)
                     return storage
@@ -320,20 +317,23 @@ def open_storage(
         ) from None
 
 
+def _engine(parsed: StorageURL, *, read_only: bool) -> tuple[str, dict]:
+    """The SQLAlchemy URL and engine options of an RDB storage; `read_only`: connections that
+    cannot write (SQLite's mode=ro, PostgreSQL sessions whose transactions are read-only)."""
+    if parsed.kind == "sqlite":
+        url = parsed.url
+        if read_only:
+            url = f"sqlite:///file:{quote(str(parsed.path.resolve()))}?mode=ro&uri=true"
+        return url, {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    connect: dict = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    if read_only:
+        connect["options"] = "-c default_transaction_read_only=on"
+    return parsed.url, {"pool_pre_ping": True, "connect_args": connect}
+
+
 def _open_read_only(parsed: StorageURL) -> optuna.storages.BaseStorage:
     """An RDB storage whose connections cannot write."""
-    if parsed.kind == "sqlite":
-        url = f"sqlite:///file:{quote(str(parsed.path.resolve()))}?mode=ro&uri=true"
-        kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    else:
-        url = parsed.url
-        kwargs = {
-            "pool_pre_ping": True,
-            "connect_args": {
-                "connect_timeout": PG_CONNECT_TIMEOUT_S,
-                "options": "-c default_transaction_read_only=on",
-            },
-        }
+    url, kwargs = _engine(parsed, read_only=True)
     try:
         with experimental():
             return RDBStorage(url, engine_kwargs=kwargs)

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY_TOML
 
+import study
+
 ROOT = Path(__file__).resolve().parents[1]
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+VERSION = study.__version__  # the one source: pyproject.toml reads it (dynamic)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,8 @@ def test_the_wheel_and_sdist_carry_every_module_and_no_tests(built):
     text = zipfile.ZipFile(built["wheel"]).read(meta).decode()
     assert f"Version: {VERSION}" in text and "Description-Content-Type: text/markdown" in text
     assert "# sinstudy" in text  # the README is the long description
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]  # one source
 
     import tarfile
 
