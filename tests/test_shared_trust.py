@@ -558,3 +558,67 @@ def test_a_journal_hold_and_another_threads_write_wait_for_each_other(tmp_path, 
     thread.join(10)
     assert order == ["hold", "beat"]
     assert storage.get_trial(trial._trial_id).system_attrs["beat"] == 1
+
+
+def test_workers_of_a_run_killed_as_a_group_wind_down_quietly(workdir):
+    """Found by chaos.py (seed 81): `kill -9` of the run's process group killed the parent and
+    the resource tracker it shared with its workers (which live in groups of their own and wind
+    down when their parent is gone); each worker's semaphores then went to a tracker relaunched
+    without them: a KeyError traceback each on the run's stderr."""
+    (workdir / "slow.toml").write_text(SLOW_TOML)
+    url = f"sqlite:///{workdir}/s.db"
+    common = ("run", "--config", "slow.toml", "--max-epochs", "3000", "--no-progress")
+    proc = start_cli(*common, "--storage", url, "--n-trials", "8", "--workers", "2", cwd=workdir)
+    _wait_running(url, 2, proc)
+    workers = spawned_children(proc.pid)
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=90)  # the workers hold the pipes until they end
+    assert proc.returncode == -9
+    assert "Traceback" not in err and "KeyError" not in err, err
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()]
+    assert not _load(url).get_trials(states=(TrialState.RUNNING,))  # their writers ended them
+
+
+def test_a_worker_can_have_a_resource_tracker_of_its_own():
+    """pool._own_resource_tracker resets CPython's private tracker state: this fails when the
+    names it leans on change."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    assert {"_fd", "_pid"} <= set(vars(tracker))
+    code = (
+        "import os; from multiprocessing import resource_tracker as r; from study import pool; "
+        "r.ensure_running(); first = r._resource_tracker._pid; pool._own_resource_tracker(); "
+        "r.ensure_running(); assert r._resource_tracker._pid not in (None, first); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_signal_after_the_summary_does_not_kill_a_finished_run(workdir):
+    """Found by chaos.py (seed 81): SIGTERM landing after a run printed its summary killed it
+    (status -15): Python restores the default dispositions before it frees its modules, for a
+    long moment with torch loaded. A finished command now exits with its own status."""
+    proc = start_cli(
+        "run",
+        "--config",
+        "tiny.toml",
+        "--max-epochs",
+        "6",
+        "--no-progress",
+        "--n-trials",
+        "2",
+        cwd=workdir,
+    )
+    for line in proc.stdout:
+        if line.startswith("dashboard"):  # the summary's last line
+            break
+    time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 143), (proc.returncode, err)  # 143: main had not returned yet
+    assert "Traceback" not in err

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -253,45 +252,6 @@ def test_interrupt_leaves_a_consistent_study_and_prints_the_summary(
         )
     assert any(t.state == TrialState.FAIL for t in study.trials)
     assert not [k for k in kids if Path(f"/proc/{k}").exists()]  # the workers were stopped too
-
-
-def test_workers_of_a_run_killed_as_a_group_wind_down_quietly(workdir):
-    """Found by chaos.py (seed 81): `kill -9` of the run's process group killed the parent and
-    the resource tracker it shared with its workers (which live in groups of their own and wind
-    down when their parent is gone); each worker's semaphores then went to a tracker relaunched
-    without them: a KeyError traceback each on the run's stderr."""
-    (workdir / "slow.toml").write_text(SLOW_TOML)
-    url = f"sqlite:///{workdir}/s.db"
-    common = ("run", "--config", "slow.toml", "--max-epochs", "3000", "--no-progress")
-    proc = start_cli(*common, "--storage", url, "--n-trials", "8", "--workers", "2", cwd=workdir)
-    _wait_running(url, 2, proc)
-    workers = spawned_children(proc.pid)
-    assert len(workers) == 2
-    os.killpg(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=90)  # the workers hold the pipes until they end
-    assert proc.returncode == -9
-    assert "Traceback" not in err and "KeyError" not in err, err
-    deadline = time.time() + 30
-    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not [w for w in workers if Path(f"/proc/{w}").exists()]
-    assert not _load(url).get_trials(states=(TrialState.RUNNING,))  # their writers ended them
-
-
-def test_a_worker_can_have_a_resource_tracker_of_its_own():
-    """pool._own_resource_tracker resets CPython's private tracker state: this fails when the
-    names it leans on change."""
-    from multiprocessing import resource_tracker
-
-    tracker = resource_tracker._resource_tracker
-    assert {"_fd", "_pid"} <= set(vars(tracker))
-    code = (
-        "import os; from multiprocessing import resource_tracker as r; from study import pool; "
-        "r.ensure_running(); first = r._resource_tracker._pid; pool._own_resource_tracker(); "
-        "r.ensure_running(); assert r._resource_tracker._pid not in (None, first); print('ok')"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_workers_zero_and_missing_gpus_are_bad_input(workdir):
