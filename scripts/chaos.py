@@ -92,6 +92,7 @@ FAULTS = [
     ("SIGKILL", "writer"),
 ]
 RUN_TIMEOUT_S = 240
+SCAN_S = 0.25  # how often a run's process tree is read (its processes live for seconds)
 
 
 @dataclass
@@ -137,28 +138,37 @@ class Tally:
 # ---------------------------------------------------------------- processes
 
 
-def _children(pid: int) -> list[int]:
-    """Processes `pid` started with multiprocessing's spawn (workers, writers)."""
-    kids = []
-    for entry in Path("/proc").iterdir():
+def _spawned(parents: set[int]) -> dict[int, list[int]]:
+    """One pass over /proc: the processes each of `parents` started with multiprocessing's
+    spawn (workers, writers). Only their children's command lines are read: the harness polls
+    this many times a second, beside the runs it measures."""
+    out: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid not in parents:
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
-            kids.append(int(entry.name))
-    return kids
+        if b"spawn_main" in cmd:
+            out.setdefault(ppid, []).append(int(entry.name))
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    return _spawned({pid}).get(pid, [])
 
 
 def _descendants(pid: int) -> set[int]:
-    out, todo = set(), [pid]
-    while todo:
-        for kid in _children(todo.pop()):
-            out.add(kid)
-            todo.append(kid)
+    out, level = set(), {pid}
+    while level:  # one pass per generation: parent, workers, their writers
+        level = {k for kids in _spawned(level).values() for k in kids} - out
+        out |= level
     return out
 
 
@@ -230,13 +240,15 @@ def _drive(runs: list[Run], cwd: Path) -> None:
     """Start each run after its delay, send each fault at its moment, wait for all."""
     t0 = time.monotonic()
     pending = sorted(runs, key=lambda r: r.delay)
+    scanned = 0.0
     while pending or any(r.proc and r.proc.poll() is None for r in runs):
         now = time.monotonic() - t0
         while pending and pending[0].delay <= now:
             _start(pending.pop(0), cwd)
+        scan, scanned = (True, now) if now - scanned >= SCAN_S else (False, scanned)
         for r in runs:
             live = r.proc is not None and r.proc.poll() is None
-            if live:
+            if live and scan:
                 r.pids.update(_descendants(r.proc.pid))
             if live and r.fault and not r.sent and time.monotonic() - r.started >= r.fault_at:
                 _inject(r)
