@@ -136,9 +136,9 @@ class _Box:
     """The writer's results queue, read in the same process."""
 
     def __init__(self):
-        self.msgs: list[tuple] = []
+        self.msgs: list = []
 
-    def put(self, msg: tuple) -> None:
+    def put(self, msg) -> None:
         self.msgs.append(msg)
 
 
@@ -156,7 +156,9 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
     from optuna.trial import FrozenTrial, TrialState
 
     from study.batched import writer as writer_mod
-    from study.batched.writer import Finish, Known, Start, _Claims, _Sink
+    from study.batched.messages import Finish, Known, Start, Started
+    from study.batched.writer import _Sink
+    from study.budget import Claims
     from study.space import suggest
     from study.train import EpochLog
     from study.trial_attrs import start_attrs
@@ -166,17 +168,17 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
         writer_mod.TrialLogger = _NoTensorBoard
     rng = random.Random(a.seed * 1000 + i)
     box = _Box()
-    sink = _Sink(cfg, Known(-1, {}), box, _Claims(None, mp.Value("i", 0)))
+    sink = _Sink(cfg, Known(-1, {}), box, Claims(None))
     sink.warm_up.start()
     sink.warm_up.wait()  # TensorBoard's imports, before the clock starts
-    timed_sync = sink.sync
+    timed_sync = sink.keeper.sync
 
     def sync() -> None:
         t0 = time.perf_counter()
         timed_sync()
         report.syncs.append(time.perf_counter() - t0)
 
-    sink.sync = sync
+    sink.keeper.sync = sync
     probe = optuna.create_study()
     t = probe.ask()
     suggest(t, cfg.space, cfg.train, seed=0)
@@ -221,7 +223,7 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
         curve = {e: _curve(t, e) for e in range(1, epochs + 1)}
         report.ended[key] = (state.name, epochs)
         return Finish(
-            key=key,
+            handle=key,
             state=state,
             value=min(curve.values()) if state == TrialState.COMPLETE else curve[epochs],
             values={e: v for e, v in curve.items() if e > t.flushed},
@@ -269,8 +271,8 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
     reached = {k: max(1, min(t.length, int((now - t.start) * pace))) for k, t in live.items()}
     sink.finish_all([ending(k, TrialState.PRUNED, e) for k, e in reached.items()])
     for msg in box.msgs:
-        if msg[0] == "started":
-            numbers[msg[1]] = msg[2]
+        if isinstance(msg, Started):
+            numbers[msg.handle] = msg.number
     report.ended = {numbers[k]: v for k, v in report.ended.items() if k in numbers}
 
 

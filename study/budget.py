@@ -69,3 +69,29 @@ class Budget:
 
     def stop(self) -> None:
         self._stopped.value = 1
+
+
+class Claims:
+    """The claims of one batched engine, counted where its writer process sees them: the
+    trainer adds one before it hands a trial over; the writer gives back those of trials it
+    could not store or that another process failed, and, if the trainer dies, those of trials
+    never handed over. `budget` None: a writer run alone (tests, load_check)."""
+
+    def __init__(self, budget: Budget | None, worker: int = 0):
+        self.budget, self.worker = budget, worker
+        self._count = _CTX.Value("i", 0)
+
+    def add(self) -> None:
+        with self._count.get_lock():
+            self._count.value += 1
+
+    def count(self) -> int:
+        return self._count.value
+
+    def give_back(self, n: int = 1, *, for_queued: bool = False) -> None:
+        if n <= 0:
+            return
+        with self._count.get_lock():
+            self._count.value -= n
+        if self.budget is not None:
+            self.budget.release(n, for_queued=for_queued, worker=self.worker)

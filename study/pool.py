@@ -78,18 +78,24 @@ def run_engine(
     seed: int,
     device: str,
     stream: int = 0,
-    current: mp.Array | None = None,
+    running: mp.Array | None = None,
+    writers: mp.Array | None = None,
     index: int = 0,
     on_trial: Callable | None = None,
     storage=None,
 ) -> float | None:
     """Run this process's engine (worker `index`; its trials' seeds counted in `stream`) until
     the budget is spent. Returns its bookkeeping seconds (None where the engine does not measure
-    them)."""
+    them). `running[index]`: the standard engine's running trial; `writers[index]`: the
+    batched engine's writer process."""
 
-    def on_start(number: int) -> None:  # standard: the running trial; batched: its writer's pid
-        if current is not None:
-            current[index] = number
+    def on_start(number: int) -> None:
+        if running is not None:
+            running[index] = number
+
+    def on_writer(pid: int) -> None:
+        if writers is not None:
+            writers[index] = pid
 
     if cfg.engine == "batched":
         return run_batched(
@@ -99,7 +105,7 @@ def run_engine(
             device=torch.device(device),
             on_trial=on_trial,
             storage=storage,
-            on_writer=on_start,
+            on_writer=on_writer,
             worker=index,
             stream=stream,
         )
@@ -125,7 +131,8 @@ def _worker_main(
     seed: int,
     stream: int,
     budget: Budget,
-    current: mp.Array,
+    running: mp.Array,
+    writers: mp.Array,
     device: str,
     threads: int,
 ) -> None:
@@ -149,7 +156,8 @@ def _worker_main(
                 seed=seed,
                 stream=stream,
                 device=device,
-                current=current,
+                running=running,
+                writers=writers,
                 index=index,
             )
             if interrupt.requested():  # arrived between trials
@@ -212,7 +220,9 @@ class Pool:
         self.cfg, self.study, self.placements = cfg, study, placements
         self.say, self.on_progress = say, on_progress
         self.budget = Budget(cfg.n_trials, cfg.timeout, workers=len(placements))
-        self.current = _CTX.Array("i", [-1] * len(placements))  # standard workers' running trial
+        # per worker: a standard engine's running trial, a batched engine's writer process
+        self.running = _CTX.Array("i", [-1] * len(placements))
+        self.writers = _CTX.Array("i", [-1] * len(placements))
         self.procs: dict[int, mp.Process] = {}
         self.workers: set[str] = set()  # every worker process's `worker` attr
         self.generation = [0] * len(placements)
@@ -233,7 +243,17 @@ class Pool:
         try:
             p = _CTX.Process(
                 target=_worker_main,
-                args=(self.cfg, i, seed, stream, self.budget, self.current, device, self.threads),
+                args=(
+                    self.cfg,
+                    i,
+                    seed,
+                    stream,
+                    self.budget,
+                    self.running,
+                    self.writers,
+                    device,
+                    self.threads,
+                ),
                 name=f"sinstudy-worker-{i}",
             )
             p.start()
@@ -282,7 +302,7 @@ class Pool:
         return self.signum
 
     def _on_exit(self, i: int, code: int) -> str | None:
-        held = self.current[i]
+        held, writer = self.running[i], self.writers[i]
         if code == 0 or self.signum:
             return None
         if code == WRITER_DIED:
@@ -292,7 +312,7 @@ class Pool:
             self._start(i)
             return None
         if code < 0:  # killed by a signal we did not send: fail its trials, retry them, replace it
-            self.current[i] = -1
+            self.running[i] = self.writers[i] = -1
             name = signal.Signals(-code).name
             if self.cfg.engine == "batched":
                 # Its writer stores what it was handed, fails and requeues the rest and gives
@@ -301,7 +321,7 @@ class Pool:
                     f"worker {i} was killed ({name}); its writer fails and requeues its trials; "
                     f"starting a replacement"
                 )
-                _wait_gone(held, timeout=self.cfg.grace_period + 30)
+                _wait_gone(writer, timeout=self.cfg.grace_period + 30)
             elif held >= 0 and fail_and_retry(self.study, held, self.cfg.max_retries):
                 self.budget.release(worker=i)
                 self.say(
@@ -323,10 +343,10 @@ class Pool:
         """After an interrupt, a trial whose worker died without telling Optuna is marked FAIL."""
         if self.cfg.engine == "batched":  # their writers do it
             return
-        for i, trial in enumerate(self.current):
+        for i, trial in enumerate(self.running):
             if trial >= 0:
                 fail_and_retry(self.study, trial, max_retries=0)
-                self.current[i] = -1
+                self.running[i] = -1
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

@@ -421,7 +421,8 @@ def test_a_failing_writer_is_one_clear_error(tmp_path):
     """The writer cannot store (here: the study it should write to does not exist): the trainer
     gets one line naming the cause, not a hang or a traceback from another process."""
     from study import config
-    from study.batched.writer import Known, Writer, WriterError
+    from study.batched.messages import Known
+    from study.batched.writer import Writer, WriterError
 
     optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/s.db")
     cfg = config.build(
@@ -446,11 +447,11 @@ def test_the_writer_beats_while_a_job_runs_and_stops_when_its_loop_is_stuck(tmp_
     """Heartbeats come from the writer's own thread: a job longer than grace_period (a big
     TensorBoard run on a loaded machine) must not let another engine's sweep fail a live trial;
     a writer whose loop stops coming round must let its trials go stale."""
-    import multiprocessing as mp
     import queue
 
     from study import config
-    from study.batched import writer
+    from study.batched import messages, writer
+    from study.budget import Claims
     from study.opening import open_study_storage
     from study.quiet import experimental
 
@@ -463,16 +464,14 @@ def test_the_writer_beats_while_a_job_runs_and_stops_when_its_loop_is_stuck(tmp_
     )
     storage = open_study_storage(cfg)
     study = optuna.create_study(study_name="sinstudy", storage=storage)
-    sink = writer._Sink(
-        cfg, writer.Known(-1, {}), queue.Queue(), writer._Claims(None, mp.Value("i"))
-    )
+    sink = writer._Sink(cfg, messages.Known(-1, {}), queue.Queue(), Claims(None))
 
     def held_trial() -> int:
         with pytest.warns(UserWarning, match="Heartbeat"):  # "meant for Study.optimize"
             trial_id = study.ask()._trial_id
         storage.record_heartbeat(trial_id)
-        with sink.lock:
-            sink.ids[trial_id] = trial_id
+        with sink.held.lock:
+            sink.held.ids[trial_id] = trial_id
         return trial_id
 
     def state_after(seconds: float, trial_id: int) -> TrialState:
@@ -481,7 +480,7 @@ def test_the_writer_beats_while_a_job_runs_and_stops_when_its_loop_is_stuck(tmp_
             optuna.storages.fail_stale_trials(study)
         return study._storage.get_trial(trial_id).state
 
-    sink.looped = time.monotonic()  # the loop came round, then a job runs for 3.5 s
+    sink.keeper.looped = time.monotonic()  # the loop came round, then a job runs for 3.5 s
     assert state_after(3.5, held_trial()) == TrialState.RUNNING
     monkeypatch.setattr(writer, "STUCK_S", 0.5)  # now the loop is stuck
     assert state_after(3.5, held_trial()) == TrialState.FAIL

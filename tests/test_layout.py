@@ -78,3 +78,34 @@ def test_comments_and_docstrings_carry_no_benchmark_figures():
             if (tok.type == tokenize.COMMENT or is_doc) and figure.search(tok.string):
                 found.append(f"{p.relative_to(STUDY.parent)}:{tok.start[0]}")
     assert not found, found
+
+
+def test_the_trainer_and_its_writer_talk_only_in_the_typed_messages():
+    """study.batched.messages is the contract: every job the engine puts and every reply the
+    writer puts is one of its dataclasses (no tuples, lists or dicts read by position), and the
+    mirror and the engine take no type from the writer."""
+    from study.batched import messages
+
+    kinds = set(messages.Job.__args__) | set(messages.Reply.__args__)
+    names = {k.__name__ for k in kinds}
+    graph = _imports()
+    assert "study.batched.writer" not in graph["study.batched.mirror"]
+    puts = 0
+    for module in ("engine", "writer"):
+        tree = ast.parse((STUDY / "batched" / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "put"
+                and ast.unparse(node.func.value).split(".")[-1] in ("writer", "results", "jobs")
+            ):
+                continue
+            (arg,) = node.args
+            if ast.unparse(node) == "self.jobs.put(job)":  # Writer.put(self, job: Job)
+                continue
+            puts += 1
+            assert isinstance(arg, ast.Call) and isinstance(arg.func, ast.Name), ast.unparse(node)
+            assert arg.func.id in names, ast.unparse(node)
+    assert puts >= 10
+    assert "def put(self, job: Job) -> None:" in (STUDY / "batched" / "writer.py").read_text()

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from study import recovery
 from study import storage as storage_mod
-from study.budget import Budget
+from study.budget import Budget, Claims
 from study.space import param_set
 from study.summary import Leftovers
 from study.trial_attrs import SEED_STREAM
@@ -416,10 +416,10 @@ def test_a_batched_run_never_trains_a_point_an_earlier_run_stored(workdir):
 def _writer_here(tmp_path: Path, *, claims: int):
     """A study "s" on SQLite and a batched writer's storage side run in this process (its
     messages collected in a list, `claims` budget claims held): (cfg, study, sink, messages)."""
-    import multiprocessing as mp
 
     from study import config, opening
-    from study.batched.writer import Known, _Claims, _Sink
+    from study.batched.messages import Known
+    from study.batched.writer import _Sink
 
     cfg = config.build(
         None,
@@ -435,7 +435,10 @@ def _writer_here(tmp_path: Path, *, claims: int):
         put = list.append
 
     box = Box()
-    return cfg, study, _Sink(cfg, Known(-1, {}), box, _Claims(None, mp.Value("i", claims))), box
+    held = Claims(None)
+    for _ in range(claims):
+        held.add()
+    return cfg, study, _Sink(cfg, Known(-1, {}), box, held), box
 
 
 def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not_a_crash(tmp_path):
@@ -444,7 +447,7 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
     UpdateFinishedTrialError; the engine now loses that trial as one another engine took."""
     from datetime import datetime
 
-    from study.batched.writer import Start
+    from study.batched.messages import Lost, Start
 
     cfg, study, sink, box = _writer_here(tmp_path, claims=1)
     study.enqueue_trial({"depth": 1, "width": 4, "lr": 0.01, "activation": "tanh"})
@@ -462,9 +465,9 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
         state=TrialState.RUNNING, params={"x": 0.5}, distributions=dist
     )
     trial.datetime_start = datetime.now()
-    sink.start([Start(7, trial, claim=queued._trial_id)])
-    assert box == [("lost", 7, "another engine took it first", False)]
-    assert sink.claims.claims.value == 0  # its budget claim went back
+    sink.start([Start(7, trial, queued=queued._trial_id)])
+    assert box == [Lost(7, "another engine took it first", False)]
+    assert sink.claims.count() == 0  # its budget claim went back
     # Found next (SQLite): a queued trial another engine claimed and finished already (its
     # mirror had not seen it yet): Optuna raises there rather than return False.
     sink.storage.set_trial_state_values = claim
@@ -472,10 +475,10 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
     (done,) = study.get_trials(states=(TrialState.WAITING,))
     claim(done._trial_id, TrialState.RUNNING)
     claim(done._trial_id, TrialState.COMPLETE, [0.5])
-    sink.claims.claims.value = 1
-    sink.start([Start(8, trial, claim=done._trial_id)])
-    assert box[-1] == ("lost", 8, "another engine took it first", False)
-    assert sink.claims.claims.value == 0
+    sink.claims.add()
+    sink.start([Start(8, trial, queued=done._trial_id)])
+    assert box[-1] == Lost(8, "another engine took it first", False)
+    assert sink.claims.count() == 0
 
 
 def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(tmp_path):
@@ -486,7 +489,7 @@ def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(t
     from datetime import datetime
 
     from study.artifacts import model_state
-    from study.batched.writer import Finish, Start
+    from study.batched.messages import Dropped, Finish, Start
     from study.config import TrainConfig
     from study.model import build_mlp
 
@@ -504,7 +507,7 @@ def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(t
         t.datetime_start = datetime.now()
         starts.append(Start(key, t))
     sink.start(starts)
-    ids = dict(sink.ids)
+    ids = dict(sink.held.ids)
     recovery.fail_and_retry(load(), 0, max_retries=0)  # another engine's sweep
     tcfg = TrainConfig(depth=1, width=4)
     weights = model_state(build_mlp(tcfg.widths, tcfg.activation))
@@ -529,7 +532,7 @@ def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(t
     assert states == {0: TrialState.FAIL, 1: TrialState.COMPLETE, 2: TrialState.COMPLETE}
     assert study.best_trial.number == 1 and "model_artifact" in study.trials[1].user_attrs
     assert "model_artifact" not in study.trials[2].user_attrs  # never the best when stored
-    assert ("dropped", 0) in box and ids[0] == study.trials[0]._trial_id
+    assert Dropped(0) in box and ids[0] == study.trials[0]._trial_id
 
 
 def test_a_journal_hold_and_another_threads_write_wait_for_each_other(tmp_path, monkeypatch):

@@ -116,8 +116,8 @@ class Others:
 
 def _decide(mirror: Mirror) -> list:
     """One trial of this engine: what the sampler proposes and where the pruner stops it."""
-    trial, claim = mirror.ask()
-    out: list = [sorted(trial.params.items()), claim is not None]
+    trial, queued = mirror.ask()
+    out: list = [sorted(trial.params.items()), queued is not None]
     base = 0.01 + zlib.crc32(repr(out[0]).encode()) % 1000 / 1000
     for step, v in _curve(base, range(1, EPOCHS + 1)).items():
         trial.report(v, step)

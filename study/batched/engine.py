@@ -46,10 +46,24 @@ from ..trial_attrs import (
     trial_configs,
     trial_seed,
 )
+from .messages import (
+    Curves,
+    Dropped,
+    Failed,
+    Finish,
+    Lost,
+    Queued,
+    Reply,
+    Start,
+    Started,
+    Starts,
+    Synced,
+    Written,
+)
 from .mirror import Mirror
 from .stack import Slot, Stack, new_slot
 from .sync import SYNC_S
-from .writer import Finish, Start, Writer, WriterError
+from .writer import Writer, WriterError
 
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
 
@@ -59,7 +73,7 @@ class Live:
     """What the engine keeps for a slot's trial while it trains."""
 
     trial: optuna.Trial  # in the mirror
-    claim: tuple[int, int] | None  # (stored trial_id, number) of a queued trial it took
+    queued: Queued | None  # the stored WAITING trial it took, if any
     started: datetime
     values: dict[int, float] = field(default_factory=dict)  # epoch -> validation MSE
     flushed: int = 0  # epochs already handed to the writer
@@ -76,7 +90,10 @@ class Stats:
     book_seconds: float = 0.0
 
 
-def _key(slot: Slot) -> tuple[str, int, int]:
+Shape = tuple[str, int, int]  # a stack's: optimizer, depth, width class
+
+
+def _shape(slot: Slot) -> Shape:
     """Stack by optimizer kind, depth and width class (<= 32, <= 64, then powers of two), so
     little compute goes to padding (measured: README, Design notes)."""
     w = max(slot.cfg.widths)
@@ -147,19 +164,22 @@ class BatchedEngine:
         self.seed_base = stream * SEED_STREAM  # trial k trains with seed + S*(k + seed_base)
         self.on_trial = on_trial
         self.data = make_data(cfg.data, device)
-        self.stacks: dict[tuple[str, int, int], Stack] = {}
+        self.stacks: dict[Shape, Stack] = {}
         self.stats = Stats()
         self.writer: Writer | None = None
         # stacks whose slots changed since their build
-        self.dirty: set[tuple[str, int, int]] = set()
+        self.dirty: set[Shape] = set()
         self.mirror = Mirror(cfg, stored, seed=seed)
         self.last_flush = time.monotonic()
-        self.pending: set[int] = set()  # trials handed to the writer, not yet confirmed stored
-        self.stored: dict[int, int] = {}  # key -> stored number, from its start to its end
-        self.first_seeds: dict[int, int] = {}  # key -> its first seed, until it is stored
+        # A trial's handle is its number in the mirror (messages.py), until the writer says
+        # which number storage gave it.
+        self.pending: set[int] = set()  # handles handed to the writer, not confirmed stored
+        self.stored: dict[int, int] = {}  # handle -> stored number, from its start to its end
+        self.first_seeds: dict[int, int] = {}  # handle -> its first seed, until it is stored
         self.collisions = 0  # proposals lost to other engines since the last one stored
         self.said_exhausted = False
-        # Ended trials handed to the writer, not yet confirmed stored (key -> value if COMPLETE):
+        # Ended trials handed to the writer, not yet confirmed stored (handle -> value if
+        # COMPLETE):
         # one that another engine failed meanwhile is not, and gives its budget claim back.
         self.finishing: dict[int, float] = {}
         # the best value confirmed stored (this engine's and those it was loaded with)
@@ -209,8 +229,8 @@ class BatchedEngine:
                 # sorted: the same order in every process (str hashing is salted per process),
                 # so the mirror sees reports and tells in the same order and a seed repeats
                 ended: list[tuple[tuple, int, TrialState, str | None]] = []
-                for key in sorted(self.stacks):
-                    stack = self.stacks[key]
+                for shape in sorted(self.stacks):
+                    stack = self.stacks[shape]
                     t0 = time.perf_counter()
                     loss, val = stack.train_epoch()
                     loss, val = loss.tolist(), val.tolist()  # one sync per stack per epoch
@@ -218,7 +238,7 @@ class BatchedEngine:
                     share = (time.perf_counter() - t0) / len(stack.slots)
                     for x in stack.slots:
                         x.tag.compute += share
-                    ended += [(key, *e) for e in self._after_epoch(key, loss, val)]
+                    ended += [(shape, *e) for e in self._after_epoch(shape, loss, val)]
                 self._end(ended)
                 self._flush()
                 if interrupt.requested():
@@ -233,35 +253,36 @@ class BatchedEngine:
         self._messages(messages)
         return interrupt.requested()
 
-    def _messages(self, messages: list[tuple]) -> None:
+    def _messages(self, messages: list[Reply]) -> None:
         lost, failed = [], []
         for msg in messages:
-            if msg[0] in ("written", "dropped", "failed"):
-                self.stored.pop(msg[1], None)
-            if msg[0] == "written":
-                value = self.finishing.pop(msg[1], math.inf)
-                self.stored_best = min(self.stored_best, value)
-                self.on_trial(msg[2], TrialState[msg[3]], msg[4])
-            elif msg[0] == "dropped":
-                self.finishing.pop(msg[1], None)
-            elif msg[0] == "sync":
-                self.mirror.apply(msg[1])
-            elif msg[0] == "started":
-                self.collisions = 0
-                self.pending.discard(msg[1])
-                self.stored[msg[1]] = msg[2]
-                if msg[1] in self.first_seeds:
-                    self.mirror.seeds[msg[2]] = self.first_seeds.pop(msg[1])
-            elif msg[0] == "lost":
-                self.pending.discard(msg[1])
-                self.first_seeds.pop(msg[1], None)
-                lost.append(msg[1])
-                if msg[3]:  # another engine has its parameter set or seed: move away from it
-                    self.collisions += 1
-                    self.mirror.collided()
-                    self.seed_base = fresh_stream()
-            elif msg[0] == "failed":
-                failed.append(msg[1])
+            match msg:
+                case Started(handle, number):
+                    self.collisions = 0
+                    self.pending.discard(handle)
+                    self.stored[handle] = number
+                    if handle in self.first_seeds:
+                        self.mirror.seeds[number] = self.first_seeds.pop(handle)
+                case Lost(handle, _, collided):
+                    self.pending.discard(handle)
+                    self.first_seeds.pop(handle, None)
+                    lost.append(handle)
+                    if collided:  # another engine has its parameter set or seed: move away
+                        self.collisions += 1
+                        self.mirror.collided()
+                        self.seed_base = fresh_stream()
+                case Written(handle, number, state, value):
+                    self.stored.pop(handle, None)
+                    self.stored_best = min(self.stored_best, self.finishing.pop(handle, math.inf))
+                    self.on_trial(number, state, value)
+                case Dropped(handle):
+                    self.stored.pop(handle, None)
+                    self.finishing.pop(handle, None)
+                case Failed(handle, _):
+                    self.stored.pop(handle, None)
+                    failed.append(handle)
+                case Synced(trials):
+                    self.mirror.apply(trials)
         if lost:
             self._drop(set(lost))
         if failed:
@@ -288,11 +309,11 @@ class BatchedEngine:
             print(EXHAUSTED, file=sys.stderr)
         return self.collisions >= MAX_LOST
 
-    def _first_seed(self, trial: optuna.Trial, claim: tuple[int, int] | None) -> int:
+    def _first_seed(self, trial: optuna.Trial, queued: Queued | None) -> int:
         """The seed a trial's first repeat trains with (trial_attrs.trial_configs): a retry
         trains with the seeds of the trial it repeats; any other trial with its engine's count."""
         own = trial_seed(self.cfg, trial.number + self.seed_base)
-        if claim is None:
+        if queued is None:
             return own
         failed = self.mirror.retried(trial)
         seed = self.mirror.seeds.get(failed) if failed is not None else None
@@ -311,24 +332,24 @@ class BatchedEngine:
             self.retry_wait = None
         return True
 
-    def _drop(self, keys: set[int], *, failed: bool = False) -> None:
+    def _drop(self, handles: set[int], *, failed: bool = False) -> None:
         """Trials the writer could not start, or (`failed`) that were failed in storage from
         outside while they trained (another engine's sweep, optuna-dashboard's "Fail trial"):
         the writer gave their budget back; those still training stop and leave their stacks,
         and the next fill replaces them."""
-        for key, stack in list(self.stacks.items()):
-            gone = [k for k, x in enumerate(stack.slots) if x.tag.trial.number in keys]
+        for shape, stack in list(self.stacks.items()):
+            gone = [k for k, x in enumerate(stack.slots) if x.tag.trial.number in handles]
             for live in _trials(stack.slots[k] for k in gone):
                 if failed:
                     self.mirror.tell(live.trial, None, TrialState.FAIL)
                 else:
-                    self.mirror.lost(live.trial, live.claim)
+                    self.mirror.lost(live.trial, live.queued)
             if gone:
-                self._remove(key, set(gone))
+                self._remove(shape, set(gone))
 
     def _fill(self, budget) -> None:
         live = sum(len(s.slots) for s in self.stacks.values())
-        new: dict[tuple[str, int, int], list[Slot]] = {}
+        new: dict[Shape, list[Slot]] = {}
         starts: list[Start] = []
         t0 = time.perf_counter()
         while (
@@ -339,8 +360,8 @@ class BatchedEngine:
             and budget.claim(queued=bool(self.mirror.waiting), worker=self.worker)
         ):
             self.writer.claimed()
-            trial, claim = self.mirror.ask()
-            tcfgs = self.configure(trial, self._first_seed(trial, claim))
+            trial, queued = self.mirror.ask()
+            tcfgs = self.configure(trial, self._first_seed(trial, queued))
             now = datetime.now()
             starts.append(
                 Start(
@@ -358,43 +379,43 @@ class BatchedEngine:
                         intermediate_values={},
                         trial_id=0,
                     ),
-                    claim=claim[0] if claim else None,
+                    queued=queued.trial_id if queued else None,
                     seed=tcfgs[0].seed if self.unique_seeds else None,
                 )
             )
             self.first_seeds[trial.number] = tcfgs[0].seed
             # shared by the trial's repeats: one slot per seed, one stack
-            tag = Live(trial, claim, now)
+            tag = Live(trial, queued, now)
             for tcfg in tcfgs:
                 slot = new_slot(tcfg, self.device, tag=tag)
-                new.setdefault(_key(slot), []).append(slot)
+                new.setdefault(_shape(slot), []).append(slot)
             live += len(tcfgs)
         if starts:
-            self.writer.put(starts)
-            self.pending.update(st.key for st in starts)
+            self.writer.put(Starts(starts))
+            self.pending.update(st.handle for st in starts)
         self.stats.book_seconds += time.perf_counter() - t0
         # One restack per changed stack per epoch: the slots that left (already unstacked in
         # _end) and the ones that arrive are applied together.
-        for key in sorted(set(new) | self.dirty):
-            stack = self.stacks.get(key)
+        for shape in sorted(set(new) | self.dirty):
+            stack = self.stacks.get(shape)
             if stack is None:
-                self.stacks[key] = Stack(new[key], self.data)
+                self.stacks[shape] = Stack(new[shape], self.data)
                 continue
-            if key not in self.dirty:
+            if shape not in self.dirty:
                 stack.unstack()
-            stack.slots += new.get(key, [])
+            stack.slots += new.get(shape, [])
             if stack.slots:
                 stack.build()
             else:
-                del self.stacks[key]
+                del self.stacks[shape]
         self.dirty.clear()
 
     def _after_epoch(
-        self, key, loss: list[float], val: list[float]
+        self, shape: Shape, loss: list[float], val: list[float]
     ) -> list[tuple[list[int], TrialState, str | None]]:
         """Report each trial's epoch (the mean over its repeats' slots) to the mirror; returns the
         trials that end now, as (their slots, state, reason)."""
-        stack = self.stacks[key]
+        stack = self.stacks[shape]
         # each trial's slots and the mean of their validation MSE
         means = [(ks, sum(val[k] for k in ks) / len(ks)) for ks in _members(stack).values()]
         improved = [False] * len(stack.slots)
@@ -450,35 +471,35 @@ class BatchedEngine:
                     out[live.trial.number] = dict(list(live.values.items())[live.flushed :])
                     live.flushed = len(live.values)
         if out:
-            self.writer.put(out)
+            self.writer.put(Curves(out))
 
-    def _end(self, ended: list[tuple[tuple, list[int], TrialState, str | None]]) -> None:
+    def _end(self, ended: list[tuple[Shape, list[int], TrialState, str | None]]) -> None:
         """Tell and hand over the trials that ended this epoch; take them out of their stacks."""
         t0 = time.perf_counter()
 
         # Trials that end in the same epoch have no order of their own: complete ones go first,
         # best first, so at most one of them is a new best (its artifacts are a write each).
         def order(e):
-            key, ks, state, _ = e
+            shape, ks, state, _ = e
             return (
                 state != TrialState.COMPLETE,
-                self.stacks[key].slots[ks[0]].tag.best_val
+                self.stacks[shape].slots[ks[0]].tag.best_val
                 if state == TrialState.COMPLETE
                 else 0.0,
             )
 
-        for key, ks, state, reason in sorted(ended, key=order):
-            self._finish(self.stacks[key], ks, state, reason)
+        for shape, ks, state, reason in sorted(ended, key=order):
+            self._finish(self.stacks[shape], ks, state, reason)
         self.stats.book_seconds += time.perf_counter() - t0
-        for key in {e[0] for e in ended}:
-            self._remove(key, {k for kk, ks, _, _ in ended if kk == key for k in ks})
+        for shape in {e[0] for e in ended}:
+            self._remove(shape, {k for sh, ks, _, _ in ended if sh == shape for k in ks})
 
-    def _remove(self, key, gone: set[int]) -> None:
-        stack = self.stacks[key]
-        if key not in self.dirty:
+    def _remove(self, shape: Shape, gone: set[int]) -> None:
+        stack = self.stacks[shape]
+        if shape not in self.dirty:
             stack.unstack()
         stack.slots = [x for k, x in enumerate(stack.slots) if k not in gone]
-        self.dirty.add(key)  # rebuilt in _fill, together with the newcomers
+        self.dirty.add(shape)  # rebuilt in _fill, together with the newcomers
 
     # ---------------------------------------------------------------- one trial to storage
 
@@ -518,7 +539,7 @@ class BatchedEngine:
         self.finishing[live.trial.number] = value if state == TrialState.COMPLETE else math.inf
         self.writer.put(
             Finish(
-                key=live.trial.number,
+                handle=live.trial.number,
                 state=state,
                 value=value,
                 values=dict(list(live.values.items())[live.flushed :]),

@@ -8,7 +8,7 @@ when one engine runs (trial k then trains with seed + k); other engines' trials 
 writer's sync (new ones, and changes of state), so the sampler sees their finished trials and, for
 TPE's constant liar, their running ones. WAITING trials (enqueue_trial, retries of crashed trials)
 are in the mirror as WAITING, so the mirror's ask() takes them first, as Optuna's does; the writer
-then claims the stored trial atomically.
+then takes the stored trial atomically.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..config import StudyConfig
 from ..opening import make_pruner, make_sampler
 from ..quiet import experimental
 from ..space import param_set
-from .writer import Known
+from .messages import Known, Queued
 
 
 class Mirror:
@@ -39,8 +39,8 @@ class Mirror:
         self._storage, self._id = self.study._storage, self.study._study_id
         # stored trial_id -> mirror trial_id, others' RUNNING/WAITING
         self.unfinished: dict[int, int] = {}
-        # mirror trial_id -> (stored trial_id, number)
-        self.waiting: dict[int, tuple[int, int]] = {}
+        # mirror trial_id -> the stored WAITING trial
+        self.waiting: dict[int, Queued] = {}
         self.seeds: dict[int, int] = {}  # stored number -> weight seed, of every stored trial seen
         self.reseeded = False
         for t in sorted(stored, key=lambda t: t.number):
@@ -75,19 +75,19 @@ class Mirror:
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             self.unfinished[t._trial_id] = mirror_id
         if t.state == TrialState.WAITING:
-            self.waiting[mirror_id] = (t._trial_id, t.number)
+            self.waiting[mirror_id] = Queued(t._trial_id, t.number)
 
     def retried(self, trial: optuna.Trial) -> int | None:
         """The stored number of the trial that `trial` (a queued retry) repeats, else None."""
         return self._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
 
-    def ask(self) -> tuple[optuna.Trial, tuple[int, int] | None]:
-        """A trial to start, and (stored trial_id, number) when it is a queued trial to claim."""
+    def ask(self) -> tuple[optuna.Trial, Queued | None]:
+        """A trial to start, and the stored WAITING trial it is, if it is one to take."""
         trial = self.study.ask()
-        claim = self.waiting.pop(trial._trial_id, None)
-        if claim is not None:
-            del self.unfinished[claim[0]]
-        return trial, claim
+        queued = self.waiting.pop(trial._trial_id, None)
+        if queued is not None:
+            del self.unfinished[queued.trial_id]
+        return trial, queued
 
     def apply(self, trials: list[FrozenTrial]) -> None:
         """Other engines' new or changed trials, from the writer's sync."""
@@ -125,12 +125,12 @@ class Mirror:
             s.set_trial_system_attr(mirror_id, k, v)
         s.set_trial_state_values(mirror_id, t.state, t.values)
 
-    def lost(self, trial: optuna.Trial, claim: tuple[int, int] | None) -> None:
-        """The writer could not start `trial`: a queued trial another engine claimed first (it is
+    def lost(self, trial: optuna.Trial, queued: Queued | None) -> None:
+        """The writer could not start `trial`: a queued trial another engine took first (it is
         that engine's running trial now), or a parameter set another engine already trains (a
         duplicate: failed here, so the sampler moves on)."""
-        if claim is not None:
-            self.unfinished[claim[0]] = trial._trial_id
+        if queued is not None:
+            self.unfinished[queued.trial_id] = trial._trial_id
         else:
             self.tell(trial, None, TrialState.FAIL)
 

@@ -1,17 +1,18 @@
 """The batched engine's storage I/O, in a process of its own: the trainer never waits on storage.
 
-What the writer does, in the order the trainer hands it over (one queue):
-  - `Start`: a trial the engine has just asked is created RUNNING in storage (params,
+What the writer does with the trainer's jobs (study.batched.messages), in order:
+  - `Starts`: a trial the engine has just asked is created RUNNING in storage (params,
     distributions, the sampler's system attrs, `engine`/`seed`/`worker` user attrs, a heartbeat),
     all of one fill in one transaction, numbered in start order. A WAITING trial the engine
-    took from Optuna's queue (enqueue_trial, retries) is claimed atomically, as Optuna's ask()
-    claims it; if another engine was first, or another engine already trains the same parameter
-    set, the trainer is told (`lost`) and drops the slot;
-  - intermediate values, flushed by the trainer about once a second, in one transaction;
+    took from Optuna's queue (enqueue_trial, retries) is taken atomically, as Optuna's ask()
+    takes it; if another engine was first, or another engine already trains the same parameter
+    set, the trainer is told (`Lost`) and drops the slot;
+  - `Curves`: intermediate values, flushed by the trainer about once a second, in one transaction;
   - `Finish`: a new best's weights and fit image are uploaded as artifacts (the trial is still
     RUNNING: Optuna takes none on finished trials), then its state, value, remaining values
     and attrs in one transaction, then its TensorBoard run with each epoch's original time.
-Between jobs: the trials other engines stored (sent to the trainer's mirror, `SYNC_S`), and the
+Storing is `_Sink`'s; keeping the trials alive is its `_Keeper`'s. Between jobs: the trials
+other engines stored (sent to the trainer's mirror, `SYNC_S`), and the
 stale-trial sweep that fails and retries trials of dead runs (`grace_period`). The heartbeat of
 every trial it holds (`heartbeat_interval`) comes from a thread, as Optuna's does for
 study.optimize: beaten between jobs, a long job (a 2,000-epoch trial's TensorBoard run on a loaded
@@ -33,7 +34,6 @@ arrays), so the writer can store it after the trainer is gone.
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -42,22 +42,20 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from datetime import datetime
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import JournalStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from ..artifacts import State, upload_model
-from ..config import StudyConfig, TrainConfig
+from ..artifacts import upload_model
+from ..budget import Claims
+from ..config import StudyConfig
 from ..dashboard import publish
 from ..opening import open_study_storage
 from ..recovery import HEARTBEAT_ATTR, OWNER_ATTR, fail_and_retry, owner_attr, sweep_stale
 from ..space import param_set
 from ..tracking import TrialLogger
-from ..train import EpochLog
 from .bulk import (
     Ending,
     Taken,
@@ -66,6 +64,24 @@ from .bulk import (
     beat,
     finish_trials,
     trial_states,
+)
+from .messages import (
+    Close,
+    Closed,
+    Curves,
+    Dropped,
+    Failed,
+    Finish,
+    Job,
+    Known,
+    Lost,
+    Reply,
+    Start,
+    Started,
+    Starts,
+    Synced,
+    WriterFailed,
+    Written,
 )
 from .sync import SYNC_S, Changes
 
@@ -78,44 +94,6 @@ FINISH_BATCH = 256
 STUCK_S = 60.0
 
 
-@dataclass
-class Start:
-    key: int  # the engine's handle for the trial (its number in the engine's mirror)
-    trial: FrozenTrial  # RUNNING: params, distributions, user and system attrs, datetime_start
-    claim: int | None = None  # storage trial_id of a WAITING trial to take; None: a new trial
-    seed: int | None = None  # its weight seed, unique in the study (None: shared on purpose)
-
-
-@dataclass
-class Finish:
-    """One ended trial as the engine hands it over (plain data: no storage or tensor handles)."""
-
-    key: int
-    state: TrialState
-    value: float | None
-    values: dict[int, float]  # intermediate values not flushed yet
-    attrs: dict
-    system_attrs: dict  # the pruner's (rungs), for other engines' pruners
-    completed: datetime
-    # TensorBoard points, wall time
-    epochs: list[tuple[EpochLog, float]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)  # TensorBoard HParams metrics
-    model: State | None = None  # a new best's weights, stored as an artifact
-    tcfg: TrainConfig | None = None
-
-
-@dataclass(frozen=True)
-class Known:
-    """The stored trials the engine's mirror was loaded with (trial ids)."""
-
-    max_id: int
-    unfinished: dict[int, TrialState]  # RUNNING / WAITING trials of others
-    seeds: frozenset[int] = frozenset()  # weight seeds the stored trials used
-    incomplete: frozenset[int] = frozenset()  # RUNNING trials stored without params or seed
-    params: frozenset[frozenset] = frozenset()  # parameter sets of the stored trials (not FAIL)
-    best: float = math.inf  # the best value of the stored COMPLETE trials
-
-
 class WriterError(RuntimeError):
     """The writer process failed; its message is one line (the CLI prints it)."""
 
@@ -126,9 +104,9 @@ class Writer:
     def __init__(self, cfg: StudyConfig, known: Known, budget=None, *, worker: int = 0):
         ctx = mp.get_context("spawn")  # no fork: the trainer has torch's thread pools running
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
-        # Budget claims the trainer has made: the writer gives back those of trials it could not
+        # The trainer's budget claims: the writer gives back those of trials it could not
         # store, and, if the trainer dies, those it never received.
-        self.claims = ctx.Value("i", 0)
+        self.claims = Claims(budget, worker)
         self.proc = ctx.Process(
             target=_main,
             args=(
@@ -137,7 +115,7 @@ class Writer:
                 self.jobs,
                 self.results,
                 os.getpid(),
-                _Claims(budget, self.claims, worker),
+                self.claims,
             ),
             name="sinstudy-writer",
         )
@@ -152,13 +130,12 @@ class Writer:
 
     def claimed(self) -> None:
         """The trainer claimed one trial of the budget (before handing the trial over)."""
-        with self.claims.get_lock():
-            self.claims.value += 1
+        self.claims.add()
 
-    def put(self, job) -> None:
+    def put(self, job: Job) -> None:
         self.jobs.put(job)
 
-    def poll(self) -> list[tuple]:
+    def poll(self) -> list[Reply]:
         """Messages since the last poll (never waits). Raises WriterError if the writer died."""
         out = []
         while True:
@@ -171,14 +148,14 @@ class Writer:
             self._died()
         return out
 
-    def close(self, *, publish: bool) -> list[tuple]:
+    def close(self, *, publish: bool) -> list[Reply]:
         """Wait until every job put so far is done (and the note written if `publish`).
         The close message goes first: if this wait is interrupted (a second Ctrl-C), the writer
         still drains and exits by itself, and the interpreter's exit waits for it."""
         if self._closed:
             return []
         self._closed = True
-        self.jobs.put(("close", publish))
+        self.jobs.put(Close(publish))
         out = []
         while True:
             try:
@@ -187,7 +164,7 @@ class Writer:
                 if not self.proc.is_alive():
                     self._died()
                 continue
-            if msg[0] == "closed":
+            if isinstance(msg, Closed):
                 break
             out.append(self._check(msg))
         self.proc.join()
@@ -204,32 +181,17 @@ class Writer:
         )
 
     @staticmethod
-    def _check(msg: tuple) -> tuple:
-        if msg[0] == "error":
-            raise WriterError(msg[1])
+    def _check(msg: Reply) -> Reply:
+        if isinstance(msg, WriterFailed):
+            raise WriterError(msg.message)
         return msg
-
-
-class _Claims:
-    """The writer's side of the budget: claims it gives back (the budget may be None in tests)."""
-
-    def __init__(self, budget, claims, worker: int = 0):
-        self.budget, self.claims, self.worker = budget, claims, worker
-
-    def give_back(self, n: int, *, for_queued: bool = False) -> None:
-        if n <= 0:
-            return
-        with self.claims.get_lock():
-            self.claims.value -= n
-        if self.budget is not None:
-            self.budget.release(n, for_queued=for_queued, worker=self.worker)
 
 
 # ------------------------------------------------------------------------ the writer process
 
 
 def _main(
-    cfg: StudyConfig, known: Known, jobs: mp.Queue, results: mp.Queue, parent: int, claims: _Claims
+    cfg: StudyConfig, known: Known, jobs: mp.Queue, results: mp.Queue, parent: int, claims: Claims
 ) -> None:
     for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)
@@ -242,12 +204,13 @@ def _main(
     try:
         sink = _Sink(cfg, known, results, claims)
     except BaseException as e:
-        results.put(("error", _one_line(e)))
+        results.put(WriterFailed(_one_line(e)))
     # This process never puts jobs: closing its copy of the pipe's sending end means a trainer
     # killed in the middle of a put leaves an EOF here, not a read that waits forever.
     jobs._writer.close()
-    close, orphaned = None, False
-    ahead: deque = deque()  # a job read while gathering finishes, handled next
+    close: Close | None = None
+    orphaned = False
+    ahead: deque[Job] = deque()  # a job read while gathering finishes, handled next
     while True:
         try:
             if ahead:
@@ -257,44 +220,47 @@ def _main(
         except (EOFError, OSError):  # the trainer died mid-put: nothing more will come
             if close:
                 break
-            close, orphaned = ("close", False), True
+            close, orphaned = Close(publish=False), True
             continue
         except queue.Empty:
             if close:
                 break
             if os.getppid() != parent:  # the trainer died: store what is queued, then go
-                close, orphaned = ("close", False), True
+                close, orphaned = Close(publish=False), True
                 continue
             if sink is not None:  # the first idle moment
                 sink.warm_up.start()
             item = None
-        if isinstance(item, Finish):  # with the finishes queued behind it: one transaction
-            batch = [item]
-            while len(batch) < FINISH_BATCH:
-                try:
-                    nxt = ahead.popleft() if ahead else jobs.get_nowait()
-                except (queue.Empty, EOFError, OSError):  # EOF: the next get sees it again
-                    break
-                if not isinstance(nxt, Finish):
-                    ahead.append(nxt)
-                    break
-                batch.append(nxt)
-            if sink is not None:
-                sink = _guarded(sink, results, sink.finish_all, batch)
-        elif isinstance(item, tuple):
-            close = item
-        elif item is not None and sink is not None:
-            sink = _guarded(sink, results, sink.handle, item)
+        match item:
+            case Finish():  # with the finishes queued behind it: one transaction
+                batch = [item]
+                while len(batch) < FINISH_BATCH:
+                    try:
+                        nxt = ahead.popleft() if ahead else jobs.get_nowait()
+                    except (queue.Empty, EOFError, OSError):  # EOF: the next get sees it again
+                        break
+                    if not isinstance(nxt, Finish):
+                        ahead.append(nxt)
+                        break
+                    batch.append(nxt)
+                if sink is not None:
+                    sink = _guarded(sink, results, sink.finish_all, batch)
+            case Close():
+                close = item
+            case Starts(starts) if sink is not None:
+                sink = _guarded(sink, results, sink.start, starts)
+            case Curves(values) if sink is not None:
+                sink = _guarded(sink, results, sink.values, values)
         if sink is not None and not close:
             sink = _guarded(sink, results, sink.periodic)
     if sink is not None and orphaned:
         sink = _guarded(sink, results, sink.fail_held)
-    if sink is not None and close[1]:
+    if sink is not None and close.publish:
         _guarded(sink, results, sink.publish)
     if orphaned:  # nobody reads the results any more: a full pipe must not keep this process
         results.cancel_join_thread()
     else:
-        results.put(("closed",))
+        results.put(Closed())
         results.close()
         results.join_thread()  # the message is in the pipe
     # Everything is committed and closed; skip the interpreter's slow teardown of torch,
@@ -312,7 +278,7 @@ def _guarded(sink: _Sink, results: mp.Queue, fn, *args) -> _Sink | None:
         fn(*args)
         return sink
     except BaseException as e:
-        results.put(("error", _one_line(e)))
+        results.put(WriterFailed(_one_line(e)))
         return None
 
 
@@ -359,10 +325,77 @@ def _one_line(e: BaseException) -> str:
     return f"storage writer: {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-class _Sink:
-    """The writer process's storage, artifact store, TensorBoard folder and the trials it holds."""
+class _Held:
+    """The trials a writer holds for its trainer, from their start to their end. Its heartbeat
+    thread reads their ids; everything else is the writer loop's."""
 
-    def __init__(self, cfg: StudyConfig, known: Known, results: mp.Queue, claims: _Claims):
+    def __init__(self):
+        self.lock = threading.Lock()  # `ids`, shared with the heartbeat thread
+        self.ids: dict[int, int] = {}  # handle -> trial_id
+        self.numbers: dict[int, int] = {}  # trial_id -> number
+        self.params: dict[int, dict] = {}  # trial_id -> params
+        self.own: set[int] = set()  # every trial id this writer started
+        self.ever = 0  # trials stored for the trainer: each used one of its budget claims
+
+    def hold(self, handle: int, trial_id: int, number: int, params: dict) -> None:
+        self.ever += 1
+        with self.lock:
+            self.ids[handle] = trial_id
+        self.numbers[trial_id] = number
+        self.params[trial_id] = params
+        self.own.add(trial_id)
+
+    def release(self, handle: int, trial_id: int | None = None) -> tuple[int, int, dict] | None:
+        """Hold `handle` no longer (only if it is still `trial_id`, when that is given): its
+        (trial_id, number, params), or None when it was not held."""
+        with self.lock:
+            held = self.ids.get(handle)
+            if held is None or trial_id not in (None, held):
+                return None
+            del self.ids[handle]
+        return held, self.numbers.pop(held), self.params.pop(held)
+
+    def snapshot(self) -> dict[int, int]:
+        with self.lock:
+            return dict(self.ids)
+
+
+class _Seen:
+    """What the writer knows of the other engines' trials: what a start must not repeat, and
+    the best stored value (a new best's weights are uploaded)."""
+
+    def __init__(self, known: Known):
+        self.changes = Changes(known.max_id, known.unfinished)  # what the mirror has seen
+        # parameter sets of every trial of others this writer has seen (FAIL ones excepted)
+        self.taken_params = set(known.params)
+        self.params_seen: set[int] = set()  # others' trials whose params are in taken_params
+        self.best = known.best
+        self.seeds = set(known.seeds)  # weight seeds of every trial this writer has seen
+        # others' running trials seen without their params or seed yet (the standard engine
+        # stores them after creating the trial): the storage checks them again at each start
+        self.incomplete = set(known.incomplete)
+
+    def learn(self, changed: list) -> None:
+        for t in changed:
+            if isinstance(t.user_attrs.get("seed"), int):
+                self.seeds.add(t.user_attrs["seed"])
+            if t.state == TrialState.RUNNING and not (t.params and "seed" in t.user_attrs):
+                self.incomplete.add(t._trial_id)
+            else:
+                self.incomplete.discard(t._trial_id)
+            # a trial comes again when it ends: its params were taken when it came running
+            if t.params and t.state != TrialState.FAIL and t._trial_id not in self.params_seen:
+                self.taken_params.add(param_set(t.params, t.distributions))
+                self.params_seen.add(t._trial_id)
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                self.best = min(self.best, t.value)
+
+
+class _Sink:
+    """The writer process's storing: the trainer's jobs into storage, the artifact store and
+    the TensorBoard folder. Keeping its trials alive is its `keeper`'s."""
+
+    def __init__(self, cfg: StudyConfig, known: Known, results: mp.Queue, claims: Claims):
         self.cfg, self.results, self.claims = cfg, results, claims
         self.storage = open_study_storage(cfg)
         self.journal = isinstance(self.storage, JournalStorage)
@@ -374,137 +407,105 @@ class _Sink:
             ) from None
         self.study = optuna.load_study(study_name=cfg.study, storage=self.storage)
         self.store = FileSystemArtifactStore(cfg.artifact_dir)
-        self.ids: dict[int, int] = {}  # engine key -> trial_id, while the trial runs
-        self.numbers: dict[int, int] = {}  # trial_id -> number, while it runs
-        self.params: dict[int, dict] = {}  # trial_id -> params, while it runs
-        self.own: set[int] = set()  # trial ids this engine started
-        self.held_ever = 0  # trials stored for the trainer: each used one of its budget claims
-        self.changes = Changes(known.max_id, known.unfinished)  # what the mirror has seen
-        # parameter sets of every trial of others this writer has seen (FAIL ones excepted)
-        self.taken_params = set(known.params)
-        self.params_seen: set[int] = set()  # others' trials whose params are in taken_params
-        self.best = known.best  # the best stored value seen: a new best's weights are uploaded
-        self.seeds = set(known.seeds)  # weight seeds of every trial this writer has seen
-        # others' running trials seen without their params or seed yet (the standard engine
-        # stores them after creating the trial): the storage checks them again at each start
-        self.incomplete = set(known.incomplete)
+        self.held = _Held()
+        self.seen = _Seen(known)
         self.owner = owner_attr()
-        now = time.monotonic()
-        # the first sweep soon: a replaced worker's trials are recovered by the next one here
-        self.due = {"sync": now + SYNC_S, "sweep": now + min(SYNC_S, cfg.grace_period)}
-        self.lock = threading.Lock()  # self.ids, shared with the heartbeat thread
-        self.looped = now  # when the loop last came round (the heartbeat's proof of life)
-        self.beat_error: BaseException | None = None
         self.warm_up = _WarmUp()
-        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
+        self.keeper = _Keeper(self)
+
+    def periodic(self) -> None:
+        self.keeper.periodic()
 
     # ---------------------------------------------------------------- jobs
-
-    def handle(self, item) -> None:
-        if isinstance(item, list):
-            self.start(item)
-        elif isinstance(item, dict):
-            self.values(item)
-        else:
-            self.finish(item)
 
     def start(self, starts: list[Start]) -> None:
         for s in starts:
             s.trial.system_attrs[OWNER_ATTR] = self.owner
             if self.journal:  # the journal's heartbeat is a system attr, beaten from the start
                 s.trial.system_attrs[HEARTBEAT_ATTR] = time.time()
-        new = [s for s in starts if s.claim is None]
+        new = [s for s in starts if s.queued is None]
+        seen = self.seen
         if new:
             # Every parameter set and seed of others seen (the storage checks what it holds
             # after the last sync, under its lock): a new trial repeats none. A sampler can
             # propose a point it knows (two runs on one study whose samplers were seeded
             # alike drew the same first point), so what the mirror holds counts too.
-            taken = Taken(frozenset(self.taken_params), frozenset(self.seeds))
+            taken = Taken(frozenset(seen.taken_params), frozenset(seen.seeds))
             stored = add_trials(
                 self.storage,
                 self.study_id,
                 [s.trial for s in new],
                 heartbeat=True,
-                after_id=self.changes.max_id,
+                after_id=seen.changes.max_id,
                 taken=taken,
-                own=self.own,
+                own=self.held.own,
                 seeds=[s.seed for s in new],
-                recheck=self.incomplete,
+                recheck=seen.incomplete,
             )
             for s, got in zip(new, stored, strict=True):
                 if got is None:
                     why = "another engine already trains the same parameter set or seed"
-                    self._lost(s.key, why, collided=True)
-                    self.taken_params.add(param_set(s.trial.params, s.trial.distributions))
+                    self._lost(s.handle, why, collided=True)
+                    seen.taken_params.add(param_set(s.trial.params, s.trial.distributions))
                 else:
-                    self._hold(s.key, *got, s.trial.params)
+                    self._hold(s.handle, *got, s.trial.params)
         for s in starts:
-            if s.claim is not None:
-                if self._claim(s):
-                    number = self.storage.get_trial_number_from_id(s.claim)
-                    self._hold(s.key, s.claim, number, s.trial.params)
+            if s.queued is not None:
+                if self._take_queued(s):
+                    number = self.storage.get_trial_number_from_id(s.queued)
+                    self._hold(s.handle, s.queued, number, s.trial.params)
                 else:
-                    self._lost(s.key, "another engine took it first", collided=False)
+                    self._lost(s.handle, "another engine took it first", collided=False)
 
-    def _lost(self, key: int, why: str, *, collided: bool) -> None:
+    def _lost(self, handle: int, why: str, *, collided: bool) -> None:
         self.claims.give_back(1)
-        self.results.put(("lost", key, why, collided))
+        self.results.put(Lost(handle, why, collided))
 
-    def _hold(self, key: int, trial_id: int, number: int, params: dict) -> None:
-        self.held_ever += 1
-        with self.lock:
-            self.ids[key] = trial_id
-        self.numbers[trial_id] = number
-        self.params[trial_id] = params
-        self.own.add(trial_id)
-        self.results.put(("started", key, number))
+    def _hold(self, handle: int, trial_id: int, number: int, params: dict) -> None:
+        self.held.hold(handle, trial_id, number, params)
+        self.results.put(Started(handle, number))
 
-    def _claim(self, s: Start) -> bool:
+    def _take_queued(self, s: Start) -> bool:
         """Take a WAITING trial as Optuna's ask() does: the state change is the atomic step. A
-        trial another engine claimed and finished already, or that another process finishes
+        trial another engine took and finished already, or that another process finishes
         before its attrs are written (chaos.py found both), is lost to this engine, as one
-        another engine claimed first."""
+        another engine took first."""
         try:  # Optuna raises, rather than returns False, when the trial has finished already
-            if not self.storage.set_trial_state_values(s.claim, TrialState.RUNNING):
+            if not self.storage.set_trial_state_values(s.queued, TrialState.RUNNING):
                 return False
-            self._label_claimed(s)
+            self._label_taken(s)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
         return True
 
-    def _label_claimed(self, s: Start) -> None:
-        self.storage.set_trial_system_attr(s.claim, OWNER_ATTR, self.owner)
+    def _label_taken(self, s: Start) -> None:
+        self.storage.set_trial_system_attr(s.queued, OWNER_ATTR, self.owner)
         if self.journal:
-            beat(self.storage, [s.claim], HEARTBEAT_ATTR)
+            beat(self.storage, [s.queued], HEARTBEAT_ATTR)
         else:  # its heartbeat row: Optuna's stale check skips trials without one
-            self.storage.record_heartbeat(s.claim)
-        stored = self.storage.get_trial(s.claim)
+            self.storage.record_heartbeat(s.queued)
+        stored = self.storage.get_trial(s.queued)
         for name, value in s.trial.params.items():
             if name not in stored.params:  # enqueue_trial stores fixed params, not params
                 dist = s.trial.distributions[name]
-                self.storage.set_trial_param(s.claim, name, dist.to_internal_repr(value), dist)
+                self.storage.set_trial_param(s.queued, name, dist.to_internal_repr(value), dist)
         for k, v in s.trial.user_attrs.items():
-            self.storage.set_trial_user_attr(s.claim, k, v)
+            self.storage.set_trial_user_attr(s.queued, k, v)
 
     def values(self, values: dict[int, dict[int, float]]) -> None:
-        append_values(
-            self.storage, {self.ids[k]: v for k, v in values.items() if k in self.ids and v}
-        )
-
-    def finish(self, f: Finish) -> None:
-        self.finish_all([f])
+        ids = self.held.snapshot()
+        append_values(self.storage, {ids[h]: v for h, v in values.items() if h in ids and v})
 
     def finish_all(self, finishes: list[Finish]) -> None:
         """Trials that ended, in one transaction: a new best's weights first (an artifact needs
         a RUNNING trial), then every state, value and attr, then each TensorBoard run."""
         held = []
         for f in finishes:
-            with self.lock:
-                trial_id = self.ids.pop(f.key, None)
-            if trial_id is None:  # never stored (lost to another engine)
-                self.results.put(("dropped", f.key))
+            got = self.held.release(f.handle)
+            if got is None:  # never stored (lost to another engine)
+                self.results.put(Dropped(f.handle))
             else:
-                held.append((f, trial_id, self.numbers.pop(trial_id), self.params.pop(trial_id)))
+                held.append((f, *got))
         if not held:
             return
         self.warm_up.wait()
@@ -512,7 +513,7 @@ class _Sink:
         # the best first: of the trials that came with weights, those best when stored keep them
         for f, trial_id, number, _ in sorted(held, key=_upload_order):
             attrs = dict(f.attrs)
-            if f.model is not None and f.value < self.best:
+            if f.model is not None and f.value < self.seen.best:
                 try:
                     attrs["model_artifact"] = upload_model(
                         self.store,
@@ -525,7 +526,7 @@ class _Sink:
                     )
                 except optuna.exceptions.UpdateFinishedTrialError:  # failed elsewhere
                     continue
-                self.best = f.value
+                self.seen.best = f.value
             endings.append(
                 Ending(trial_id, f.state, f.value, f.values, attrs, f.system_attrs, f.completed)
             )
@@ -540,33 +541,68 @@ class _Sink:
                 logger.log_epoch(log, walltime=walltime)
             logger.close(dict(params), f.metrics, f.state.name)
             value = f.value if f.value is None or abs(f.value) != float("inf") else None
-            self.results.put(("written", f.key, number, f.state.name, value))
+            self.results.put(Written(f.handle, number, f.state, value))
 
     def _not_stored(self, f: Finish, number: int) -> None:
         """Another engine failed the trial while it trained: its claim goes back to the budget,
         so the trial counts for nothing and its retry (or a new trial) takes its place."""
-        self.held_ever -= 1
+        self.held.ever -= 1
         self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)  # as in _stop_failed
-        self.results.put(("dropped", f.key))
+        self.results.put(Dropped(f.handle))
         print(
             f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for "
             f"{self.cfg.grace_period} s); its result is not stored",
             file=sys.stderr,
         )
 
-    # ---------------------------------------------------------------- between jobs
+    def fail_held(self) -> None:
+        """The trainer died: fail the trials it was training and queue their retries, and give
+        back their budget (the retries run in their places) and that of trials never handed
+        over."""
+        failed = [
+            n
+            for n in self.held.numbers.values()
+            if fail_and_retry(self.study, n, self.cfg.max_retries)
+        ]
+        self.claims.give_back(self.claims.count() - self.held.ever)
+        self.claims.give_back(len(failed), for_queued=self.cfg.max_retries > 0)
+        if failed:
+            print(
+                f"sinstudy: the training process died; trials "
+                f"{', '.join(f'#{n}' for n in sorted(failed))} "
+                f"marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}",
+                file=sys.stderr,
+            )
+
+    def publish(self) -> None:
+        self.warm_up.wait()
+        publish(self.study)
+
+
+class _Keeper:
+    """Keeping a writer's trials alive and its trainer in step with the study: each held trial's
+    heartbeat (a thread of its own), the other engines' trials sent to the mirror (`SYNC_S`),
+    held trials failed from outside stopped, and the stale-trial sweep (`grace_period`)."""
+
+    def __init__(self, sink: _Sink):
+        self.sink, self.cfg, self.held = sink, sink.cfg, sink.held
+        now = time.monotonic()
+        # the first sweep soon: a replaced worker's trials are recovered by the next one here
+        self.due = {"sync": now + SYNC_S, "sweep": now + min(SYNC_S, self.cfg.grace_period)}
+        self.looped = now  # when the loop last came round (the heartbeat's proof of life)
+        self.beat_error: BaseException | None = None
+        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
-        """The heartbeat thread: every trial held, every `heartbeat_interval`, while the loop
-        lives. A storage error ends it; the loop reports it."""
+        """Every trial held, every `heartbeat_interval`, while the loop lives. A storage error
+        ends it; the loop reports it."""
         while True:
             time.sleep(self.cfg.heartbeat_interval)
             if time.monotonic() - self.looped > STUCK_S:
                 continue
-            with self.lock:
-                ids = list(self.ids.values())
+            ids = list(self.held.snapshot().values())
             try:  # a trial that finishes meanwhile: a beat on a finished trial changes nothing
-                beat(self.storage, ids, HEARTBEAT_ATTR)
+                beat(self.sink.storage, ids, HEARTBEAT_ATTR)
             except BaseException as e:
                 self.beat_error = e
                 return
@@ -580,7 +616,9 @@ class _Sink:
             self.due["sync"] = now + SYNC_S
         if now >= self.due["sweep"]:
             swept = sweep_stale(
-                self.study, grace_period=self.cfg.grace_period, max_retries=self.cfg.max_retries
+                self.sink.study,
+                grace_period=self.cfg.grace_period,
+                max_retries=self.cfg.max_retries,
             )
             for n, why in swept.items():
                 retry = " and queued for retry" if self.cfg.max_retries else ""
@@ -588,78 +626,42 @@ class _Sink:
             self.due["sweep"] = now + max(self.cfg.heartbeat_interval, self.cfg.grace_period / 2)
 
     def sync(self) -> None:
-        """Send the trainer the trials others stored or changed since the last look, and the
-        trials it trains that were failed from outside."""
-        with self.lock:
-            held = dict(self.ids)
-        changed = self.changes.read(self.storage, self.study_id, self.own)
-        if self.journal:  # replayed in memory: the states are there already
+        """Send the trainer the trials others stored or changed since the last look, and stop
+        the trials it trains that were failed from outside."""
+        sink, held = self.sink, self.held.snapshot()
+        changed = sink.seen.changes.read(sink.storage, sink.study_id, self.held.own)
+        if sink.journal:  # replayed in memory: the states are there already
             ids = set(held.values())
             states = {
                 t._trial_id: t.state
-                for t in self.storage.get_all_trials(self.study_id, deepcopy=False)
+                for t in sink.storage.get_all_trials(sink.study_id, deepcopy=False)
                 if t._trial_id in ids
             }
         else:
-            states = trial_states(self.storage, held.values())
+            states = trial_states(sink.storage, held.values())
         self._stop_failed(held, states)
-        for t in changed:
-            if isinstance(t.user_attrs.get("seed"), int):
-                self.seeds.add(t.user_attrs["seed"])
-            if t.state == TrialState.RUNNING and not (t.params and "seed" in t.user_attrs):
-                self.incomplete.add(t._trial_id)
-            else:
-                self.incomplete.discard(t._trial_id)
-            # a trial comes again when it ends: its params were taken when it came running
-            if t.params and t.state != TrialState.FAIL and t._trial_id not in self.params_seen:
-                self.taken_params.add(param_set(t.params, t.distributions))
-                self.params_seen.add(t._trial_id)
-            if t.state == TrialState.COMPLETE and t.value is not None:
-                self.best = min(self.best, t.value)
+        sink.seen.learn(changed)
         if changed:
-            self.results.put(("sync", changed))
+            sink.results.put(Synced(changed))
 
     def _stop_failed(self, held: dict[int, int], states: dict[int, TrialState]) -> None:
         """Trials of ours that someone else finished (a sweep that took our trial for dead,
         optuna-dashboard's "Fail trial"): they count for nothing, their claims go back, and the
         trainer stops them."""
-        for key, trial_id in held.items():
+        for handle, trial_id in held.items():
             if not states.get(trial_id, TrialState.RUNNING).is_finished():
                 continue
-            with self.lock:
-                if self.ids.get(key) != trial_id:
-                    continue
-                del self.ids[key]
-            number = self.numbers.pop(trial_id)
-            self.params.pop(trial_id, None)
-            self.held_ever -= 1
+            got = self.held.release(handle, trial_id)
+            if got is None:
+                continue
+            number = got[1]
+            self.held.ever -= 1
             # a sweep queues its retry, which this run then takes (a claim kept for it)
-            self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)
-            self.results.put(("failed", key, number))
+            self.sink.claims.give_back(1, for_queued=self.cfg.max_retries > 0)
+            self.sink.results.put(Failed(handle, number))
             print(
                 f"sinstudy: trial #{number} was marked {states[trial_id].name} by another process "
                 f"while it trained (a sweep that found no heartbeat, or optuna-dashboard); "
                 f"stopped, and its slot goes to the next trial",
                 file=sys.stderr,
             )
-
-    def fail_held(self) -> None:
-        """The trainer died: fail the trials it was training and queue their retries, and give
-        back their budget (the retries run in their places) and that of trials never handed
-        over."""
-        failed = [
-            n for n in self.numbers.values() if fail_and_retry(self.study, n, self.cfg.max_retries)
-        ]
-        self.claims.give_back(self.claims.claims.value - self.held_ever)
-        self.claims.give_back(len(failed), for_queued=self.cfg.max_retries > 0)
-        if failed:
-            print(
-                f"sinstudy: the training process died; trials "
-                f"{', '.join(f'#{n}' for n in sorted(failed))} "
-                f"marked FAIL{' and queued for retry' if self.cfg.max_retries else ''}",
-                file=sys.stderr,
-            )
-
-    def publish(self) -> None:
-        self.warm_up.wait()
-        publish(self.study)
