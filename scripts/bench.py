@@ -89,7 +89,7 @@ def raw(args: argparse.Namespace) -> str:
     """The engine without Optuna: model-steps/s of K stacked mixed models vs train.py's loop."""
     import torch
 
-    from study.batched.engine import _key
+    from study.batched.engine import _shape
     from study.batched.stack import Stack, new_slot
     from study.data import make_data
     from study.space import suggest
@@ -110,7 +110,7 @@ def raw(args: argparse.Namespace) -> str:
     steps_per_epoch = math.ceil(cfg.data.n_train / cfg.train.batch_size)
     groups: dict = {}
     for slot in (new_slot(draw(i), device) for i in range(args.raw)):
-        groups.setdefault(_key(slot), []).append(slot)
+        groups.setdefault(_shape(slot), []).append(slot)
     stacks = [Stack(g, data) for g in groups.values()]
     for s in stacks:  # warm-up: buffers, kernels
         s.train_epoch()

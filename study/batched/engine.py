@@ -179,8 +179,8 @@ class BatchedEngine:
         self.collisions = 0  # proposals lost to other engines since the last one stored
         self.said_exhausted = False
         # Ended trials handed to the writer, not yet confirmed stored (handle -> value if
-        # COMPLETE):
-        # one that another engine failed meanwhile is not, and gives its budget claim back.
+        # COMPLETE): one that another engine failed meanwhile is not, and gives its budget
+        # claim back.
         self.finishing: dict[int, float] = {}
         # the best value confirmed stored (this engine's and those it was loaded with)
         self.stored_best = min(
@@ -228,7 +228,7 @@ class BatchedEngine:
                     continue
                 # sorted: the same order in every process (str hashing is salted per process),
                 # so the mirror sees reports and tells in the same order and a seed repeats
-                ended: list[tuple[tuple, int, TrialState, str | None]] = []
+                ended: list[tuple[Shape, list[int], TrialState, str | None]] = []
                 for shape in sorted(self.stacks):
                     stack = self.stacks[shape]
                     t0 = time.perf_counter()
