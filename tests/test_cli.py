@@ -250,9 +250,11 @@ def test_a_bad_run_flag_is_refused_before_torch_or_optuna_load(workdir):
 
 
 def test_version_is_the_projects(workdir):
-    import tomllib
+    from importlib.metadata import version
 
-    root = Path(__file__).resolve().parents[1]
-    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    import study
+
+    # one source: study.__version__, which the installed metadata took from pyproject's dynamic
+    assert version("sinstudy") == study.__version__
     r = run_cli("--version", cwd=workdir)
-    assert (r.returncode, r.stdout.strip()) == (0, f"sinstudy {version}"), r.stderr
+    assert (r.returncode, r.stdout.strip()) == (0, f"sinstudy {study.__version__}"), r.stderr
