@@ -52,13 +52,13 @@ def _own_resource_tracker() -> None:
     that group (the run, as `kill -9 -PGID` or a job scheduler does) kills the tracker while
     this worker winds down by design, and its queues' semaphores are then reported gone to a
     tracker relaunched without their creation, a KeyError traceback each on the run's stderr.
-    Leans on CPython's private `_fd`/`_pid` (tests/test_workers.py fails if they change)."""
+    The parent's tracker stays open here (its descriptor is not closed): a tracker whose last
+    user is gone unlinks what it tracks, the budget's semaphores among them, and a writer this
+    worker starts after its parent died could no longer open them (chaos seed 121).
+    Leans on CPython's private `_fd`/`_pid` (tests/test_shared_trust.py fails if they change)."""
     from multiprocessing import resource_tracker
 
     tracker = resource_tracker._resource_tracker
-    if tracker._fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(tracker._fd)  # the parent's tracker ends with the parent, not with us
     tracker._fd = tracker._pid = None
 
 
@@ -135,6 +135,7 @@ def _worker_main(
     writers: mp.Array,
     device: str,
     threads: int,
+    parent: int,
 ) -> None:
     """Entry point of a spawned worker: exit 0 done, 128+signal interrupted, 1 error.
 
@@ -146,7 +147,7 @@ def _worker_main(
     _own_resource_tracker()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # see runner.run
     torch.set_num_threads(threads)
-    _stop_with_parent(os.getppid())
+    _stop_with_parent(parent)  # not getppid(): the parent may have died while this one started
     try:
         with interrupt.handle_signals():
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
@@ -187,7 +188,7 @@ def _stop_with_parent(parent: int) -> None:
     stored by its writer, instead of training on with nobody to wait for them."""
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent:  # a parent gone before this started: at once
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -253,6 +254,7 @@ class Pool:
                     self.writers,
                     device,
                     self.threads,
+                    os.getpid(),
                 ),
                 name=f"sinstudy-worker-{i}",
             )

@@ -625,3 +625,28 @@ def test_a_signal_after_the_summary_does_not_kill_a_finished_run(workdir):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode in (0, 143), (proc.returncode, err)  # 143: main had not returned yet
     assert "Traceback" not in err
+
+
+def test_workers_whose_parent_dies_as_they_start_stop_without_a_traceback(workdir):
+    """Found by chaos.py (seed 121, after seed 81's fix): `kill -9` of a `--workers 2` run's
+    parent while its workers were starting. A worker read its parent's pid once started
+    (getppid(): by then the reaper's), so it never saw the parent go; and the parent's resource
+    tracker, with its last user gone, unlinked the budget's semaphores, so the writer the worker
+    started then died opening them (a traceback, "the storage writer process died")."""
+    (workdir / "slow.toml").write_text(SLOW_TOML)
+    url = f"sqlite:///{workdir}/s.db"
+    common = ("run", "--config", "slow.toml", "--max-epochs", "3000", "--no-progress")
+    proc = start_cli(*common, "--storage", url, "--n-trials", "8", "--workers", "2", cwd=workdir)
+    deadline = time.time() + 60
+    while len(workers := spawned_children(proc.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # the parent alone, while its workers import
+    _, err = proc.communicate(timeout=120)  # the workers hold the pipes until they end
+    assert "Traceback" not in err and "writer process died" not in err, err
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()]
+    if Path(url.split(":///", 1)[1]).exists():
+        assert not _load(url).get_trials(states=(TrialState.RUNNING,))
