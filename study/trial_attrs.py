@@ -163,13 +163,14 @@ def repeat_attrs(results: list[TrainResult], tcfgs: list[TrainConfig]) -> dict:
         key: [getattr(r, key) for r in results]
         for key in ("best_val_mse", "test_mse", "final_val_mse", "final_test_mse")
     }
+    seconds = round(max(r.seconds for r in results), 4)  # side by side: the longest
     attrs.update(
         test_mse=mean(per["test_mse"]),
         final_val_mse=mean(per["final_val_mse"]),
         final_test_mse=mean(per["final_test_mse"]),
-        seconds=round(max(r.seconds for r in results), 4),
-        compute_seconds=round(max(r.seconds for r in results), 4),  # in lockstep: all its own
-        repeats=len(results),  # side by side: the longest
+        seconds=seconds,
+        compute_seconds=seconds,  # trained in lockstep, alone: all of it its own
+        repeats=len(results),
         val_mse_std=std(per["best_val_mse"]),
         test_mse_std=std(per["test_mse"]),
         seeds=[c.seed for c in tcfgs],

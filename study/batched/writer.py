@@ -12,8 +12,8 @@ What the writer does with the trainer's jobs (study.batched.messages), in order:
     RUNNING: Optuna takes none on finished trials), then its state, value, remaining values
     and attrs in one transaction, then its TensorBoard run with each epoch's original time.
 Storing is `_Sink`'s; keeping the trials alive is its `_Keeper`'s. Between jobs: the trials
-other engines stored (sent to the trainer's mirror, `SYNC_S`), and the
-stale-trial sweep that fails and retries trials of dead runs (`grace_period`). The heartbeat of
+other engines stored (sent to the trainer's mirror, `SYNC_S`), and the stale-trial sweep that
+fails and retries trials of dead runs (`grace_period`). The heartbeat of
 every trial it holds (`heartbeat_interval`) comes from a thread, as Optuna's does for
 study.optimize: beaten between jobs, a long job (a 2,000-epoch trial's TensorBoard run on a loaded
 machine) let a live trial look dead to the other engines' sweeps.
