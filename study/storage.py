@@ -22,7 +22,7 @@ import shlex
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -34,6 +34,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.storages.journal._storage import (
     JournalOperation,
 )  # private: see TolerantJournalBackend
+from optuna.trial import TrialState
 
 from .errors import StorageError
 from .quiet import experimental
@@ -300,7 +301,8 @@ def open_storage(
         for attempt in range(SCHEMA_RACE_TRIES):
             try:
                 with experimental(), _schema_lock(parsed):  # heartbeat: experimental in Optuna 5
-                    storage = RDBStorage(url, engine_kwargs=kwargs, **hb)
+                    kind = SQLiteStorage if parsed.kind == "sqlite" else RDBStorage
+                    storage = kind(url, engine_kwargs=kwargs, **hb)
                     if parsed.kind == "sqlite":
                         _complete_indexes(storage, parsed.path)
                     return storage
@@ -315,6 +317,40 @@ def open_storage(
         raise StorageError(
             f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1
         ) from None
+
+
+class SQLiteStorage(RDBStorage):
+    """Optuna's RDBStorage, whose state changes are one atomic step on SQLite too.
+
+    Optuna reads a trial's state, then writes the new one: FOR UPDATE, which makes that safe on
+    PostgreSQL, is a no-op on SQLite, whose driver opens a transaction only at the write. Two
+    engines popping the queue at once both took one WAITING trial and trained it twice; a stale
+    check could write FAIL over a trial that had just completed. Here the read and the write
+    are one IMMEDIATE transaction, which SQLite runs one at a time."""
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        with _immediate(self):
+            return super().set_trial_state_values(trial_id, state, values)
+
+
+@contextlib.contextmanager
+def _immediate(storage: RDBStorage) -> Iterator[None]:
+    """The calls inside (one Optuna storage method) run in one SQLite IMMEDIATE transaction: it
+    is begun on this thread's session, which Optuna's own session scope then uses, commits
+    and closes."""
+    session = storage.scoped_session()
+    try:
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        session.rollback()
+        session.close()
+        raise optuna.exceptions.StorageInternalError(f"could not lock the study: {e}") from e
+    try:
+        yield
+    finally:
+        session.close()  # closed already, unless the call raised before it used the session
 
 
 def _engine(parsed: StorageURL, *, read_only: bool) -> tuple[str, dict]:

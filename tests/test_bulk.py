@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import threading
 import uuid
 from datetime import datetime, timedelta
 
@@ -13,7 +14,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from study import storage
-from study.batched.bulk import add_trial
+from study.batched import bulk
+from study.batched.bulk import add_trial, add_trials
 
 DISTRIBUTIONS = {
     "depth": IntDistribution(1, 6),
@@ -163,3 +165,44 @@ def test_concurrent_bulk_writers_number_trials_without_gaps_or_repeats(tmp_path,
         assert p.exitcode == 0
     study = optuna.load_study(study_name=name, storage=storage.open_storage(storage.parse(url)))
     assert sorted(t.number for t in study.get_trials()) == list(range(45))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_engines_checking_at_the_same_moment_store_one_parameter_set_once(
+    tmp_path, backend, request, monkeypatch
+):
+    """Two engines add the same parameter set, each having checked what others stored before
+    either inserts (the race CI met: SQLite ran the check outside the write transaction, so
+    both found nothing and both stored it). The check and the insert are one step: one wins."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    optuna.create_study(storage=storage.open_storage(storage.parse(url)), study_name=name)
+    both_checked = threading.Barrier(2)
+    check = bulk._taken_after
+
+    def check_then_wait(*args, **kwargs):
+        taken = check(*args, **kwargs)
+        try:  # the other engine checks now too, unless the storage holds it back till this commits
+            both_checked.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return taken
+
+    monkeypatch.setattr(bulk, "_taken_after", check_then_wait)
+    got: list = []
+
+    def engine(seed: int) -> None:
+        s = storage.open_storage(storage.parse(url))
+        sid = s.get_study_id_from_name(name)
+        got.extend(add_trials(s, sid, [trials()[0]], heartbeat=True, after_id=-1, seeds=[seed]))
+
+    threads = [threading.Thread(target=engine, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(got) == 2 and sum(g is not None for g in got) == 1, got
+    study = optuna.load_study(study_name=name, storage=storage.open_storage(storage.parse(url)))
+    assert len(study.get_trials()) == 1

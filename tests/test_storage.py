@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
+import time
+from datetime import datetime
 
 import optuna
 import pytest
@@ -101,7 +104,7 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
     import sqlalchemy.exc
 
     url = f"sqlite:///{tmp_path}/s.db"
-    real, calls = storage.RDBStorage, []
+    real, calls = storage.SQLiteStorage, []
 
     def racing(*args, **kwargs):
         calls.append(1)
@@ -114,7 +117,7 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
             )
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(storage, "RDBStorage", racing)
+    monkeypatch.setattr(storage, "SQLiteStorage", racing)
     optuna.create_study(storage=storage.open_storage(storage.check(url)), study_name="x")
     assert len(calls) == 2
 
@@ -122,7 +125,7 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
         calls.append(1)
         raise sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O"))
 
-    monkeypatch.setattr(storage, "RDBStorage", broken)
+    monkeypatch.setattr(storage, "SQLiteStorage", broken)
     with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O"):
         storage.open_storage(storage.check(url))
     assert len(calls) == 3
@@ -171,3 +174,103 @@ def test_a_sqlite_file_left_without_its_indexes_gets_them_back(tmp_path):
     con.close()
     with pytest.raises(StorageError, match="should be unique.*optuna delete-study"):
         storage.load(url)
+
+
+def test_two_engines_taking_one_queued_trial_at_once_on_sqlite_take_it_once(tmp_path, monkeypatch):
+    """Optuna takes a WAITING trial by reading its state and then writing RUNNING; on SQLite
+    both engines read WAITING before either writes (held here at that point), and both trained
+    it. SQLiteStorage takes it in one conditional UPDATE, and otherwise answers as Optuna does."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    s = storage.open_storage(storage.parse(url))
+    ours = optuna.create_study(storage=s, study_name="ours")
+    for _ in range(3):
+        ours.enqueue_trial({"x": 1.0})
+    ids = [t._trial_id for t in ours.get_trials()]
+    both_read = threading.Barrier(2)
+    find = optuna.storages._rdb.models.TrialModel.find_or_raise_by_id
+
+    def find_then_wait(*args, **kwargs):
+        found = find(*args, **kwargs)
+        try:  # the other engine reads now too, unless the take is one step
+            both_read.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return found
+
+    model = optuna.storages._rdb.models.TrialModel
+    monkeypatch.setattr(model, "find_or_raise_by_id", find_then_wait)
+    took: list[bool] = []
+
+    def engine() -> None:
+        mine = storage.open_storage(storage.parse(url))
+        took.append(mine.set_trial_state_values(ids[0], optuna.trial.TrialState.RUNNING))
+
+    threads = [threading.Thread(target=engine) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(took) == [False, True]
+    monkeypatch.undo()
+    # as Optuna's: start time set, a RUNNING trial not taken again, a finished one raises
+    ref = optuna.create_study(storage=optuna.storages.RDBStorage(url), study_name="ref")
+    ref.enqueue_trial({"x": 1.0})
+    ref_id = ref.get_trials()[0]._trial_id
+    assert ref._storage.set_trial_state_values(ref_id, optuna.trial.TrialState.RUNNING)
+    mine, theirs = s.get_trial(ids[0]), ref._storage.get_trial(ref_id)
+    assert (mine.state, mine.params, mine.system_attrs) == (
+        theirs.state,
+        theirs.params,
+        theirs.system_attrs,
+    )
+    assert mine.datetime_start is not None and mine.datetime_complete is None
+    assert not s.set_trial_state_values(ids[0], optuna.trial.TrialState.RUNNING)
+    s.set_trial_state_values(ids[1], optuna.trial.TrialState.COMPLETE, [1.0])
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        s.set_trial_state_values(ids[1], optuna.trial.TrialState.RUNNING)
+    assert isinstance(s, optuna.storages.RDBStorage)
+
+
+def test_a_stale_check_and_an_engine_ending_one_trial_at_once_on_sqlite_end_it_once(
+    tmp_path, monkeypatch
+):
+    """A trial failed as stale by one engine (Optuna's read, then write) while its own engine
+    ends it (sinstudy's bulk finish): on SQLite the FAIL was written over the COMPLETE, both
+    said they ended it, and the completed trial was retried. One of them ends it now."""
+    from study.batched.bulk import Ending, finish_trials
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    s = storage.open_storage(storage.parse(url))
+    study = optuna.create_study(storage=s, study_name="s")
+    tid = study.ask()._trial_id
+    read = threading.Event()
+    find = optuna.storages._rdb.models.TrialModel.find_or_raise_by_id
+
+    def find_then_wait(*args, **kwargs):
+        found = find(*args, **kwargs)
+        read.set()
+        time.sleep(1.0)  # the engine ends the trial now, unless the stale check holds the lock
+        return found
+
+    model = optuna.storages._rdb.models.TrialModel
+    monkeypatch.setattr(model, "find_or_raise_by_id", find_then_wait)
+    said: dict[str, bool] = {}
+
+    def stale() -> None:
+        mine = storage.open_storage(storage.parse(url))
+        said["stale"] = mine.set_trial_state_values(tid, optuna.trial.TrialState.FAIL)
+
+    def engine() -> None:
+        read.wait(30)
+        mine = storage.open_storage(storage.parse(url))
+        done = Ending(tid, optuna.trial.TrialState.COMPLETE, 0.5, {}, {}, {}, datetime.now())
+        said["engine"] = finish_trials(mine, [done])[0]
+
+    threads = [threading.Thread(target=stale), threading.Thread(target=engine)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    monkeypatch.undo()
+    assert said == {"stale": True, "engine": False}, said
+    assert s.get_trial(tid).state == optuna.trial.TrialState.FAIL

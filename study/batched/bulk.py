@@ -57,6 +57,15 @@ def _transaction(storage: RDBStorage, body: Callable[[Any], T]) -> T:
     raise AssertionError("unreachable")
 
 
+def _lock_for_check(session) -> None:
+    """Begin a transaction that reads, checks and then writes so that no other engine writes in
+    between. FOR UPDATE does it on PostgreSQL; on SQLite it is a no-op and the driver opens a
+    transaction only at the first write, so two engines both checked, found nothing, and both
+    inserted one parameter set. SQLite's IMMEDIATE transactions run one at a time."""
+    if not _postgres(session):
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _id_array(ids: list[int]):
     return sqlalchemy.bindparam(None, ids, type_=postgresql.ARRAY(sqlalchemy.Integer))
 
@@ -199,6 +208,7 @@ def _insert(
     own: set[int],
     seeds: list[int | None],
 ) -> list[tuple[int, int] | None]:
+    _lock_for_check(session)
     # The lock Optuna takes while it numbers a trial (trial numbers have no unique constraint).
     models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
     if look is not None:
@@ -411,6 +421,7 @@ def finish_trials(storage: optuna.storages.BaseStorage, endings: list[Ending]) -
         return []
 
     def body(session) -> list[bool]:
+        _lock_for_check(session)
         m = models.TrialModel
         rows = {
             r.trial_id: r
