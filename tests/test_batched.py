@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import run_cli, spawned_children, start_cli
+from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
 from study.batched.stack import Stack, new_slot
@@ -526,3 +526,66 @@ def test_bench_script_runs_both_engines_and_ends_with_the_speedup(tmp_path, stor
     for line in rows.values():
         assert line.split("|")[2].strip() == "6"  # every trial of the budget finished
     assert re.fullmatch(r"speedup \d+\.\dx", lines[-1])
+
+
+def _study_with(tmp_path: Path, pruner: str, asks: list) -> list[tuple]:
+    """A tiny batched study (27 epochs: Hyperband's and halving's rungs at 1, 3, 9, 27; the
+    median's warm-up 2); per trial what the pruner decided: state, epochs, params, value."""
+    import tomllib
+
+    from study import config, runner
+
+    toml = tomllib.loads(TINY_TOML)
+    cfg = config.build(
+        toml,
+        study="rungs",
+        storage=f"sqlite:///{tmp_path}/s.db",
+        n_trials=20,
+        max_epochs=27,
+        seed=3,
+        engine="batched",
+        slots=6,
+        pruner=pruner,
+        log_dir=str(tmp_path / "tb"),
+        artifact_dir=str(tmp_path / "artifacts"),
+    )
+    ask = optuna.Trial.should_prune
+
+    def counted(trial):
+        asks.append(trial.number)
+        return ask(trial)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(optuna.Trial, "should_prune", counted)
+        runner.run(cfg, progress=False, say=lambda line: None)
+    trials = optuna.load_study(study_name="rungs", storage=cfg.storage).trials
+    return [
+        (t.number, t.state, max(t.intermediate_values), t.params, t.value, t.system_attrs)
+        for t in trials
+    ]
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "sha", "median", "none"])
+def test_the_pruner_asked_only_at_its_rungs_decides_as_when_asked_every_epoch(
+    tmp_path, monkeypatch, pruner
+):
+    """A whole study, asking the pruner at every epoch and only where it can act (rungs.py):
+    the same trials pruned at the same epochs, the same values and rung attrs, with fewer asks."""
+    from study.batched import rungs
+
+    every_asks, rung_asks = [], []
+    monkeypatch.setattr(rungs, "schedule", lambda pruner: rungs.EveryEpoch())
+    every = _study_with(tmp_path / "every", pruner, every_asks)
+    monkeypatch.undo()
+    at_rungs = _study_with(tmp_path / "rungs", pruner, rung_asks)
+    assert [t[:4] for t in at_rungs] == [t[:4] for t in every]
+    for got, want in zip(at_rungs, every, strict=True):
+        assert got[4] == pytest.approx(want[4], rel=1e-9)
+        rung_attrs = {k: v for k, v in want[5].items() if k.startswith("completed_rung_")}
+        assert {k: v for k, v in got[5].items() if k.startswith("completed_rung_")} == rung_attrs
+    pruned = [t for t in every if t[1] == TrialState.PRUNED]
+    if pruner == "none":
+        assert not pruned and not rung_asks
+    else:  # the comparison means something: the pruner stopped trials at several epochs
+        assert len({t[2] for t in pruned}) >= 2, pruned
+        assert len(rung_asks) < len(every_asks) * (1 if pruner == "median" else 0.5)

@@ -46,6 +46,7 @@ from ..trial_attrs import (
     trial_configs,
     trial_seed,
 )
+from . import rungs
 from .messages import (
     Curves,
     Dropped,
@@ -82,6 +83,8 @@ class Live:
     best_val: float = math.inf  # the best of the trial's (mean) validation curve so far
     diverged: bool = False  # a repeat's training loss went non-finite
     compute: float = 0.0  # its slots' share of their stacks' epochs, in seconds
+    reported: int = 0  # epochs already reported to the mirror
+    ask_at: float = 1  # the next epoch at which the pruner may act (rungs.py)
 
 
 @dataclass
@@ -170,6 +173,7 @@ class BatchedEngine:
         # stacks whose slots changed since their build
         self.dirty: set[Shape] = set()
         self.mirror = Mirror(cfg, stored, seed=seed)
+        self.rungs = rungs.schedule(self.mirror.study.pruner)
         self.last_flush = time.monotonic()
         # A trial's handle is its number in the mirror (messages.py), until the writer says
         # which number storage gave it.
@@ -340,6 +344,7 @@ class BatchedEngine:
         for shape, stack in list(self.stacks.items()):
             gone = [k for k, x in enumerate(stack.slots) if x.tag.trial.number in handles]
             for live in _trials(stack.slots[k] for k in gone):
+                self._report(live)
                 if failed:
                     self.mirror.tell(live.trial, None, TrialState.FAIL)
                 else:
@@ -386,6 +391,7 @@ class BatchedEngine:
             self.first_seeds[trial.number] = tcfgs[0].seed
             # shared by the trial's repeats: one slot per seed, one stack
             tag = Live(trial, queued, now)
+            tag.ask_at = self.rungs.next_ask(self.mirror.study, self.mirror.frozen(trial), 0)
             for tcfg in tcfgs:
                 slot = new_slot(tcfg, self.device, tag=tag)
                 new.setdefault(_shape(slot), []).append(slot)
@@ -450,13 +456,26 @@ class BatchedEngine:
             live.epochs.append(
                 (EpochLog(epoch, sum(loss[k] for k in ks) / len(ks), mean, lr), now)
             )
-            live.trial.report(mean, epoch)
-            if live.trial.should_prune():
-                done.append((ks, TrialState.PRUNED, f"pruner stopped it after epoch {epoch}"))
-            elif epoch >= first.cfg.max_epochs:
+            if epoch >= live.ask_at:  # elsewhere the pruner would say no and change nothing
+                self._report(live)
+                if live.trial.should_prune():
+                    done.append((ks, TrialState.PRUNED, f"pruner stopped it after epoch {epoch}"))
+                    continue
+                live.ask_at = self.rungs.next_ask(
+                    self.mirror.study, self.mirror.frozen(live.trial), epoch
+                )
+            if epoch >= first.cfg.max_epochs:
                 done.append((ks, TrialState.COMPLETE, None))
         self.stats.book_seconds += time.perf_counter() - t0
         return done
+
+    def _report(self, live: Live) -> None:
+        """Report to the mirror the epochs since the last report: before the pruner is asked
+        and before the trial is told, the only times they are read."""
+        if len(live.values) > live.reported:
+            for epoch, mean in list(live.values.items())[live.reported :]:
+                live.trial.report(mean, epoch)
+            live.reported = len(live.values)
 
     def _flush(self) -> None:
         """Every FLUSH_S: the epochs since the last flush, of every training trial, in one job."""
@@ -527,6 +546,7 @@ class BatchedEngine:
         # still on their way, a trial handed over without weights stayed without them when the
         # better one on its way was then not stored (failed meanwhile by another engine).
         new_best = state == TrialState.COMPLETE and value < self.stored_best
+        self._report(live)  # a pruned trial's value is its last one; TPE reads pruned curves
         self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state)
         model = (
             (model_state(out.model), out.model_cfg) if new_best else (None, stack.slots[ks[0]].cfg)
@@ -581,6 +601,7 @@ class BatchedEngine:
         for stack in self.stacks.values():
             for live in _trials(stack.slots):
                 x = next(x for x in stack.slots if x.tag is live)
+                self._report(live)
                 self.mirror.tell(live.trial, None, TrialState.FAIL)
                 self._put(
                     live, TrialState.FAIL, None, {"failed_reason": "interrupted"}, {}, None, x.cfg

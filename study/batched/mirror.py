@@ -148,5 +148,9 @@ class Mirror:
             if "Study.stop" not in str(e):  # trial's state is already stored (tell's finally)
                 raise
 
+    def frozen(self, trial: optuna.Trial) -> FrozenTrial:
+        """The trial as stored here (not a copy: read it, do not change it)."""
+        return self._storage.get_trial(trial._trial_id)
+
     def system_attrs(self, trial: optuna.Trial) -> dict:
         return dict(self._storage.get_trial(trial._trial_id).system_attrs)
