@@ -228,13 +228,19 @@ def _marker(cfg: StudyConfig) -> Path:
     return Path(cfg.log_dir) / cfg.study / ".study-uid"
 
 
-def check_tensorboard_owner(cfg: StudyConfig, storage: optuna.storages.BaseStorage | None) -> None:
+def check_tensorboard_owner(
+    cfg: StudyConfig, storage: optuna.storages.BaseStorage | None, new_file: Path | None = None
+) -> None:
     """TensorBoard runs go to <log_dir>/<study>/trial-NNNN: two studies of the same name in two
     storages would append to the same runs. The folder records the id of the study it belongs
     to; a run of another study is refused with the fix. `storage` None: a storage not created
-    yet, which cannot hold that study."""
+    yet (its file `new_file` absent when the caller looked), which cannot hold that study."""
     marker = _marker(cfg)
     if not marker.exists():
+        return
+    if storage is None and new_file is not None and new_file.exists():
+        # Another run of the command created the storage since (and claimed the folder): the
+        # check after opening it decides (chaos.py: both started on a new journal at once).
         return
     uid = None
     if storage is not None and cfg.study in optuna.get_all_study_names(storage):

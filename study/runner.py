@@ -73,7 +73,7 @@ def run(
     parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
     check_folders(cfg)
     if parsed.path is not None and not parsed.path.exists():
-        check_tensorboard_owner(cfg, None)  # before the file is created
+        check_tensorboard_owner(cfg, None, parsed.path)  # before the file is created
     storage = open_study_storage(cfg, parsed)
     check_study(cfg, storage)
     check_tensorboard_owner(cfg, storage)

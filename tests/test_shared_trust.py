@@ -392,6 +392,32 @@ def test_a_run_that_finds_a_study_being_created_keeps_its_creators_id(tmp_path):
     opening.check_tensorboard_owner(cfg, storage)  # the next run is not refused
 
 
+def test_a_run_that_finds_no_storage_yet_accepts_the_folder_of_the_run_that_made_it(workdir):
+    """Found by the harness (journal, runs started at once on a new file): a run looked for the
+    file before the other created it, then found the TensorBoard folder that run had claimed
+    meanwhile, and refused it as another study's (exit 2). It is accepted now, and a folder of
+    another storage's study is still refused."""
+    from study import cli, runner
+
+    url = f"journal:///{workdir}/s.log"
+    tiny = ["--config", "tiny.toml", "--max-epochs", "3", "--no-progress", "--storage"]
+    check = runner.check_tensorboard_owner
+
+    def the_other_run_first(cfg, storage, *rest):
+        if storage is None:  # this run saw no file: the other run makes it and claims the folder
+            r = run_cli("run", *tiny, url, "--n-trials", "1", cwd=workdir)
+            assert r.returncode == 0, r.stderr
+        return check(cfg, storage, *rest)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(runner, "check_tensorboard_owner", the_other_run_first)
+        assert cli.main(["run", *tiny, url, "--n-trials", "2"]) == 0
+    assert len(_load(url).trials) == 3
+    other = f"journal:///{workdir}/other.log"  # another storage, the same study name and folder
+    r = run_cli("run", *tiny, other, "--n-trials", "1", cwd=workdir)
+    assert r.returncode == 2 and "holds the runs of another study" in r.stderr
+
+
 def test_a_batched_run_never_trains_a_point_an_earlier_run_stored(workdir):
     """Found by the harness (journal): two runs on one study whose samplers were seeded alike
     drew the same point, and the second trained it again: the storage check looked only at
