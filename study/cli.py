@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"{config_mod.DEFAULT_SLOTS['cpu']} on CPU, {config_mod.DEFAULT_SLOTS['cuda']} on GPU)",
     )
     run.add_argument(
+        "--stacks",
+        help="batched engine: rebuild (each stack rebuilt as its trials change) or fixed (slots "
+        f"refilled in place, fixed buffers) (default {DEFAULTS.stacks})",
+    )
+    run.add_argument(
         "--workers",
         type=int,
         help="worker processes on this machine sharing the study, one engine each "
@@ -192,6 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         devices=args.devices,
         engine=args.engine,
         slots=args.slots,
+        stacks=args.stacks,
         repeats=args.repeats,
     )
     # imported once the config holds, so a bad flag or key is refused before torch loads

@@ -21,6 +21,7 @@ PRUNERS = ("hyperband", "median", "sha", "none")
 SAMPLINGS = ("uniform", "grid")
 INPUT_SCALINGS = ("unit", "raw")
 ENGINES = ("auto", "batched", "standard")
+STACKS = ("rebuild", "fixed")
 # models the batched engine trains at once, by device type
 DEFAULT_SLOTS = {
     "cpu": 32,
@@ -140,6 +141,11 @@ class StudyConfig:
     slots: int | None = None
     """models the batched engine trains at once, per worker (default: DEFAULT_SLOTS of the
     device, at least `repeats`); a trial takes `repeats` of them"""
+    stacks: str = "rebuild"
+    """how the batched engine groups its slots: rebuild (each stack rebuilt from its current
+    members whenever they change; no compute on free slots) or fixed (a stack per shape class
+    keeps its buffers, and a new trial takes an ended one's slot in place; a free slot costs its
+    share of arithmetic, but the buffers keep their addresses, as a CUDA graph needs)"""
     workers: int = 1
     """worker processes on this machine sharing the study, one engine each; --n-trials is met
     exactly across them"""
@@ -274,6 +280,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         )
     _positive_int("--workers", cfg.workers, maximum=256)
     _choice("engine", cfg.engine, ENGINES)
+    _choice("stacks", cfg.stacks, STACKS)
     if cfg.slots is not None:
         _positive_int("--slots", cfg.slots, maximum=65536)
     if cfg.devices is not None:

@@ -129,6 +129,49 @@ def test_equivalence_survives_restacking_and_refill(data):
             _close(before[id(x)] + vals, _reference(x.cfg, data)[0])
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_fixed_capacity_stack_refilled_in_place_follows_train_py(data, optimizer):
+    """Fixed capacity: positions vacated as their models end and refilled in place by new
+    models (same activation and depth, any width that fits), the buffers never reallocated;
+    every model, refills included, follows train.py epoch by epoch; a free position holds
+    zero weights and trains nothing."""
+
+    def cfg(c, epochs, **kw):
+        lr = kw.pop("lr", c.lr) * (5 if optimizer == "sgd" else 1)
+        return replace(c, optimizer=optimizer, lr=lr, max_epochs=epochs, **kw)
+
+    first = [cfg(c, 6) for c in MIX[:5]] + [cfg(MIX[4], 6, seed=13)]
+    stack = Stack([new_slot(c, DEVICE) for c in first], data, layout=(4, 24))
+    addresses = [f.data_ptr() for f in stack.flat]
+    refills = {  # after epoch: (the config that leaves, the one that takes its place)
+        2: (first[0], cfg(MIX[0], 4, width=24, lr=2e-2, seed=11)),
+        3: (first[4], cfg(MIX[4], 3, width=(3, 17), seed=12)),
+        4: (first[1], None),  # left free
+    }
+    curves: dict[int, list[float]] = {id(c): [] for c in first}
+    for epoch in range(1, 7):
+        _, val = stack.train_epoch()
+        for k, x in enumerate(stack.slots):
+            if not x.empty:
+                curves[id(x.cfg)].append(val[k].item())
+        if epoch in refills:
+            leaving, coming = refills[epoch]
+            k = next(k for k, x in enumerate(stack.slots) if x.cfg is leaving and not x.empty)
+            stack.vacate(k)
+            assert stack.free() == [k] and stack.members == len(stack.slots) - 1
+            if coming is not None:
+                curves[id(coming)] = []
+                stack.refill(k, new_slot(coming, DEVICE))
+    assert [f.data_ptr() for f in stack.flat] == addresses
+    free = stack.free()
+    assert len(free) == 1 and not stack.p[free[0]].any()
+    for c in [*first, *(c for _, c in refills.values() if c)]:
+        got = curves[id(c)]
+        assert len(got) == {id(first[0]): 2, id(first[4]): 3, id(first[1]): 4}.get(id(c), len(got))
+        _close(got, _reference(c, data)[0][: len(got)])
+    assert [len(curves[id(c)]) for _, c in refills.values() if c] == [4, 3]
+
+
 def test_equivalence_best_weights_and_test_mse(data):
     cfgs = [replace(c, max_epochs=10) for c in MIX[:3]]
     stack = Stack([new_slot(c, DEVICE) for c in cfgs], data)
@@ -589,3 +632,43 @@ def test_the_pruner_asked_only_at_its_rungs_decides_as_when_asked_every_epoch(
     else:  # the comparison means something: the pruner stopped trials at several epochs
         assert len({t[2] for t in pruned}) >= 2, pruned
         assert len(rung_asks) < len(every_asks) * (1 if pruner == "median" else 0.5)
+
+
+def test_a_study_on_fixed_capacity_stacks_trains_every_trial_as_train_py(tmp_path, monkeypatch):
+    """--stacks fixed on a whole study: trials end at Hyperband's rungs and new ones take their
+    slots in place (counted); every trial's stored curve is train.py's for its config."""
+    import tomllib
+
+    from study import config, runner
+    from study.batched.stack import Stack as StackClass
+    from study.trial_attrs import train_config
+
+    refills = []
+    refill = StackClass.refill
+    monkeypatch.setattr(
+        StackClass, "refill", lambda stack, k, slot: refills.append(k) or refill(stack, k, slot)
+    )
+    cfg = config.build(
+        tomllib.loads(TINY_TOML),
+        study="fixed",
+        storage=f"sqlite:///{tmp_path}/s.db",
+        n_trials=16,
+        max_epochs=9,
+        seed=5,
+        engine="batched",
+        slots=6,
+        stacks="fixed",
+        log_dir=str(tmp_path / "tb"),
+        artifact_dir=str(tmp_path / "artifacts"),
+    )
+    runner.run(cfg, progress=False, say=lambda line: None)
+    trials = optuna.load_study(study_name="fixed", storage=cfg.storage).trials
+    assert len(trials) == 16 and {t.state for t in trials} <= {
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+    }
+    assert refills, "no trial took an ended one's slot in place"
+    data = make_data(cfg.data, "cpu")
+    for t in trials:
+        got = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
+        _close(got, _reference(train_config(t), data)[0][: len(got)])

@@ -62,7 +62,7 @@ from .messages import (
     Written,
 )
 from .mirror import Mirror
-from .stack import Slot, Stack, new_slot
+from .stack import Slot, Stack, empty_slot, new_slot
 from .sync import SYNC_S
 from .writer import Writer, WriterError
 
@@ -93,14 +93,17 @@ class Stats:
     book_seconds: float = 0.0
 
 
-Shape = tuple[str, int, int]  # a stack's: optimizer, depth, width class
+Shape = tuple  # a stack's: optimizer, depth, width class (and, fixed, activation)
 
 
-def _shape(slot: Slot) -> Shape:
+def _shape(slot: Slot, fixed: bool = False) -> Shape:
     """Stack by optimizer kind, depth and width class (<= 32, <= 64, then powers of two), so
-    little compute goes to padding (measured: README, Design notes)."""
+    little compute goes to padding (measured: README, Design notes). Fixed-capacity stacks
+    also by activation: a new trial then fits any free slot of its stack (a slot keeps the
+    activation group it was built in)."""
     w = max(slot.cfg.widths)
-    return slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
+    shape = slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
+    return (*shape, slot.cfg.activation) if fixed else shape
 
 
 # (trial, its number) -> one config per repeat
@@ -160,6 +163,7 @@ class BatchedEngine:
         stream: int = 0,
     ):
         self.cfg, self.device, self.k = cfg, device, slots
+        self.fixed = cfg.stacks == "fixed"  # fixed-capacity stacks, refilled in place
         # The study's own trials: each its own seeds, checked by the writer (compare's cells
         # share their seeds on purpose).
         self.unique_seeds = configure is None
@@ -239,9 +243,10 @@ class BatchedEngine:
                     loss, val = stack.train_epoch()
                     loss, val = loss.tolist(), val.tolist()  # one sync per stack per epoch
                     # the epoch's time split evenly: the slots of a stack have one padded shape
-                    share = (time.perf_counter() - t0) / len(stack.slots)
+                    share = (time.perf_counter() - t0) / stack.members
                     for x in stack.slots:
-                        x.tag.compute += share
+                        if not x.empty:
+                            x.tag.compute += share
                     ended += [(shape, *e) for e in self._after_epoch(shape, loss, val)]
                 self._end(ended)
                 self._flush()
@@ -342,7 +347,11 @@ class BatchedEngine:
         the writer gave their budget back; those still training stop and leave their stacks,
         and the next fill replaces them."""
         for shape, stack in list(self.stacks.items()):
-            gone = [k for k, x in enumerate(stack.slots) if x.tag.trial.number in handles]
+            gone = [
+                k
+                for k, x in enumerate(stack.slots)
+                if not x.empty and x.tag.trial.number in handles
+            ]
             for live in _trials(stack.slots[k] for k in gone):
                 self._report(live)
                 if failed:
@@ -353,7 +362,7 @@ class BatchedEngine:
                 self._remove(shape, set(gone))
 
     def _fill(self, budget) -> None:
-        live = sum(len(s.slots) for s in self.stacks.values())
+        live = sum(s.members for s in self.stacks.values())
         new: dict[Shape, list[Slot]] = {}
         starts: list[Start] = []
         t0, init = time.perf_counter(), 0.0
@@ -395,7 +404,7 @@ class BatchedEngine:
             t1 = time.perf_counter()
             for tcfg in tcfgs:
                 slot = new_slot(tcfg, self.device, tag=tag)
-                new.setdefault(_shape(slot), []).append(slot)
+                new.setdefault(_shape(slot, self.fixed), []).append(slot)
             init += time.perf_counter() - t1
             live += len(tcfgs)
         if starts:
@@ -406,6 +415,9 @@ class BatchedEngine:
         # One restack per changed stack per epoch: the slots that left (already unstacked in
         # _end) and the ones that arrive are applied together.
         for shape in sorted(set(new) | self.dirty):
+            if self.fixed:
+                self._place(shape, new.get(shape, []))
+                continue
             stack = self.stacks.get(shape)
             if stack is None:
                 self.stacks[shape] = Stack(new[shape], self.data)
@@ -418,6 +430,29 @@ class BatchedEngine:
             else:
                 del self.stacks[shape]
         self.dirty.clear()
+
+    def _place(self, shape: Shape, newcomers: list[Slot]) -> None:
+        """Fixed capacity: newcomers take free slots of their shape's stack in place; a stack
+        that has too few is rebuilt once with room for twice its members (new buffers), and a
+        shape without one gets a stack with room to spare."""
+        if not newcomers:
+            return
+        stack = self.stacks.get(shape)
+        free = stack.free() if stack else []
+        if stack is not None and len(newcomers) <= len(free):
+            for k, slot in zip(free, newcomers, strict=False):
+                stack.refill(k, slot)
+            return
+        members = newcomers
+        if stack is not None:
+            stack.unstack()
+            members = [x for x in stack.slots if not x.empty] + newcomers
+        room = max(len(members), min(self.k, 1 << len(members).bit_length()))
+        layout = (shape[1], shape[2])
+        spare = [
+            empty_slot(members[0].cfg, layout, self.device) for _ in range(room - len(members))
+        ]
+        self.stacks[shape] = Stack(members + spare, self.data, layout=layout)
 
     def _after_epoch(
         self, shape: Shape, loss: list[float], val: list[float]
@@ -518,6 +553,12 @@ class BatchedEngine:
 
     def _remove(self, shape: Shape, gone: set[int]) -> None:
         stack = self.stacks[shape]
+        if self.fixed:  # their slots free for the next trials of the shape, in place
+            for k in gone:
+                stack.vacate(k)
+            if not stack.members:
+                del self.stacks[shape]
+            return
         if shape not in self.dirty:
             stack.unstack()
         stack.slots = [x for k, x in enumerate(stack.slots) if k not in gone]
@@ -614,12 +655,13 @@ class BatchedEngine:
 
 def _trials(slots) -> list[Live]:
     """The trials of these slots, each once (a trial's repeats share their Live), in slot order."""
-    return list({id(x.tag): x.tag for x in slots}.values())
+    return list({id(x.tag): x.tag for x in slots if not x.empty}.values())
 
 
 def _members(stack: Stack) -> dict[int, list[int]]:
     """Each trial's slots in the stack (a trial's repeats always share one: same shape)."""
     out: dict[int, list[int]] = {}
     for k, x in enumerate(stack.slots):
-        out.setdefault(id(x.tag), []).append(k)
+        if not x.empty:
+            out.setdefault(id(x.tag), []).append(k)
     return out

@@ -137,6 +137,7 @@ class Slot:
     best_epoch: int = 0
     last_val: float = math.inf  # validation MSE of the last epoch its trial reported
     tag: object = None  # the caller's handle (the engine's Live record)
+    empty: bool = False  # a fixed-capacity stack's free position: trains nothing (lr 0)
 
 
 def new_slot(cfg: TrainConfig, device: torch.device | str, tag: object = None) -> Slot:
@@ -168,13 +169,25 @@ def relayout(slot: Slot, layout: Layout) -> None:
     slot.rows, slot.layout = new, layout
 
 
-class Stack:
-    """The slots of one optimizer kind, trained together. Rebuild with `build` after changes."""
+def empty_slot(cfg: TrainConfig, layout: Layout, device: torch.device | str) -> Slot:
+    """A free position of a fixed-capacity stack, shaped as `cfg` (its activation and depth):
+    zero weights, which a learning rate of 0 keeps at zero."""
+    n_buf = 1 if cfg.optimizer == "sgd" else 2
+    rows = [torch.zeros(1, row_size(layout), device=device) for _ in range(n_buf + 2)]
+    return Slot(cfg, layout, rows, torch.Generator().manual_seed(0), empty=True)
 
-    def __init__(self, slots: list[Slot], data: SinData):
-        """Note: `build` sorts `slots` by activation; index results by `self.slots`."""
+
+class Stack:
+    """The slots of one optimizer kind, trained together. Rebuild with `build` after changes,
+    or, with a fixed `layout` (fixed capacity), `vacate` and `refill` positions in place."""
+
+    def __init__(self, slots: list[Slot], data: SinData, layout: Layout | None = None):
+        """Note: `build` sorts `slots` by activation; index results by `self.slots`.
+        `layout`: the padded shape, fixed (default: the members' widest and deepest), so that
+        any member of the shape class can take a free position later."""
         self.data = data
         self.slots = slots
+        self.fixed = layout
         self.build()
 
     # ---------------------------------------------------------------- (re)stacking
@@ -193,6 +206,9 @@ class Stack:
         self.batch_size = bs.pop()
         self.depth = max(x.cfg.depth for x in s)
         self.width = max(max(x.cfg.widths) for x in s)
+        if self.fixed is not None:
+            assert self.fixed[0] >= self.depth and self.fixed[1] >= self.width, "too small"
+            self.depth, self.width = self.fixed
         self.layout = (self.depth, self.width)
         for x in s:
             relayout(x, self.layout)
@@ -243,6 +259,49 @@ class Stack:
             self.scratch = torch.empty_like(self.p)
             rows = [list(t.unbind()) for t in (self.scratch, self.grad, *self.state, self.t)]
             self._adam_args = (*rows[:4], [], rows[4])
+
+    @property
+    def members(self) -> int:
+        """Slots that train a model (a fixed-capacity stack's free positions excepted)."""
+        return sum(not x.empty for x in self.slots)
+
+    def free(self) -> list[int]:
+        return [k for k, x in enumerate(self.slots) if x.empty]
+
+    @torch.no_grad()
+    def vacate(self, k: int) -> None:
+        """Fixed capacity: position k's model has left. Its rows are zeroed and its learning rate
+        is 0 from now on, so it trains nothing until `refill`; nothing is reallocated."""
+        old = self.slots[k]
+        for f in self.flat:
+            f[k].zero_()
+        self.t[k] = 0.0
+        self.slots[k] = Slot(old.cfg, self.layout, [f[k : k + 1] for f in self.flat], old.order)
+        self.slots[k].empty = True
+
+    @torch.no_grad()
+    def refill(self, k: int, slot: Slot) -> None:
+        """Fixed capacity: a new model takes free position k in place (its weights, zeroed
+        moments and step count, its own generator). The position's activation and depth are
+        kept: the activation groups and pass-through rows were laid out for them at build."""
+        old, cfg = self.slots[k], slot.cfg
+        assert old.empty, f"position {k} is not free"
+        assert (cfg.activation, cfg.depth) == (old.cfg.activation, old.cfg.depth), "other class"
+        assert (cfg.optimizer, cfg.batch_size) == (self.kind, self.batch_size), "other stack"
+        assert max(cfg.widths) <= self.width and cfg.depth <= self.depth, "wider than the stack"
+        relayout(slot, self.layout)
+        for f, row in zip(self.flat, slot.rows, strict=True):
+            f[k : k + 1].copy_(row)
+        slot.rows = [f[k : k + 1] for f in self.flat]
+        self.t[k] = float(slot.steps)
+        self.wd[k] = cfg.weight_decay
+        self.momentum[k] = cfg.momentum
+        self.any_wd = self.any_wd or bool(cfg.weight_decay)
+        if self.masked:  # units past its widths stay exactly 0 under f(0) != 0 (sigmoid)
+            for layer, mask in enumerate(self.unit_mask):
+                mask[k].zero_()
+                mask[k, 0, : (cfg.widths[layer] if layer < cfg.depth else 0)] = 1.0
+        self.slots[k] = slot
 
     def unstack(self) -> None:
         """Hand each slot its rows back (views; the next build copies them into a new stack)."""
@@ -301,7 +360,8 @@ class Stack:
     def lrs(self) -> torch.Tensor:
         """This epoch's learning rate per slot, [K, 1] (schedules stepped per epoch)."""
         return torch.tensor(
-            [lr_at(x.cfg, x.epoch) for x in self.slots], device=self.data.device
+            [0.0 if x.empty else lr_at(x.cfg, x.epoch) for x in self.slots],
+            device=self.data.device,
         ).view(-1, 1)
 
     @torch.no_grad()
