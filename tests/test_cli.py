@@ -135,6 +135,7 @@ def test_standard_engine_same_seed_same_params_and_values(workdir):
         (["--n-trials", "many"], "invalid int value"),
         (["--sampler", "bayes"], "unknown sampler"),
         (["--pruner", "asha"], "unknown pruner"),
+        (["--stacks", "packed"], "unknown stacks"),
         (["--device", "tpu"], "device"),
         (["--device", "cuda"], "not available"),
         (["--storage", "mongodb://x/y"], "unsupported storage URL"),
