@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
-from study.batched.stack import Stack, new_slot
+from study.batched.stack import Stack, cuda_graph, eager, new_slot
 from study.config import DataConfig, TrainConfig
 from study.data import make_data
 from study.train import train
@@ -129,42 +129,55 @@ def test_equivalence_survives_restacking_and_refill(data):
             _close(before[id(x)] + vals, _reference(x.cfg, data)[0])
 
 
+# On a GPU (scripts/gpu_check.sh) each epoch a captured CUDA graph, on the CPU the same
+# plumbing replayed eagerly.
+CAPTURE = cuda_graph if DEVICE.startswith("cuda") else eager
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_a_fixed_capacity_stack_refilled_in_place_follows_train_py(data, optimizer):
     """Fixed capacity: positions vacated as their models end and refilled in place by new
     models (same activation and depth, any width that fits), the buffers never reallocated;
     every model, refills included, follows train.py epoch by epoch; a free position holds
-    zero weights and trains nothing."""
+    zero weights and trains nothing. The same stack with its epoch captured once and replayed
+    (EpochGraph) gives the same numbers bit for bit, captured again only when a refill brings
+    the first weight decay."""
 
     def cfg(c, epochs, **kw):
         lr = kw.pop("lr", c.lr) * (5 if optimizer == "sgd" else 1)
         return replace(c, optimizer=optimizer, lr=lr, max_epochs=epochs, **kw)
 
-    first = [cfg(c, 6) for c in MIX[:5]] + [cfg(MIX[4], 6, seed=13)]
-    stack = Stack([new_slot(c, DEVICE) for c in first], data, layout=(4, 24))
-    addresses = [f.data_ptr() for f in stack.flat]
+    first = [cfg(c, 6, weight_decay=0.0) for c in MIX[:5]] + [cfg(MIX[4], 6, seed=13)]
+    plain = Stack([new_slot(c, DEVICE) for c in first], data, layout=(4, 24))
+    graphed = Stack([new_slot(c, DEVICE) for c in first], data, layout=(4, 24), capture=CAPTURE)
+    addresses = [f.data_ptr() for f in plain.flat]
     refills = {  # after epoch: (the config that leaves, the one that takes its place)
         2: (first[0], cfg(MIX[0], 4, width=24, lr=2e-2, seed=11)),
-        3: (first[4], cfg(MIX[4], 3, width=(3, 17), seed=12)),
+        3: (first[4], cfg(MIX[4], 3, width=(3, 17), seed=12, weight_decay=1e-3)),
         4: (first[1], None),  # left free
     }
     curves: dict[int, list[float]] = {id(c): [] for c in first}
     for epoch in range(1, 7):
-        _, val = stack.train_epoch()
-        for k, x in enumerate(stack.slots):
+        _, val = plain.train_epoch()
+        _, val_graphed = graphed.train_epoch()
+        assert torch.equal(val, val_graphed), epoch
+        for k, x in enumerate(plain.slots):
             if not x.empty:
                 curves[id(x.cfg)].append(val[k].item())
         if epoch in refills:
             leaving, coming = refills[epoch]
-            k = next(k for k, x in enumerate(stack.slots) if x.cfg is leaving and not x.empty)
-            stack.vacate(k)
-            assert stack.free() == [k] and stack.members == len(stack.slots) - 1
+            k = next(k for k, x in enumerate(plain.slots) if x.cfg is leaving and not x.empty)
+            for stack in (plain, graphed):
+                stack.vacate(k)
+                assert stack.free() == [k] and stack.members == len(stack.slots) - 1
+                if coming is not None:
+                    stack.refill(k, new_slot(coming, DEVICE))
             if coming is not None:
                 curves[id(coming)] = []
-                stack.refill(k, new_slot(coming, DEVICE))
-    assert [f.data_ptr() for f in stack.flat] == addresses
-    free = stack.free()
-    assert len(free) == 1 and not stack.p[free[0]].any()
+    assert [f.data_ptr() for f in plain.flat] == addresses
+    assert graphed.graph.captures == 2  # at the start, and for the first weight decay
+    free = plain.free()
+    assert len(free) == 1 and not plain.p[free[0]].any()
     for c in [*first, *(c for _, c in refills.values() if c)]:
         got = curves[id(c)]
         assert len(got) == {id(first[0]): 2, id(first[4]): 3, id(first[1]): 4}.get(id(c), len(got))
@@ -636,18 +649,29 @@ def test_the_pruner_asked_only_at_its_rungs_decides_as_when_asked_every_epoch(
 
 def test_a_study_on_fixed_capacity_stacks_trains_every_trial_as_train_py(tmp_path, monkeypatch):
     """--stacks fixed on a whole study: trials end at Hyperband's rungs and new ones take their
-    slots in place (counted); every trial's stored curve is train.py's for its config."""
+    slots in place (counted), each stack's epochs replayed from one capture (EpochGraph); every
+    trial's stored curve is train.py's for its config."""
     import tomllib
 
     from study import config, runner
-    from study.batched.stack import Stack as StackClass
+    from study.batched import engine
     from study.trial_attrs import train_config
 
     refills = []
-    refill = StackClass.refill
+    refill = Stack.refill
     monkeypatch.setattr(
-        StackClass, "refill", lambda stack, k, slot: refills.append(k) or refill(stack, k, slot)
+        Stack, "refill", lambda stack, k, slot: refills.append(k) or refill(stack, k, slot)
     )
+    # each stack's epochs through EpochGraph, as on a GPU (there a CUDA graph)
+    monkeypatch.setattr(engine, "_capture", lambda device: CAPTURE)
+    graphs = []
+    init = Stack.__init__
+
+    def made(stack, *args, **kwargs):
+        init(stack, *args, **kwargs)
+        graphs.append(stack.graph)
+
+    monkeypatch.setattr(Stack, "__init__", made)
     cfg = config.build(
         tomllib.loads(TINY_TOML),
         study="fixed",
@@ -668,6 +692,7 @@ def test_a_study_on_fixed_capacity_stacks_trains_every_trial_as_train_py(tmp_pat
         TrialState.PRUNED,
     }
     assert refills, "no trial took an ended one's slot in place"
+    assert graphs and all(g is not None and g.captures >= 1 for g in graphs)
     data = make_data(cfg.data, "cpu")
     for t in trials:
         got = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]

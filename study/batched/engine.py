@@ -62,7 +62,7 @@ from .messages import (
     Written,
 )
 from .mirror import Mirror
-from .stack import Slot, Stack, empty_slot, new_slot
+from .stack import Capture, Slot, Stack, cuda_graph, empty_slot, new_slot
 from .sync import SYNC_S
 from .writer import Writer, WriterError
 
@@ -104,6 +104,13 @@ def _shape(slot: Slot, fixed: bool = False) -> Shape:
     w = max(slot.cfg.widths)
     shape = slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
     return (*shape, slot.cfg.activation) if fixed else shape
+
+
+def _capture(device: torch.device) -> Capture | None:
+    """How a fixed-capacity stack runs its epochs: on a GPU one captured CUDA graph, replayed
+    while the stack keeps its buffers (kernel launches are a GPU trial's cost); on the CPU,
+    where arithmetic is, eagerly."""
+    return cuda_graph if device.type == "cuda" else None
 
 
 # (trial, its number) -> one config per repeat
@@ -452,7 +459,9 @@ class BatchedEngine:
         spare = [
             empty_slot(members[0].cfg, layout, self.device) for _ in range(room - len(members))
         ]
-        self.stacks[shape] = Stack(members + spare, self.data, layout=layout)
+        self.stacks[shape] = Stack(
+            members + spare, self.data, layout=layout, capture=_capture(self.device)
+        )
 
     def _after_epoch(
         self, shape: Shape, loss: list[float], val: list[float]

@@ -28,6 +28,7 @@ no compute is spent on empty slots and padding follows the members, not the sear
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -181,20 +182,30 @@ class Stack:
     """The slots of one optimizer kind, trained together. Rebuild with `build` after changes,
     or, with a fixed `layout` (fixed capacity), `vacate` and `refill` positions in place."""
 
-    def __init__(self, slots: list[Slot], data: SinData, layout: Layout | None = None):
+    def __init__(
+        self,
+        slots: list[Slot],
+        data: SinData,
+        layout: Layout | None = None,
+        capture: Capture | None = None,
+    ):
         """Note: `build` sorts `slots` by activation; index results by `self.slots`.
         `layout`: the padded shape, fixed (default: the members' widest and deepest), so that
-        any member of the shape class can take a free position later."""
+        any member of the shape class can take a free position later. `capture`: run the
+        epochs as one captured graph, replayed (EpochGraph; `cuda_graph` on a GPU)."""
         self.data = data
         self.slots = slots
         self.fixed = layout
+        self.version = 0  # a capture of `epoch` holds while this stays (EpochGraph)
         self.build()
+        self.graph = EpochGraph(self, capture) if capture else None
 
     # ---------------------------------------------------------------- (re)stacking
 
     def build(self) -> None:
         if not self.slots:
             return
+        self.version += 1  # new buffers
         # Slots sorted by activation: each activation then applies to a contiguous slice (a view).
         self.slots.sort(key=lambda x: x.cfg.activation)
         s = self.slots
@@ -296,7 +307,9 @@ class Stack:
         self.t[k] = float(slot.steps)
         self.wd[k] = cfg.weight_decay
         self.momentum[k] = cfg.momentum
-        self.any_wd = self.any_wd or bool(cfg.weight_decay)
+        if cfg.weight_decay and not self.any_wd:
+            self.any_wd = True
+            self.version += 1  # the step now has weight-decay kernels, which a capture lacks
         if self.masked:  # units past its widths stay exactly 0 under f(0) != 0 (sigmoid)
             for layer, mask in enumerate(self.unit_mask):
                 mask[k].zero_()
@@ -405,7 +418,8 @@ class Stack:
         """One epoch for every slot. Returns (train loss, validation MSE), each [K], on device.
 
         No host synchronisation inside: the caller reads both once per epoch."""
-        out = self.epoch(self.orders(), self.lrs())
+        orders, lrs = self.orders(), self.lrs()
+        out = self.graph.run(orders, lrs) if self.graph else self.epoch(orders, lrs)
         n_batches = len(self.batches)
         for x in self.slots:
             x.epoch += 1
@@ -449,3 +463,54 @@ class Stack:
             lin.weight.copy_(weight.t())
             lin.bias.copy_(bias)
         return model.eval()
+
+
+# A capture: given the epoch as a function of its static inputs (no arguments), returns the
+# function that replays it and returns its outputs.
+Capture = Callable[[Callable[[], tuple]], Callable[[], tuple]]
+
+
+def cuda_graph(epoch: Callable[[], tuple]) -> Callable[[], tuple]:
+    """`epoch` captured once as a CUDA graph: each replay relaunches all its kernels at once,
+    reading its inputs and writing its outputs where they were at the capture."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = epoch()
+
+    def replay() -> tuple:
+        graph.replay()
+        return outputs
+
+    return replay
+
+
+def eager(epoch: Callable[[], tuple]) -> Callable[[], tuple]:
+    """The same plumbing with each replay run eagerly: what the CPU tests check of EpochGraph."""
+    return epoch
+
+
+class EpochGraph:
+    """A fixed-capacity stack's epoch, captured once and replayed while the stack keeps its
+    buffers and the branches the capture took (`Stack.version`: a build, a refill that brings
+    the first weight decay). The epoch's orders and learning rates are copied into the static
+    tensors the capture reads; the first epoch after a change runs eagerly (the warm-up a
+    capture needs) and is then captured for the next."""
+
+    def __init__(self, stack: Stack, capture: Capture):
+        self.stack, self.capture = stack, capture
+        self.version: int | None = None
+        self.captures = 0
+
+    def run(self, perm: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.stack
+        if self.version != s.version:
+            out = s.epoch(perm, lr)
+            out = (out[0].clone(), out[1].clone())  # the capture's own outputs overwrite theirs
+            self.perm, self.lr = perm.clone(), lr.clone()
+            self.replay = self.capture(lambda: s.epoch(self.perm, self.lr))
+            self.version, self.captures = s.version, self.captures + 1
+            return out
+        self.perm.copy_(perm)
+        self.lr.copy_(lr)
+        return self.replay()
