@@ -3,7 +3,7 @@
     python scripts/bench.py [--n-trials 128] [--max-epochs 100] [--space small|default] [--device
     cpu|cuda]
                             [--slots K] [--storage sqlite|journal] [--raw K] [--engines
-                            standard,batched]
+                            standard,batched] [--stacks rebuild|fixed]
 
 Printed, in order:
   - unless --raw 0, the raw engine: K models drawn at random from the space (RandomSampler
@@ -57,6 +57,7 @@ def one(engine: str, args: argparse.Namespace, folder: Path) -> dict:
         device=args.device,
         engine=engine,
         slots=args.slots,
+        stacks=args.stacks,
         log_dir=str(folder / "tensorboard"),
         artifact_dir=str(folder / "artifacts"),
     )
@@ -284,6 +285,9 @@ def main() -> None:
     ap.add_argument(
         "--raw", type=int, default=32, help="models in the raw-engine measurement (0: skip it)"
     )
+    ap.add_argument(
+        "--stacks", choices=["rebuild", "fixed"], default="rebuild", help="batched engine's stacks"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="standard,batched")
     ap.add_argument(
@@ -308,7 +312,7 @@ def main() -> None:
     space = ", ".join(f"{k} {v}" for k, v in SPACES[args.space].items()) or "the default space"
     print(
         f"device {args.device}, {args.n_trials} trials, {args.max_epochs} epochs max, {space}, "
-        f"TPE + Hyperband, {args.storage}"
+        f"TPE + Hyperband, {args.storage}, {args.stacks} stacks"
     )
     print(
         "| engine | trials | complete | wall s | model-steps/s | trials/min | bookkeeping | best "

@@ -682,6 +682,7 @@ def test_a_study_on_fixed_capacity_stacks_trains_every_trial_as_train_py(tmp_pat
         engine="batched",
         slots=6,
         stacks="fixed",
+        device=DEVICE,
         log_dir=str(tmp_path / "tb"),
         artifact_dir=str(tmp_path / "artifacts"),
     )
@@ -693,7 +694,7 @@ def test_a_study_on_fixed_capacity_stacks_trains_every_trial_as_train_py(tmp_pat
     }
     assert refills, "no trial took an ended one's slot in place"
     assert graphs and all(g is not None and g.captures >= 1 for g in graphs)
-    data = make_data(cfg.data, "cpu")
+    data = make_data(cfg.data, DEVICE)
     for t in trials:
         got = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
         _close(got, _reference(train_config(t), data)[0][: len(got)])
