@@ -83,8 +83,9 @@ def _run(stack: Stack, epochs: int) -> tuple[list[list[float]], list[list[float]
     return vals, losses
 
 
+@pytest.mark.parametrize("layout", [None, (5, 40)], ids=["rebuild", "fixed_capacity"])
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
-def test_equivalence_mixed_configs_match_train_py_every_epoch(data, optimizer):
+def test_equivalence_mixed_configs_match_train_py_every_epoch(data, optimizer, layout):
     cfgs = [
         replace(
             c,
@@ -95,7 +96,7 @@ def test_equivalence_mixed_configs_match_train_py_every_epoch(data, optimizer):
         )
         for c in MIX
     ]
-    stack = Stack([new_slot(c, DEVICE) for c in cfgs], data)
+    stack = Stack([new_slot(c, DEVICE) for c in cfgs], data, layout=layout)
     vals, losses = _run(stack, 8)
     for k, slot in enumerate(stack.slots):  # build() orders slots by activation
         want_val, want_loss = _reference(slot.cfg, data)
