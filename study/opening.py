@@ -7,6 +7,7 @@ space and data: mixing trials of two spaces would make its importances and best 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -257,7 +258,16 @@ def check_tensorboard_owner(
 def claim_tensorboard_folder(cfg: StudyConfig, study: optuna.Study) -> None:
     marker = _marker(cfg)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(study.user_attrs[UID_ATTR] + "\n")
+    uid = study.user_attrs[UID_ATTR] + "\n"
+    with contextlib.suppress(FileNotFoundError):
+        if marker.read_text() == uid:
+            return
+    # Written aside, then renamed over it: a run checking the folder at that moment reads the
+    # old marker or the new one. Rewritten in place, it was empty for a moment, and runs
+    # started beside one that claimed the folder refused it as another study's (chaos.py).
+    aside = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    aside.write_text(uid)
+    os.replace(aside, marker)
 
 
 def estimate_bytes(cfg: StudyConfig, slots: int) -> int:

@@ -418,6 +418,41 @@ def test_a_run_that_finds_no_storage_yet_accepts_the_folder_of_the_run_that_made
     assert r.returncode == 2 and "holds the runs of another study" in r.stderr
 
 
+def test_a_run_checking_the_folder_while_another_claims_it_never_reads_a_torn_marker(tmp_path):
+    """Found by the harness (PostgreSQL, round 189 of seed 161: runs started beside one that
+    claimed the folder both refused it, exit 2): every run rewrote the folder's marker in place,
+    empty for a moment, and a run checking it then read "" for the study's id. Claims and checks
+    at once, for a second: the check never refuses the study's own folder."""
+    import threading
+
+    from study import config, opening
+
+    cfg = config.build(
+        None, study="s", storage=f"sqlite:///{tmp_path}/s.db", log_dir=f"{tmp_path}/tb"
+    )
+    storage = storage_mod.load(cfg.storage)
+    study = opening.open_study(cfg, storage)
+    opening.claim_tensorboard_folder(cfg, study)
+    stop = time.monotonic() + 1.0
+    checks = refused = 0
+
+    def claim() -> None:
+        while time.monotonic() < stop:
+            opening.claim_tensorboard_folder(cfg, study)
+
+    other = threading.Thread(target=claim)
+    other.start()
+    while time.monotonic() < stop:
+        checks += 1
+        try:
+            opening.check_tensorboard_owner(cfg, storage)
+        except opening.ConfigError:
+            refused += 1
+    other.join()
+    assert checks > 10 and refused == 0, (checks, refused)
+    assert [p.name for p in opening._marker(cfg).parent.iterdir()] == [".study-uid"]
+
+
 def test_a_batched_run_never_trains_a_point_an_earlier_run_stored(workdir):
     """Found by the harness (journal): two runs on one study whose samplers were seeded alike
     drew the same point, and the second trained it again: the storage check looked only at
