@@ -585,27 +585,30 @@ def test_bench_script_runs_both_engines_and_ends_with_the_speedup(tmp_path, stor
     assert re.fullmatch(r"speedup \d+\.\dx", lines[-1])
 
 
+def _tiny_batched(tmp_path: Path, study: str, **overrides):
+    """An in-process batched study's config: the tiny space and data, 6 slots, its own files."""
+    import tomllib
+
+    from study import config
+
+    return config.build(
+        tomllib.loads(TINY_TOML),
+        study=study,
+        storage=f"sqlite:///{tmp_path}/s.db",
+        engine="batched",
+        slots=6,
+        log_dir=str(tmp_path / "tb"),
+        artifact_dir=str(tmp_path / "artifacts"),
+        **overrides,
+    )
+
+
 def _study_with(tmp_path: Path, pruner: str, asks: list) -> list[tuple]:
     """A tiny batched study (27 epochs: Hyperband's and halving's rungs at 1, 3, 9, 27; the
     median's warm-up 2); per trial what the pruner decided: state, epochs, params, value."""
-    import tomllib
+    from study import runner
 
-    from study import config, runner
-
-    toml = tomllib.loads(TINY_TOML)
-    cfg = config.build(
-        toml,
-        study="rungs",
-        storage=f"sqlite:///{tmp_path}/s.db",
-        n_trials=20,
-        max_epochs=27,
-        seed=3,
-        engine="batched",
-        slots=6,
-        pruner=pruner,
-        log_dir=str(tmp_path / "tb"),
-        artifact_dir=str(tmp_path / "artifacts"),
-    )
+    cfg = _tiny_batched(tmp_path, "rungs", n_trials=20, max_epochs=27, seed=3, pruner=pruner)
     ask = optuna.Trial.should_prune
 
     def counted(trial):
@@ -652,9 +655,8 @@ def test_a_study_on_fixed_capacity_stacks_trains_every_trial_as_train_py(tmp_pat
     """--stacks fixed on a whole study: trials end at Hyperband's rungs and new ones take their
     slots in place (counted), each stack's epochs replayed from one capture (EpochGraph); every
     trial's stored curve is train.py's for its config."""
-    import tomllib
 
-    from study import config, runner
+    from study import runner
     from study.batched import engine
     from study.trial_attrs import train_config
 
@@ -673,19 +675,8 @@ def test_a_study_on_fixed_capacity_stacks_trains_every_trial_as_train_py(tmp_pat
         graphs.append(stack.graph)
 
     monkeypatch.setattr(Stack, "__init__", made)
-    cfg = config.build(
-        tomllib.loads(TINY_TOML),
-        study="fixed",
-        storage=f"sqlite:///{tmp_path}/s.db",
-        n_trials=16,
-        max_epochs=9,
-        seed=5,
-        engine="batched",
-        slots=6,
-        stacks="fixed",
-        device=DEVICE,
-        log_dir=str(tmp_path / "tb"),
-        artifact_dir=str(tmp_path / "artifacts"),
+    cfg = _tiny_batched(
+        tmp_path, "fixed", n_trials=16, max_epochs=9, seed=5, stacks="fixed", device=DEVICE
     )
     runner.run(cfg, progress=False, say=lambda line: None)
     trials = optuna.load_study(study_name="fixed", storage=cfg.storage).trials

@@ -17,6 +17,7 @@ import math
 
 import optuna
 from optuna.pruners import HyperbandPruner, NopPruner, PercentilePruner, SuccessiveHalvingPruner
+from optuna.pruners._successive_halving import _get_current_rung
 from optuna.trial import FrozenTrial
 
 NEVER = math.inf
@@ -56,9 +57,7 @@ def _halving(p: SuccessiveHalvingPruner, trial: FrozenTrial, epoch: int) -> floa
     """Its next rung's promotion step: before it prune() returns at `step < promotion`."""
     if p._min_resource is None:  # "auto": estimated from the first completed trial
         return epoch + 1
-    rung = 0
-    while f"completed_rung_{rung}" in trial.system_attrs:
-        rung += 1
+    rung = _get_current_rung(trial)  # as prune() counts it
     promotion = p._min_resource * p._reduction_factor ** (p._min_early_stopping_rate + rung)
     return max(epoch + 1, promotion)
 

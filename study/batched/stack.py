@@ -287,8 +287,8 @@ class Stack:
         for f in self.flat:
             f[k].zero_()
         self.t[k] = 0.0
-        self.slots[k] = Slot(old.cfg, self.layout, [f[k : k + 1] for f in self.flat], old.order)
-        self.slots[k].empty = True
+        rows = [f[k : k + 1] for f in self.flat]
+        self.slots[k] = Slot(old.cfg, self.layout, rows, old.order, empty=True)
 
     @torch.no_grad()
     def refill(self, k: int, slot: Slot) -> None:
