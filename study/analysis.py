@@ -6,6 +6,7 @@ Everything reads the storage (and the best-model artifact); nothing retrains.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -14,7 +15,9 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from . import pareto
 from .data import TWO_PI, scale_inputs
+from .objectives import is_multi
 from .quiet import experimental
 
 EVALUATORS = ("ped-anova", "fanova")
@@ -63,23 +66,95 @@ def make_evaluator(name: str, seed: int = 0) -> optuna.importance.BaseImportance
         return PedAnovaImportanceEvaluator()
 
 
-def importances(study: optuna.Study, evaluator: str, seed: int = 0) -> dict[str, float]:
-    """Normalised importances (sum 1), largest first."""
-    with experimental():
+def objective_names(study: optuna.Study) -> list[str]:
+    """The study's values by name: val_mse, and n_params in a study of two objectives."""
+    return list(study.metric_names or ["val_mse"] * len(study.directions))
+
+
+def target(study: optuna.Study, objective: int = 0) -> dict:
+    """Keyword arguments that make Optuna's importances and plots read one objective: none for
+    a study of one (its value), `target` for a study of two (which needs one named)."""
+    if not is_multi(study):
+        return {}
+    return {
+        "target": lambda t: t.values[objective],
+        "target_name": objective_names(study)[objective],
+    }
+
+
+def importances(
+    study: optuna.Study, evaluator: str, seed: int = 0, objective: int = 0
+) -> dict[str, float]:
+    """Normalised importances (sum 1), largest first, for one of the study's objectives."""
+    kw = target(study, objective)
+    kw.pop("target_name", None)
+    with experimental(), warnings.catch_warnings():
+        # PED-ANOVA warns whenever a target is given that it ranks low values first: ours are
+        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
         return optuna.importance.get_param_importances(
-            study, evaluator=make_evaluator(evaluator, seed), normalize=True
+            study, evaluator=make_evaluator(evaluator, seed), normalize=True, **kw
         )
 
 
-def importance_table(study: optuna.Study) -> list[ImportanceRow]:
+def importance_table(study: optuna.Study, objective: int = 0) -> list[ImportanceRow]:
     """Both evaluators side by side, ordered by fANOVA."""
-    ped, fan = importances(study, "ped-anova"), importances(study, "fanova")
+    ped = importances(study, "ped-anova", objective=objective)
+    fan = importances(study, "fanova", objective=objective)
     params = sorted(set(ped) | set(fan), key=lambda p: -fan.get(p, 0.0))
     return [ImportanceRow(p, ped.get(p), fan.get(p)) for p in params]
 
 
 def top_trials(study: optuna.Study, k: int = 10) -> list[FrozenTrial]:
-    return sorted(complete_trials(study), key=lambda t: t.value)[:k]
+    """The complete trials of lowest validation MSE (the first value, with two objectives)."""
+    return sorted(complete_trials(study), key=lambda t: t.values[0])[:k]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The complete trial of lowest validation MSE, in a study of one objective or two (where
+    Optuna's best_trial refuses: a front has no one best)."""
+    top = top_trials(study, 1)
+    return top[0] if top else None
+
+
+def front(study: optuna.Study) -> list[FrozenTrial]:
+    """A study of two objectives: its complete trials on the Pareto front, smallest first."""
+    return pareto.front_trials(complete_trials(study)) if is_multi(study) else []
+
+
+# test MSE levels of the "smallest network reaching ..." table
+LEVELS = (1e-4, 1e-5, 1e-6, 1e-7)
+
+
+def smallest_reaching(
+    study: optuna.Study, levels: tuple[float, ...] = LEVELS
+) -> list[tuple[float, FrozenTrial | None]]:
+    """For each test MSE level, the complete trial with the fewest parameters whose test MSE
+    (at its best validation epoch) is at most that level; None where no trial reaches it."""
+    done = [
+        t
+        for t in complete_trials(study)
+        if isinstance(t.user_attrs.get("test_mse"), (int, float))
+        and isinstance(t.user_attrs.get("n_params"), int)
+    ]
+    out = []
+    for level in levels:
+        reach = [t for t in done if t.user_attrs["test_mse"] <= level]
+        key = lambda t: (t.user_attrs["n_params"], t.user_attrs["test_mse"])  # noqa: E731
+        out.append((level, min(reach, key=key) if reach else None))
+    return out
+
+
+def front_rows(trials: list[FrozenTrial]) -> list[list[str]]:
+    """One row per front trial: number, n_params, val MSE, test MSE, params."""
+    return [
+        [
+            f"#{t.number}",
+            str(t.user_attrs.get("n_params", int(t.values[1]))),
+            *mse_texts(t),
+            params_text(t.params),
+        ]
+        for t in trials
+    ]
 
 
 @torch.no_grad()
@@ -131,7 +206,7 @@ def mse_texts(t: FrozenTrial) -> tuple[str, str]:
     """The trial's validation and test MSE; with repeats, each the mean over its seeds ± their
     standard deviation."""
     return (
-        _spread(t, fmt_mse(t.value), "val_mse_std"),
+        _spread(t, fmt_mse(t.values[0] if t.values else None), "val_mse_std"),
         _spread(t, fmt_mse(t.user_attrs.get("test_mse")), "test_mse_std"),
     )
 

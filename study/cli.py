@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epochs", type=int, help=f"epochs per trial (default {DEFAULTS.train.max_epochs})"
     )
     run.add_argument(
+        "--objectives",
+        help="val_mse, or val_mse,n_params: accuracy against size, a Pareto front (default "
+        f"{','.join(DEFAULTS.objectives)})",
+    )
+    run.add_argument(
         "--sampler", help=f"one of {', '.join(config_mod.SAMPLERS)} (default {DEFAULTS.sampler})"
     )
     run.add_argument(
@@ -189,6 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         n_trials=args.n_trials,
         timeout=args.timeout,
         max_epochs=args.max_epochs,
+        objectives=args.objectives,
         sampler=args.sampler,
         pruner=args.pruner,
         seed=args.seed,

@@ -316,6 +316,12 @@ def run(
         load_if_exists=True,
         pruner=optuna.pruners.NopPruner(),
     )
+    if len(study.directions) > 1:
+        raise ConfigError(
+            f"study {study.study_name!r} in this storage has {len(study.directions)} objectives; "
+            "compare's studies have one (the validation MSE); delete it (optuna delete-study) or "
+            "use another --storage"
+        )
     trials = study.get_trials(deepcopy=False)
     stored = next((t.distributions["cell"] for t in trials if "cell" in t.distributions), None)
     if stored is not None and list(stored.choices) != list(factor.cells):

@@ -16,7 +16,13 @@ from typing import Any
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "silu", "gelu", "leaky_relu", "elu", "identity")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "step", "cosine", "exponential")
-SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes")
+SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
+# What a trial's values are, in order; the first is always the validation MSE. Both minimised.
+OBJECTIVES = ("val_mse", "n_params")
+# samplers that rank two objectives (CMA-ES optimises one)
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "random", "grid", "gp", "nsga2")
+# pruners that rank trials at rungs, which a Pareto rank can do (the median has one order)
+MULTI_OBJECTIVE_PRUNERS = ("hyperband", "sha", "none")
 PRUNERS = ("hyperband", "median", "sha", "none")
 SAMPLINGS = ("uniform", "grid")
 INPUT_SCALINGS = ("unit", "raw")
@@ -123,8 +129,11 @@ class StudyConfig:
     """trials this run adds to the study"""
     timeout: float | None = None
     """stop starting new trials after this many seconds"""
+    objectives: tuple[str, ...] = ("val_mse",)
+    """what a trial's values are: val_mse (its best validation MSE) alone, or val_mse,n_params
+    (a two-objective study: accuracy against size, its Pareto front; both minimised)"""
     sampler: str = "tpe"
-    """tpe, random, grid, gp or cmaes"""
+    """tpe, random, grid, gp, cmaes or nsga2 (NSGA-II)"""
     pruner: str = "hyperband"
     """hyperband, median, sha (successive halving) or none"""
     seed: int = 0
@@ -271,6 +280,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             )
     _choice("sampler", cfg.sampler, SAMPLERS)
     _choice("pruner", cfg.pruner, PRUNERS)
+    objectives = check_objectives(cfg.objectives)
     _positive_int("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
     _positive_int("--repeats", cfg.repeats, maximum=MAX_REPEATS)
     if cfg.slots is not None and cfg.slots < cfg.repeats:
@@ -316,8 +326,42 @@ def validate(cfg: StudyConfig) -> StudyConfig:
                     f"the cmaes sampler cannot search the categorical {name!r}; fix it to one "
                     f"choice in [search_space] or use --sampler tpe"
                 )
+    if len(objectives) > 1:
+        if cfg.sampler not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ConfigError(
+                f"the {cfg.sampler} sampler optimises one objective; with --objectives "
+                f"{','.join(objectives)} use --sampler "
+                f"{' / '.join(MULTI_OBJECTIVE_SAMPLERS)}"
+            )
+        if cfg.pruner not in MULTI_OBJECTIVE_PRUNERS:
+            raise ConfigError(
+                f"the {cfg.pruner} pruner ranks one objective; with --objectives "
+                f"{','.join(objectives)} use --pruner {' / '.join(MULTI_OBJECTIVE_PRUNERS)}"
+            )
     engine = "batched" if cfg.engine == "auto" else cfg.engine
-    return replace(cfg, space=space, engine=engine)
+    return replace(cfg, space=space, engine=engine, objectives=objectives)
+
+
+def check_objectives(value: Any) -> tuple[str, ...]:
+    """val_mse alone, or val_mse and n_params (in that order: the first value is the MSE)."""
+    if isinstance(value, str):
+        value = tuple(v.strip() for v in value.split(","))
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            'objectives must be a list of names, e.g. objectives = ["val_mse", "n_params"]'
+        )
+    for v in value:
+        if v not in OBJECTIVES:
+            raise ConfigError(
+                f"unknown objective {v!r}; use --objectives val_mse or val_mse,n_params"
+            )
+    value = tuple(value)
+    if value not in (OBJECTIVES[:1], OBJECTIVES):
+        raise ConfigError(
+            f"objectives {','.join(value)!r} are not a study sinstudy runs; use --objectives "
+            "val_mse or val_mse,n_params (the validation MSE first, each name once)"
+        )
+    return value
 
 
 def validate_train(t: TrainConfig) -> None:
@@ -423,6 +467,8 @@ def build(toml: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> St
     study_kw = {**toml.get("study", {}), **{k: v for k, v in overrides.items() if v is not None}}
     if isinstance(study_kw.get("devices"), list):
         study_kw["devices"] = tuple(study_kw["devices"])
+    if isinstance(study_kw.get("objectives"), list):
+        study_kw["objectives"] = tuple(study_kw["objectives"])
     study_kw.pop("max_epochs", None)
     try:
         cfg = StudyConfig(

@@ -36,10 +36,32 @@ def study_note(study: optuna.Study) -> str:
             f"Params: `{analysis.params_text(b.params)}`. Its weights and fit plot are artifacts "
             f"on its trial page.",
         ]
+    front = analysis.front(study)
+    if front:
+        lines += [
+            "",
+            f"**Pareto front** ({len(front)} trials, fewest parameters first):",
+            "",
+            "| trial | parameters | val MSE | test MSE | params |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {' | '.join(r)} |" for r in analysis.front_rows(front)]
+        lines += [
+            "",
+            "| smallest network with test MSE <= | trial | parameters |",
+            "|---|---|---|",
+        ]
+        for level, t in analysis.smallest_reaching(study):
+            cells = f"#{t.number} | {t.user_attrs['n_params']}" if t else "none yet | "
+            lines.append(f"| {level:.0e} | {cells} |")
     if not analysis.importance_shortfall(study):
-        rows = analysis.importance_table(study)
-        lines += ["", "| parameter | PED-ANOVA | fANOVA |", "|---|---|---|"]
-        lines += [f"| {r.param} | {r.ped_anova or 0:.2f} | {r.fanova or 0:.2f} |" for r in rows]
+        for i, name in enumerate(analysis.objective_names(study)):
+            rows = analysis.importance_table(study, objective=i)
+            title = f"importance for {name}" if front else "parameter"
+            lines += ["", f"| {title} | PED-ANOVA | fANOVA |", "|---|---|---|"]
+            lines += [
+                f"| {r.param} | {r.ped_anova or 0:.2f} | {r.fanova or 0:.2f} |" for r in rows
+            ]
     return "\n".join(lines)
 
 

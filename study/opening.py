@@ -19,14 +19,16 @@ from typing import Any
 import optuna
 import torch
 
-from . import __version__
+from . import __version__, pareto
 from . import storage as storage_mod
 from .config import ConfigError, StudyConfig, to_dict
 from .quiet import experimental
 from .space import grid
 
 VERSION_ATTR = "sinstudy_version"
-METRIC_NAME = "val_mse"  # every trial's value: its best validation MSE (the mean over repeats)
+# every trial's first value: its best validation MSE (the mean over repeats); a second, if the
+# study has two objectives: its parameter count
+METRIC_NAME = "val_mse"
 
 
 def resolve_device(name: str, *, say: Callable[[str], None] = print) -> torch.device:
@@ -80,7 +82,9 @@ def make_sampler(
     seed = ((cfg.seed if seed is None else seed) + stored) % 2**32  # numpy's limit
     s = cfg.sampler
     if s == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        # two objectives: pruned trials carry MSE curves, which Optuna's own TPE cannot rank
+        tpe = pareto.ParetoTPESampler if len(cfg.objectives) > 1 else optuna.samplers.TPESampler
+        return tpe(seed=seed)
     if s == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s == "grid":
@@ -93,22 +97,26 @@ def make_sampler(
         return optuna.samplers.GridSampler(grid(cfg.space), seed=cfg.seed)
     if s == "gp":
         return optuna.samplers.GPSampler(seed=seed)
+    if s == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    """The configured pruner; with two objectives its Pareto-ranking form (study/pareto.py)."""
     epochs = cfg.train.max_epochs
+    two = len(cfg.objectives) > 1
     if cfg.pruner == "hyperband":
         # Optuna's benchmarks recommend Hyperband with TPE. Rungs from max_epochs/27 upward.
-        return optuna.pruners.HyperbandPruner(
+        hyperband = pareto.ParetoHyperband if two else optuna.pruners.HyperbandPruner
+        return hyperband(
             min_resource=max(1, epochs // 27), max_resource=epochs, reduction_factor=3
         )
     if cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 10))
     if cfg.pruner == "sha":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=max(1, epochs // 27), reduction_factor=3
-        )
+        halving = pareto.ParetoHalving if two else optuna.pruners.SuccessiveHalvingPruner
+        return halving(min_resource=max(1, epochs // 27), reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -128,16 +136,13 @@ def _identity(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
-    """An existing study must minimise and have been made with the same space and data."""
+    """An existing study must minimise the configured objectives and have been made with the
+    same space and data."""
     if cfg.study not in optuna.get_all_study_names(storage):
         return
     existing = optuna.load_study(study_name=cfg.study, storage=storage)
-    if len(existing.directions) > 1:
-        raise ConfigError(
-            f"study {cfg.study!r} has {len(existing.directions)} objectives; sinstudy's has one "
-            "(validation MSE); use another --study name"
-        )
-    if existing.direction != optuna.study.StudyDirection.MINIMIZE:
+    check_objectives(cfg, existing)
+    if any(d != optuna.study.StudyDirection.MINIMIZE for d in existing.directions):
         raise ConfigError(
             f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another "
             f"--study name"
@@ -155,6 +160,23 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
             f"study {cfg.study!r} was created with another {' and '.join(diff)}; run with the "
             f"config it was created with, or start a new study with --study NAME"
         )
+
+
+def check_objectives(cfg: StudyConfig, study: optuna.Study) -> None:
+    """A study keeps the objectives it was made with: one value per trial, or two."""
+    names = study.metric_names  # None: made before sinstudy named them, or named a moment later
+    if names is None:
+        if len(study.directions) == len(cfg.objectives):
+            return
+        now = METRIC_NAME if len(study.directions) == 1 else f"{len(study.directions)} values"
+    elif tuple(names) == tuple(cfg.objectives):
+        return
+    else:
+        now = ",".join(names)
+    raise ConfigError(
+        f"study {cfg.study!r} has the objectives {now}, not {','.join(cfg.objectives)}; run it "
+        f"with --objectives {now}, or start a new study with --study NAME"
+    )
 
 
 CREATION_WAIT_S = 10.0  # how long a study that another run is creating may lack its identity
@@ -182,15 +204,17 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
     for its creator's label (check_study)."""
     kw = dict(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg))
     try:
-        study = optuna.create_study(**kw, direction="minimize", pruner=make_pruner(cfg))
+        study = optuna.create_study(
+            **kw, directions=["minimize"] * len(cfg.objectives), pruner=make_pruner(cfg)
+        )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(**kw, pruner=make_pruner(cfg))
         check_study(cfg, storage)  # waits for the label of a study created a moment ago
         if UID_ATTR not in study.user_attrs:  # made before sinstudy stored an id
             study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
-        name_metric(study)
+        name_metric(study, cfg.objectives)
         return study
-    name_metric(study)
+    name_metric(study, cfg.objectives)
     study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     study.set_user_attr("identity", json.dumps(_identity(cfg)))
     # no password in it: optuna-dashboard serves study attrs to anyone who can reach it
@@ -200,11 +224,11 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
     return study
 
 
-def name_metric(study: optuna.Study) -> None:
-    """The value's name, as optuna-dashboard and Optuna's plots show it (not "Objective 0")."""
+def name_metric(study: optuna.Study, objectives: tuple[str, ...] = (METRIC_NAME,)) -> None:
+    """The values' names, as optuna-dashboard and Optuna's plots show them (not "Objective 0")."""
     if study.metric_names is None:
         with experimental():
-            study.set_metric_names([METRIC_NAME])
+            study.set_metric_names(list(objectives))
 
 
 def check_folders(cfg: StudyConfig) -> None:

@@ -28,7 +28,11 @@ MSE = "val MSE"
 
 
 def _log10_value(t: optuna.trial.FrozenTrial) -> float:
-    return math.log10(max(t.value, 1e-30))
+    return math.log10(max(t.values[0], 1e-30))
+
+
+def _mse(t: optuna.trial.FrozenTrial) -> float:
+    return t.values[0]
 
 
 def fit_figure(f: Fit, title: str = "best network vs sin(x)") -> go.Figure:
@@ -83,13 +87,26 @@ def fit_png(f: Fit, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def importance_figure(study: optuna.Study, evaluator: str) -> go.Figure:
+def importance_figure(study: optuna.Study, evaluator: str, objective: int = 0) -> go.Figure:
+    """Importances for one objective (a study of two draws one figure per objective)."""
+    kw = analysis.target(study, objective)
     with experimental():
-        fig = vis.plot_param_importances(study, evaluator=analysis.make_evaluator(evaluator))
+        fig = vis.plot_param_importances(study, evaluator=analysis.make_evaluator(evaluator), **kw)
+    of = f" for {kw['target_name']}" if kw else ""
     fig.update_layout(
-        title=f"Hyperparameter importance "
+        title=f"Hyperparameter importance{of} "
         f"({'PED-ANOVA' if evaluator == 'ped-anova' else 'fANOVA'})"
     )
+    return fig
+
+
+def pareto_figure(study: optuna.Study) -> go.Figure:
+    """Validation MSE (log axis) against parameters, the front highlighted (Optuna draws the
+    dominated complete trials too)."""
+    with experimental():
+        fig = vis.plot_pareto_front(study, target_names=[MSE, "parameters"])
+    fig.update_xaxes(type="log", title_text=f"{MSE} (log scale)")
+    fig.update_layout(title="Pareto front: validation MSE against network size")
     return fig
 
 
@@ -101,19 +118,23 @@ def study_figures(
     # Values span decades (1e-7 .. 1e-1): axes that show the MSE are logarithmic; where Optuna
     # draws the value as a colour or a parallel axis, it is given log10(MSE) to draw.
     log_target = {"target": _log10_value, "target_name": f"log10 {MSE}"}
+    # a study of two objectives: Optuna's plots draw one, named; its first is the MSE
+    mse = {"target": _mse} if analysis.is_multi(study) else {}
     makers: dict[str, Callable[[], go.Figure]] = {
-        "history": lambda: vis.plot_optimization_history(study, target_name=MSE),
+        "history": lambda: vis.plot_optimization_history(study, target_name=MSE, **mse),
         "intermediate_values": lambda: vis.plot_intermediate_values(study),
         "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study, **log_target),
-        "edf": lambda: _log_x(vis.plot_edf(study, target_name=MSE)),
+        "edf": lambda: _log_x(vis.plot_edf(study, target_name=MSE, **mse)),
         "timeline": lambda: vis.plot_timeline(study),
     }
+    if analysis.is_multi(study) and analysis.complete_trials(study):
+        makers["pareto_front"] = lambda: pareto_figure(study)
     params = sorted({p for t in analysis.complete_trials(study) for p in t.params})
     for i in range(0, len(params), SLICE_PARAMS):
         chunk = params[i : i + SLICE_PARAMS]
         name = "slice" if i == 0 else f"slice_{i // SLICE_PARAMS + 1}"
         makers[name] = lambda chunk=chunk: _log_y(
-            vis.plot_slice(study, params=chunk, target_name=MSE)
+            vis.plot_slice(study, params=chunk, target_name=MSE, **mse)
         )
     for other in ("depth", "width"):
         if {"lr", other} <= set(params):
@@ -124,10 +145,10 @@ def study_figures(
     if shortfall:
         notes.append(shortfall)
     else:
-        for ev in evaluators:
-            makers[f"importance_{ev.replace('-', '_')}"] = lambda ev=ev: importance_figure(
-                study, ev
-            )
+        for i, name in enumerate(analysis.objective_names(study)):
+            for ev in evaluators:
+                stem = f"importance_{ev.replace('-', '_')}" + (f"_{name}" if i else "")
+                makers[stem] = lambda ev=ev, i=i: importance_figure(study, ev, i)
     figs = {}
     with experimental():
         for name, make in makers.items():

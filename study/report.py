@@ -15,6 +15,7 @@ from .config import ConfigError
 from .course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
 
 KEY_PLOTS = (
+    "pareto_front",
     "history",
     "importance_ped_anova",
     "importance_fanova",
@@ -53,12 +54,43 @@ def _table(head: list[str] | None, rows: list[list[str]], left: int = 1) -> str:
     return f"<table>{top}{body}</table>"
 
 
+def _front_parts(study: optuna.Study, front: list) -> list[str]:
+    """A study of two objectives: its Pareto front, and the smallest network reaching each
+    test MSE level."""
+    rows = []
+    for level, t in analysis.smallest_reaching(study):
+        if t is None:
+            rows.append([f"{level:.0e}", "none yet", "", "", ""])
+        else:
+            rows.append(
+                [
+                    f"{level:.0e}",
+                    f"#{t.number}",
+                    str(t.user_attrs["n_params"]),
+                    analysis.mse_texts(t)[1],
+                    analysis.params_text(t.params),
+                ]
+            )
+    return [
+        f"<h2>Pareto front ({len(front)} trials)</h2>",
+        "<p class=note>Complete trials no other trial beats on both validation MSE and size, "
+        "fewest parameters first.</p>",
+        _table(
+            ["trial", "parameters", "val MSE", "test MSE", "params"],
+            analysis.front_rows(front),
+        ),
+        "<h2>Smallest network reaching a test MSE</h2>",
+        _table(["test MSE <=", "trial", "parameters", "its test MSE", "params"], rows),
+    ]
+
+
 def build(study: optuna.Study, artifact_dir: str) -> str:
     c = analysis.Counts.of(study.get_trials(deepcopy=False))
     top = analysis.top_trials(study, 10)
     if not top:
         raise ConfigError(f"study {study.study_name!r} has no complete trial yet; run more trials")
     best = top[0]
+    front = analysis.front(study)
     cfg = json.loads(study.user_attrs.get("config", "{}"))
     parts = [
         f"<h1>sinstudy report: {html.escape(study.study_name)}</h1>",
@@ -69,7 +101,10 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
             None,
             [
                 ["trials", f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed"],
-                ["best trial", f"#{best.number}: {analysis.params_text(best.params)}"],
+                [
+                    "most accurate trial" if front else "best trial",
+                    f"#{best.number}: {analysis.params_text(best.params)}",
+                ],
                 ["best validation MSE", analysis.mse_texts(best)[0] + analysis.repeats_text(best)],
                 [
                     "its test MSE",
@@ -81,19 +116,24 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
                 ["sampler / pruner", f"{cfg.get('sampler', '?')} / {cfg.get('pruner', '?')}"],
             ],
         ),
-        "<h2>Hyperparameter importance</h2>",
     ]
+    if front:
+        parts += _front_parts(study, front)
+    parts.append("<h2>Hyperparameter importance</h2>")
     shortfall = analysis.importance_shortfall(study)
     if shortfall:
         parts.append(f"<p class=note>{html.escape(shortfall)}</p>")
     else:
-        rows = analysis.importance_table(study)
-        parts.append(
-            _table(
-                ["parameter", "PED-ANOVA", "fANOVA"],
-                [[r.param, f"{r.ped_anova or 0:.3f}", f"{r.fanova or 0:.3f}"] for r in rows],
+        for i, name in enumerate(analysis.objective_names(study)):
+            rows = analysis.importance_table(study, objective=i)
+            if front:
+                parts.append(f"<p>for {html.escape(name)}</p>")
+            parts.append(
+                _table(
+                    ["parameter", "PED-ANOVA", "fANOVA"],
+                    [[r.param, f"{r.ped_anova or 0:.3f}", f"{r.fanova or 0:.3f}"] for r in rows],
+                )
             )
-        )
     parts += [
         "<h2>Top 10 trials</h2>",
         _table(

@@ -6,12 +6,13 @@ import json
 import sys
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
+from . import analysis
 from . import storage as storage_mod
 from .analysis import Counts
 from .config import ConfigError
-from .summary import describe_trial
+from .summary import describe_trial, front_lines
 
 
 def open_for_reading(url: str, *, read_only: bool = True) -> optuna.storages.BaseStorage:
@@ -43,9 +44,12 @@ def load_existing(study_name: str, url: str) -> optuna.Study:
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial:
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+    """The complete trial of lowest validation MSE (with two objectives: the front's most
+    accurate)."""
+    best = analysis.best_trial(study)
+    if best is None:
         raise ConfigError(f"study {study.study_name!r} has no complete trial yet; run more trials")
-    return study.best_trial
+    return best
 
 
 def best_text(study_name: str, url: str) -> str:
@@ -57,7 +61,9 @@ def best_text(study_name: str, url: str) -> str:
         f"study          {study_name}  ({c.complete} complete, {c.pruned} pruned, {c.failed} "
         f"failed)"
     ]
-    lines += describe_trial(trial)
+    front = analysis.front(study)
+    lines += describe_trial(trial, "most accurate" if front else "best trial")
+    lines += front_lines(front, limit=None)
     if cfg:
         lines.append(
             f"max epochs     {cfg['train']['max_epochs']}, sampler {cfg['sampler']}, pruner "

@@ -19,10 +19,11 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
-from . import interrupt
+from . import interrupt, objectives
 from .artifacts import model_state, upload_model
 from .config import StudyConfig, TrainConfig
 from .data import SinData, make_data
+from .objectives import count_params
 from .opening import make_pruner, make_sampler, open_study_storage
 from .recovery import OWNER_ATTR, JournalHeartbeat, owner_attr, sweep_stale
 from .space import grid_started, param_set
@@ -88,21 +89,22 @@ class Objective:
             t0 = time.perf_counter()
             logger.log_epoch(log)
             last.update(val_mse=log.val_mse, epoch=log.epoch)
-            trial.report(log.val_mse, log.epoch)
-            prune = trial.should_prune()
+            objectives.report(trial, log.val_mse, log.epoch)
+            prune = objectives.should_prune(trial)
             self.seconds_reporting += time.perf_counter() - t0
             if prune:
                 trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {log.epoch}")
                 raise optuna.TrialPruned(f"pruned after epoch {log.epoch}")
 
         hparams = dict(trial.params)
+        size = {"n_params": count_params(tcfg.widths)}  # known before training
         try:
             if len(tcfgs) == 1:
                 results = [train(tcfg, self.data, on_epoch=on_epoch)]
             else:  # the seeds in lockstep: the pruner sees their mean curve
                 results = train_repeats(tcfgs, self.data, on_epoch=on_epoch)
         except optuna.TrialPruned:
-            logger.close(hparams, trial_metrics(last["val_mse"], {}), "PRUNED")
+            logger.close(hparams, trial_metrics(last["val_mse"], size), "PRUNED")
             raise
         except BaseException:  # interrupted or failed: keep the curve written so far
             logger.writer.close()
@@ -117,7 +119,7 @@ class Objective:
         if out.diverged:
             trial.set_user_attr("pruned_reason", out.diverged)
             raise optuna.TrialPruned(out.diverged)
-        if self.artifact_store is not None and self._is_new_best(trial, out.value):
+        if self.artifact_store is not None and _is_new_best(trial, out.value):
             artifact_id = upload_model(
                 self.artifact_store,
                 trial,
@@ -127,6 +129,8 @@ class Objective:
                 scaling=self.cfg.data.input_scaling,
             )
             trial.set_user_attr("model_artifact", artifact_id)
+        if objectives.multi(self.cfg):
+            return objectives.values(self.cfg, out.value, out.attrs["n_params"])
         return out.value
 
     def _check_running(self, trial: optuna.Trial) -> None:
@@ -201,12 +205,18 @@ class Objective:
         )
         return True
 
-    @staticmethod
-    def _is_new_best(trial: optuna.Trial, value: float) -> bool:
+
+def _is_new_best(trial: optuna.Trial, value: float) -> bool:
+    """Better than every complete trial's validation MSE (the first value, with two objectives:
+    the model kept is the most accurate one)."""
+    study = trial.study
+    if not objectives.is_multi(study):
         try:
-            return value < trial.study.best_value
+            return value < study.best_value
         except ValueError:  # no completed trial yet
             return True
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return all(value < objectives.mse(t) for t in done)
 
 
 def run_trials(

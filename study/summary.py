@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from . import analysis
 from .analysis import Counts, mse_texts, params_text, seeds_text
 from .config import StudyConfig
 from .course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
@@ -31,6 +32,7 @@ class Summary:
     signum: int = 0  # the signal that interrupted the run, or 0
     bookkeeping_seconds: float | None = None  # sampler, pruner, storage, TensorBoard (one process)
     left: Leftovers | None = None  # what the run found and leaves unfinished in the study
+    front: list[FrozenTrial] | None = None  # two objectives: the Pareto front, smallest first
 
 
 @dataclass
@@ -122,7 +124,7 @@ class Progress:
         """Optuna callback (the standard engine in this process): one more trial finished."""
         self.bar.update(1)
         if trial.state == TrialState.COMPLETE:
-            self.finished(trial.number, trial.value)
+            self.finished(trial.number, trial.values[0])
 
     def written(self, number: int, state: TrialState, value: float | None) -> None:
         """The batched engine's writer stored one more finished trial."""
@@ -140,10 +142,9 @@ class Progress:
         """Move to n finished trials (the parent of several workers polls the storage)."""
         if n != self.bar.n:
             self.bar.update(n - self.bar.n)
-            try:
-                self.finished(study.best_trial.number, study.best_value)
-            except ValueError:  # no complete trial yet
-                pass
+            best = analysis.best_trial(study)
+            if best is not None:
+                self.finished(best.number, best.values[0])
 
     def close(self) -> None:
         self.bar.close()
@@ -167,7 +168,7 @@ def summarize(
     `recovered`: trials of earlier runs its start failed (number -> why); `running_before`:
     others' trials RUNNING when it started; `run`: the `run` attr of its trials."""
     trials = study.get_trials(deepcopy=False)
-    best = study.best_trial if any(t.state == TrialState.COMPLETE for t in trials) else None
+    best = analysis.best_trial(study)
 
     def mine(t: FrozenTrial) -> bool:
         ua = t.user_attrs
@@ -184,6 +185,7 @@ def summarize(
         log_dir=str(Path(cfg.log_dir) / study.study_name),
         artifact_dir=cfg.artifact_dir,
         best=best,
+        front=analysis.front(study),
         signum=int(signum),
         left=Leftovers.of(
             study,
@@ -204,13 +206,13 @@ def shared_text(attrs: dict) -> str:
     return f" (its share of the device: {compute:.1f} s)"
 
 
-def describe_trial(t: FrozenTrial) -> list[str]:
+def describe_trial(t: FrozenTrial, label: str = "best trial") -> list[str]:
     """Lines that describe a finished trial: params, value, test MSE and the key attrs."""
     ua = t.user_attrs
     val, test = mse_texts(t)
     about = [f"best epoch {ua.get('best_epoch', '?')} of {ua.get('epochs', '?')}", seeds_text(t)]
     lines = [
-        f"best trial     #{t.number}: {params_text(t.params)}",
+        f"{label:<15}#{t.number}: {params_text(t.params)}",
         f"val MSE        {val}  ({', '.join(a for a in about if a)})",
         f"test MSE       {test}  (report's best: {REPORT_BEST_TEST_MSE:.3e})",
         f"parameters     {ua.get('n_params', '?')}, trained in "
@@ -218,6 +220,26 @@ def describe_trial(t: FrozenTrial) -> list[str]:
     ]
     if "model_artifact" in ua:
         lines.append(f"model artifact {ua['model_artifact']}")
+    return lines
+
+
+FRONT_ROWS = 12  # front trials a summary lists (the rest: `sinstudy report`)
+
+
+def front_lines(front: list[FrozenTrial], limit: int | None = FRONT_ROWS) -> list[str]:
+    """A two-objective study's Pareto front, smallest network first: n_params, validation and
+    test MSE, params. Empty for a study of one objective."""
+    if not front:
+        return []
+    shown = front if limit is None else front[:limit]
+    rows = analysis.front_rows(shown)
+    width = max(len(r[1]) for r in rows)
+    lines = [
+        f"pareto front   {len(front)} trials (fewest parameters first; val MSE, test MSE)",
+        *(f"  {r[0]:>6} {r[1]:>{width}} params  {r[2]}  {r[3]}  {r[4]}" for r in rows),
+    ]
+    if len(front) > len(shown):
+        lines.append(f"  ... {len(front) - len(shown)} more (sinstudy report)")
     return lines
 
 
@@ -230,7 +252,11 @@ def format_summary(s: Summary) -> str:
         f"whole study    {tot.complete} complete, {tot.pruned} pruned, {tot.failed} failed",
     ]
     lines += s.left.lines() if s.left else []
-    lines += describe_trial(s.best) if s.best else ["best trial     none complete yet"]
+    if s.best is None:
+        lines.append("best trial     none complete yet")
+    else:  # two objectives: a front has no one best; its most accurate trial, then the front
+        lines += describe_trial(s.best, "most accurate" if s.front else "best trial")
+    lines += front_lines(s.front or [])
     lines += [
         f"storage        {s.storage}",
         # quoted for a shell: a study name or folder with a space must survive the copy

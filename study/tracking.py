@@ -79,8 +79,9 @@ class TrialLogger:
 
 
 # The HParams metrics of every run: the trial's value (best validation MSE, or the last one of a
-# pruned trial), the test MSE of the same weights, and both on the last epoch's weights.
-METRICS = ("val_mse", "test_mse", "final_val_mse", "final_test_mse")
+# pruned trial), the test MSE of the same weights, both on the last epoch's weights, and the
+# network's parameter count (a two-objective study's second value).
+METRICS = ("val_mse", "test_mse", "final_val_mse", "final_test_mse", "n_params")
 # TensorBoard's session statuses have no "stopped early". A pruned run ended as the study meant
 # it to (UNKNOWN would read as a run whose end was lost), so it is a success there and its
 # `state` hparam says PRUNED; FAIL is a failure.

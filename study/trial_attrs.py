@@ -15,6 +15,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from .config import StudyConfig, TrainConfig
+from .objectives import count_params
 from .space import suggest
 from .train import TrainResult
 
@@ -69,8 +70,15 @@ def trial_configs(cfg: StudyConfig, trial: optuna.Trial, seed: int) -> list[Trai
 def start_attrs(engine: str, tcfg: TrainConfig, params: dict, repeats: int = 1) -> dict:
     """Stored when a trial starts, so pruned and failed trials carry them too: who trains it,
     its (first) seed, and what of its TrainConfig its params do not show, one short attr per
-    field (`train_<field>`: one long JSON value would stretch optuna-dashboard's trial page)."""
-    attrs = {"engine": engine, "seed": tcfg.seed, "worker": WORKER, "run": run_id()}
+    field (`train_<field>`: one long JSON value would stretch optuna-dashboard's trial page),
+    and its parameter count (a second objective, which the Pareto pruners read at each rung)."""
+    attrs = {
+        "engine": engine,
+        "seed": tcfg.seed,
+        "worker": WORKER,
+        "run": run_id(),
+        "n_params": count_params(tcfg.widths),
+    }
     if repeats > 1:
         attrs["repeats"] = repeats
     shown = set(params) | ({"width"} if any(p.startswith("width_") for p in params) else set())

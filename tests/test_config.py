@@ -147,8 +147,9 @@ def test_every_run_flag_is_a_config_key_with_the_same_default_in_help_and_readme
         elif default is None:
             assert said is None and table[flag] == "", (flag, said, table[flag])
         else:
-            assert said is not None and said[1].strip("'") == str(default), (flag, said)
-            assert table[flag] == str(default), (flag, table[flag], default)
+            text = ",".join(default) if isinstance(default, tuple) else str(default)
+            assert said is not None and said[1].strip("'") == text, (flag, said)
+            assert table[flag] == text, (flag, table[flag], default)
     # the README's config file: every key there is a key, with its default
     block = re.search(r"```toml\n(.*?)```", readme[readme.index("## Configure") :], re.S)[1]
     cfg = config.StudyConfig()

@@ -711,3 +711,47 @@ def test_workers_whose_parent_dies_as_they_start_stop_without_a_traceback(workdi
     assert not [w for w in workers if Path(f"/proc/{w}").exists()]
     if Path(url.split(":///", 1)[1]).exists():
         assert not _load(url).get_trials(states=(TrialState.RUNNING,))
+
+
+def test_curves_of_a_trial_a_sweep_failed_are_skipped_on_the_journal(tmp_path):
+    """Found by the harness (seed 181, journal, a run's processes starved past the grace
+    period): another run's sweep failed the run's trials, and the writer's next curves job
+    raised UpdateFinishedTrialError on the journal, which killed the writer."""
+    from study.batched.bulk import append_values
+
+    storage = storage_mod.load(f"journal:///{tmp_path}/s.log")
+    study = optuna.create_study(study_name="s", storage=storage)
+    failed, running = study.ask(), study.ask()
+    storage.set_trial_state_values(failed._trial_id, TrialState.FAIL)
+    append_values(storage, {failed._trial_id: {1: 0.5}, running._trial_id: {1: 0.25, 2: 0.125}})
+    got = {t.number: t.intermediate_values for t in study.get_trials()}
+    assert got == {0: {}, 1: {1: 0.25, 2: 0.125}}
+
+
+def test_a_dead_writers_trials_that_a_sweep_failed_give_their_claims_to_the_retries(tmp_path):
+    """Found with the harness's case (seed 181): a worker's writer died after another run's
+    sweep had failed its trials and queued their retries; the engine gave back only the claims
+    of trials it failed itself, so the run's replacement worker found its budget spent and the
+    run ended short, its retries left WAITING."""
+    import torch
+
+    from study import config, opening
+    from study.batched.engine import BatchedEngine
+
+    cfg = config.build(None, study="s", storage=f"sqlite:///{tmp_path}/s.db", n_trials=3)
+    study = opening.open_study(cfg, storage_mod.load(cfg.storage))
+    swept, mine, done = study.ask(), study.ask(), study.ask()
+    recovery.fail_and_retry(study, swept.number, 1)  # another run's sweep: FAIL, retry queued
+    study.tell(done, 0.5)  # stored by the writer before it died: it counts
+    budget = Budget(3, None)
+    assert all(budget.claim() for _ in range(3))
+    engine = BatchedEngine(
+        cfg, study.get_trials(), torch.device("cpu"), slots=4, seed=0, on_trial=print
+    )
+    engine.stored = {10: swept.number, 11: mine.number, 12: done.number}
+    engine.settle(study, budget, 0)
+    assert budget.reserved() == 2  # kept for the two retries, which the replacement takes
+    assert budget.claim(queued=True) and budget.claim(queued=True)
+    assert not budget.claim(queued=True) and not budget.claim()  # the complete one counted
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.WAITING) == 2 and states[mine.number] == TrialState.FAIL

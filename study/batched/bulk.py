@@ -379,11 +379,16 @@ def _step_rows(tid: int, steps: dict[int, float]) -> list[dict]:
 def append_values(
     storage: optuna.storages.BaseStorage, values: dict[int, dict[int, float]]
 ) -> None:
-    """New intermediate values {trial_id: {step: value}} of running trials, in one transaction."""
+    """New intermediate values {trial_id: {step: value}} of running trials, in one transaction.
+    A trial another process finished meanwhile (a sweep, optuna-dashboard) is skipped: the
+    writer's next sync stops it (the journal refuses the write; an RDB takes the rows)."""
     if not isinstance(storage, RDBStorage):
         for tid, steps in values.items():
-            for step, v in steps.items():
-                storage.set_trial_intermediate_value(tid, step, v)
+            try:
+                for step, v in steps.items():
+                    storage.set_trial_intermediate_value(tid, step, v)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
         return
 
     def body(session) -> None:
@@ -404,6 +409,11 @@ class Ending:
     user_attrs: dict[str, Any]
     system_attrs: dict[str, Any]
     completed: datetime
+    rest: tuple[float, ...] = ()  # the values after the first, in a study of two objectives
+
+    @property
+    def stored_values(self) -> list[float] | None:
+        return None if self.value is None else [self.value, *self.rest]
 
 
 def finish_trial(storage: optuna.storages.BaseStorage, trial_id: int, **ending: Any) -> bool:
@@ -445,9 +455,7 @@ def finish_trials(storage: optuna.storages.BaseStorage, endings: list[Ending]) -
                 )
                 attr_rows = [r for e in ends for r in _attr_rows(e.trial_id, getattr(e, field))]
                 _put(session, model, attr_rows)
-        value_rows = [
-            r for e in ends for r in _value_rows(e.trial_id, [] if e.value is None else [e.value])
-        ]
+        value_rows = [r for e in ends for r in _value_rows(e.trial_id, e.stored_values or [])]
         step_rows = [r for e in ends for r in _step_rows(e.trial_id, e.values)]
         _put(session, models.TrialValueModel, value_rows)
         _put(session, models.TrialIntermediateValueModel, step_rows)
@@ -463,9 +471,7 @@ def _journal_finish(storage: optuna.storages.BaseStorage, e: Ending) -> bool:
             storage.set_trial_user_attr(e.trial_id, k, v)
         for k, v in e.system_attrs.items():
             storage.set_trial_system_attr(e.trial_id, k, v)
-        return storage.set_trial_state_values(
-            e.trial_id, e.state, None if e.value is None else [e.value]
-        )
+        return storage.set_trial_state_values(e.trial_id, e.state, e.stored_values)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
 

@@ -25,7 +25,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from .. import interrupt
+from .. import interrupt, objectives, pareto
 from ..artifacts import model_state
 from ..config import StudyConfig, TrainConfig, models_at_once
 from ..data import make_data
@@ -85,6 +85,7 @@ class Live:
     compute: float = 0.0  # its slots' share of their stacks' epochs, in seconds
     reported: int = 0  # epochs already reported to the mirror
     ask_at: float = 1  # the next epoch at which the pruner may act (rungs.py)
+    n_params: int = 0  # its network's size (a second objective)
 
 
 @dataclass
@@ -171,6 +172,7 @@ class BatchedEngine:
     ):
         self.cfg, self.device, self.k = cfg, device, slots
         self.fixed = cfg.stacks == "fixed"  # fixed-capacity stacks, refilled in place
+        self.multi = objectives.multi(cfg)  # two objectives: MSE and size
         # The study's own trials: each its own seeds, checked by the writer (compare's cells
         # share their seeds on purpose).
         self.unique_seeds = configure is None
@@ -199,7 +201,7 @@ class BatchedEngine:
         self.finishing: dict[int, float] = {}
         # the best value confirmed stored (this engine's and those it was loaded with)
         self.stored_best = min(
-            (t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf
+            (t.values[0] for t in stored if t.state == TrialState.COMPLETE), default=math.inf
         )
         self.retry_wait: float | None = None  # until when the loop waits for a queued retry
 
@@ -307,10 +309,12 @@ class BatchedEngine:
     def settle(self, study: optuna.Study, budget, worker: int) -> None:
         """The writer died: fail and retry at once the stored trials it held (those it stored
         finished before it died count), and give their budget back, and that of trials whose
-        start it never confirmed (a sweep recovers them if they were stored)."""
+        start it never confirmed (a sweep recovers them if they were stored). A held trial
+        another process failed meanwhile (a sweep that queued its retry) counts for nothing
+        either: its claim goes back for the retry, as the writer's sync would have done."""
         retry = self.cfg.max_retries > 0
         for number in self.stored.values():
-            if fail_and_retry(study, number, self.cfg.max_retries):
+            if fail_and_retry(study, number, self.cfg.max_retries) or _failed(study, number):
                 budget.release(for_queued=retry, worker=worker)
         if self.pending:
             budget.release(len(self.pending), worker=worker)
@@ -406,7 +410,9 @@ class BatchedEngine:
             )
             self.first_seeds[trial.number] = tcfgs[0].seed
             # shared by the trial's repeats: one slot per seed, one stack
-            tag = Live(trial, queued, now)
+            tag = Live(trial, queued, now, n_params=starts[-1].trial.user_attrs["n_params"])
+            if self.multi:  # what the Pareto pruner ranks it by, beside its MSE
+                trial.set_user_attr(pareto.SIZE_ATTR, tag.n_params)
             tag.ask_at = self.rungs.next_ask(self.mirror.study, self.mirror.frozen(trial), 0)
             t1 = time.perf_counter()
             for tcfg in tcfgs:
@@ -505,7 +511,7 @@ class BatchedEngine:
             )
             if epoch >= live.ask_at:  # elsewhere the pruner would say no and change nothing
                 self._report(live)
-                if live.trial.should_prune():
+                if objectives.should_prune(live.trial):
                     done.append((ks, TrialState.PRUNED, f"pruner stopped it after epoch {epoch}"))
                     continue
                 live.ask_at = self.rungs.next_ask(
@@ -521,7 +527,7 @@ class BatchedEngine:
         and before the trial is told, the only times they are read."""
         if len(live.values) > live.reported:
             for epoch, mean in list(live.values.items())[live.reported :]:
-                live.trial.report(mean, epoch)
+                objectives.report(live.trial, mean, epoch)
             live.reported = len(live.values)
 
     def _flush(self) -> None:
@@ -591,16 +597,19 @@ class BatchedEngine:
         if reason:
             attrs["pruned_reason"] = reason
         last = live.values[max(live.values)] if live.values else None
-        # Optuna: a pruned trial keeps its last value
+        # Optuna: a pruned trial keeps its last value (of one objective; of two, none)
         value = live.best_val if state == TrialState.COMPLETE else last
-        metrics = trial_metrics(live.best_val if state == TrialState.COMPLETE else last, attrs)
+        metrics = trial_metrics(value, {"n_params": live.n_params, **attrs})
+        if self.multi and state != TrialState.COMPLETE:
+            value = None
         # Weights go with every trial better than the best confirmed stored; the writer uploads
         # those of the trials that are best when it stores them. Decided here against trials
         # still on their way, a trial handed over without weights stayed without them when the
         # better one on its way was then not stored (failed meanwhile by another engine).
         new_best = state == TrialState.COMPLETE and value < self.stored_best
         self._report(live)  # a pruned trial's value is its last one; TPE reads pruned curves
-        self.mirror.tell(live.trial, value if state == TrialState.COMPLETE else None, state)
+        told = objectives.values(self.cfg, value, live.n_params) if self.multi else value
+        self.mirror.tell(live.trial, told if state == TrialState.COMPLETE else None, state)
         model = (
             (model_state(out.model), out.model_cfg) if new_best else (None, stack.slots[ks[0]].cfg)
         )
@@ -623,6 +632,9 @@ class BatchedEngine:
                 metrics=metrics,
                 model=model,
                 tcfg=tcfg,
+                rest=tuple(objectives.values(self.cfg, value, live.n_params)[1:])
+                if state == TrialState.COMPLETE
+                else (),
             )
         )
 
@@ -660,6 +672,13 @@ class BatchedEngine:
                     live, TrialState.FAIL, None, {"failed_reason": "interrupted"}, {}, None, x.cfg
                 )
         self.stacks.clear()
+
+
+def _failed(study: optuna.Study, number: int) -> bool:
+    """Is stored trial `number` FAIL (failed by another process, since this one holds it)?"""
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    return storage.get_trial(trial_id).state == TrialState.FAIL
 
 
 def _trials(slots) -> list[Live]:

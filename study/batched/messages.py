@@ -79,7 +79,7 @@ class Finish:
 
     handle: int
     state: TrialState
-    value: float | None
+    value: float | None  # its validation MSE (the first objective)
     values: dict[int, float]  # intermediate values not flushed yet
     attrs: dict
     system_attrs: dict  # the pruner's (rungs), for other engines' pruners
@@ -89,6 +89,7 @@ class Finish:
     metrics: dict[str, float] = field(default_factory=dict)  # TensorBoard HParams metrics
     model: State | None = None  # a new best's weights, stored as an artifact
     tcfg: TrainConfig | None = None
+    rest: tuple[float, ...] = ()  # values after the first (n_params, with two objectives)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import StudyConfig
+from ..objectives import directions
 from ..opening import make_pruner, make_sampler
 from ..quiet import experimental
 from ..space import param_set
@@ -32,7 +33,7 @@ class Mirror:
             # number.
             self.study = optuna.create_study(
                 study_name=cfg.study,
-                direction="minimize",
+                directions=directions(cfg),
                 sampler=make_sampler(cfg, seed=seed, stored=len(stored)),
                 pruner=make_pruner(cfg),
             )
@@ -65,7 +66,7 @@ class Mirror:
                 for t in stored
                 if t.params and t.state != TrialState.FAIL
             ),
-            min((t.value for t in stored if t.state == TrialState.COMPLETE), default=math.inf),
+            min((t.values[0] for t in stored if t.state == TrialState.COMPLETE), default=math.inf),
         )
 
     def _add(self, t: FrozenTrial) -> None:
@@ -141,7 +142,9 @@ class Mirror:
             self.reseeded = True
             self.study.sampler.reseed_rng()
 
-    def tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> None:
+    def tell(
+        self, trial: optuna.Trial, value: float | list[float] | None, state: TrialState
+    ) -> None:
         try:
             self.study.tell(trial, value, state=state)
         except RuntimeError as e:  # GridSampler calls study.stop() when its grid is done; the

@@ -387,8 +387,8 @@ class _Seen:
             if t.params and t.state != TrialState.FAIL and t._trial_id not in self.params_seen:
                 self.taken_params.add(param_set(t.params, t.distributions))
                 self.params_seen.add(t._trial_id)
-            if t.state == TrialState.COMPLETE and t.value is not None:
-                self.best = min(self.best, t.value)
+            if t.state == TrialState.COMPLETE and t.values:
+                self.best = min(self.best, t.values[0])
 
 
 class _Sink:
@@ -528,7 +528,16 @@ class _Sink:
                     continue
                 self.seen.best = f.value
             endings.append(
-                Ending(trial_id, f.state, f.value, f.values, attrs, f.system_attrs, f.completed)
+                Ending(
+                    trial_id,
+                    f.state,
+                    f.value,
+                    f.values,
+                    attrs,
+                    f.system_attrs,
+                    f.completed,
+                    f.rest,
+                )
             )
         done = finish_trials(self.storage, endings)
         stored = {e.trial_id for e, ok in zip(endings, done, strict=True) if ok}
