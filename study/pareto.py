@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import optuna
 from optuna.pruners import HyperbandPruner, SuccessiveHalvingPruner
-from optuna.samplers import TPESampler
 from optuna.pruners._successive_halving import _completed_rung_key, _get_current_rung
+from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 Point = tuple[float, float]  # (validation MSE, n_params): both minimised
