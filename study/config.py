@@ -281,6 +281,18 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _choice("sampler", cfg.sampler, SAMPLERS)
     _choice("pruner", cfg.pruner, PRUNERS)
     objectives = check_objectives(cfg.objectives)
+    if len(objectives) > 1:
+        if cfg.sampler not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ConfigError(
+                f"the {cfg.sampler} sampler optimises one objective; with --objectives "
+                f"{','.join(objectives)} use --sampler "
+                f"{' / '.join(MULTI_OBJECTIVE_SAMPLERS)}"
+            )
+        if cfg.pruner not in MULTI_OBJECTIVE_PRUNERS:
+            raise ConfigError(
+                f"the {cfg.pruner} pruner ranks one objective; with --objectives "
+                f"{','.join(objectives)} use --pruner {' / '.join(MULTI_OBJECTIVE_PRUNERS)}"
+            )
     _positive_int("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
     _positive_int("--repeats", cfg.repeats, maximum=MAX_REPEATS)
     if cfg.slots is not None and cfg.slots < cfg.repeats:
@@ -326,18 +338,6 @@ def validate(cfg: StudyConfig) -> StudyConfig:
                     f"the cmaes sampler cannot search the categorical {name!r}; fix it to one "
                     f"choice in [search_space] or use --sampler tpe"
                 )
-    if len(objectives) > 1:
-        if cfg.sampler not in MULTI_OBJECTIVE_SAMPLERS:
-            raise ConfigError(
-                f"the {cfg.sampler} sampler optimises one objective; with --objectives "
-                f"{','.join(objectives)} use --sampler "
-                f"{' / '.join(MULTI_OBJECTIVE_SAMPLERS)}"
-            )
-        if cfg.pruner not in MULTI_OBJECTIVE_PRUNERS:
-            raise ConfigError(
-                f"the {cfg.pruner} pruner ranks one objective; with --objectives "
-                f"{','.join(objectives)} use --pruner {' / '.join(MULTI_OBJECTIVE_PRUNERS)}"
-            )
     engine = "batched" if cfg.engine == "auto" else cfg.engine
     return replace(cfg, space=space, engine=engine, objectives=objectives)
 

@@ -5,7 +5,7 @@ refuse). sinstudy's engines own their training loop, so they report each epoch s
 storage and ask the pruners here, which keep successive halving's rungs and shares (alone, or
 as each of Hyperband's brackets) and change only the order a rung ranks its trials in: by
 Pareto rank on (validation MSE at the rung, n_params), ties within a rank broken by NSGA-II's
-crowding distance, the larger first, so a rung keeps a spread of sizes along the front rather
+crowding distance (on log10 MSE, which spans decades), the larger first, so a rung keeps a spread of sizes along the front rather
 than one corner of it. MO-ASHA (Schmucker et al., 2021, Syne Tune) ranks the same way and
 breaks ties with an epsilon-net; crowding is the documented equivalent NSGA-II uses.
 
@@ -150,19 +150,23 @@ class ParetoHalving(SuccessiveHalvingPruner):
             key = _completed_rung_key(rung)
             study._storage.set_trial_system_attr(trial._trial_id, key, value)
             competing = [
-                (t.system_attrs[key], s)
+                (t.system_attrs[key], _size(t))
                 for t in trials
-                if key in t.system_attrs
-                and t._trial_id != trial._trial_id
-                and (s := _size(t)) is not None
+                if key in t.system_attrs and t._trial_id != trial._trial_id
             ]
-            points = [(value, size), *competing]  # the trial itself first: ties keep it
+            # log10 of the MSE: it spans decades, and crowding measures gaps along each axis
+            points = [(_log(value), size)] + [(_log(v), n) for v, n in competing]
+            # the trial itself first: ties keep it
             if len(points) <= self._bootstrap_count:
                 return True
             keep = max(1, len(points) // self._reduction_factor)
             if 0 not in order(points)[:keep]:
                 return True
             rung += 1
+
+
+def _log(mse: float) -> float:
+    return math.log10(max(mse, 1e-300))
 
 
 def _size(t: FrozenTrial) -> float:
