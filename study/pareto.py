@@ -5,9 +5,10 @@ refuse). sinstudy's engines own their training loop, so they report each epoch s
 storage and ask the pruners here, which keep successive halving's rungs and shares (alone, or
 as each of Hyperband's brackets) and change only the order a rung ranks its trials in: by
 Pareto rank on (validation MSE at the rung, n_params), ties within a rank broken by NSGA-II's
-crowding distance (on log10 MSE, which spans decades), the larger first, so a rung keeps a spread of sizes along the front rather
-than one corner of it. MO-ASHA (Schmucker et al., 2021, Syne Tune) ranks the same way and
-breaks ties with an epsilon-net; crowding is the documented equivalent NSGA-II uses.
+crowding distance (on log10 MSE, which spans decades), the larger first, so a rung keeps a
+spread of sizes along the front rather than one corner of it. MO-ASHA (Schmucker et al., 2021,
+Syne Tune) ranks the same way and breaks ties with an epsilon-net; crowding is the documented
+equivalent NSGA-II uses.
 
 Each pruner stores a trial's MSE at a rung under Optuna's own `completed_rung_<r>` key (so
 study/batched/rungs.py and Optuna's `_get_current_rung` read the rungs as they do for one
