@@ -164,19 +164,21 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
 
 def check_objectives(cfg: StudyConfig, study: optuna.Study) -> None:
     """A study keeps the objectives it was made with: one value per trial, or two."""
-    names = study.metric_names  # None: made before sinstudy named them, or named a moment later
+    names = study.metric_names  # None: made before sinstudy named them, or by another tool
+    want = ",".join(cfg.objectives)
     if names is None:
         if len(study.directions) == len(cfg.objectives):
             return
-        now = METRIC_NAME if len(study.directions) == 1 else f"{len(study.directions)} values"
-    elif tuple(names) == tuple(cfg.objectives):
-        return
-    else:
+        raise ConfigError(
+            f"study {cfg.study!r} has {len(study.directions)} objectives, not "
+            f"{len(cfg.objectives)} ({want}); use another --study name"
+        )
+    if tuple(names) != tuple(cfg.objectives):
         now = ",".join(names)
-    raise ConfigError(
-        f"study {cfg.study!r} has the objectives {now}, not {','.join(cfg.objectives)}; run it "
-        f"with --objectives {now}, or start a new study with --study NAME"
-    )
+        raise ConfigError(
+            f"study {cfg.study!r} has the objectives {now}, not {want}; run it with "
+            f"--objectives {now}, or start a new study with --study NAME"
+        )
 
 
 CREATION_WAIT_S = 10.0  # how long a study that another run is creating may lack its identity
