@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, interrupt
 from . import config as config_mod
 from .config import ConfigError, StudyConfig
 from .errors import StorageError
@@ -412,6 +412,7 @@ def main(argv: Sequence[str] | None = None, *, program: bool = False) -> int:
     # below, exit 143, not a silent death wherever the command was (a run's engines install
     # their own handlers while they train)
     signal.signal(signal.SIGTERM, _terminate)
+    interrupt.redeliver_from_finalisers()
     try:
         return _main(argv)
     finally:

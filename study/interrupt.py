@@ -11,10 +11,14 @@ at once, for a user who does not want to wait for the epoch to end.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
+import threading
 from collections.abc import Iterator
 
 _received = 0  # the first signal's number, 0 while none
+REDELIVER_S = 0.05  # after a finaliser dropped a stop, when its signal is sent again
 
 
 class Interrupted(KeyboardInterrupt):
@@ -41,10 +45,41 @@ def _handler(signum: int, frame: object) -> None:
     _received = signum
 
 
+def redeliver_from_finalisers() -> None:
+    """A stop raised while Python runs a finaliser (a signal handler's KeyboardInterrupt or
+    Interrupted, landed in one of SQLAlchemy's weakref callbacks, say) is printed as "Exception
+    ignored ... Traceback" and dropped, and the command runs on. Instead: inside an engine (this
+    module's handler) the stop is recorded, as the first signal is, and the engine stops at its
+    next epoch; elsewhere the signal is sent again from a thread, to land in ordinary code and
+    end the command (chaos.py: SIGTERM to a run's parent as it finished). Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "redelivers", False):
+        return
+
+    def hook(unraisable) -> None:
+        global _received
+        exc = unraisable.exc_value
+        if not isinstance(exc, KeyboardInterrupt):
+            previous(unraisable)
+            return
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if signal.getsignal(signum) is _handler:
+            _received = _received or signum
+            return
+        # a moment later: sent at once, it lands in this hook, which drops it in turn
+        again = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+
+    hook.redelivers = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
     global _received
     _received = 0
+    redeliver_from_finalisers()
     old = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -755,3 +755,43 @@ def test_a_dead_writers_trials_that_a_sweep_failed_give_their_claims_to_the_retr
     assert not budget.claim(queued=True) and not budget.claim()  # the complete one counted
     states = [t.state for t in study.get_trials()]
     assert states.count(TrialState.WAITING) == 2 and states[mine.number] == TrialState.FAIL
+
+
+def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command_without_a_traceback(tmp_path):
+    """Found by the harness (seed 191, journal, standard engine, SIGTERM to the parent): the
+    signal's handler raised while Python ran a finaliser, which printed "Exception ignored ...
+    Traceback ... Interrupted: SIGTERM" and dropped the stop. Outside an engine the signal is now
+    sent again, to land in ordinary code; inside one it is recorded like a first signal."""
+    script = tmp_path / "finaliser.py"
+    script.write_text(
+        "import signal, sys, time\n"
+        "from study import cli\n"
+        "class Finalised:\n"
+        "    def __del__(self):  # the signal's handler runs here, as in a weakref callback\n"
+        "        cli._terminate(signal.SIGTERM, None)\n"
+        "def command(args):\n"
+        "    Finalised()\n"
+        "    time.sleep(10)\n"
+        "    print('ran on', file=sys.stderr)\n"
+        "    return 0\n"
+        "cli.cmd_best = command\n"
+        "cli.entry(['best'])\n"
+    )
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert r.returncode == 143 and r.stderr == "sinstudy: interrupted\n", r.stderr
+    from study import interrupt
+
+    with interrupt.handle_signals():  # an engine's: the stop is recorded for its next epoch
+
+        class Finalised:
+            def __del__(self):
+                raise interrupt.Interrupted(signal.SIGTERM)
+
+        Finalised()
+        assert interrupt.requested() == signal.SIGTERM
