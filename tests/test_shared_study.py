@@ -14,6 +14,7 @@ import pytest
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
+from study import results
 from study.recovery import fail_and_retry
 
 TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
@@ -222,8 +223,8 @@ def test_killed_run_leaves_running_trials_that_the_next_run_fails_and_retries(wo
     proc = start_cli("run", *_slow(workdir), "--storage", url, cwd=workdir)
 
     def storage():
-        if kind == "sqlite":
-            return url
+        if kind == "sqlite":  # read-only: a plain open of a file the run is creating would
+            return results.open_for_reading(url)  # create Optuna's schema beside it
         assert (workdir / "storage/s.log").exists()
         return optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(workdir / "storage/s.log"))
