@@ -757,7 +757,9 @@ def test_a_dead_writers_trials_that_a_sweep_failed_give_their_claims_to_the_retr
     assert states.count(TrialState.WAITING) == 2 and states[mine.number] == TrialState.FAIL
 
 
-def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command_without_a_traceback(tmp_path):
+def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command_without_a_traceback(
+    tmp_path, monkeypatch
+):
     """Found by the harness (seed 191, journal, standard engine, SIGTERM to the parent): the
     signal's handler raised while Python ran a finaliser, which printed "Exception ignored ...
     Traceback ... Interrupted: SIGTERM" and dropped the stop. Outside an engine the signal is now
@@ -787,6 +789,7 @@ def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command_without_a_trac
     assert r.returncode == 143 and r.stderr == "sinstudy: interrupted\n", r.stderr
     from study import interrupt
 
+    monkeypatch.setattr(interrupt, "_received", 0)  # put back after: later tests train here
     with interrupt.handle_signals():  # an engine's: the stop is recorded for its next epoch
 
         class Finalised:
