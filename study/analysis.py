@@ -110,8 +110,13 @@ def top_trials(study: optuna.Study, k: int = 10) -> list[FrozenTrial]:
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The complete trial of lowest validation MSE, in a study of one objective or two (where
-    Optuna's best_trial refuses: a front has no one best)."""
+    """The complete trial of lowest validation MSE, in a study of one objective (Optuna's own
+    query) or two (where Optuna's best_trial refuses: a front has no one best)."""
+    if not is_multi(study):
+        try:
+            return study.best_trial
+        except ValueError:  # no complete trial yet
+            return None
     top = top_trials(study, 1)
     return top[0] if top else None
 

@@ -17,8 +17,6 @@ import optuna
 
 from .config import StudyConfig
 
-NAMES = {"val_mse": "validation MSE", "n_params": "parameters"}
-
 
 def multi(cfg: StudyConfig) -> bool:
     return len(cfg.objectives) > 1

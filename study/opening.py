@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 import torch
 
-from . import __version__, pareto
+from . import __version__, objectives, pareto
 from . import storage as storage_mod
 from .config import ConfigError, StudyConfig, to_dict
 from .quiet import experimental
@@ -83,7 +83,7 @@ def make_sampler(
     s = cfg.sampler
     if s == "tpe":
         # two objectives: pruned trials carry MSE curves, which Optuna's own TPE cannot rank
-        tpe = pareto.ParetoTPESampler if len(cfg.objectives) > 1 else optuna.samplers.TPESampler
+        tpe = pareto.ParetoTPESampler if objectives.multi(cfg) else optuna.samplers.TPESampler
         return tpe(seed=seed)
     if s == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -105,7 +105,7 @@ def make_sampler(
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     """The configured pruner; with two objectives its Pareto-ranking form (study/pareto.py)."""
     epochs = cfg.train.max_epochs
-    two = len(cfg.objectives) > 1
+    two = objectives.multi(cfg)
     if cfg.pruner == "hyperband":
         # Optuna's benchmarks recommend Hyperband with TPE. Rungs from max_epochs/27 upward.
         hyperband = pareto.ParetoHyperband if two else optuna.pruners.HyperbandPruner
@@ -207,7 +207,7 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
     kw = dict(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg))
     try:
         study = optuna.create_study(
-            **kw, directions=["minimize"] * len(cfg.objectives), pruner=make_pruner(cfg)
+            **kw, directions=objectives.directions(cfg), pruner=make_pruner(cfg)
         )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(**kw, pruner=make_pruner(cfg))

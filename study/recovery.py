@@ -110,14 +110,19 @@ def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> 
     return True
 
 
-def _by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
-    """The trial if it is RUNNING (one trial read, not the study's running trials)."""
+def stored_trial(study: optuna.Study, number: int) -> FrozenTrial | None:
+    """Trial `number` as stored (one trial read, not the study's trials); None if none."""
     try:
         tid = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     except KeyError:
         return None
-    trial = study._storage.get_trial(tid)
-    return trial if trial.state == TrialState.RUNNING else None
+    return study._storage.get_trial(tid)
+
+
+def _by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
+    """The trial if it is RUNNING."""
+    trial = stored_trial(study, number)
+    return trial if trial is not None and trial.state == TrialState.RUNNING else None
 
 
 def _running_owners(study: optuna.Study) -> dict[int, str | None]:

@@ -31,7 +31,7 @@ from ..config import StudyConfig, TrainConfig, models_at_once
 from ..data import make_data
 from ..model import n_params
 from ..opening import open_study_storage
-from ..recovery import fail_and_retry
+from ..recovery import fail_and_retry, stored_trial
 from ..space import grid_started
 from ..tracking import trial_metrics
 from ..train import EpochLog, TrainResult, divergence, lr_at, mse
@@ -608,15 +608,31 @@ class BatchedEngine:
         # better one on its way was then not stored (failed meanwhile by another engine).
         new_best = state == TrialState.COMPLETE and value < self.stored_best
         self._report(live)  # a pruned trial's value is its last one; TPE reads pruned curves
-        told = objectives.values(self.cfg, value, live.n_params) if self.multi else value
-        self.mirror.tell(live.trial, told if state == TrialState.COMPLETE else None, state)
+        # what storage holds: [MSE] or [MSE, n_params] for a complete trial, else nothing
+        stored = (
+            objectives.values(self.cfg, value, live.n_params)
+            if state == TrialState.COMPLETE
+            else None
+        )
+        told = None if stored is None else stored if self.multi else value
+        self.mirror.tell(live.trial, told, state)
         model = (
             (model_state(out.model), out.model_cfg) if new_best else (None, stack.slots[ks[0]].cfg)
         )
-        self._put(live, state, value, attrs, metrics, *model)
+        self._put(
+            live, state, value, attrs, metrics, *model, rest=tuple(stored[1:]) if stored else ()
+        )
 
     def _put(
-        self, live: Live, state: TrialState, value, attrs: dict, metrics: dict, model, tcfg
+        self,
+        live: Live,
+        state: TrialState,
+        value,
+        attrs: dict,
+        metrics: dict,
+        model,
+        tcfg,
+        rest: tuple[float, ...] = (),
     ) -> None:
         self.finishing[live.trial.number] = value if state == TrialState.COMPLETE else math.inf
         self.writer.put(
@@ -632,9 +648,7 @@ class BatchedEngine:
                 metrics=metrics,
                 model=model,
                 tcfg=tcfg,
-                rest=tuple(objectives.values(self.cfg, value, live.n_params)[1:])
-                if state == TrialState.COMPLETE
-                else (),
+                rest=rest,
             )
         )
 
@@ -676,9 +690,8 @@ class BatchedEngine:
 
 def _failed(study: optuna.Study, number: int) -> bool:
     """Is stored trial `number` FAIL (failed by another process, since this one holds it)?"""
-    storage = study._storage
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    return storage.get_trial(trial_id).state == TrialState.FAIL
+    trial = stored_trial(study, number)
+    return trial is not None and trial.state == TrialState.FAIL
 
 
 def _trials(slots) -> list[Live]:
