@@ -441,6 +441,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as e:
         print("sinstudy: interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
+    except BrokenPipeError:  # `sinstudy best | head`: the reader has what it wanted
+        # what is still buffered for stdout would fail again at exit (Python's advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended
     except Exception as e:  # anything else: one line, unless the user asks for the traceback
         if os.environ.get("SINSTUDY_DEBUG"):
             raise

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,6 +112,25 @@ def test_best_prints_from_storage(ran):
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     assert f"#{study.best_trial.number}" in r.stdout
     assert f"{study.best_value:.3e}" in r.stdout
+
+
+def test_best_into_a_closed_pipe_ends_quietly(ran):
+    """`sinstudy best | head -1`: head exits and the rest of the output meets a closed pipe.
+    Before: "sinstudy: error: BrokenPipeError" and an "Exception ignored" message at exit."""
+    workdir, _ = ran
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "study", "best"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert err == "", err
 
 
 def test_standard_engine_same_seed_same_params_and_values(workdir):
