@@ -19,7 +19,8 @@ checked:
             `run` attr); a run interrupted or killed (or with a process killed) at most that many
   numbers   trial numbers are 0..n-1, each once
   twins     no parameter set trained twice (COMPLETE, PRUNED or RUNNING) except by a retry, no
-            weight seed used twice, and a retry trains with its trial's seed
+            weight seed used twice (a trial's every repeat counted), and a retry trains with its
+            trial's seed
   running   no RUNNING trial after a round whose runs all exited 0, nor after the recovery run
   waiting   no WAITING trial after a round whose runs all exited 0, nor after the recovery run
   artifact  the best trial's model artifact exists and loads
@@ -386,17 +387,21 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
             if param_set(t.params, t.distributions) in twice
         ]
         bad("twins", f"parameter sets trained twice: {who[:6]}")
-    seeds = Counter(  # None: a standard trial that gave way to another's (it trained nothing)
-        t.user_attrs["seed"]
-        for t in trials
-        if isinstance(t.user_attrs.get("seed"), int) and "failed_trial" not in t.system_attrs
-    )
+
+    # every seed a trial trains with: its first and the repeats after it (runs of one study
+    # may differ in --seed by less than --repeats). None: a standard trial that gave way to
+    # another's parameter set (it trained nothing).
+    def seeds_of(t) -> range:
+        first = t.user_attrs.get("seed")
+        return range(first, first + store.repeats) if isinstance(first, int) else range(0)
+
+    seeds = Counter(s for t in trials if "failed_trial" not in t.system_attrs for s in seeds_of(t))
     if seeds and max(seeds.values()) > 1:
         twice = {s for s, n in seeds.items() if n > 1}
         who = [
             (t.number, t.state.name, t.user_attrs.get("engine"), t.user_attrs.get("seed"))
             for t in trials
-            if t.user_attrs.get("seed") in twice
+            if twice.intersection(seeds_of(t))
         ]
         bad("twins", f"seeds used twice: {who[:6]}")
     by_number = {t.number: t for t in trials}

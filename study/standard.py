@@ -10,6 +10,7 @@ bring their own objective.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 
 from . import interrupt, objectives
 from .artifacts import model_state, upload_model
+from .batched.bulk import claim_seed
 from .config import StudyConfig, TrainConfig
 from .data import SinData, make_data
 from .objectives import count_params
@@ -146,50 +148,55 @@ class Objective:
 
     def _unique(self, trial: optuna.Trial) -> list[TrainConfig]:
         """What the trial trains: a retry with the seeds of the trial it repeats, any other
-        trial with seed + S * its number. Its parameter set and seed are stored, then checked
-        against every other trial: another
-        engine may have stored the same ones meanwhile (Optuna's ask has no such check, and a
-        batched engine checks only what is stored when it creates its trials). A parameter set
-        another trial trains or trained ends this one FAIL (DuplicateTrial: the loop gives its
-        budget back and reseeds the sampler); a seed another trial used moves this one's seeds
-        to a stream of its own. A queued trial (a retry, an enqueued point) is not checked."""
+        trial with seed + S * its number. Its parameter set is stored (Optuna's suggest), then
+        checked against every other engine's trial: another engine may have stored the same
+        one meanwhile (Optuna's ask has no such check, and a batched engine checks only what
+        is stored when it creates its trials). A parameter set another trial trains or trained
+        ends this one FAIL (DuplicateTrial: the loop gives its budget back and reseeds the
+        sampler). The seed is checked and stored in one step (bulk.claim_seed): one another
+        trial holds moves this one's seeds to a stream of its own. A queued trial (a retry, an
+        enqueued point) is not checked for its parameter set."""
         storage, tid = trial.study._storage, trial._trial_id
         queued = storage.get_trial(tid).system_attrs
         seed = trial_seed(self.cfg, trial.number)
+        chain: set[int] = set()
         if "failed_trial" in queued:
-            study_id = trial.study._study_id
+            chain = {queued["failed_trial"], *queued.get("retry_history", ())}
             first = storage.get_trial_id_from_study_id_trial_number(
-                study_id, queued["failed_trial"]
+                trial.study._study_id, queued["failed_trial"]
             )
             first_seed = storage.get_trial(first).user_attrs.get("seed")
             if isinstance(first_seed, int):
                 seed = first_seed
         tcfgs = trial_configs(self.cfg, trial, seed)
-        for k, v in start_attrs("standard", tcfgs[0], trial.params, self.cfg.repeats).items():
+        attrs = start_attrs("standard", tcfgs[0], trial.params, self.cfg.repeats)
+        del attrs["seed"]  # stored by claim_seed, once checked
+        for k, v in attrs.items():
             trial.set_user_attr(k, v)
-        if {"failed_trial", "fixed_params"} & set(queued):
-            return tcfgs  # from Optuna's queue: a retry, or a point someone asked for
-        # other engines' trials: this process's own may repeat a point (its sampler's choice)
-        others = [
-            t
-            for t in trial.study.get_trials(deepcopy=False)
-            if t._trial_id != tid and t.user_attrs.get("worker") != WORKER
-        ]
-        mine = param_set(trial.params, trial.distributions)
-        for t in others:
-            if t.state != TrialState.FAIL and param_set(t.params, t.distributions) == mine:
-                reason = f"trial #{t.number} has the same parameter set (another engine)"
-                trial.set_user_attr("failed_reason", reason)
-                trial.set_user_attr("seed", None)  # it trains nothing and holds no seed
-                raise DuplicateTrial(reason)
-        seeds = {t.user_attrs.get("seed") for t in others}
-        while tcfgs[0].seed in seeds:
-            moved = trial_seed(self.cfg, trial.number + fresh_stream())
-            tcfgs = trial_configs(self.cfg, trial, moved)
-            trial.set_user_attr("seed", tcfgs[0].seed)
-            if len(tcfgs) > 1:
-                trial.set_user_attr("seeds", [c.seed for c in tcfgs])
-        return tcfgs
+        if not {"failed_trial", "fixed_params"} & set(queued):
+            # other engines' trials: this process's own may repeat a point (its sampler's)
+            mine = param_set(trial.params, trial.distributions)
+            for t in trial.study.get_trials(deepcopy=False):
+                if (
+                    t._trial_id != tid
+                    and t.user_attrs.get("worker") != WORKER
+                    and t.state != TrialState.FAIL
+                    and param_set(t.params, t.distributions) == mine
+                ):
+                    reason = f"trial #{t.number} has the same parameter set (another engine)"
+                    trial.set_user_attr("failed_reason", reason)
+                    trial.set_user_attr("seed", None)  # it trains nothing and holds no seed
+                    raise DuplicateTrial(reason)
+        moved = (trial_seed(self.cfg, trial.number + fresh_stream()) for _ in itertools.count())
+        claimed = claim_seed(
+            storage,
+            trial.study._study_id,
+            tid,
+            itertools.chain([seed], moved),
+            repeats=self.cfg.repeats,
+            chain=chain,
+        )
+        return tcfgs if claimed == seed else trial_configs(self.cfg, trial, claimed)
 
     def finished_elsewhere(self, study: optuna.Study) -> bool:
         """Was the last trial finished by another process? Says so on stderr."""

@@ -196,7 +196,11 @@ def test_two_engines_checking_at_the_same_moment_store_one_parameter_set_once(
     def engine(seed: int) -> None:
         s = storage.open_storage(storage.parse(url))
         sid = s.get_study_id_from_name(name)
-        got.extend(add_trials(s, sid, [trials()[0]], heartbeat=True, after_id=-1, seeds=[seed]))
+        got.extend(
+            add_trials(
+                s, sid, [trials()[0]], heartbeat=True, after_id=-1, seeds=[range(seed, seed + 1)]
+            )
+        )
 
     threads = [threading.Thread(target=engine, args=(seed,)) for seed in (1, 2)]
     for t in threads:
@@ -206,3 +210,83 @@ def test_two_engines_checking_at_the_same_moment_store_one_parameter_set_once(
     assert len(got) == 2 and sum(g is not None for g in got) == 1, got
     study = optuna.load_study(study_name=name, storage=storage.open_storage(storage.parse(url)))
     assert len(study.get_trials()) == 1
+
+
+def _seeded(url: str) -> tuple[optuna.storages.BaseStorage, int, list[int]]:
+    """A study whose trial #0 holds seed 10 (and 11, with two repeats), and two RUNNING
+    trials."""
+    s = storage.open_storage(storage.parse(url))
+    name = f"seeds-{uuid.uuid4().hex[:8]}"
+    sid = optuna.create_study(storage=s, study_name=name)._study_id
+    ids = [s.create_new_trial(sid) for _ in range(3)]
+    s.set_trial_user_attr(ids[0], "seed", 10)
+    return s, sid, ids
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal", "postgresql"])
+def test_a_seed_is_checked_and_stored_in_one_step_clear_of_every_other_trials_seeds(
+    tmp_path, backend, request
+):
+    """Chaos seed 201: a standard trial stored its seed, then checked it, and its engine was
+    killed in between; it kept a seed another trial had, and its retry trained with it. Now the
+    check and the store are one step. With repeats, a trial's seeds are a run from its first:
+    two runs whose --seed differs by less than --repeats overlap."""
+    url = {
+        "sqlite": f"sqlite:///{tmp_path}/s.db",
+        "journal": f"journal:///{tmp_path}/s.log",
+        "postgresql": request.getfixturevalue("pg_url") if backend == "postgresql" else "",
+    }[backend]
+    s, sid, (_, a, b) = _seeded(url)  # #0 holds 10, 11
+    assert bulk.claim_seed(s, sid, a, [9, 11, 12], repeats=2) == 12  # 9, 10 and 11, 12 meet it
+    assert s.get_trial(a).user_attrs == {"seed": 12, "seeds": [12, 13]}
+    assert bulk.claim_seed(s, sid, b, [13, 14], repeats=2) == 14
+    # a retry may share the seeds of the trial it retries (its chain), no one else's
+    assert bulk.claim_seed(s, sid, b, [10, 20], repeats=2, chain={0}) == 10
+    assert s.get_trial(b).user_attrs == {"seed": 10, "seeds": [10, 11]}
+    # taking a queued trial: the state change and the seed check are one step too
+    name = s.get_study_name_from_id(sid)
+    optuna.load_study(study_name=name, storage=s).enqueue_trial({})
+    queued = s.get_all_trials(sid)[-1]._trial_id
+    assert bulk.take_queued(s, sid, queued, range(13, 15)) is bulk.Take.SEED  # #1 holds 13
+    assert s.get_trial(queued).state == TrialState.WAITING
+    assert bulk.take_queued(s, sid, queued, range(30, 32)) is bulk.Take.TAKEN
+    got = s.get_trial(queued)
+    assert got.state == TrialState.RUNNING and got.user_attrs == {"seed": 30, "seeds": [30, 31]}
+    assert got.datetime_start is not None
+    assert bulk.take_queued(s, sid, queued, range(40, 42)) is bulk.Take.GONE
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_trials_claiming_one_seed_at_the_same_moment_get_two(
+    tmp_path, backend, request, monkeypatch
+):
+    """Each reads the seeds held before either writes, unless the study lock holds the second
+    back until the first commits: then the second sees the first's seed and moves on."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    s, sid, (_, a, b) = _seeded(url)
+    both_read = threading.Barrier(2)
+    read = bulk._held_rdb
+
+    def read_then_wait(*args):
+        held = read(*args)
+        try:
+            both_read.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return held
+
+    monkeypatch.setattr(bulk, "_held_rdb", read_then_wait)
+    got: dict[int, int] = {}
+
+    def claim(trial_id: int, fallback: int) -> None:
+        own = storage.open_storage(storage.parse(url))
+        got[trial_id] = bulk.claim_seed(own, sid, trial_id, [5, fallback], repeats=1)
+
+    threads = [threading.Thread(target=claim, args=x) for x in ((a, 6), (b, 7))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got.values()) in ([5, 6], [5, 7]), got

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from optuna.trial import TrialState
 
 from study import recovery
 from study import storage as storage_mod
+from study.batched.sync import SYNC_S
 from study.budget import Budget, Claims
 from study.space import param_set
 from study.summary import Leftovers
@@ -502,25 +504,28 @@ def _writer_here(tmp_path: Path, *, claims: int):
     return cfg, study, _Sink(cfg, Known(-1, {}), box, held), box
 
 
-def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not_a_crash(tmp_path):
+def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not_a_crash(
+    tmp_path, monkeypatch
+):
     """Found by the harness (PostgreSQL): a queued trial that another process finished between
     the writer's claim (WAITING -> RUNNING) and its attrs crashed the writer with
     UpdateFinishedTrialError; the engine now loses that trial as one another engine took."""
     from datetime import datetime
 
+    from study.batched import writer
     from study.batched.messages import Lost, Start
 
     cfg, study, sink, box = _writer_here(tmp_path, claims=1)
     study.enqueue_trial({"depth": 1, "width": 4, "lr": 0.01, "activation": "tanh"})
     (queued,) = study.get_trials(states=(TrialState.WAITING,))
-    claim = sink.storage.set_trial_state_values
+    take = writer.take_queued
 
-    def claim_then_fail(trial_id, state, values=None):  # another process fails it at once
-        took = claim(trial_id, state, values)
-        claim(trial_id, TrialState.FAIL)
+    def take_then_fail(storage, study_id, trial_id, *args, **kwargs):  # failed elsewhere at once
+        took = take(storage, study_id, trial_id, *args, **kwargs)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
         return took
 
-    sink.storage.set_trial_state_values = claim_then_fail
+    monkeypatch.setattr(writer, "take_queued", take_then_fail)
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     trial = optuna.trial.create_trial(
         state=TrialState.RUNNING, params={"x": 0.5}, distributions=dist
@@ -530,12 +535,12 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
     assert box == [Lost(7, "another engine took it first", False)]
     assert sink.claims.count() == 0  # its budget claim went back
     # Found next (SQLite): a queued trial another engine claimed and finished already (its
-    # mirror had not seen it yet): Optuna raises there rather than return False.
-    sink.storage.set_trial_state_values = claim
+    # mirror had not seen it yet).
+    monkeypatch.setattr(writer, "take_queued", take)
     study.enqueue_trial({"depth": 2, "width": 4, "lr": 0.01, "activation": "tanh"})
     (done,) = study.get_trials(states=(TrialState.WAITING,))
-    claim(done._trial_id, TrialState.RUNNING)
-    claim(done._trial_id, TrialState.COMPLETE, [0.5])
+    sink.storage.set_trial_state_values(done._trial_id, TrialState.RUNNING)
+    sink.storage.set_trial_state_values(done._trial_id, TrialState.COMPLETE, [0.5])
     sink.claims.add()
     sink.start([Start(8, trial, queued=done._trial_id)])
     assert box[-1] == Lost(8, "another engine took it first", False)
@@ -798,3 +803,81 @@ def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command_without_a_trac
 
         Finalised()
         assert interrupt.requested() == signal.SIGTERM
+
+
+def test_a_retry_queued_while_the_writer_lags_is_waited_for_not_left_waiting(workdir):
+    """Chaos seed 201, round 87: under load a sweep's retry reached a run's mirror after the
+    run's wait for it (three syncs' time) ran out; the run gave the claim to a new trial and
+    left the retry WAITING. A stopped writer stands for the loaded one: the wait is counted in
+    its syncs, so the run takes the retry once the writer goes on."""
+    # a trial trains for a minute: a slot of its own has no other trials to share the epoch
+    (workdir / "slow.toml").write_text(SLOW_TOML.replace("n_train = 128", "n_train = 8192"))
+    url = f"sqlite:///{workdir}/s.db"
+    proc = start_cli(
+        "run", "--config", "slow.toml", "--no-progress", "--storage", url,
+        "--max-epochs", "4000", "--n-trials", "1", "--slots", "1", cwd=workdir,
+    )  # fmt: skip
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        victim = _wait_running(url, 1, proc)[0]
+        storage = storage_mod.load(url)
+        # a sweep's first half: the trial FAIL; the trainer stops it and waits for a retry
+        storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
+        deadline = time.time() + 60
+        while not any("was marked FAIL by another process" in line for line in err):
+            assert time.time() < deadline and proc.poll() is None, "".join(err)
+            time.sleep(0.1)
+        (writer,) = spawned_children(proc.pid)
+        os.kill(writer, signal.SIGSTOP)  # a writer the load keeps from running
+        study = _load(url)  # the sweep's second half: the retry, queued
+        recovery.StaleRetry(1)(study, study._storage.get_trial(victim._trial_id))
+        time.sleep(4 * SYNC_S + 1)  # longer than the wait, counted in seconds, lasted
+        os.kill(writer, signal.SIGCONT)
+        deadline = time.time() + 60
+        while True:  # the retry taken, or a new trial in its place
+            trials = _load(url).trials
+            if len(trials) > 2 or trials[1].state != TrialState.WAITING:
+                break
+            assert time.time() < deadline and proc.poll() is None, "".join(err)
+            time.sleep(0.2)
+        assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING], trials
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the writer too, stopped or not
+    reader.join(timeout=10)
+    assert proc.returncode == 130 and "Traceback" not in "".join(err), "".join(err)
+
+
+@pytest.mark.parametrize("engine", ["batched", "standard"])
+def test_a_retry_of_a_trial_that_kept_another_trials_seed_trains_with_seeds_of_its_own(
+    workdir, engine
+):
+    """Chaos seed 201, rounds 109 and 112: a standard trial stored its seed (#28's), its run was
+    killed before the check that would have moved it, and its retry trained with #28's seed.
+    A seed is now checked as it is stored (bulk.claim_seed), and a retry whose inherited seed
+    another trial holds (a study such a run left behind) trains with its own."""
+    url = f"sqlite:///{workdir}/s.db"
+    common = ("run", "--config", "tiny.toml", "--no-progress", "--storage", url)
+    r = run_cli(*common, "--seed", "1", "--n-trials", "1", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    study = _load(url)
+    first = study.trials[0]
+    # the killed run's trial: #0's seed, stored unchecked, then failed and queued by a sweep
+    storage = study._storage
+    killed = storage.create_new_trial(study._study_id)
+    other = "tanh" if first.params["activation"] != "tanh" else "relu"
+    for name, value in {**first.params, "activation": other}.items():
+        dist = first.distributions[name]
+        storage.set_trial_param(killed, name, dist.to_internal_repr(value), dist)
+    storage.set_trial_user_attr(killed, "seed", first.user_attrs["seed"])
+    assert recovery.fail_and_retry(study, 1, max_retries=1)
+    r = run_cli(*common, "--seed", "0", "--n-trials", "1", "--engine", engine, cwd=workdir)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    trials = _load(url).trials
+    assert len(trials) == 3 and trials[2].system_attrs["failed_trial"] == 1
+    assert trials[2].state.is_finished() and trials[2].state != TrialState.FAIL
+    assert trials[2].user_attrs["seed"] != first.user_attrs["seed"]  # #1 trained nothing

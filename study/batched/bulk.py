@@ -23,6 +23,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Container, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 import optuna
 import sqlalchemy
 from optuna.distributions import distribution_to_json
-from optuna.storages import RDBStorage
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
@@ -129,10 +130,170 @@ class Taken:
     def __or__(self, other: Taken) -> Taken:
         return Taken(self.params | other.params, self.seeds | other.seeds)
 
-    def refuses(self, t: FrozenTrial, seed: int | None) -> bool:
-        return (seed is not None and seed in self.seeds) or bool(
+    def refuses(self, t: FrozenTrial, seeds: range | None) -> bool:
+        """`seeds`: the trial's weight seeds (None: not checked). Every trial of a study trains
+        as many as it, from its first, so another trial's first seed meets them if it lies
+        less than that many below them or among them."""
+        clash = seeds is not None and any(
+            h in self.seeds for h in range(seeds.start - len(seeds) + 1, seeds.stop)
+        )
+        return clash or bool(
             t.params and self.params and param_set(t.params, t.distributions) in self.params
         )
+
+
+def _uncached(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """The RDB storage under a study's cache (running trials pass through it); any other
+    storage as it is (a journal storage's `_backend` is its file)."""
+    inner = getattr(storage, "_backend", None)
+    return inner if isinstance(inner, RDBStorage) else storage
+
+
+def _file_lock(storage: optuna.storages.BaseStorage) -> AbstractContextManager:
+    """The journal's file lock; none for an in-memory study (one process: nothing to race)."""
+    return journal_lock(storage) if isinstance(storage, JournalStorage) else nullcontext()
+
+
+def _meets(held: Iterable[int], seeds: range) -> bool:
+    """Do `seeds` meet those of trials whose first seeds are `held` (each trains as many)?"""
+    used = {h + r for h in held for r in range(len(seeds))}
+    return not used.isdisjoint(seeds)
+
+
+def _seed_attrs(seeds: range) -> dict[str, Any]:
+    return {"seed": seeds.start} | ({"seeds": list(seeds)} if len(seeds) > 1 else {})
+
+
+def _held_journal(storage, study_id: int, trial_id: int, chain: Container[int]) -> list[int]:
+    return [
+        t.user_attrs["seed"]
+        for t in storage.get_all_trials(study_id, deepcopy=False)
+        if t._trial_id != trial_id
+        and t.number not in chain
+        and isinstance(t.user_attrs.get("seed"), int)
+    ]
+
+
+def _held_rdb(session, study_id: int, trial_id: int, chain: Container[int]) -> list[int]:
+    """First weight seeds of the study's trials but `trial_id` and those numbered in `chain`,
+    read under the study lock (`_lock_study`)."""
+    trials, attrs = models.TrialModel, models.TrialUserAttributeModel
+    rows = session.execute(
+        sqlalchemy.select(trials.number, attrs.trial_id, attrs.value_json)
+        .join(trials, trials.trial_id == attrs.trial_id)
+        .where(trials.study_id == study_id, attrs.key == "seed")
+    ).all()
+    held = (json.loads(v) for n, tid, v in rows if tid != trial_id and n not in chain)
+    return [h for h in held if isinstance(h, int)]
+
+
+def _lock_study(session, study_id: int) -> None:
+    """What `add_trials` holds while it checks: no other engine stores a seed meanwhile."""
+    _lock_for_check(session)
+    models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+
+
+def _put_seed_attrs(session, trial_id: int, seeds: range) -> None:
+    attrs = models.TrialUserAttributeModel
+    values = _seed_attrs(seeds)
+    session.execute(delete(attrs).where(attrs.trial_id == trial_id, attrs.key.in_(list(values))))
+    session.execute(
+        insert(attrs),
+        [dict(trial_id=trial_id, key=k, value_json=json.dumps(v)) for k, v in values.items()],
+    )
+
+
+def claim_seed(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    trial_id: int,
+    candidates: Iterable[int],
+    *,
+    repeats: int,
+    chain: Container[int] = frozenset(),
+) -> int:
+    """Store trial `trial_id`'s first weight seed: the first of `candidates` whose seeds (it and
+    the `repeats - 1` after it) no other trial's seeds meet, checked and written in one
+    transaction under the study lock (the journal's file lock). So a stored seed is always a
+    checked one: stored first and checked after, a trial whose engine was killed in between
+    kept a seed another trial had, and its retry trained with it. `chain`: trial numbers whose
+    seeds this trial may share (the trial it retries and that trial's earlier retries)."""
+    storage = _uncached(storage)
+
+    def pick(held: list[int]) -> range:
+        for first in candidates:
+            if not _meets(held, seeds := range(first, first + repeats)):
+                return seeds
+        raise ValueError("no free seed among the candidates")
+
+    if not isinstance(storage, RDBStorage):
+        with _file_lock(storage):
+            seeds = pick(_held_journal(storage, study_id, trial_id, chain))
+            for key, value in _seed_attrs(seeds).items():
+                storage.set_trial_user_attr(trial_id, key, value)
+        return seeds.start
+
+    def body(session) -> int:
+        _lock_study(session, study_id)
+        seeds = pick(_held_rdb(session, study_id, trial_id, chain))
+        _put_seed_attrs(session, trial_id, seeds)
+        return seeds.start
+
+    return _transaction(storage, body)
+
+
+class Take(Enum):
+    TAKEN = "taken"
+    GONE = "gone"  # no longer WAITING: another engine took it, or it finished
+    SEED = "seed"  # another trial holds one of its seeds: left WAITING
+
+
+def take_queued(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    trial_id: int,
+    seeds: range | None,
+    *,
+    chain: Container[int] = frozenset(),
+) -> Take:
+    """Take a WAITING trial as Optuna's ask() does (its state RUNNING, its start now) and store
+    its weight seeds, in one step under the study lock with the check that no other trial's
+    seeds meet them (`seeds` None: no check, no seed stored). `chain`: as in `claim_seed`."""
+    storage = _uncached(storage)
+    if not isinstance(storage, RDBStorage):
+        with _file_lock(storage):
+            if storage.get_trial(trial_id).state != TrialState.WAITING:
+                return Take.GONE
+            if seeds is not None and _meets(
+                _held_journal(storage, study_id, trial_id, chain), seeds
+            ):
+                return Take.SEED
+            if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+                return Take.GONE
+            for key, value in _seed_attrs(seeds).items() if seeds is not None else ():
+                storage.set_trial_user_attr(trial_id, key, value)
+        return Take.TAKEN
+
+    def body(session) -> Take:
+        _lock_study(session, study_id)
+        t = models.TrialModel
+        state = session.execute(sqlalchemy.select(t.state).where(t.trial_id == trial_id)).scalar()
+        if state != TrialState.WAITING:
+            return Take.GONE
+        if seeds is not None and _meets(_held_rdb(session, study_id, trial_id, chain), seeds):
+            return Take.SEED
+        # as Optuna's set_trial_state_values(RUNNING) writes it (the column holds naive UTC)
+        table = t.__table__
+        session.execute(
+            update(table)
+            .where(table.c.trial_id == trial_id)
+            .values(state=TrialState.RUNNING.name, datetime_start=_utc(datetime.now()))
+        )
+        if seeds is not None:
+            _put_seed_attrs(session, trial_id, seeds)
+        return Take.TAKEN
+
+    return _transaction(storage, body)
 
 
 def add_trials(
@@ -144,12 +305,13 @@ def add_trials(
     after_id: int | None = None,
     taken: Taken = Taken(),
     own: set[int] = frozenset(),
-    seeds: list[int | None] | None = None,
+    seeds: list[range | None] | None = None,
     recheck: Iterable[int] = (),
 ) -> list[tuple[int, int] | None]:
     """Store `trials` as new trials of the study, numbered in list order, in one transaction.
     Returns (trial_id, number) per trial, or None for a trial not stored because another engine
-    already has its parameter set or its weight seed (`seeds`, one per trial; None: no check):
+    already has its parameter set or one of its weight seeds (`seeds`, one range per trial;
+    None: no check):
     one in `taken`, or one of a trial stored by someone else (not in `own`) after trial id
     `after_id` (-1: any) or in `recheck` (trials seen before their params or seed were stored:
     the standard engine stores them after it creates its trial), checked under the study lock
@@ -206,7 +368,7 @@ def _insert(
     look: tuple[int, set[int]] | None,
     taken: Taken,
     own: set[int],
-    seeds: list[int | None],
+    seeds: list[range | None],
 ) -> list[tuple[int, int] | None]:
     _lock_for_check(session)
     # The lock Optuna takes while it numbers a trial (trial numbers have no unique constraint).

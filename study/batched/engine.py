@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -67,6 +67,9 @@ from .sync import SYNC_S
 from .writer import Writer, WriterError
 
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
+# A sweep marks a trial FAIL, then queues its retry: the writer's sync that sees the one may
+# miss the other, so a retry is waited for over a few syncs.
+RETRY_SYNCS = 3
 
 
 @dataclass
@@ -193,6 +196,9 @@ class BatchedEngine:
         self.pending: set[int] = set()  # handles handed to the writer, not confirmed stored
         self.stored: dict[int, int] = {}  # handle -> stored number, from its start to its end
         self.first_seeds: dict[int, int] = {}  # handle -> its first seed, until it is stored
+        # queued trials whose seeds another trial holds (bulk.take_queued): this count's
+        self.own_seeds: set[int] = set()
+        self.taking: dict[int, tuple[optuna.Trial, Queued]] = {}  # handle -> a queued start
         self.collisions = 0  # proposals lost to other engines since the last one stored
         self.said_exhausted = False
         # Ended trials handed to the writer, not yet confirmed stored (handle -> value if
@@ -203,7 +209,9 @@ class BatchedEngine:
         self.stored_best = min(
             (t.values[0] for t in stored if t.state == TrialState.COMPLETE), default=math.inf
         )
-        self.retry_wait: float | None = None  # until when the loop waits for a queued retry
+        self.syncs = 0  # the writer's syncs seen
+        # (sync count, time) until which the loop waits for a queued retry
+        self.retry_wait: tuple[int, float] | None = None
 
     # ---------------------------------------------------------------- the loop
 
@@ -272,19 +280,20 @@ class BatchedEngine:
         return interrupt.requested()
 
     def _messages(self, messages: list[Reply]) -> None:
-        lost, failed = [], []
+        lost, failed, requeue = [], [], []
         for msg in messages:
             match msg:
                 case Started(handle, number):
                     self.collisions = 0
                     self.pending.discard(handle)
+                    self.taking.pop(handle, None)
                     self.stored[handle] = number
                     if handle in self.first_seeds:
                         self.mirror.seeds[number] = self.first_seeds.pop(handle)
-                case Lost(handle, _, collided):
+                case Lost(handle, _, collided, waiting):
                     self.pending.discard(handle)
                     self.first_seeds.pop(handle, None)
-                    lost.append(handle)
+                    (requeue if waiting else lost).append(handle)
                     if collided:  # another engine has its parameter set or seed: move away
                         self.collisions += 1
                         self.mirror.collided()
@@ -300,9 +309,16 @@ class BatchedEngine:
                     self.stored.pop(handle, None)
                     failed.append(handle)
                 case Synced(trials):
+                    self.syncs += 1
                     self.mirror.apply(trials)
-        if lost:
-            self._drop(set(lost))
+        if lost or requeue:
+            self._drop(set(lost) | set(requeue), requeue=set(requeue))
+        for handle in lost:
+            self.taking.pop(handle, None)
+        for handle in requeue:  # whether it still trains or has ended here already
+            trial, queued = self.taking.pop(handle)
+            self.own_seeds.add(queued.trial_id)
+            self.mirror.requeue(trial, queued)
         if failed:
             self._drop(set(failed), failed=True)
 
@@ -331,9 +347,11 @@ class BatchedEngine:
 
     def _first_seed(self, trial: optuna.Trial, queued: Queued | None) -> int:
         """The seed a trial's first repeat trains with (trial_attrs.trial_configs): a retry
-        trains with the seeds of the trial it repeats; any other trial with its engine's count."""
+        trains with the seeds of the trial it repeats (unless another trial holds them: a
+        trial whose seed was stored unchecked, by an older sinstudy); any other trial with its
+        engine's count."""
         own = trial_seed(self.cfg, trial.number + self.seed_base)
-        if queued is None:
+        if queued is None or queued.trial_id in self.own_seeds:
             return own
         failed = self.mirror.retried(trial)
         seed = self.mirror.seeds.get(failed) if failed is not None else None
@@ -342,21 +360,29 @@ class BatchedEngine:
     def _awaiting_retry(self, budget) -> bool:
         """A claim is reserved for a queued retry: worth a few syncs' wait, not forever (another
         run on the study may take the retry, or none was queued: optuna-dashboard's "Fail
-        trial" queues none). When the wait is over the claim is free again, for a new trial."""
+        trial" queues none). The wait is counted in the writer's syncs, not only in seconds: a
+        loaded machine slows the syncs, and a retry the mirror has not been shown yet would be
+        left WAITING by a run that gave its claim to a new trial. When the wait is over the
+        claim is free again, for a new trial."""
         if not budget.reserved():
+            self.retry_wait = None
             return False
         if self.retry_wait is None:
-            self.retry_wait = time.monotonic() + 3 * SYNC_S
-        if time.monotonic() >= self.retry_wait:
+            self.retry_wait = (self.syncs + RETRY_SYNCS, time.monotonic() + RETRY_SYNCS * SYNC_S)
+        syncs, until = self.retry_wait
+        if self.syncs >= syncs and time.monotonic() >= until:
             budget.unreserve()
             self.retry_wait = None
         return True
 
-    def _drop(self, handles: set[int], *, failed: bool = False) -> None:
+    def _drop(
+        self, handles: set[int], *, failed: bool = False, requeue: Collection[int] = ()
+    ) -> None:
         """Trials the writer could not start, or (`failed`) that were failed in storage from
         outside while they trained (another engine's sweep, optuna-dashboard's "Fail trial"):
         the writer gave their budget back; those still training stop and leave their stacks,
-        and the next fill replaces them."""
+        and the next fill replaces them. `requeue`: queued trials the writer left WAITING
+        because another trial holds their seeds (the mirror asks them again, `_messages`)."""
         for shape, stack in list(self.stacks.items()):
             gone = [
                 k
@@ -367,7 +393,7 @@ class BatchedEngine:
                 self._report(live)
                 if failed:
                     self.mirror.tell(live.trial, None, TrialState.FAIL)
-                else:
+                elif live.trial.number not in requeue:
                     self.mirror.lost(live.trial, live.queued)
             if gone:
                 self._remove(shape, set(gone))
@@ -386,6 +412,8 @@ class BatchedEngine:
         ):
             self.writer.claimed()
             trial, queued = self.mirror.ask()
+            if queued is not None:
+                self.taking[trial.number] = (trial, queued)
             tcfgs = self.configure(trial, self._first_seed(trial, queued))
             now = datetime.now()
             starts.append(

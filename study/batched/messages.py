@@ -116,6 +116,7 @@ class Lost:
     handle: int
     why: str
     collided: bool  # another engine has its parameter set or seed (rather than its queued trial)
+    waiting: bool = False  # a queued trial left WAITING: another trial holds its seeds
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Failed:
 
 @dataclass
 class Synced:
-    trials: list[FrozenTrial]  # other engines' new or changed trials
+    trials: list[FrozenTrial]  # other engines' new or changed trials (maybe none)
 
 
 @dataclass

@@ -135,6 +135,30 @@ class Mirror:
         else:
             self.tell(trial, None, TrialState.FAIL)
 
+    def requeue(self, trial: optuna.Trial, queued: Queued) -> None:
+        """The writer left `queued` WAITING (another trial holds the seeds this engine was to
+        train it with): this attempt ends FAIL here, its curve with it, and a fresh copy of
+        the queued trial waits to be asked again."""
+        old = self.frozen(trial)
+        if not old.state.is_finished():  # it may have ended here before the writer's answer
+            self.tell(trial, None, TrialState.FAIL)
+        copy = FrozenTrial(
+            number=0,  # the storage numbers it
+            state=TrialState.WAITING,
+            value=None,
+            datetime_start=None,
+            datetime_complete=None,
+            params=dict(old.params),
+            distributions=dict(old.distributions),
+            user_attrs=dict(old.user_attrs),
+            system_attrs=dict(old.system_attrs),
+            intermediate_values={},
+            trial_id=0,
+        )
+        mirror_id = self._storage.create_new_trial(self._id, template_trial=copy)
+        self.unfinished[queued.trial_id] = mirror_id
+        self.waiting[mirror_id] = queued
+
     def collided(self) -> None:
         """Another engine proposes what this one proposes (the same seed, started at the same
         moment): from now on this sampler draws from fresh OS entropy instead."""

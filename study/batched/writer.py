@@ -58,11 +58,13 @@ from ..space import param_set
 from ..tracking import TrialLogger
 from .bulk import (
     Ending,
+    Take,
     Taken,
     add_trials,
     append_values,
     beat,
     finish_trials,
+    take_queued,
     trial_states,
 )
 from .messages import (
@@ -439,7 +441,10 @@ class _Sink:
                 after_id=seen.changes.max_id,
                 taken=taken,
                 own=self.held.own,
-                seeds=[s.seed for s in new],
+                seeds=[
+                    None if s.seed is None else range(s.seed, s.seed + self.cfg.repeats)
+                    for s in new
+                ],
                 recheck=seen.incomplete,
             )
             for s, got in zip(new, stored, strict=True):
@@ -450,12 +455,17 @@ class _Sink:
                 else:
                     self._hold(s.handle, *got, s.trial.params)
         for s in starts:
-            if s.queued is not None:
-                if self._take_queued(s):
-                    number = self.storage.get_trial_number_from_id(s.queued)
-                    self._hold(s.handle, s.queued, number, s.trial.params)
-                else:
-                    self._lost(s.handle, "another engine took it first", collided=False)
+            if s.queued is None:
+                continue
+            took = self._take_queued(s)
+            if took is Take.TAKEN:
+                number = self.storage.get_trial_number_from_id(s.queued)
+                self._hold(s.handle, s.queued, number, s.trial.params)
+            elif took is Take.SEED:  # still WAITING: the trainer asks it again, other seeds
+                self.claims.give_back(1, for_queued=True)
+                self.results.put(Lost(s.handle, "another trial holds its seed", True, True))
+            else:
+                self._lost(s.handle, "another engine took it first", collided=False)
 
     def _lost(self, handle: int, why: str, *, collided: bool) -> None:
         self.claims.give_back(1)
@@ -465,18 +475,23 @@ class _Sink:
         self.held.hold(handle, trial_id, number, params)
         self.results.put(Started(handle, number))
 
-    def _take_queued(self, s: Start) -> bool:
-        """Take a WAITING trial as Optuna's ask() does: the state change is the atomic step. A
+    def _take_queued(self, s: Start) -> Take:
+        """Take a WAITING trial as Optuna's ask() does, its seeds checked (bulk.take_queued). A
         trial another engine took and finished already, or that another process finishes
         before its attrs are written (chaos.py found both), is lost to this engine, as one
         another engine took first."""
-        try:  # Optuna raises, rather than returns False, when the trial has finished already
-            if not self.storage.set_trial_state_values(s.queued, TrialState.RUNNING):
-                return False
-            self._label_taken(s)
+        attrs = s.trial.system_attrs
+        chain = set()  # the trial it retries and that trial's earlier retries
+        if "failed_trial" in attrs:
+            chain = {attrs["failed_trial"], *attrs.get("retry_history", ())}
+        seeds = None if s.seed is None else range(s.seed, s.seed + self.cfg.repeats)
+        try:
+            took = take_queued(self.storage, self.study_id, s.queued, seeds, chain=chain)
+            if took is Take.TAKEN:
+                self._label_taken(s)
         except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-        return True
+            return Take.GONE
+        return took
 
     def _label_taken(self, s: Start) -> None:
         self.storage.set_trial_system_attr(s.queued, OWNER_ATTR, self.owner)
@@ -543,7 +558,7 @@ class _Sink:
         stored = {e.trial_id for e, ok in zip(endings, done, strict=True) if ok}
         for f, trial_id, number, params in held:
             if trial_id not in stored:
-                self._not_stored(f, number)
+                self._not_stored(f, trial_id, number)
                 continue
             logger = TrialLogger(self.cfg.log_dir, self.cfg.study, number)
             for log, walltime in f.epochs:
@@ -552,15 +567,17 @@ class _Sink:
             value = f.value if f.value is None or abs(f.value) != float("inf") else None
             self.results.put(Written(f.handle, number, f.state, value))
 
-    def _not_stored(self, f: Finish, number: int) -> None:
-        """Another engine failed the trial while it trained: its claim goes back to the budget,
-        so the trial counts for nothing and its retry (or a new trial) takes its place."""
+    def _not_stored(self, f: Finish, trial_id: int, number: int) -> None:
+        """Another process finished the trial while it trained, and the trial ended before the
+        keeper's sync saw it (`_Keeper._stop_failed` otherwise): its claim goes back to the
+        budget, so the trial counts for nothing and its retry (or a new trial) takes its place."""
         self.held.ever -= 1
         self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)  # as in _stop_failed
         self.results.put(Dropped(f.handle))
+        state = self.storage.get_trial(trial_id).state.name
         print(
-            f"sinstudy: trial #{number} had been failed by another engine (no heartbeat for "
-            f"{self.cfg.grace_period} s); its result is not stored",
+            f"sinstudy: trial #{number} was marked {state} by another process while it trained "
+            f"(a sweep that found no heartbeat, or optuna-dashboard); its result is not stored",
             file=sys.stderr,
         )
 
@@ -650,8 +667,8 @@ class _Keeper:
             states = trial_states(sink.storage, held.values())
         self._stop_failed(held, states)
         sink.seen.learn(changed)
-        if changed:
-            sink.results.put(Synced(changed))
+        # sent when nothing changed too: the trainer counts syncs (a wait for a retry)
+        sink.results.put(Synced(changed))
 
     def _stop_failed(self, held: dict[int, int], states: dict[int, TrialState]) -> None:
         """Trials of ours that someone else finished (a sweep that took our trial for dead,
