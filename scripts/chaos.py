@@ -332,6 +332,16 @@ def _plan(store: Store, rng: random.Random) -> list[Run]:
 # ---------------------------------------------------------------- invariants
 
 
+def _describe(t) -> str:
+    """One trial, as a violation's report shows it (CHAOS_DEBUG=1)."""
+    ua = t.user_attrs
+    return (
+        f"#{t.number} {t.state.name} run={ua.get('run')} worker={ua.get('worker')} "
+        f"engine={ua.get('engine')} seed={ua.get('seed')} "
+        f"retry_of={t.system_attrs.get('failed_trial')}"
+    )
+
+
 def _expected_exit(run: Run) -> set[int]:
     if not run.sent:
         return {0}
@@ -369,6 +379,11 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
         clean = r.proc.returncode == 0 and not r.sent
         if (clean and len(mine) != r.n_trials) or len(mine) > r.n_trials:
             bad("count", f"{r.label}: {len(mine)} finished for --n-trials {r.n_trials}")
+            if os.environ.get("CHAOS_DEBUG"):
+                print(f"    its stderr: {r.err.strip().splitlines()[-8:]}", flush=True)
+                print(f"    its stdout: {r.out.strip().splitlines()[:4]}", flush=True)
+                for t in trials:
+                    print(f"    {_describe(t)}", flush=True)
     numbers = sorted(t.number for t in trials)
     if numbers != list(range(len(trials))):
         bad("numbers", f"numbers {numbers}")

@@ -5,7 +5,10 @@ more than --n-trials trials between them; a claim whose trial was not stored (an
 took its parameter set first, another engine failed it while it trained) or whose trainer died
 is given back, and its retry or a new trial takes its place. Each worker starts at most its share
 of the new trials (ceil(n_trials / workers)): the first worker up would otherwise take a budget
-smaller than its slots whole while the others were still starting.
+smaller than its slots whole while the others were still starting. Once a worker has ended, the
+others may start past their shares: a claim one worker reserved for a retry and another took,
+then gave back (another run took the retry first), belonged to no live worker's share, and the
+run ended a trial short (chaos seed 221).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Budget:
         self._reserved = _CTX.Value("i", 0)
         self._stopped = _CTX.Value("b", 0)
         self._by = _CTX.Array("i", [0] * workers)  # claims of each worker
+        self._ended = _CTX.Value("i", 0)  # workers whose engines ran to their ends
 
     def claim(self, *, queued: bool = False, worker: int = 0) -> bool:
         """One trial may start in `worker`; `queued`: it is a queued trial (a retry, an enqueued
@@ -40,7 +44,7 @@ class Budget:
             if not (queued and self._reserved.value > 0):
                 if self._claimed.value + self._reserved.value >= self.n_trials:
                     return False
-                if self._by[worker] >= self.share:
+                if self._by[worker] >= self.share and not self._ended.value:
                     return False
                 if self.deadline is not None and time.time() >= self.deadline:
                     return False
@@ -69,6 +73,12 @@ class Budget:
 
     def stop(self) -> None:
         self._stopped.value = 1
+
+    def ended(self) -> None:
+        """A worker's engine ran to its end (the budget looked spent to it): the shares no
+        longer hold the others back."""
+        with self._claimed.get_lock():
+            self._ended.value += 1
 
 
 class Claims:

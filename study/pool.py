@@ -163,6 +163,7 @@ def _worker_main(
             )
             if interrupt.requested():  # arrived between trials
                 sys.exit(128 + interrupt.requested())
+            budget.ended()
     except interrupt.Interrupted as e:
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:

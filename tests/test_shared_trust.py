@@ -123,6 +123,21 @@ def test_budget_shares_and_gives_back_by_worker():
     assert b.claim(queued=True, worker=0)  # which may start anywhere, past the share
 
 
+def test_a_claim_that_moved_between_workers_is_not_stranded_by_the_shares():
+    """Chaos seed 221, round 2 (`--workers 2 --n-trials 2`, exit 0, one trial finished): worker
+    1's trial failed from outside keeps its claim reserved for the retry; worker 0 takes the
+    retry on that claim, worker 1 ends (the budget looks spent), another run takes the retry
+    first and worker 0 gives the claim back: at its share, worker 0 could not use it."""
+    b = Budget(2, None, workers=2)
+    assert b.claim(worker=0) and b.claim(worker=1)
+    b.release(worker=1, for_queued=True)  # its trial failed elsewhere, a retry queued
+    assert b.claim(queued=True, worker=0)  # worker 0 takes the retry on the reserved claim
+    b.ended()  # worker 1: nothing left to start, nothing reserved
+    b.release(worker=0)  # the retry was another run's first
+    assert b.claim(worker=0)  # past its share: the ended worker's is free
+    assert not b.claim(worker=0)  # and the budget holds
+
+
 def test_an_owner_is_gone_only_when_its_process_on_this_machine_has_ended():
     alive = recovery.owner_attr()
     assert not recovery.owner_gone(alive)
