@@ -110,6 +110,15 @@ def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> 
     return True
 
 
+def retry_chain(system_attrs: dict) -> set[int]:
+    """The numbers of the trial a queued retry repeats and of that trial's earlier retries
+    (Optuna's `failed_trial` / `retry_history`); empty for any other trial. They may share the
+    retry's seeds."""
+    if "failed_trial" not in system_attrs:
+        return set()
+    return {system_attrs["failed_trial"], *system_attrs.get("retry_history", ())}
+
+
 def stored_trial(study: optuna.Study, number: int) -> FrozenTrial | None:
     """Trial `number` as stored (one trial read, not the study's trials); None if none."""
     try:

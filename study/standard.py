@@ -27,7 +27,14 @@ from .config import StudyConfig, TrainConfig
 from .data import SinData, make_data
 from .objectives import count_params
 from .opening import make_pruner, make_sampler, open_study_storage
-from .recovery import OWNER_ATTR, JournalHeartbeat, owner_attr, sweep_stale
+from .recovery import (
+    OWNER_ATTR,
+    JournalHeartbeat,
+    owner_attr,
+    retry_chain,
+    stored_trial,
+    sweep_stale,
+)
 from .space import grid_started, param_set
 from .tracking import TrialLogger, trial_metrics
 from .train import EpochLog, train, train_repeats
@@ -159,13 +166,10 @@ class Objective:
         storage, tid = trial.study._storage, trial._trial_id
         queued = storage.get_trial(tid).system_attrs
         seed = trial_seed(self.cfg, trial.number)
-        chain: set[int] = set()
+        chain = retry_chain(queued)
         if "failed_trial" in queued:
-            chain = {queued["failed_trial"], *queued.get("retry_history", ())}
-            first = storage.get_trial_id_from_study_id_trial_number(
-                trial.study._study_id, queued["failed_trial"]
-            )
-            first_seed = storage.get_trial(first).user_attrs.get("seed")
+            first = stored_trial(trial.study, queued["failed_trial"])
+            first_seed = None if first is None else first.user_attrs.get("seed")
             if isinstance(first_seed, int):
                 seed = first_seed
         tcfgs = trial_configs(self.cfg, trial, seed)

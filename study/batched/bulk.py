@@ -131,13 +131,8 @@ class Taken:
         return Taken(self.params | other.params, self.seeds | other.seeds)
 
     def refuses(self, t: FrozenTrial, seeds: range | None) -> bool:
-        """`seeds`: the trial's weight seeds (None: not checked). Every trial of a study trains
-        as many as it, from its first, so another trial's first seed meets them if it lies
-        less than that many below them or among them."""
-        clash = seeds is not None and any(
-            h in self.seeds for h in range(seeds.start - len(seeds) + 1, seeds.stop)
-        )
-        return clash or bool(
+        """`seeds`: the trial's weight seeds (None: not checked)."""
+        return (seeds is not None and _meets(self.seeds, seeds)) or bool(
             t.params and self.params and param_set(t.params, t.distributions) in self.params
         )
 
@@ -154,27 +149,28 @@ def _file_lock(storage: optuna.storages.BaseStorage) -> AbstractContextManager:
     return journal_lock(storage) if isinstance(storage, JournalStorage) else nullcontext()
 
 
-def _meets(held: Iterable[int], seeds: range) -> bool:
-    """Do `seeds` meet those of trials whose first seeds are `held` (each trains as many)?"""
-    used = {h + r for h in held for r in range(len(seeds))}
-    return not used.isdisjoint(seeds)
+def _meets(held: Container[int], seeds: range) -> bool:
+    """Do `seeds` meet those of trials whose first seeds are `held`? Every trial of a study
+    trains as many, from its first, so another's first seed meets them if it lies less than
+    that many below them or among them."""
+    return any(h in held for h in range(seeds.start - len(seeds) + 1, seeds.stop))
 
 
 def _seed_attrs(seeds: range) -> dict[str, Any]:
     return {"seed": seeds.start} | ({"seeds": list(seeds)} if len(seeds) > 1 else {})
 
 
-def _held_journal(storage, study_id: int, trial_id: int, chain: Container[int]) -> list[int]:
-    return [
+def _held_journal(storage, study_id: int, trial_id: int, chain: Container[int]) -> set[int]:
+    return {
         t.user_attrs["seed"]
         for t in storage.get_all_trials(study_id, deepcopy=False)
         if t._trial_id != trial_id
         and t.number not in chain
         and isinstance(t.user_attrs.get("seed"), int)
-    ]
+    }
 
 
-def _held_rdb(session, study_id: int, trial_id: int, chain: Container[int]) -> list[int]:
+def _held_rdb(session, study_id: int, trial_id: int, chain: Container[int]) -> set[int]:
     """First weight seeds of the study's trials but `trial_id` and those numbered in `chain`,
     read under the study lock (`_lock_study`)."""
     trials, attrs = models.TrialModel, models.TrialUserAttributeModel
@@ -184,7 +180,7 @@ def _held_rdb(session, study_id: int, trial_id: int, chain: Container[int]) -> l
         .where(trials.study_id == study_id, attrs.key == "seed")
     ).all()
     held = (json.loads(v) for n, tid, v in rows if tid != trial_id and n not in chain)
-    return [h for h in held if isinstance(h, int)]
+    return {h for h in held if isinstance(h, int)}
 
 
 def _lock_study(session, study_id: int) -> None:
@@ -220,7 +216,7 @@ def claim_seed(
     seeds this trial may share (the trial it retries and that trial's earlier retries)."""
     storage = _uncached(storage)
 
-    def pick(held: list[int]) -> range:
+    def pick(held: set[int]) -> range:
         for first in candidates:
             if not _meets(held, seeds := range(first, first + repeats)):
                 return seeds
@@ -270,8 +266,9 @@ def take_queued(
                 return Take.SEED
             if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
                 return Take.GONE
-            for key, value in _seed_attrs(seeds).items() if seeds is not None else ():
-                storage.set_trial_user_attr(trial_id, key, value)
+            if seeds is not None:
+                for key, value in _seed_attrs(seeds).items():
+                    storage.set_trial_user_attr(trial_id, key, value)
         return Take.TAKEN
 
     def body(session) -> Take:

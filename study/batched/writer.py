@@ -53,7 +53,14 @@ from ..budget import Claims
 from ..config import StudyConfig
 from ..dashboard import publish
 from ..opening import open_study_storage
-from ..recovery import HEARTBEAT_ATTR, OWNER_ATTR, fail_and_retry, owner_attr, sweep_stale
+from ..recovery import (
+    HEARTBEAT_ATTR,
+    OWNER_ATTR,
+    fail_and_retry,
+    owner_attr,
+    retry_chain,
+    sweep_stale,
+)
 from ..space import param_set
 from ..tracking import TrialLogger
 from .bulk import (
@@ -480,10 +487,7 @@ class _Sink:
         trial another engine took and finished already, or that another process finishes
         before its attrs are written (chaos.py found both), is lost to this engine, as one
         another engine took first."""
-        attrs = s.trial.system_attrs
-        chain = set()  # the trial it retries and that trial's earlier retries
-        if "failed_trial" in attrs:
-            chain = {attrs["failed_trial"], *attrs.get("retry_history", ())}
+        chain = retry_chain(s.trial.system_attrs)
         seeds = None if s.seed is None else range(s.seed, s.seed + self.cfg.repeats)
         try:
             took = take_queued(self.storage, self.study_id, s.queued, seeds, chain=chain)
