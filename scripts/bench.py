@@ -29,7 +29,9 @@ from pathlib import Path
 
 import optuna
 
-from study import config, results, runner
+from study import config
+from study.run import runner
+from study.views import results
 
 # Small models (width <= 64): trials cost overhead, not arithmetic, which is what batching
 # removes. The full default space (width up to 256, depth up to 6) is
@@ -90,11 +92,11 @@ def raw(args: argparse.Namespace) -> str:
     """The engine without Optuna: model-steps/s of K stacked mixed models vs train.py's loop."""
     import torch
 
-    from study.batched.engine import _shape
-    from study.batched.stack import Stack, new_slot
-    from study.data import make_data
-    from study.space import suggest
-    from study.train import train
+    from study.run.batched.engine import _shape
+    from study.run.batched.stack import Stack, new_slot
+    from study.trial.data import make_data
+    from study.trial.space import suggest
+    from study.trial.train import train
 
     cfg = config.build({"search_space": SPACES[args.space]})
     device = torch.device(args.device)
@@ -200,9 +202,9 @@ def writes(args: argparse.Namespace, folder: Path) -> str:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import FrozenTrial, TrialState
 
-    from study import storage as storage_mod
-    from study.batched import bulk
-    from study.recovery import HEARTBEAT_ATTR
+    from study.run.batched import bulk
+    from study.store import storage as storage_mod
+    from study.store.recovery import HEARTBEAT_ATTR
 
     url = STORAGES[args.storage].format(folder=folder, engine="writes")
     st = storage_mod.open_storage(storage_mod.parse(url))

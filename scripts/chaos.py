@@ -56,9 +56,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from study import storage as storage_mod
-from study.artifacts import load_model
-from study.space import param_set
+from study.store import storage as storage_mod
+from study.trial.space import param_set
+from study.views.artifacts import load_model
 
 PG_URL = os.environ.get("SINSTUDY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 STUDY = "chaos"

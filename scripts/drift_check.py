@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-from study import compare
-from study.batched.stack import Stack, new_slot
+from study.compare import runner as compare
 from study.config import DataConfig
-from study.data import make_data
-from study.train import train
+from study.run.batched.stack import Stack, new_slot
+from study.trial.data import make_data
+from study.trial.train import train
 
 
 def main() -> None:

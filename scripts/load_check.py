@@ -3,7 +3,7 @@ synthetic curves at a GPU's pace, with no training.
 
     python scripts/load_check.py --engines 4 --slots 1024 --seconds 60 --storage URL
 
-Each engine is a process running the batched engine's writer (study.batched.writer's `_Sink`:
+Each engine is a process running the batched engine's writer (study.run.batched.writer's `_Sink`:
 bulk starts with the duplicate checks, value flushes, finishes with their TensorBoard runs,
 heartbeats from its thread, the sync, the stale-trial sweep), fed what a GPU engine hands it:
 `--slots` running trials, each with an epoch every 1/`--epochs-per-s` s (default 2.5: an H200's
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_check import pg_database  # noqa: E402
 
-FLUSH_S = 1.0  # as the engine (study.batched.engine.FLUSH_S)
+FLUSH_S = 1.0  # as the engine (study.run.batched.engine.FLUSH_S)
 # Hyperband's rungs as fractions of --epochs, weighted as the H200 study ended (83% pruned)
 RUNGS = ((1 / 27, 0.50), (1 / 9, 0.22), (1 / 3, 0.11), (1.0, 0.17))
 
@@ -155,13 +155,13 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
     import optuna
     from optuna.trial import FrozenTrial, TrialState
 
-    from study.batched import writer as writer_mod
-    from study.batched.messages import Finish, Known, Start, Started
-    from study.batched.writer import _Sink
-    from study.budget import Claims
-    from study.space import suggest
-    from study.train import EpochLog
-    from study.trial_attrs import start_attrs
+    from study.run.batched import writer as writer_mod
+    from study.run.batched.messages import Finish, Known, Start, Started
+    from study.run.batched.writer import _Sink
+    from study.run.budget import Claims
+    from study.trial.attrs import start_attrs
+    from study.trial.space import suggest
+    from study.trial.train import EpochLog
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not a.tensorboard:
@@ -345,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     from study import config
-    from study import storage as storage_mod
-    from study.opening import open_study
+    from study.run.opening import open_study
+    from study.store import storage as storage_mod
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     drop = None

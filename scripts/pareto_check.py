@@ -25,7 +25,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from study import config, objectives, pareto, runner
+from study import config
+from study.run import runner
+from study.trial import objectives, pareto
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the budget: the moments the front is measured at
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import optuna
 from scipy.stats import spearmanr
 
-from study import analysis, config, runner
+from study import config
+from study.run import runner
+from study.views import analysis
 
 
 def one(repeats: int, seed: int, args: argparse.Namespace, folder: Path) -> dict:

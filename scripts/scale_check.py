@@ -27,7 +27,7 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import TINY_TOML  # noqa: E402  (the tests' tiny problem: seconds per trial batch)
 
-from study import storage as storage_mod  # noqa: E402
+from study.store import storage as storage_mod  # noqa: E402
 
 PG_ADMIN = os.environ.get("SINSTUDY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 

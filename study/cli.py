@@ -13,11 +13,12 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, interrupt
-from . import config as config_mod
-from .config import ConfigError, StudyConfig
-from .errors import StorageError
-from .interrupt import Interrupted
+from study import __version__
+from study import config as config_mod
+from study.config import ConfigError, StudyConfig
+from study.errors import StorageError
+from study.run import interrupt
+from study.run.interrupt import Interrupted
 
 DEFAULTS = StudyConfig()
 
@@ -207,8 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     # imported once the config holds, so a bad flag or key is refused before torch loads
-    from . import runner
-    from .summary import format_summary
+    from study.run import runner
+    from study.views.summary import format_summary
 
     summary = runner.run(cfg, progress=not args.no_progress)
     print(format_summary(summary))
@@ -216,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from . import results
+    from study.views import results
 
     print(
         results.best_text(
@@ -232,7 +233,7 @@ def _quiet() -> None:
     command whose output is its files and one summary."""
     import optuna
 
-    from .quiet import ignore_experimental
+    from study.quiet import ignore_experimental
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     ignore_experimental()
@@ -241,10 +242,10 @@ def _quiet() -> None:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import plots, results
+    from study.views import plots, results
 
     _quiet()
-    from .artifacts import best_fit
+    from study.views.artifacts import best_fit
 
     name = config_mod.check_study_name(args.study or DEFAULTS.study)
     study = results.load_existing(name, args.storage or DEFAULTS.storage)
@@ -268,7 +269,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import report, results
+    from study.views import report, results
 
     _quiet()
     name = config_mod.check_study_name(args.study or DEFAULTS.study)
@@ -286,10 +287,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from . import compare
-    from . import storage as storage_mod
-    from .batched import kernels
-    from .opening import resolve_device
+    from study.compare import runner as compare
+    from study.run.batched import kernels
+    from study.run.opening import resolve_device
+    from study.store import storage as storage_mod
 
     if args.factor not in compare.FACTORS:
         raise ConfigError(
@@ -361,8 +362,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from . import dashboard
-    from .storage import redact
+    from study.store.storage import redact
+    from study.views import dashboard
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be from 1 to 65535, got {args.port}")

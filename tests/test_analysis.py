@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from study import analysis, plots
-from study.data import TWO_PI
+from study.trial.data import TWO_PI
+from study.views import analysis, plots
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import torch
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
-from study.batched.stack import Stack, cuda_graph, eager, new_slot
 from study.config import DataConfig, TrainConfig
-from study.data import make_data
-from study.train import train
+from study.run.batched.stack import Stack, cuda_graph, eager, new_slot
+from study.trial.data import make_data
+from study.trial.train import train
 
 REL = 1e-4  # float32: per-epoch validation MSE within this relative error
 # scripts/gpu_check.sh runs the equivalence tests with SINSTUDY_TEST_DEVICE=cuda; CI uses the CPU.
@@ -478,8 +478,8 @@ def test_a_failing_writer_is_one_clear_error(tmp_path):
     """The writer cannot store (here: the study it should write to does not exist): the trainer
     gets one line naming the cause, not a hang or a traceback from another process."""
     from study import config
-    from study.batched.messages import Known
-    from study.batched.writer import Writer, WriterError
+    from study.run.batched.messages import Known
+    from study.run.batched.writer import Writer, WriterError
 
     optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/s.db")
     cfg = config.build(
@@ -507,10 +507,10 @@ def test_the_writer_beats_while_a_job_runs_and_stops_when_its_loop_is_stuck(tmp_
     import queue
 
     from study import config
-    from study.batched import messages, writer
-    from study.budget import Claims
-    from study.opening import open_study_storage
     from study.quiet import experimental
+    from study.run.batched import messages, writer
+    from study.run.budget import Claims
+    from study.run.opening import open_study_storage
 
     cfg = config.build(
         {"study": {"heartbeat_interval": 1, "grace_period": 2}},
@@ -606,7 +606,7 @@ def _tiny_batched(tmp_path: Path, study: str, **overrides):
 def _study_with(tmp_path: Path, pruner: str, asks: list) -> list[tuple]:
     """A tiny batched study (27 epochs: Hyperband's and halving's rungs at 1, 3, 9, 27; the
     median's warm-up 2); per trial what the pruner decided: state, epochs, params, value."""
-    from study import runner
+    from study.run import runner
 
     cfg = _tiny_batched(tmp_path, "rungs", n_trials=20, max_epochs=27, seed=3, pruner=pruner)
     ask = optuna.Trial.should_prune
@@ -631,7 +631,7 @@ def test_the_pruner_asked_only_at_its_rungs_decides_as_when_asked_every_epoch(
 ):
     """A whole study, asking the pruner at every epoch and only where it can act (rungs.py):
     the same trials pruned at the same epochs, the same values and rung attrs, with fewer asks."""
-    from study.batched import rungs
+    from study.run.batched import rungs
 
     every_asks, rung_asks = [], []
     monkeypatch.setattr(rungs, "schedule", lambda pruner: rungs.EveryEpoch())
@@ -656,9 +656,9 @@ def test_a_study_on_fixed_capacity_stacks_trains_every_trial_as_train_py(tmp_pat
     slots in place (counted), each stack's epochs replayed from one capture (EpochGraph); every
     trial's stored curve is train.py's for its config."""
 
-    from study import runner
-    from study.batched import engine
-    from study.trial_attrs import train_config
+    from study.run import runner
+    from study.run.batched import engine
+    from study.trial.attrs import train_config
 
     refills = []
     refill = Stack.refill

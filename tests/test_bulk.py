@@ -1,4 +1,4 @@
-"""study.bulk stores a finished trial exactly as Optuna's create_new_trial stores it."""
+"""study.store.bulk stores a finished trial exactly as Optuna's create_new_trial stores it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from study import storage
-from study.batched import bulk
-from study.batched.bulk import add_trial, add_trials
+from study.run.batched import bulk
+from study.store import storage
+from study.store.bulk import add_trial, add_trials
 
 DISTRIBUTIONS = {
     "depth": IntDistribution(1, 6),

@@ -7,11 +7,11 @@ import optuna
 import pytest
 from conftest import run_cli
 
-from study import compare
-from study.compare import CellStats
+from study.compare import runner as compare
+from study.compare.runner import CellStats
 from study.config import DataConfig
-from study.data import make_data
-from study.train import train
+from study.trial.data import make_data
+from study.trial.train import train
 
 
 def test_compare_activation_end_to_end_on_the_batched_engine(workdir):
@@ -139,8 +139,7 @@ def _row(cell, test=1e-4, final_test=1e-4, val=1e-4, final_val=1e-4, spread=SPRE
 
 def test_evidence_welch_interval_and_seeds_to_settle_on_constructed_data():
     from scipy import stats as sps
-
-    from study.evidence import Spread, seeds_to_settle, welch
+    from study.compare.runner.evidence import Spread, seeds_to_settle, welch
 
     a, b = [1e-4, 2e-4, 1.5e-4], [1e-3, 3e-3, 2e-3]
     gap = welch(Spread.of(a), Spread.of(b))

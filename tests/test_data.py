@@ -5,7 +5,7 @@ import math
 import torch
 
 from study.config import DataConfig
-from study.data import grid_points, make_data, scale_inputs
+from study.trial.data import grid_points, make_data, scale_inputs
 
 
 def _raw(x: torch.Tensor) -> torch.Tensor:

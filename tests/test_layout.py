@@ -18,12 +18,18 @@ def _imports() -> dict[str, set[str]]:
     for m, p in mods.items():
         package = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
         for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
-                for alias in node.names:
-                    name = f"{target}.{alias.name}"
-                    graph[m].add(name if name in mods else target)
+            elif (node.module or "").split(".")[0] == "study":
+                target = node.module
+            else:
+                continue
+            for alias in node.names:
+                name = f"{target}.{alias.name}"
+                graph[m].add(name if name in mods else target)
     # `from . import __version__` reads the package's version, not a module
     return {m: {d for d in ds if d in mods and d != m and d != "study"} for m, ds in graph.items()}
 
@@ -46,18 +52,48 @@ def test_study_modules_import_each_other_without_a_cycle():
     assert not cycles, cycles
 
 
+# The layers, bottom first: a module may import from its own layer and those below it.
+LAYERS = [
+    ("study.config", "study.errors", "study.quiet"),  # the ground
+    ("study.trial",),  # what a trial is
+    ("study.store",),  # where a study is stored
+    ("study.views",),  # what a study says
+    ("study.run",),  # how trials are run
+    ("study.compare",),  # the course report's comparisons
+    ("study.cli", "study.__main__"),  # the command line
+]
+
+
+def _layer(module: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer of tests/test_layout.py LAYERS")
+
+
+def test_imports_point_down_the_layers():
+    up = [
+        f"{m} -> {d}"
+        for m, deps in _imports().items()
+        if m != "study"
+        for d in deps
+        if _layer(d) > _layer(m)
+    ]
+    assert not up, up
+
+
 def test_each_engine_has_a_module_named_for_it():
     graph = _imports()
     assert {
-        "study.standard",
-        "study.batched.engine",
-        "study.batched.stack",
-        "study.opening",
-        "study.summary",
-        "study.artifacts",
+        "study.run.standard",
+        "study.run.batched.engine",
+        "study.run.batched.stack",
+        "study.run.opening",
+        "study.views.summary",
+        "study.views.artifacts",
     } <= set(graph)
     # the top: nothing else runs a run
-    assert [m for m, deps in graph.items() if "study.runner" in deps] == ["study.cli"]
+    assert [m for m, deps in graph.items() if "study.run.runner" in deps] == ["study.cli"]
 
 
 def test_comments_and_docstrings_carry_no_benchmark_figures():
@@ -81,18 +117,18 @@ def test_comments_and_docstrings_carry_no_benchmark_figures():
 
 
 def test_the_trainer_and_its_writer_talk_only_in_the_typed_messages():
-    """study.batched.messages is the contract: every job the engine puts and every reply the
+    """study.run.batched.messages is the contract: every job the engine puts and every reply the
     writer puts is one of its dataclasses (no tuples, lists or dicts read by position), and the
     mirror and the engine take no type from the writer."""
-    from study.batched import messages
+    from study.run.batched import messages
 
     kinds = set(messages.Job.__args__) | set(messages.Reply.__args__)
     names = {k.__name__ for k in kinds}
     graph = _imports()
-    assert "study.batched.writer" not in graph["study.batched.mirror"]
+    assert "study.run.batched.writer" not in graph["study.run.batched.mirror"]
     puts = 0
     for module in ("engine", "writer"):
-        tree = ast.parse((STUDY / "batched" / f"{module}.py").read_text())
+        tree = ast.parse((STUDY / "run" / "batched" / f"{module}.py").read_text())
         for node in ast.walk(tree):
             if not (
                 isinstance(node, ast.Call)
@@ -108,4 +144,4 @@ def test_the_trainer_and_its_writer_talk_only_in_the_typed_messages():
             assert isinstance(arg, ast.Call) and isinstance(arg.func, ast.Name), ast.unparse(node)
             assert arg.func.id in names, ast.unparse(node)
     assert puts >= 10
-    assert "def put(self, job: Job) -> None:" in (STUDY / "batched" / "writer.py").read_text()
+    assert "def put(self, job: Job) -> None:" in (STUDY / "run" / "batched" / "writer.py").read_text()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from study.model import ACTIVATIONS, build_mlp, init_model, n_params
+from study.trial.model import ACTIVATIONS, build_mlp, init_model, n_params
 
 
 def test_depth_and_width_define_the_layers():

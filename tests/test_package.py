@@ -46,7 +46,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 def test_the_wheel_and_sdist_carry_every_module_and_no_tests(built):
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "study").rglob("*.py")}
-    assert "study/batched/engine.py" in modules
+    assert "study/run/batched/engine.py" in modules
     names = set(zipfile.ZipFile(built["wheel"]).namelist())
     assert modules <= names, sorted(modules - names)
     assert not [n for n in names if n.split("/")[0] in {"tests", "scripts", "docs", "storage"}]
@@ -61,7 +61,7 @@ def test_the_wheel_and_sdist_carry_every_module_and_no_tests(built):
 
     with tarfile.open(built["sdist"]) as tar:
         files = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert {"README.md", "pyproject.toml", "study/batched/engine.py"} <= files
+    assert {"README.md", "pyproject.toml", "study/run/batched/engine.py"} <= files
     assert not [f for f in files if f.startswith("storage/") and f != "storage/.gitkeep"]
 
 
@@ -91,7 +91,7 @@ def test_the_installed_wheel_runs_a_study_outside_the_checkout(built, tmp_path):
     (away / "tiny.toml").write_text(TINY_TOML)
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
     where = subprocess.run(
-        [py, "-c", "import study.batched.engine as e; print(e.__file__)"],
+        [py, "-c", "import study.run.batched.engine as e; print(e.__file__)"],
         cwd=away,
         env=env,
         capture_output=True,

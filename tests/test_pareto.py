@@ -13,8 +13,9 @@ import pytest
 from conftest import TINY_TOML, run_cli
 from optuna.trial import TrialState
 
-from study import config, objectives, pareto
+from study import config
 from study.config import ConfigError
+from study.trial import objectives, pareto
 
 TWO = ("--objectives", "val_mse,n_params")
 
@@ -94,7 +95,7 @@ def test_a_rung_keeps_the_front_and_prunes_the_dominated():
 
 def test_pareto_hyperband_has_optunas_brackets_with_pareto_rungs():
     cfg = config.build(None, objectives="val_mse,n_params", max_epochs=81)
-    from study.opening import make_pruner
+    from study.run.opening import make_pruner
 
     pruner = make_pruner(cfg)
     study = optuna.create_study(directions=["minimize", "minimize"], pruner=pruner)
@@ -165,7 +166,7 @@ def test_objectives_from_toml_and_default():
 
 
 def test_count_params_is_the_models():
-    from study.model import build_mlp, n_params
+    from study.trial.model import build_mlp, n_params
 
     for widths in [(4,), (16, 8), (3, 5, 7)]:
         assert objectives.count_params(widths) == n_params(build_mlp(widths, "tanh"))
@@ -189,7 +190,7 @@ def _tiny(tmp_path: Path, study: str, **overrides):
 def test_both_engines_decide_alike_on_a_two_objective_study(tmp_path):
     """The same study (random sampler, one trial at a time, successive halving) run by each
     engine: the same parameter sets, the same trials pruned at the same rungs, the same values."""
-    from study import runner
+    from study.run import runner
 
     got = {}
     for engine in ("standard", "batched"):
@@ -247,7 +248,7 @@ def test_a_two_objective_study_runs_prunes_and_shows_its_front(workdir):
     assert report.returncode == 0, report.stderr
     page = (workdir / "storage/reports/sinstudy.html").read_text()
     assert "Pareto front" in page and "Smallest network reaching a test MSE" in page
-    from study.dashboard import study_note
+    from study.views.dashboard import study_note
 
     assert "Pareto front" in study_note(study)
     # TensorBoard's HParams: n_params is a metric of every run
@@ -282,7 +283,7 @@ def test_objectives_of_a_study_cannot_change(workdir):
 
 
 def test_compare_refuses_a_storage_whose_study_has_two_objectives(workdir):
-    from study.compare import study_name
+    from study.compare.runner import study_name
 
     name = study_name("depth", 5, 2, "default")
     url = "sqlite:///storage/sinstudy.db"

@@ -12,11 +12,12 @@ import pytest
 from conftest import run_cli
 from optuna.trial import TrialState
 
-from study import config, runner
+from study import config
 from study.config import TrainConfig
-from study.data import make_data
-from study.train import train, train_repeats
-from study.trial_attrs import train_config
+from study.run import runner
+from study.trial.attrs import train_config
+from study.trial.data import make_data
+from study.trial.train import train, train_repeats
 
 REL = 1e-4  # float32: the batched engine against train.py
 # scripts/gpu_check.sh runs the repeat equivalence on CUDA with SINSTUDY_TEST_DEVICE=cuda
@@ -193,8 +194,8 @@ def test_repeat_that_diverges_prunes_its_trial_naming_seed_and_epoch(tmp_path, e
 
 def test_repeats_in_summary_report_and_note(tmp_path):
     cfg, study = _run(tmp_path, engine="batched", repeats=2, n_trials=2)
-    from study.dashboard import study_note
-    from study.summary import describe_trial
+    from study.views.dashboard import study_note
+    from study.views.summary import describe_trial
 
     best = study.best_trial
     std = f"± {best.user_attrs['val_mse_std']:.1e}"

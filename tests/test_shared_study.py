@@ -14,8 +14,8 @@ import pytest
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
-from study import results
-from study.recovery import fail_and_retry
+from study.store.recovery import fail_and_retry
+from study.views import results
 
 TINY = ["--config", "tiny.toml", "--max-epochs", "6", "--no-progress"]
 FAST_HB = '\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = "none"\n'

@@ -18,13 +18,13 @@ import pytest
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
-from study import recovery
-from study import storage as storage_mod
-from study.batched.sync import SYNC_S
-from study.budget import Budget, Claims
-from study.space import param_set
-from study.summary import Leftovers
-from study.trial_attrs import SEED_STREAM
+from study.run.batched.sync import SYNC_S
+from study.run.budget import Budget, Claims
+from study.store import recovery
+from study.store import storage as storage_mod
+from study.trial.attrs import SEED_STREAM
+from study.trial.space import param_set
+from study.views.summary import Leftovers
 
 # Long trials (no pruning, many epochs) so a fault lands mid-trial; fast heartbeat for tests.
 SLOW_TOML = TINY_TOML + '\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = "none"\n'
@@ -308,7 +308,7 @@ def test_the_summary_names_what_a_run_leaves_behind(tmp_path):
 
 def test_workers_that_cannot_fit_in_memory_are_refused_before_anything_is_written(workdir):
     """Before: --workers 256 passed, the memory check counting models, not processes."""
-    from study.opening import PROCESS_BYTES, _available_ram
+    from study.run.opening import PROCESS_BYTES, _available_ram
 
     workers = _available_ram() // PROCESS_BYTES  # twice that many processes with their writers
     r = run_cli("run", "--workers", str(workers), "--slots", "1", "--n-trials", "1", cwd=workdir)
@@ -369,7 +369,8 @@ def test_a_study_another_run_is_creating_is_waited_for_not_refused(tmp_path, mon
     import json
     import threading
 
-    from study import config, opening
+    from study import config
+    from study.run import opening
 
     cfg = config.build(None, study="s", storage=f"sqlite:///{tmp_path}/s.db")
     storage = storage_mod.load(cfg.storage)
@@ -390,7 +391,8 @@ def test_a_run_that_finds_a_study_being_created_keeps_its_creators_id(tmp_path):
     import json
     import threading
 
-    from study import config, opening
+    from study import config
+    from study.run import opening
 
     cfg = config.build(
         None, study="s", storage=f"sqlite:///{tmp_path}/s.db", log_dir=f"{tmp_path}/tb"
@@ -414,7 +416,8 @@ def test_a_run_that_finds_no_storage_yet_accepts_the_folder_of_the_run_that_made
     file before the other created it, then found the TensorBoard folder that run had claimed
     meanwhile, and refused it as another study's (exit 2). It is accepted now, and a folder of
     another storage's study is still refused."""
-    from study import cli, runner
+    from study import cli
+    from study.run import runner
 
     url = f"journal:///{workdir}/s.log"
     tiny = ["--config", "tiny.toml", "--max-epochs", "3", "--no-progress", "--storage"]
@@ -442,7 +445,8 @@ def test_a_run_checking_the_folder_while_another_claims_it_never_reads_a_torn_ma
     at once, for a second: the check never refuses the study's own folder."""
     import threading
 
-    from study import config, opening
+    from study import config
+    from study.run import opening
 
     cfg = config.build(
         None, study="s", storage=f"sqlite:///{tmp_path}/s.db", log_dir=f"{tmp_path}/tb"
@@ -495,9 +499,10 @@ def _writer_here(tmp_path: Path, *, claims: int):
     """A study "s" on SQLite and a batched writer's storage side run in this process (its
     messages collected in a list, `claims` budget claims held): (cfg, study, sink, messages)."""
 
-    from study import config, opening
-    from study.batched.messages import Known
-    from study.batched.writer import _Sink
+    from study import config
+    from study.run import opening
+    from study.run.batched.messages import Known
+    from study.run.batched.writer import _Sink
 
     cfg = config.build(
         None,
@@ -527,8 +532,8 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
     UpdateFinishedTrialError; the engine now loses that trial as one another engine took."""
     from datetime import datetime
 
-    from study.batched import writer
-    from study.batched.messages import Lost, Start
+    from study.run.batched import writer
+    from study.run.batched.messages import Lost, Start
 
     cfg, study, sink, box = _writer_here(tmp_path, claims=1)
     study.enqueue_trial({"depth": 1, "width": 4, "lr": 0.01, "activation": "tanh"})
@@ -569,10 +574,10 @@ def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(t
     than the best confirmed stored, and the writer uploads those of the best when it stores."""
     from datetime import datetime
 
-    from study.artifacts import model_state
-    from study.batched.messages import Dropped, Finish, Start
     from study.config import TrainConfig
-    from study.model import build_mlp
+    from study.run.batched.messages import Dropped, Finish, Start
+    from study.trial.model import build_mlp
+    from study.views.artifacts import model_state
 
     cfg, _, sink, box = _writer_here(tmp_path, claims=3)
 
@@ -737,7 +742,7 @@ def test_curves_of_a_trial_a_sweep_failed_are_skipped_on_the_journal(tmp_path):
     """Found by the harness (seed 181, journal, a run's processes starved past the grace
     period): another run's sweep failed the run's trials, and the writer's next curves job
     raised UpdateFinishedTrialError on the journal, which killed the writer."""
-    from study.batched.bulk import append_values
+    from study.store.bulk import append_values
 
     storage = storage_mod.load(f"journal:///{tmp_path}/s.log")
     study = optuna.create_study(study_name="s", storage=storage)
@@ -755,8 +760,9 @@ def test_a_dead_writers_trials_that_a_sweep_failed_give_their_claims_to_the_retr
     run ended short, its retries left WAITING."""
     import torch
 
-    from study import config, opening
-    from study.batched.engine import BatchedEngine
+    from study import config
+    from study.run import opening
+    from study.run.batched.engine import BatchedEngine
 
     cfg = config.build(None, study="s", storage=f"sqlite:///{tmp_path}/s.db", n_trials=3)
     study = opening.open_study(cfg, storage_mod.load(cfg.storage))
@@ -807,7 +813,7 @@ def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command_without_a_trac
         cwd=Path(__file__).resolve().parents[1],
     )
     assert r.returncode == 143 and r.stderr == "sinstudy: interrupted\n", r.stderr
-    from study import interrupt
+    from study.run import interrupt
 
     monkeypatch.setattr(interrupt, "_received", 0)  # put back after: later tests train here
     with interrupt.handle_signals():  # an engine's: the stop is recorded for its next epoch

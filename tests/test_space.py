@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from study.config import SearchSpace, TrainConfig
-from study.space import grid, suggest
+from study.trial.space import grid, suggest
 
 
 def test_suggest_maps_params_onto_the_train_config():

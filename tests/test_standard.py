@@ -6,8 +6,8 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from study import config
-from study.data import make_data
-from study.standard import Objective
+from study.run.standard import Objective
+from study.trial.data import make_data
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from datetime import datetime
 import optuna
 import pytest
 
-from study import storage
-from study.storage import StorageError
+from study.store import storage
+from study.store.storage import StorageError
 
 
 @pytest.mark.parametrize(
@@ -237,7 +237,7 @@ def test_a_stale_check_and_an_engine_ending_one_trial_at_once_on_sqlite_end_it_o
     """A trial failed as stale by one engine (Optuna's read, then write) while its own engine
     ends it (sinstudy's bulk finish): on SQLite the FAIL was written over the COMPLETE, both
     said they ended it, and the completed trial was retried. One of them ends it now."""
-    from study.batched.bulk import Ending, finish_trials
+    from study.store.bulk import Ending, finish_trials
 
     url = f"sqlite:///{tmp_path}/s.db"
     s = storage.open_storage(storage.parse(url))

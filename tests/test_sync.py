@@ -1,4 +1,4 @@
-"""The writer's sync (study.batched.sync): what the mirror learns of other engines' trials.
+"""The writer's sync (study.run.batched.sync): what the mirror learns of other engines' trials.
 
 The sync reads new trials and changes of state without the running trials' curves; Optuna's
 incremental read, which it replaced, returned every running trial with all its values on every
@@ -17,11 +17,11 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from study import config
-from study import storage as storage_mod
-from study.batched.bulk import add_trials, append_values, changed_trials, finish_trial
-from study.batched.mirror import Mirror
-from study.batched.sync import USER_ATTRS, Changes
-from study.space import suggest
+from study.run.batched.mirror import Mirror
+from study.run.batched.sync import USER_ATTRS, Changes
+from study.store import storage as storage_mod
+from study.store.bulk import add_trials, append_values, changed_trials, finish_trial
+from study.trial.space import suggest
 
 EPOCHS = 27  # Hyperband's rungs at 1, 3, 9, 27
 
@@ -280,7 +280,7 @@ def test_a_syncs_cost_does_not_grow_with_the_running_trials_curves(tmp_path, req
 def test_a_sweep_reads_no_running_curves(tmp_path):
     """The stale-trial sweep (every few seconds in every writer) read every running trial with
     its curve to find their owners; it reads the owners alone, and only a trial it fails whole."""
-    from study import recovery
+    from study.store import recovery
 
     url = f"sqlite:///{tmp_path}/s.db"
     storage = storage_mod.open_storage(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from study.batched import kernels
+from study.run.batched import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "install_torch.sh"

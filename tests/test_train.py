@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from study.config import DataConfig, TrainConfig
-from study.data import make_data
-from study.train import lr_at, mse, train
+from study.trial.data import make_data
+from study.trial.train import lr_at, mse, train
 
 
 @pytest.fixture(scope="module")

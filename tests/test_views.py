@@ -10,8 +10,10 @@ from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-from study import config, plots, runner
-from study.tracking import METRICS
+from study import config
+from study.run import runner
+from study.views import plots
+from study.views.tracking import METRICS
 
 TOML = {
     "data": {"n_train": 96, "n_val": 32, "n_test": 64},
@@ -111,8 +113,8 @@ def test_wide_spaces_split_the_slice_plot():
 def test_the_printed_commands_survive_a_study_name_with_spaces():
     import shlex
 
-    from study.analysis import Counts
-    from study.summary import Summary, format_summary
+    from study.views.analysis import Counts
+    from study.views.summary import Summary, format_summary
 
     s = Summary(
         study="my study",
@@ -135,7 +137,7 @@ def test_the_printed_commands_survive_a_study_name_with_spaces():
 
 
 def test_the_summary_names_a_trials_share_of_the_device_only_where_it_shared_it():
-    from study.summary import shared_text
+    from study.views.summary import shared_text
 
     assert shared_text({"seconds": 8.9, "compute_seconds": 1.26}) == (
         " (its share of the device: 1.3 s)"

@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
-from study import storage as storage_mod
+from study.store import storage as storage_mod
 
 # Slow trials (no pruning, many epochs) so a signal lands mid-trial; fast heartbeat for tests.
 SLOW_TOML = TINY_TOML + '\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = "none"\n'

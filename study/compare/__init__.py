@@ -1,0 +1,1 @@
+"""The course report's comparisons: factors, their runs and their verdicts."""

@@ -1,0 +1,364 @@
+"""Opening a study: the device, the sampler and pruner, the storage, and the identity check.
+
+Order matters: config and device are validated, then the storage is checked (read-only), and
+only then is anything written. A study that exists is continued, but only with the same search
+space and data: mixing trials of two spaces would make its importances and best trial meaningless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from study import __version__
+from study.config import ConfigError, StudyConfig, to_dict
+from study.quiet import experimental
+from study.store import storage as storage_mod
+from study.trial import objectives, pareto
+from study.trial.space import grid
+
+VERSION_ATTR = "sinstudy_version"
+# every trial's first value: its best validation MSE (the mean over repeats); a second, if the
+# study has two objectives: its parameter count
+METRIC_NAME = "val_mse"
+
+
+def resolve_device(name: str, *, say: Callable[[str], None] = print) -> torch.device:
+    """auto -> cuda if available (saying once when it is not), else check the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        say("note: no GPU found (torch.cuda.is_available() is False); training on the CPU")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r} is not available (no CUDA GPU visible); use --device cpu or auto"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible; use "
+            f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
+    return dev
+
+
+def check_devices(devices: tuple[int, ...]) -> torch.device:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(
+            "--devices needs CUDA GPUs, but none is visible; drop --devices or use --workers N"
+        )
+    bad = [d for d in devices if d >= count]
+    if bad:
+        raise ConfigError(
+            f"--devices {bad[0]} does not exist: {count} GPU(s) visible (ids 0..{count - 1})"
+        )
+    return torch.device("cuda")
+
+
+def make_sampler(
+    cfg: StudyConfig, *, seed: int | None = None, stored: int = 0
+) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded with `seed` (default: the study seed) plus `stored`, the
+    number of trials the study already holds: a resumed study must not replay the points its
+    first run proposed. Optuna's TPE runs with its constant liar (the default), so trials still
+    training count as bad guesses and parallel trials spread out."""
+    seed = ((cfg.seed if seed is None else seed) + stored) % 2**32  # numpy's limit
+    s = cfg.sampler
+    if s == "tpe":
+        # two objectives: pruned trials carry MSE curves, which Optuna's own TPE cannot rank
+        tpe = pareto.ParetoTPESampler if objectives.multi(cfg) else optuna.samplers.TPESampler
+        return tpe(seed=seed)
+    if s == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s == "grid":
+        if cfg.space.per_layer_width:
+            raise ConfigError(
+                "the grid sampler cannot search per-layer widths; set per_layer_width = false"
+            )
+        # Always the study seed: GridSampler shuffles its grid with it, and a grid_id must name
+        # the same point in every run and worker of the study.
+        return optuna.samplers.GridSampler(grid(cfg.space), seed=cfg.seed)
+    if s == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if s == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+
+
+def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    """The configured pruner; with two objectives its Pareto-ranking form (study/pareto.py)."""
+    epochs = cfg.train.max_epochs
+    two = objectives.multi(cfg)
+    if cfg.pruner == "hyperband":
+        # Optuna's benchmarks recommend Hyperband with TPE. Rungs from max_epochs/27 upward.
+        hyperband = pareto.ParetoHyperband if two else optuna.pruners.HyperbandPruner
+        return hyperband(
+            min_resource=max(1, epochs // 27), max_resource=epochs, reduction_factor=3
+        )
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 10))
+    if cfg.pruner == "sha":
+        halving = pareto.ParetoHalving if two else optuna.pruners.SuccessiveHalvingPruner
+        return halving(min_resource=max(1, epochs // 27), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study_storage(
+    cfg: StudyConfig, parsed: storage_mod.StorageURL | None = None
+) -> optuna.storages.BaseStorage:
+    """The study's storage with the heartbeat settings of the config (every process alike)."""
+    hb = storage_mod.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries)
+    return storage_mod.open_storage(parsed or storage_mod.parse(cfg.storage), hb)
+
+
+def _identity(cfg: StudyConfig) -> dict[str, Any]:
+    """What must match for two runs to share a study: the search space, the data and the
+    repeats per trial (a trial's value is a mean over that many seeds)."""
+    d = to_dict(cfg)
+    return {"search_space": d["space"], "data": d["data"], "repeats": cfg.repeats}
+
+
+def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
+    """An existing study must minimise the configured objectives and have been made with the
+    same space and data."""
+    if cfg.study not in optuna.get_all_study_names(storage):
+        return
+    existing = optuna.load_study(study_name=cfg.study, storage=storage)
+    check_objectives(cfg, existing)
+    if any(d != optuna.study.StudyDirection.MINIMIZE for d in existing.directions):
+        raise ConfigError(
+            f"study {cfg.study!r} maximises its value; sinstudy minimises MSE; use another "
+            f"--study name"
+        )
+    stored = _stored_identity(existing)
+    if stored is None:
+        raise ConfigError(
+            f"study {cfg.study!r} was not made by sinstudy; use another --study name"
+        )
+    stored, identity = json.loads(stored), json.loads(json.dumps(_identity(cfg)))
+    stored.setdefault("repeats", 1)  # studies made before repeats existed had one model per trial
+    diff = [k for k in identity if stored.get(k) != identity[k]]
+    if diff:
+        raise ConfigError(
+            f"study {cfg.study!r} was created with another {' and '.join(diff)}; run with the "
+            f"config it was created with, or start a new study with --study NAME"
+        )
+
+
+def check_objectives(cfg: StudyConfig, study: optuna.Study) -> None:
+    """A study keeps the objectives it was made with: one value per trial, or two."""
+    names = study.metric_names  # None: made before sinstudy named them, or by another tool
+    want = ",".join(cfg.objectives)
+    if names is None:
+        if len(study.directions) == len(cfg.objectives):
+            return
+        raise ConfigError(
+            f"study {cfg.study!r} has {len(study.directions)} objectives, not "
+            f"{len(cfg.objectives)} ({want}); use another --study name"
+        )
+    if tuple(names) != tuple(cfg.objectives):
+        now = ",".join(names)
+        raise ConfigError(
+            f"study {cfg.study!r} has the objectives {now}, not {want}; run it with "
+            f"--objectives {now}, or start a new study with --study NAME"
+        )
+
+
+CREATION_WAIT_S = 10.0  # how long a study that another run is creating may lack its identity
+
+
+def _stored_identity(study: optuna.Study) -> str | None:
+    """The study's identity attr. A study without one and without trials may be one that
+    another run has created a moment ago and is about to label (open_study): wait for it."""
+    deadline = time.monotonic() + CREATION_WAIT_S
+    while True:
+        attrs = study._storage.get_study_user_attrs(study._study_id)
+        if "identity" in attrs:
+            return attrs["identity"]
+        if study._storage.get_n_trials(study._study_id) or time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+
+
+def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study, or load it (after check_study), recording the config on creation.
+
+    Only the run that created the study labels it (its id, identity, config): two runs that
+    labelled one new study at the same moment each claimed the TensorBoard folder with their
+    own id, and the id that stood refused the other's folder. A run that finds the study waits
+    for its creator's label (check_study)."""
+    kw = dict(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg))
+    try:
+        study = optuna.create_study(
+            **kw, directions=objectives.directions(cfg), pruner=make_pruner(cfg)
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kw, pruner=make_pruner(cfg))
+        check_study(cfg, storage)  # waits for the label of a study created a moment ago
+        if UID_ATTR not in study.user_attrs:  # made before sinstudy stored an id
+            study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+        name_metric(study, cfg.objectives)
+        return study
+    name_metric(study, cfg.objectives)
+    study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+    study.set_user_attr("identity", json.dumps(_identity(cfg)))
+    # no password in it: optuna-dashboard serves study attrs to anyone who can reach it
+    stored = {**to_dict(cfg), "storage": storage_mod.redact(cfg.storage)}
+    study.set_user_attr("config", json.dumps(stored))
+    study.set_user_attr(VERSION_ATTR, __version__)
+    return study
+
+
+def name_metric(study: optuna.Study, objectives: tuple[str, ...] = (METRIC_NAME,)) -> None:
+    """The values' names, as optuna-dashboard and Optuna's plots show them (not "Objective 0")."""
+    if study.metric_names is None:
+        with experimental():
+            study.set_metric_names(list(objectives))
+
+
+def check_folders(cfg: StudyConfig) -> None:
+    """The TensorBoard and artifact folders must be creatable and writable (exit 1 if not)."""
+    for flag, folder in (("log_dir", cfg.log_dir), ("artifact_dir", cfg.artifact_dir)):
+        probe = Path(folder)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise storage_mod.StorageError(
+                f"cannot create or write {flag} {folder!r} ({str(probe)!r} is "
+                f"{'not a folder' if not probe.is_dir() else 'read-only'}); "
+                f"set [study] {flag} to a writable folder",
+                exit_code=1,
+            )
+
+
+UID_ATTR = "sinstudy_uid"  # a study's own id: it travels with a copied or moved storage
+
+
+def _marker(cfg: StudyConfig) -> Path:
+    return Path(cfg.log_dir) / cfg.study / ".study-uid"
+
+
+def check_tensorboard_owner(
+    cfg: StudyConfig, storage: optuna.storages.BaseStorage | None, new_file: Path | None = None
+) -> None:
+    """TensorBoard runs go to <log_dir>/<study>/trial-NNNN: two studies of the same name in two
+    storages would append to the same runs. The folder records the id of the study it belongs
+    to; a run of another study is refused with the fix. `storage` None: a storage not created
+    yet (its file `new_file` absent when the caller looked), which cannot hold that study."""
+    marker = _marker(cfg)
+    if not marker.exists():
+        return
+    if storage is None and new_file is not None and new_file.exists():
+        # Another run of the command created the storage since (and claimed the folder): the
+        # check after opening it decides (chaos.py: both started on a new journal at once).
+        return
+    uid = None
+    if storage is not None and cfg.study in optuna.get_all_study_names(storage):
+        uid = optuna.load_study(study_name=cfg.study, storage=storage).user_attrs.get(UID_ATTR)
+    if uid != marker.read_text().strip():
+        raise ConfigError(
+            f"TensorBoard folder {str(marker.parent)!r} holds the runs of another study named "
+            f"{cfg.study!r} "
+            "(in another storage); use another --study name, another [study] log_dir, or delete "
+            "that folder"
+        )
+
+
+def claim_tensorboard_folder(cfg: StudyConfig, study: optuna.Study) -> None:
+    marker = _marker(cfg)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    uid = study.user_attrs[UID_ATTR] + "\n"
+    with contextlib.suppress(FileNotFoundError):
+        if marker.read_text() == uid:
+            return
+    # Written aside, then renamed over it: a run checking the folder at that moment reads the
+    # old marker or the new one. Rewritten in place, it was empty for a moment, and runs
+    # started beside one that claimed the folder refused it as another study's (chaos.py).
+    aside = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    aside.write_text(uid)
+    os.replace(aside, marker)
+
+
+def estimate_bytes(cfg: StudyConfig, slots: int) -> int:
+    """Memory of `slots` copies of the largest model the space allows, as the batched engine
+    holds them: weights, optimizer state, best weights, gradient and scratch rows, plus the
+    activations of a minibatch and of the validation set (float32)."""
+    d, w = cfg.space.depth[1], cfg.space.width[1]
+    params = 2 * w + (d - 1) * (w * w + w) + w + 1
+    rows = 6 * params
+    activations = (
+        4 * cfg.train.batch_size * w * d + 2 * cfg.data.n_val * w * d + 3 * cfg.data.n_train
+    )
+    return 4 * slots * (rows + activations)
+
+
+def _available_ram() -> int:
+    """Bytes a new allocation can get: Linux's MemAvailable (free plus reclaimable page cache),
+    else all of physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# What one process of a run holds besides its models (torch, Optuna, SQLAlchemy, and in a writer
+# TensorBoard and matplotlib), with some margin.
+PROCESS_BYTES = 350 * 2**20
+
+
+def check_memory(
+    cfg: StudyConfig, device: torch.device, slots: int, *, processes: int = 1
+) -> None:
+    """Refuse (exit 2) a space whose largest model, `slots` times, cannot fit the device, or a
+    run whose `processes` (workers and their writers) cannot fit this machine's memory."""
+    need = estimate_bytes(cfg, slots)
+    ram = _available_ram()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else ram
+    if need > 0.8 * free:
+        raise ConfigError(
+            f"the largest model of the search space (depth {cfg.space.depth[1]}, width "
+            f"{cfg.space.width[1]}) "
+            f"in {slots} slot(s) needs about {need / 2**30:.1f} GiB, more than the "
+            f"{free / 2**30:.1f} GiB free on "
+            f"{device}; lower search_space.depth / width or --slots"
+        )
+    host = processes * PROCESS_BYTES + (need if device.type == "cpu" else 0)
+    if processes > 1 and host > 0.8 * ram:
+        raise ConfigError(
+            f"{processes} processes (workers and their storage writers, about "
+            f"{PROCESS_BYTES // 2**20} MiB each) need about {host / 2**30:.1f} GiB, more than "
+            f"the {ram / 2**30:.1f} GiB of memory available; use fewer --workers"
+        )
+
+
+# SQLite (with its busy timeout) holds many workers without "database is locked", but a journal
+# file is faster per trial from a few workers up (docs/results.md).
+def storage_advice(kind: str, n_workers: int) -> list[str]:
+    if kind == "sqlite" and n_workers >= 4:
+        return [
+            f"note: {n_workers} workers on SQLite work, but --storage "
+            f"journal:///storage/sinstudy.log is faster (README: Scale out)"
+        ]
+    return []

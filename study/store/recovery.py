@@ -1,0 +1,246 @@
+"""Crash recovery: a dead worker's trial is marked FAIL and its params are retried (bounded).
+
+Three ways a trial's worker can vanish, and who notices:
+  - a worker process of `sinstudy run --workers N` dies (SIGKILL, OOM): the parent sees it at
+    once and calls `fail_and_retry` on the trial that worker was running;
+  - a whole run dies (machine lost, parent killed) on an RDB storage (SQLite, PostgreSQL):
+    Optuna's heartbeat. Each running trial beats every `heartbeat_interval` s; any later worker
+    fails trials silent for `grace_period` s and the stale-trial callback enqueues a retry;
+  - the same on a journal file, which has no heartbeat in Optuna: `JournalHeartbeat` writes a
+    system attr every interval and `sweep_stale` plays the stale-trial check. The batched engine
+    beats and sweeps from its writer process (study.run.batched.writer).
+A trial whose owner ran on this machine (OWNER_ATTR: host, boot, pid and the process's start
+time) is failed and retried by the next sweep here as soon as that process is gone, without
+waiting for the grace period: a restart on the same machine finds its predecessor's trials at
+once. Trials of other machines keep the heartbeat rule.
+Retries use Optuna's RetryHeartbeatStaleTrialCallback, so a retried trial carries
+`failed_trial` / `retry_history` system attrs exactly as Optuna's own heartbeat writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import optuna
+import sqlalchemy
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models  # private: Optuna's heartbeat table (pinned optuna)
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial, TrialState
+
+from study.quiet import experimental
+
+HEARTBEAT_ATTR = "sinstudy:heartbeat"  # unix time of a journal trial's last beat
+# "host boot-id pid start-ticks" of the process that keeps a trial alive (the batched engine's
+# writer, the standard engine's process): a pid reused after a restart or a reboot differs in
+# its start time or boot id.
+OWNER_ATTR = "sinstudy:owner"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time since boot (clock ticks), None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]  # field 22 of proc(5); a zombie is gone
+
+
+def owner_attr(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()} {_boot_id()} {pid} {_start_ticks(pid) or ''}"
+
+
+def owner_gone(owner: object) -> bool:
+    """True when `owner` names a process of this machine (this boot) that no longer runs.
+    False for another machine, or where /proc cannot tell (the heartbeat rule decides)."""
+    parts = owner.split(" ") if isinstance(owner, str) else []
+    if len(parts) != 4 or not parts[1] or not parts[3]:
+        return False
+    host, boot, pid, ticks = parts
+    if host != socket.gethostname() or boot != _boot_id():
+        return False
+    return _start_ticks(int(pid)) != ticks
+
+
+class StaleRetry:
+    """Optuna's stale-trial callback (RetryHeartbeatStaleTrialCallback), which also remembers the
+    trials it was called for: Optuna calls it only for the trials this process failed, so a
+    sweep can name them (and not those another engine failed at the same moment)."""
+
+    def __init__(self, max_retries: int):
+        with experimental():  # experimental in Optuna 5.0; its behaviour is what we want
+            self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+        self.failed: list[int] = []
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._retry(study, trial)
+        self.failed.append(trial.number)
+
+
+def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> bool:
+    """Mark a RUNNING trial FAIL and enqueue its params once more (up to max_retries times).
+
+    Returns False when the trial was no longer RUNNING (it finished, or another process failed
+    it first): then nothing is changed.
+    """
+    trial = _by_number(study, trial_number)
+    if trial is None or trial.state != TrialState.RUNNING:
+        return False
+    try:
+        if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    if max_retries > 0:
+        StaleRetry(max_retries)(study, study._storage.get_trial(trial._trial_id))
+    return True
+
+
+def retry_chain(system_attrs: dict) -> set[int]:
+    """The numbers of the trial a queued retry repeats and of that trial's earlier retries
+    (Optuna's `failed_trial` / `retry_history`); empty for any other trial. They may share the
+    retry's seeds."""
+    if "failed_trial" not in system_attrs:
+        return set()
+    return {system_attrs["failed_trial"], *system_attrs.get("retry_history", ())}
+
+
+def stored_trial(study: optuna.Study, number: int) -> FrozenTrial | None:
+    """Trial `number` as stored (one trial read, not the study's trials); None if none."""
+    try:
+        tid = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    except KeyError:
+        return None
+    return study._storage.get_trial(tid)
+
+
+def _by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
+    """The trial if it is RUNNING."""
+    trial = stored_trial(study, number)
+    return trial if trial is not None and trial.state == TrialState.RUNNING else None
+
+
+def _running_owners(study: optuna.Study) -> dict[int, str | None]:
+    """{number: OWNER_ATTR} of the study's RUNNING trials. On an RDB storage one SELECT of the
+    attr: the running trials themselves would come with all their curves, on every sweep."""
+    storage = getattr(study._storage, "_backend", study._storage)  # a study's cache
+    if not isinstance(storage, RDBStorage):
+        return {
+            t.number: t.system_attrs.get(OWNER_ATTR)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        }
+    t, a = models.TrialModel, models.TrialSystemAttributeModel
+    query = (
+        sqlalchemy.select(t.number, a.value_json)
+        .select_from(t)
+        .outerjoin(a, sqlalchemy.and_(a.trial_id == t.trial_id, a.key == OWNER_ATTR))
+        .where(t.study_id == study._study_id, t.state == TrialState.RUNNING)
+    )
+    with _create_scoped_session(storage.scoped_session) as session:
+        rows = session.execute(query).all()
+    return {number: None if raw is None else json.loads(raw) for number, raw in rows}
+
+
+def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -> dict[int, str]:
+    """Fail (and retry) trials whose worker is gone: at once where it ran on this machine, else
+    after `grace_period` without a heartbeat (RDB: Optuna's heartbeat; journal: ours). Returns
+    {trial number: why} for the trials this call failed."""
+    gone = [n for n, owner in _running_owners(study).items() if owner_gone(owner)]
+    out = {
+        n: "its process on this machine is gone"
+        for n in gone
+        if fail_and_retry(study, n, max_retries)
+    }
+    for n in _sweep_heartbeats(study, grace_period, max_retries):
+        out[n] = f"no heartbeat for {grace_period} s"
+    return dict(sorted(out.items()))
+
+
+def _sweep_heartbeats(study: optuna.Study, grace_period: float, max_retries: int) -> list[int]:
+    storage = study._storage
+    if not isinstance(storage, JournalStorage):
+        callback = storage.get_heartbeat_stale_trial_callback()
+        if not isinstance(callback, StaleRetry):  # a storage opened without our heartbeat
+            return []
+        seen = len(callback.failed)
+        with experimental():  # "experimental" since Optuna 2.9; what the heartbeat runs
+            optuna.storages.fail_stale_trials(study)
+        return sorted(callback.failed[seen:])
+    now = time.time()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = t.system_attrs.get(HEARTBEAT_ATTR)
+        if beat is None and t.datetime_start is not None:
+            beat = t.datetime_start.timestamp()
+        if (
+            beat is not None
+            and now - beat > grace_period
+            and fail_and_retry(study, t.number, max_retries)
+        ):
+            failed.append(t.number)
+    return failed
+
+
+class JournalHeartbeat:
+    """Beat a journal trial every `interval` seconds from a daemon thread while it runs."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float):
+        self._storage = study._storage
+        self._trial_id = trial._trial_id
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="sinstudy-heartbeat")
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self._storage.set_trial_system_attr(self._trial_id, HEARTBEAT_ATTR, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> JournalHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def heartbeat_ages(study: optuna.Study, trials: list[FrozenTrial]) -> dict[int, float]:
+    """Seconds since each running trial's last heartbeat, by number (trials without one are left
+    out). RDB: Optuna's heartbeat table, against the database's clock; journal: our attr."""
+    storage = study._storage
+    if isinstance(storage, JournalStorage):
+        now = time.time()
+        return {
+            t.number: now - t.system_attrs[HEARTBEAT_ATTR]
+            for t in trials
+            if isinstance(t.system_attrs.get(HEARTBEAT_ATTR), (int, float))
+        }
+    storage = getattr(storage, "_backend", storage)  # a study's RDBStorage sits in a cache
+    if not trials or not isinstance(storage, RDBStorage):
+        return {}
+    numbers = {t._trial_id: t.number for t in trials}
+    beat = models.TrialHeartbeatModel
+    with _create_scoped_session(storage.scoped_session) as session:
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        query = sqlalchemy.select(beat.trial_id, beat.heartbeat)
+        rows = session.execute(query.where(beat.trial_id.in_(list(numbers)))).all()
+    return {numbers[tid]: (now - at.replace(tzinfo=None)).total_seconds() for tid, at in rows}

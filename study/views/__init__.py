@@ -1,0 +1,1 @@
+"""What a study says: summaries, analysis, plots, reports, the dashboard note, TensorBoard runs."""

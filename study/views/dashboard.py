@@ -1,0 +1,97 @@
+"""What optuna-dashboard shows beyond Optuna's own data, and serving it.
+
+`publish(study)` runs at the end of `sinstudy run`: a markdown note summarising the study, which
+the dashboard renders on the study page. (Each trial that is best when it finishes stores its
+weights and a fit image as artifacts from the objective, so they show on its trial page.)
+`bind()` is `sinstudy dashboard`: optuna-dashboard on the same storage and artifact store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+
+from study.trial.course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
+from study.views import analysis, results
+
+
+def study_note(study: optuna.Study) -> str:
+    c = analysis.Counts.of(study.get_trials(deepcopy=False))
+    lines = [
+        f"## {study.study_name}",
+        f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed trials.",
+    ]
+    top = analysis.top_trials(study, 1)
+    if top:
+        b = top[0]
+        lines += [
+            "",
+            f"**Best trial #{b.number}**{analysis.repeats_text(b)}: validation MSE "
+            f"{analysis.mse_texts(b)[0]}, "
+            f"test MSE {analysis.mse_texts(b)[1]} (course report's best: "
+            f"{REPORT_BEST_TEST_MSE:.3e}).",
+            "",
+            f"Params: `{analysis.params_text(b.params)}`. Its weights and fit plot are artifacts "
+            f"on its trial page.",
+        ]
+    front = analysis.front(study)
+    if front:
+        lines += [
+            "",
+            f"**Pareto front** ({len(front)} trials, fewest parameters first):",
+            "",
+            "| trial | parameters | val MSE | test MSE | params |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {' | '.join(r)} |" for r in analysis.front_rows(front)]
+        lines += [
+            "",
+            "| smallest network with test MSE <= | trial | parameters |",
+            "|---|---|---|",
+        ]
+        for level, t in analysis.smallest_reaching(study):
+            cells = f"#{t.number} | {t.user_attrs['n_params']}" if t else "none yet | "
+            lines.append(f"| {level:.0e} | {cells} |")
+    if not analysis.importance_shortfall(study):
+        for i, name in enumerate(analysis.objective_names(study)):
+            rows = analysis.importance_table(study, objective=i)
+            title = f"importance for {name}" if front else "parameter"
+            lines += ["", f"| {title} | PED-ANOVA | fANOVA |", "|---|---|---|"]
+            lines += [
+                f"| {r.param} | {r.ped_anova or 0:.2f} | {r.fanova or 0:.2f} |" for r in rows
+            ]
+    return "\n".join(lines)
+
+
+def publish(study: optuna.Study) -> None:
+    """Write (or update) the study note the dashboard shows on the study page."""
+    from optuna_dashboard import save_note
+
+    save_note(study, study_note(study))
+
+
+def bind(url: str, *, host: str, port: int, artifact_dir: str):
+    """optuna-dashboard's app on the storage and artifact store, bound to host:port (so a port
+    in use is one clear error before anything is printed). Call .serve_forever() on it."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from optuna_dashboard import wsgi
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # no access log line per request
+            pass
+
+    from study.store.storage import StorageError
+
+    storage = results.open_for_reading(url, read_only=False)  # its users may fail or note trials
+    Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+    app = wsgi(storage, artifact_store=FileSystemArtifactStore(artifact_dir))
+    try:
+        return make_server(host, port, app, handler_class=Quiet)
+    except OSError as e:
+        raise StorageError(
+            f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port or --host",
+            exit_code=1,
+        ) from None
