@@ -202,7 +202,7 @@ def writes(args: argparse.Namespace, folder: Path) -> str:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import FrozenTrial, TrialState
 
-    from study.run.batched import bulk
+    from study.store import bulk
     from study.store import storage as storage_mod
     from study.store.recovery import HEARTBEAT_ATTR
 

@@ -13,7 +13,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from study.run.batched import bulk
+from study.store import bulk
 from study.store import storage
 from study.store.bulk import add_trial, add_trials
 
