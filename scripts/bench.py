@@ -202,12 +202,10 @@ def writes(args: argparse.Namespace, folder: Path) -> str:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import FrozenTrial, TrialState
 
-    from study.store import bulk
-    from study.store import storage as storage_mod
-    from study.store.recovery import HEARTBEAT_ATTR
+    from study import store
 
     url = STORAGES[args.storage].format(folder=folder, engine="writes")
-    st = storage_mod.open_storage(storage_mod.parse(url))
+    st = store.open_store(store.parse(url)).optuna
     study_id = optuna.create_study(storage=st, study_name="writes")._study_id
     dists = {
         "depth": IntDistribution(1, 6),
@@ -242,22 +240,23 @@ def writes(args: argparse.Namespace, folder: Path) -> str:
     k = max(args.raw, 1)
     ids = [
         tid
-        for tid, _ in bulk.add_trials(st, study_id, [template() for _ in range(k)], heartbeat=True)
+        for tid, _ in store.of(st).add_trials(
+            study_id, [template() for _ in range(k)], heartbeat=True
+        )
     ]
     step = iter(range(1, 10**6))
-    start = ms(lambda: bulk.add_trials(st, study_id, [template()], heartbeat=True))
+    start = ms(lambda: store.of(st).add_trials(study_id, [template()], heartbeat=True))
     flush = ms(
-        lambda: bulk.append_values(
-            st, {tid: {s: 0.5} for tid, s in zip(ids, [next(step)] * k, strict=True)}
+        lambda: store.of(st).append_values(
+            {tid: {s: 0.5} for tid, s in zip(ids, [next(step)] * k, strict=True)}
         )
     )
-    beat = ms(lambda: bulk.beat(st, ids, HEARTBEAT_ATTR))
+    beat = ms(lambda: store.of(st).beat(ids))
     values = {e: 1.0 / e for e in range(1, args.max_epochs + 1)}
 
     def finish() -> None:
-        ((tid, _),) = bulk.add_trials(st, study_id, [template()], heartbeat=True)
-        bulk.finish_trial(
-            st,
+        ((tid, _),) = store.of(st).add_trials(study_id, [template()], heartbeat=True)
+        store.of(st).finish_trial(
             tid,
             state=TrialState.COMPLETE,
             value=1e-6,

@@ -56,7 +56,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from study.store import storage as storage_mod
+from study import store as store_mod
 from study.trial.space import param_set
 from study.views.artifacts import load_model
 
@@ -364,7 +364,7 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
         tally.examples.setdefault(kind, f"{store.kind} {store.folder.name}: {what}")
         print(f"  violation {kind}: {what}", flush=True)
 
-    study = optuna.load_study(study_name=STUDY, storage=storage_mod.load(store.url))
+    study = optuna.load_study(study_name=STUDY, storage=store_mod.load(store.url))
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     for r in runs:
@@ -491,7 +491,7 @@ def _round(i: int, rng: random.Random, stores: dict, root: Path, tally: Tally, k
 def _after(store: Store, runs: list[Run], rng: random.Random, tally: Tally) -> None:
     """Check the round's study; where anything is left to recover, run the next run first."""
     try:
-        study = optuna.load_study(study_name=STUDY, storage=storage_mod.load(store.url))
+        study = optuna.load_study(study_name=STUDY, storage=store_mod.load(store.url))
     except KeyError:  # every run was killed before it created the study
         return
     _check(store, runs, tally, final=False)

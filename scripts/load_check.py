@@ -344,9 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     a = _args(argv)
     import optuna
 
-    from study import config
+    from study import config, store
     from study.run.opening import open_study
-    from study.store import storage as storage_mod
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     drop = None
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_dir=f"{tmp}/tensorboard",
                 artifact_dir=f"{tmp}/artifacts",
             )
-            storage = storage_mod.load(url)
+            storage = store.load(url)
             open_study(cfg, storage)
             ctx = mp.get_context("spawn")
             out = ctx.Queue()

@@ -27,7 +27,7 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import TINY_TOML  # noqa: E402  (the tests' tiny problem: seconds per trial batch)
 
-from study.store import storage as storage_mod  # noqa: E402
+from study import store  # noqa: E402
 
 PG_ADMIN = os.environ.get("SINSTUDY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -81,7 +81,7 @@ def one(engine: str, kind: str, workers: int, trials: int, epochs: int) -> dict:
                 text=True,
             )
             wall = time.perf_counter() - t0
-            study = optuna.load_study(study_name="sinstudy", storage=storage_mod.load(url))
+            study = optuna.load_study(study_name="sinstudy", storage=store.load(url))
             states = Counter(t.state.name for t in study.trials)
             numbers = [t.number for t in study.trials]
             points = [

@@ -287,10 +287,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from study import store
     from study.compare import runner as compare
     from study.run.batched import kernels
     from study.run.opening import resolve_device
-    from study.store import storage as storage_mod
 
     if args.factor not in compare.FACTORS:
         raise ConfigError(
@@ -311,7 +311,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, say=lambda line: print(line, file=sys.stderr))
     kernels.check(device.type)  # compare trains on the batched engine
     url = args.storage or DEFAULTS.storage
-    storage_mod.check(url)  # read-only: a bad URL or a foreign file is one line, nothing written
+    store.check(url)  # read-only: a bad URL or a foreign file is one line, nothing written
     cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
     bars = []
 
@@ -362,7 +362,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from study.store.storage import redact
+    from study.store import redact
     from study.views import dashboard
 
     if not 1 <= args.port <= 65535:

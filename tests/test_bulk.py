@@ -1,4 +1,4 @@
-"""study.store.bulk stores a finished trial exactly as Optuna's create_new_trial stores it."""
+"""study.store stores a finished trial exactly as Optuna's create_new_trial stores it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from study.store import bulk
-from study.store import storage
-from study.store.bulk import add_trial, add_trials
+from study import store
+from study.store.base import Take
+from study.store.rdb import RDBStore
 
 DISTRIBUTIONS = {
     "depth": IntDistribution(1, 6),
@@ -110,14 +110,14 @@ def fields(t: FrozenTrial) -> dict:
 
 
 def compare_on(url: str) -> None:
-    s = storage.open_storage(storage.parse(url))
+    s = store.open_store(store.parse(url)).optuna
     name = uuid.uuid4().hex[:8]
     ref = optuna.create_study(storage=s, study_name=f"optuna-{name}")
     ours = optuna.create_study(storage=s, study_name=f"bulk-{name}")
     numbers = []
     for t in trials():
         s.create_new_trial(ref._study_id, template_trial=t)
-        numbers.append(add_trial(s, ours._study_id, t)[1])
+        numbers.append(store.of(s).add_trial(ours._study_id, t)[1])
     expected = [fields(t) for t in ref.get_trials(deepcopy=False)]
     got = [fields(t) for t in ours.get_trials(deepcopy=False)]
     assert numbers == list(range(len(expected)))
@@ -135,18 +135,18 @@ def test_bulk_trial_equals_optunas_on_postgresql(pg_url):
 
 
 def test_bulk_trial_on_journal_goes_through_optuna(tmp_path):
-    s = storage.open_storage(storage.parse(f"journal:///{tmp_path}/s.log"))
+    s = store.open_store(store.parse(f"journal:///{tmp_path}/s.log")).optuna
     study = optuna.create_study(storage=s, study_name="j")
     for t in trials():
-        add_trial(s, study._study_id, t)
+        store.of(s).add_trial(study._study_id, t)
     assert [t.state for t in study.get_trials()] == [t.state for t in trials()]
 
 
 def _add_many(url: str, study: str, n: int) -> None:
-    s = storage.open_storage(storage.parse(url))
+    s = store.open_store(store.parse(url)).optuna
     sid = s.get_study_id_from_name(study)
     for _ in range(n):
-        add_trial(s, sid, trials()[0])
+        store.of(s).add_trial(sid, trials()[0])
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -155,7 +155,7 @@ def test_concurrent_bulk_writers_number_trials_without_gaps_or_repeats(tmp_path,
         f"sqlite:///{tmp_path}/s.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
     )
     name = f"concurrent-{uuid.uuid4().hex[:8]}"
-    optuna.create_study(storage=storage.open_storage(storage.parse(url)), study_name=name)
+    optuna.create_study(storage=store.open_store(store.parse(url)).optuna, study_name=name)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_add_many, args=(url, name, 15)) for _ in range(3)]
     for p in procs:
@@ -163,7 +163,7 @@ def test_concurrent_bulk_writers_number_trials_without_gaps_or_repeats(tmp_path,
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    study = optuna.load_study(study_name=name, storage=storage.open_storage(storage.parse(url)))
+    study = optuna.load_study(study_name=name, storage=store.open_store(store.parse(url)).optuna)
     assert sorted(t.number for t in study.get_trials()) == list(range(45))
 
 
@@ -178,9 +178,9 @@ def test_two_engines_checking_at_the_same_moment_store_one_parameter_set_once(
     if backend == "postgresql":
         url = request.getfixturevalue("pg_url")
     name = f"race-{uuid.uuid4().hex[:8]}"
-    optuna.create_study(storage=storage.open_storage(storage.parse(url)), study_name=name)
+    optuna.create_study(storage=store.open_store(store.parse(url)).optuna, study_name=name)
     both_checked = threading.Barrier(2)
-    check = bulk._taken_after
+    check = RDBStore._taken_after
 
     def check_then_wait(*args, **kwargs):
         taken = check(*args, **kwargs)
@@ -190,15 +190,15 @@ def test_two_engines_checking_at_the_same_moment_store_one_parameter_set_once(
             pass
         return taken
 
-    monkeypatch.setattr(bulk, "_taken_after", check_then_wait)
+    monkeypatch.setattr(RDBStore, "_taken_after", check_then_wait)
     got: list = []
 
     def engine(seed: int) -> None:
-        s = storage.open_storage(storage.parse(url))
+        s = store.open_store(store.parse(url)).optuna
         sid = s.get_study_id_from_name(name)
         got.extend(
-            add_trials(
-                s, sid, [trials()[0]], heartbeat=True, after_id=-1, seeds=[range(seed, seed + 1)]
+            store.of(s).add_trials(
+                sid, [trials()[0]], heartbeat=True, after_id=-1, seeds=[range(seed, seed + 1)]
             )
         )
 
@@ -208,14 +208,14 @@ def test_two_engines_checking_at_the_same_moment_store_one_parameter_set_once(
     for t in threads:
         t.join(120)
     assert len(got) == 2 and sum(g is not None for g in got) == 1, got
-    study = optuna.load_study(study_name=name, storage=storage.open_storage(storage.parse(url)))
+    study = optuna.load_study(study_name=name, storage=store.open_store(store.parse(url)).optuna)
     assert len(study.get_trials()) == 1
 
 
 def _seeded(url: str) -> tuple[optuna.storages.BaseStorage, int, list[int]]:
     """A study whose trial #0 holds seed 10 (and 11, with two repeats), and two RUNNING
     trials."""
-    s = storage.open_storage(storage.parse(url))
+    s = store.open_store(store.parse(url)).optuna
     name = f"seeds-{uuid.uuid4().hex[:8]}"
     sid = optuna.create_study(storage=s, study_name=name)._study_id
     ids = [s.create_new_trial(sid) for _ in range(3)]
@@ -237,23 +237,23 @@ def test_a_seed_is_checked_and_stored_in_one_step_clear_of_every_other_trials_se
         "postgresql": request.getfixturevalue("pg_url") if backend == "postgresql" else "",
     }[backend]
     s, sid, (_, a, b) = _seeded(url)  # #0 holds 10, 11
-    assert bulk.claim_seed(s, sid, a, [9, 11, 12], repeats=2) == 12  # 9, 10 and 11, 12 meet it
+    assert store.of(s).claim_seed(sid, a, [9, 11, 12], repeats=2) == 12  # 9, 10 and 11, 12 meet it
     assert s.get_trial(a).user_attrs == {"seed": 12, "seeds": [12, 13]}
-    assert bulk.claim_seed(s, sid, b, [13, 14], repeats=2) == 14
+    assert store.of(s).claim_seed(sid, b, [13, 14], repeats=2) == 14
     # a retry may share the seeds of the trial it retries (its chain), no one else's
-    assert bulk.claim_seed(s, sid, b, [10, 20], repeats=2, chain={0}) == 10
+    assert store.of(s).claim_seed(sid, b, [10, 20], repeats=2, chain={0}) == 10
     assert s.get_trial(b).user_attrs == {"seed": 10, "seeds": [10, 11]}
     # taking a queued trial: the state change and the seed check are one step too
     name = s.get_study_name_from_id(sid)
     optuna.load_study(study_name=name, storage=s).enqueue_trial({})
     queued = s.get_all_trials(sid)[-1]._trial_id
-    assert bulk.take_queued(s, sid, queued, range(13, 15)) is bulk.Take.SEED  # #1 holds 13
+    assert store.of(s).take_queued(sid, queued, range(13, 15)) is Take.SEED  # #1 holds 13
     assert s.get_trial(queued).state == TrialState.WAITING
-    assert bulk.take_queued(s, sid, queued, range(30, 32)) is bulk.Take.TAKEN
+    assert store.of(s).take_queued(sid, queued, range(30, 32)) is Take.TAKEN
     got = s.get_trial(queued)
     assert got.state == TrialState.RUNNING and got.user_attrs == {"seed": 30, "seeds": [30, 31]}
     assert got.datetime_start is not None
-    assert bulk.take_queued(s, sid, queued, range(40, 42)) is bulk.Take.GONE
+    assert store.of(s).take_queued(sid, queued, range(40, 42)) is Take.GONE
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -267,7 +267,7 @@ def test_two_trials_claiming_one_seed_at_the_same_moment_get_two(
         url = request.getfixturevalue("pg_url")
     s, sid, (_, a, b) = _seeded(url)
     both_read = threading.Barrier(2)
-    read = bulk._held_rdb
+    read = RDBStore._held_rdb
 
     def read_then_wait(*args):
         held = read(*args)
@@ -277,12 +277,12 @@ def test_two_trials_claiming_one_seed_at_the_same_moment_get_two(
             pass
         return held
 
-    monkeypatch.setattr(bulk, "_held_rdb", read_then_wait)
+    monkeypatch.setattr(RDBStore, "_held_rdb", read_then_wait)
     got: dict[int, int] = {}
 
     def claim(trial_id: int, fallback: int) -> None:
-        own = storage.open_storage(storage.parse(url))
-        got[trial_id] = bulk.claim_seed(own, sid, trial_id, [5, fallback], repeats=1)
+        own = store.open_store(store.parse(url)).optuna
+        got[trial_id] = store.of(own).claim_seed(sid, trial_id, [5, fallback], repeats=1)
 
     threads = [threading.Thread(target=claim, args=x) for x in ((a, 6), (b, 7))]
     for t in threads:

@@ -144,4 +144,46 @@ def test_the_trainer_and_its_writer_talk_only_in_the_typed_messages():
             assert isinstance(arg, ast.Call) and isinstance(arg.func, ast.Name), ast.unparse(node)
             assert arg.func.id in names, ast.unparse(node)
     assert puts >= 10
-    assert "def put(self, job: Job) -> None:" in (STUDY / "run" / "batched" / "writer.py").read_text()
+    assert (
+        "def put(self, job: Job) -> None:" in (STUDY / "run" / "batched" / "writer.py").read_text()
+    )
+
+
+BACKENDS = {"sqlite", "postgresql", "postgres", "journal", "memory"}
+BACKEND_NAMES = {"JournalStorage", "RDBStorage", "InMemoryStorage", "dialect"}
+
+
+def _backend_branches(tree: ast.AST) -> list[int]:
+    """Lines that ask which storage backend they hold: a name of Optuna's storage classes or
+    the SQL dialect, or a comparison with a backend's name or URL scheme."""
+    lines = []
+    for node in ast.walk(tree):
+        name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", None)
+        if isinstance(node, ast.Name | ast.Attribute) and name in BACKEND_NAMES:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Compare):
+            consts = [
+                c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)
+            ]
+            if any(isinstance(v, str) and v.lower() in BACKENDS for v in consts):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "startswith":
+            args = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            if any(isinstance(v, str) and v.split(":")[0].lower() in BACKENDS for v in args):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_outside_the_store_asks_which_backend_it_holds():
+    found = [
+        f"{p.relative_to(STUDY.parent)}:{line}"
+        for p in STUDY.rglob("*.py")
+        if "store" not in p.relative_to(STUDY).parts[:1]
+        for line in _backend_branches(ast.parse(p.read_text()))
+    ]
+    assert not found, found
+    # and the check finds what it looks for
+    inside = [
+        p for p in (STUDY / "store").rglob("*.py") if _backend_branches(ast.parse(p.read_text()))
+    ]
+    assert inside

@@ -235,7 +235,7 @@ def _as_reader(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_readers_read_a_storage_they_may_not_write(studied, tmp_path, kind):
     """best, plot and report on a read-only file in a read-only folder, as plain Optuna reads
     it: they open it read-only (not "make it writable") and it stays as it was."""
-    from study.store.storage import parse
+    from study.store import parse
 
     src = f"sqlite:///{studied}/storage/sinstudy.db"
     ro = tmp_path / "ro"

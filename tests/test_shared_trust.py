@@ -18,10 +18,10 @@ import pytest
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
+from study import store
 from study.run.batched.sync import SYNC_S
 from study.run.budget import Budget, Claims
-from study.store import recovery
-from study.store import storage as storage_mod
+from study.store import journal, recovery
 from study.trial.attrs import SEED_STREAM
 from study.trial.space import param_set
 from study.views.summary import Leftovers
@@ -39,7 +39,7 @@ def _url(kind: str, workdir: Path, pg_url: str | None = None) -> str:
 
 
 def _load(url: str) -> optuna.Study:
-    return optuna.load_study(study_name="sinstudy", storage=storage_mod.load(url))
+    return optuna.load_study(study_name="sinstudy", storage=store.load(url))
 
 
 def _no_twins(study: optuna.Study) -> None:
@@ -219,7 +219,7 @@ def test_a_trial_failed_from_outside_stops_within_seconds_and_its_slot_is_refill
         "--max-epochs", "4000", "--n-trials", "3", "--slots", "2", cwd=workdir,
     )  # fmt: skip
     victim = _wait_running(url, 1, proc)[0]
-    storage = storage_mod.load(url)
+    storage = store.load(url)
     storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)  # the dashboard's button
     time.sleep(6)  # the writer's sync (2 s) and the trainer's next epoch
     seen = len(storage.get_trial(victim._trial_id).intermediate_values)
@@ -280,9 +280,7 @@ def test_a_journal_line_of_garbage_is_skipped_with_one_line_naming_it(workdir):
 def test_the_summary_names_what_a_run_leaves_behind(tmp_path):
     """Others' RUNNING trials with their heartbeat's age, queued retries, recovered trials."""
     url = f"sqlite:///{tmp_path}/s.db"
-    storage = storage_mod.open_storage(
-        storage_mod.parse(url), storage_mod.Heartbeat(5, 20, max_retries=1)
-    )
+    storage = store.open_store(store.parse(url), store.Heartbeat(5, 20, max_retries=1)).optuna
     study = optuna.create_study(study_name="s", storage=storage)
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, value=1.0))
@@ -373,7 +371,7 @@ def test_a_study_another_run_is_creating_is_waited_for_not_refused(tmp_path, mon
     from study.run import opening
 
     cfg = config.build(None, study="s", storage=f"sqlite:///{tmp_path}/s.db")
-    storage = storage_mod.load(cfg.storage)
+    storage = store.load(cfg.storage)
     study = optuna.create_study(study_name="s", storage=storage)  # labelled a moment later
     label = json.dumps(opening._identity(cfg))
     threading.Timer(1.0, study.set_user_attr, ("identity", label)).start()
@@ -397,7 +395,7 @@ def test_a_run_that_finds_a_study_being_created_keeps_its_creators_id(tmp_path):
     cfg = config.build(
         None, study="s", storage=f"sqlite:///{tmp_path}/s.db", log_dir=f"{tmp_path}/tb"
     )
-    storage = storage_mod.load(cfg.storage)
+    storage = store.load(cfg.storage)
     creator = optuna.create_study(study_name="s", storage=storage)  # the other run's, unlabelled
 
     def label() -> None:  # what the creating run does a moment later
@@ -451,7 +449,7 @@ def test_a_run_checking_the_folder_while_another_claims_it_never_reads_a_torn_ma
     cfg = config.build(
         None, study="s", storage=f"sqlite:///{tmp_path}/s.db", log_dir=f"{tmp_path}/tb"
     )
-    storage = storage_mod.load(cfg.storage)
+    storage = store.load(cfg.storage)
     study = opening.open_study(cfg, storage)
     opening.claim_tensorboard_folder(cfg, study)
     stop = time.monotonic() + 1.0
@@ -511,7 +509,7 @@ def _writer_here(tmp_path: Path, *, claims: int):
         log_dir=f"{tmp_path}/tb",
         artifact_dir=f"{tmp_path}/a",
     )
-    study = opening.open_study(cfg, storage_mod.load(cfg.storage))
+    study = opening.open_study(cfg, store.load(cfg.storage))
     (tmp_path / "a").mkdir()  # as a run creates it
 
     class Box(list):
@@ -582,7 +580,7 @@ def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(t
     cfg, _, sink, box = _writer_here(tmp_path, claims=3)
 
     def load() -> optuna.Study:
-        return optuna.load_study(study_name="s", storage=storage_mod.load(cfg.storage))
+        return optuna.load_study(study_name="s", storage=store.load(cfg.storage))
 
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     starts = []
@@ -628,8 +626,8 @@ def test_a_journal_hold_and_another_threads_write_wait_for_each_other(tmp_path, 
     release then failed. Both locks are now taken in one order."""
     import threading
 
-    monkeypatch.setattr(storage_mod, "JOURNAL_LOCK_GRACE_S", 3)
-    storage = storage_mod.open_storage(storage_mod.parse(f"journal:///{tmp_path}/s.log"))
+    monkeypatch.setattr(journal, "JOURNAL_LOCK_GRACE_S", 3)
+    storage = store.open_store(store.parse(f"journal:///{tmp_path}/s.log")).optuna
     study = optuna.create_study(study_name="s", storage=storage)
     trial = study.ask()
     order: list[str] = []
@@ -638,7 +636,7 @@ def test_a_journal_hold_and_another_threads_write_wait_for_each_other(tmp_path, 
         storage.set_trial_system_attr(trial._trial_id, "beat", 1)
         order.append("beat")
 
-    with storage_mod.journal_lock(storage):
+    with store.of(storage)._locked():
         thread = threading.Thread(target=beat)
         thread.start()
         time.sleep(4)  # past the grace period: the beat must wait, not break the lock
@@ -742,13 +740,14 @@ def test_curves_of_a_trial_a_sweep_failed_are_skipped_on_the_journal(tmp_path):
     """Found by the harness (seed 181, journal, a run's processes starved past the grace
     period): another run's sweep failed the run's trials, and the writer's next curves job
     raised UpdateFinishedTrialError on the journal, which killed the writer."""
-    from study.store.bulk import append_values
 
-    storage = storage_mod.load(f"journal:///{tmp_path}/s.log")
+    storage = store.load(f"journal:///{tmp_path}/s.log")
     study = optuna.create_study(study_name="s", storage=storage)
     failed, running = study.ask(), study.ask()
     storage.set_trial_state_values(failed._trial_id, TrialState.FAIL)
-    append_values(storage, {failed._trial_id: {1: 0.5}, running._trial_id: {1: 0.25, 2: 0.125}})
+    store.of(storage).append_values(
+        {failed._trial_id: {1: 0.5}, running._trial_id: {1: 0.25, 2: 0.125}}
+    )
     got = {t.number: t.intermediate_values for t in study.get_trials()}
     assert got == {0: {}, 1: {1: 0.25, 2: 0.125}}
 
@@ -765,7 +764,7 @@ def test_a_dead_writers_trials_that_a_sweep_failed_give_their_claims_to_the_retr
     from study.run.batched.engine import BatchedEngine
 
     cfg = config.build(None, study="s", storage=f"sqlite:///{tmp_path}/s.db", n_trials=3)
-    study = opening.open_study(cfg, storage_mod.load(cfg.storage))
+    study = opening.open_study(cfg, store.load(cfg.storage))
     swept, mine, done = study.ask(), study.ask(), study.ask()
     recovery.fail_and_retry(study, swept.number, 1)  # another run's sweep: FAIL, retry queued
     study.tell(done, 0.5)  # stored by the writer before it died: it counts
@@ -843,7 +842,7 @@ def test_a_retry_queued_while_the_writer_lags_is_waited_for_not_left_waiting(wor
     reader.start()
     try:
         victim = _wait_running(url, 1, proc)[0]
-        storage = storage_mod.load(url)
+        storage = store.load(url)
         # a sweep's first half: the trial FAIL; the trainer stops it and waits for a retry
         storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
         deadline = time.time() + 60
@@ -879,7 +878,7 @@ def test_a_retry_of_a_trial_that_kept_another_trials_seed_trains_with_seeds_of_i
 ):
     """Chaos seed 201, rounds 109 and 112: a standard trial stored its seed (#28's), its run was
     killed before the check that would have moved it, and its retry trained with #28's seed.
-    A seed is now checked as it is stored (bulk.claim_seed), and a retry whose inherited seed
+    A seed is now checked as it is stored (Store.claim_seed), and a retry whose inherited seed
     another trial holds (a study such a run left behind) trains with its own."""
     url = f"sqlite:///{workdir}/s.db"
     common = ("run", "--config", "tiny.toml", "--no-progress", "--storage", url)

@@ -9,8 +9,9 @@ from datetime import datetime
 import optuna
 import pytest
 
-from study.store import storage
-from study.store.storage import StorageError
+from study import store
+from study.errors import StorageError
+from study.store import journal, sqlite
 
 
 @pytest.mark.parametrize(
@@ -26,14 +27,14 @@ from study.store.storage import StorageError
 )
 def test_bad_urls(url, fragment):
     with pytest.raises(StorageError, match=fragment):
-        storage.check(url)
+        store.check(url)
 
 
 def test_new_sqlite_file_is_created_on_open_not_on_check(tmp_path):
     url = f"sqlite:///{tmp_path}/sub/dir/s.db"
-    parsed = storage.check(url)
+    parsed = store.check(url)
     assert not (tmp_path / "sub").exists()  # check() writes nothing
-    optuna.create_study(storage=storage.open_storage(parsed), study_name="x")
+    optuna.create_study(storage=store.open_store(parsed).optuna, study_name="x")
     assert (tmp_path / "sub/dir/s.db").exists()
 
 
@@ -41,7 +42,7 @@ def test_corrupt_sqlite_file(tmp_path):
     f = tmp_path / "s.db"
     f.write_bytes(b"this is not a database" * 10)
     with pytest.raises(StorageError, match="not a SQLite database"):
-        storage.check(f"sqlite:///{f}")
+        store.check(f"sqlite:///{f}")
 
 
 def test_foreign_sqlite_database(tmp_path):
@@ -51,31 +52,31 @@ def test_foreign_sqlite_database(tmp_path):
     con.commit()
     con.close()
     with pytest.raises(StorageError, match="another program's SQLite database"):
-        storage.check(f"sqlite:///{f}")
+        store.check(f"sqlite:///{f}")
 
 
 def test_path_below_a_file_cannot_be_written(tmp_path):
     # The unwritable case that holds for root as well (CI runs as root, which ignores modes).
     (tmp_path / "afile").write_text("x")
     with pytest.raises(StorageError, match="cannot write") as e:
-        storage.check(f"sqlite:///{tmp_path}/afile/s.db")
+        store.check(f"sqlite:///{tmp_path}/afile/s.db")
     assert e.value.exit_code == 1
 
 
 def test_journal_file_round_trip_and_foreign_file(tmp_path):
     url = f"journal:///{tmp_path}/j.log"
-    study = optuna.create_study(storage=storage.load(url), study_name="j")
+    study = optuna.create_study(storage=store.load(url), study_name="j")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    assert len(optuna.load_study(study_name="j", storage=storage.load(url)).trials) == 2
+    assert len(optuna.load_study(study_name="j", storage=store.load(url)).trials) == 2
     (tmp_path / "notes.log").write_text("hello\n")
     with pytest.raises(StorageError, match="not an Optuna journal"):
-        storage.check(f"journal:///{tmp_path}/notes.log")
+        store.check(f"journal:///{tmp_path}/notes.log")
 
 
 def test_unreachable_postgresql_is_reported_quickly():
     # Port 9 (discard) on loopback has no PostgreSQL: refused at once, exit code 1 (environment).
     with pytest.raises(StorageError, match="cannot connect to PostgreSQL") as e:
-        storage.check("postgresql://postgres@127.0.0.1:9/test")
+        store.check("postgresql://postgres@127.0.0.1:9/test")
     assert e.value.exit_code == 1
 
 
@@ -86,14 +87,14 @@ def test_a_journal_lock_left_by_a_killed_process_is_broken(tmp_path, monkeypatch
     import time
 
     monkeypatch.chdir(tmp_path)
-    first = storage.open_storage(storage.parse("journal:///storage/s.log"))
+    first = store.open_store(store.parse("journal:///storage/s.log")).optuna
     optuna.create_study(storage=first, study_name="a")
     first._backend._lock.acquire()  # taken and never released: its holder "died"
     t0 = time.monotonic()
     optuna.create_study(
-        storage=storage.open_storage(storage.parse("journal:///storage/s.log")), study_name="b"
+        storage=store.open_store(store.parse("journal:///storage/s.log")).optuna, study_name="b"
     )
-    assert time.monotonic() - t0 < storage.JOURNAL_LOCK_GRACE_S + 10
+    assert time.monotonic() - t0 < journal.JOURNAL_LOCK_GRACE_S + 10
 
 
 def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
@@ -104,7 +105,7 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
     import sqlalchemy.exc
 
     url = f"sqlite:///{tmp_path}/s.db"
-    real, calls = storage.SQLiteStorage, []
+    real, calls = sqlite.SQLiteStorage, []
 
     def racing(*args, **kwargs):
         calls.append(1)
@@ -117,17 +118,17 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
             )
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(storage, "SQLiteStorage", racing)
-    optuna.create_study(storage=storage.open_storage(storage.check(url)), study_name="x")
+    monkeypatch.setattr(sqlite, "SQLiteStorage", racing)
+    optuna.create_study(storage=store.open_store(store.check(url)).optuna, study_name="x")
     assert len(calls) == 2
 
     def broken(*args, **kwargs):
         calls.append(1)
         raise sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O"))
 
-    monkeypatch.setattr(storage, "SQLiteStorage", broken)
+    monkeypatch.setattr(sqlite, "SQLiteStorage", broken)
     with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O"):
-        storage.open_storage(storage.check(url))
+        store.open_store(store.check(url))
     assert len(calls) == 3
 
 
@@ -136,9 +137,9 @@ def test_a_read_only_storage_reads_studies_and_cannot_write(tmp_path, request, k
     """What readers (best, plot, report) open: the study is there, and a write is refused by
     the database itself (SQLite's mode=ro, PostgreSQL's read-only transactions)."""
     url = f"sqlite:///{tmp_path}/s.db" if kind == "sqlite" else request.getfixturevalue("pg_url")
-    study = optuna.create_study(study_name="s", storage=storage.load(url))
+    study = optuna.create_study(study_name="s", storage=store.load(url))
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    ro = storage.open_storage(storage.check(url, read_only=True), read_only=True)
+    ro = store.open_store(store.check(url, read_only=True), read_only=True).optuna
     assert [t.value for t in optuna.load_study(study_name="s", storage=ro).trials] == [
         t.value for t in study.trials
     ]
@@ -146,7 +147,7 @@ def test_a_read_only_storage_reads_studies_and_cannot_write(tmp_path, request, k
         ro.create_new_study([optuna.study.StudyDirection.MINIMIZE], "other")
     e = refused.value
     assert re.search("read.?only", f"{e} {e.__cause__} {e.__context__}", re.I), repr(e)
-    assert optuna.get_all_study_names(storage.load(url)) == ["s"]
+    assert optuna.get_all_study_names(store.load(url)) == ["s"]
 
 
 def test_a_sqlite_file_left_without_its_indexes_gets_them_back(tmp_path):
@@ -157,15 +158,15 @@ def test_a_sqlite_file_left_without_its_indexes_gets_them_back(tmp_path):
     import sqlite3
 
     url = f"sqlite:///{tmp_path}/s.db"
-    storage.load(url).engine.dispose()
+    store.load(url).engine.dispose()
     con = sqlite3.connect(tmp_path / "s.db")
     con.execute("DROP INDEX ix_studies_study_name")
     con.commit()
     con.close()
-    opened = storage.load(url)
+    opened = store.load(url)
     optuna.create_study(study_name="s", storage=opened)
     with pytest.raises(optuna.exceptions.DuplicatedStudyError):
-        optuna.create_study(study_name="s", storage=storage.load(url))
+        optuna.create_study(study_name="s", storage=store.load(url))
     # a file that already holds two studies of one name
     con = sqlite3.connect(tmp_path / "s.db")
     con.execute("DROP INDEX ix_studies_study_name")
@@ -173,7 +174,7 @@ def test_a_sqlite_file_left_without_its_indexes_gets_them_back(tmp_path):
     con.commit()
     con.close()
     with pytest.raises(StorageError, match="should be unique.*optuna delete-study"):
-        storage.load(url)
+        store.load(url)
 
 
 def test_two_engines_taking_one_queued_trial_at_once_on_sqlite_take_it_once(tmp_path, monkeypatch):
@@ -181,7 +182,7 @@ def test_two_engines_taking_one_queued_trial_at_once_on_sqlite_take_it_once(tmp_
     both engines read WAITING before either writes (held here at that point), and both trained
     it. SQLiteStorage takes it in one conditional UPDATE, and otherwise answers as Optuna does."""
     url = f"sqlite:///{tmp_path}/s.db"
-    s = storage.open_storage(storage.parse(url))
+    s = store.open_store(store.parse(url)).optuna
     ours = optuna.create_study(storage=s, study_name="ours")
     for _ in range(3):
         ours.enqueue_trial({"x": 1.0})
@@ -202,7 +203,7 @@ def test_two_engines_taking_one_queued_trial_at_once_on_sqlite_take_it_once(tmp_
     took: list[bool] = []
 
     def engine() -> None:
-        mine = storage.open_storage(storage.parse(url))
+        mine = store.open_store(store.parse(url)).optuna
         took.append(mine.set_trial_state_values(ids[0], optuna.trial.TrialState.RUNNING))
 
     threads = [threading.Thread(target=engine) for _ in range(2)]
@@ -237,10 +238,10 @@ def test_a_stale_check_and_an_engine_ending_one_trial_at_once_on_sqlite_end_it_o
     """A trial failed as stale by one engine (Optuna's read, then write) while its own engine
     ends it (sinstudy's bulk finish): on SQLite the FAIL was written over the COMPLETE, both
     said they ended it, and the completed trial was retried. One of them ends it now."""
-    from study.store.bulk import Ending, finish_trials
+    from study.store.base import Ending
 
     url = f"sqlite:///{tmp_path}/s.db"
-    s = storage.open_storage(storage.parse(url))
+    s = store.open_store(store.parse(url)).optuna
     study = optuna.create_study(storage=s, study_name="s")
     tid = study.ask()._trial_id
     read = threading.Event()
@@ -257,14 +258,14 @@ def test_a_stale_check_and_an_engine_ending_one_trial_at_once_on_sqlite_end_it_o
     said: dict[str, bool] = {}
 
     def stale() -> None:
-        mine = storage.open_storage(storage.parse(url))
+        mine = store.open_store(store.parse(url)).optuna
         said["stale"] = mine.set_trial_state_values(tid, optuna.trial.TrialState.FAIL)
 
     def engine() -> None:
         read.wait(30)
-        mine = storage.open_storage(storage.parse(url))
+        mine = store.open_store(store.parse(url)).optuna
         done = Ending(tid, optuna.trial.TrialState.COMPLETE, 0.5, {}, {}, {}, datetime.now())
-        said["engine"] = finish_trials(mine, [done])[0]
+        said["engine"] = store.of(mine).finish_trials([done])[0]
 
     threads = [threading.Thread(target=stale), threading.Thread(target=engine)]
     for t in threads:
@@ -274,3 +275,45 @@ def test_a_stale_check_and_an_engine_ending_one_trial_at_once_on_sqlite_end_it_o
     monkeypatch.undo()
     assert said == {"stale": True, "engine": False}, said
     assert s.get_trial(tid).state == optuna.trial.TrialState.FAIL
+
+
+def test_every_private_optuna_api_named_in_the_list_still_exists(tmp_path):
+    """study.store.private names each private Optuna API sinstudy uses; a release that removes
+    one fails here, and pyproject.toml allows only the versions tested."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    from study.store.private import PRIVATE_OPTUNA, TESTED_OPTUNA
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert f"optuna{TESTED_OPTUNA}" in pyproject["project"]["dependencies"]
+    log = store.open_store(store.parse(f"journal:///{tmp_path}/s.log")).optuna
+    study = optuna.create_study(storage=log)
+    trial = study.ask()
+    # attributes of instances, found on the objects a run holds
+    instances = {
+        "optuna.storages.JournalStorage": log,
+        "optuna.storages.journal.JournalFileBackend": log._backend,
+        "optuna.Study": study,
+        "optuna.trial.FrozenTrial": study.trials[0],
+    }
+    assert trial.number == 0
+    for name in PRIVATE_OPTUNA:
+        owner, attr = name.rsplit(".", 1)
+        if owner in instances:
+            assert hasattr(instances[owner], attr), name
+            continue
+        try:
+            obj = importlib.import_module(name)
+        except ImportError:
+            parts = name.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:i]))
+                    break
+                except ImportError:
+                    continue
+            for part in parts[i:]:
+                obj = getattr(obj, part)
+        assert obj is not None, name

@@ -16,11 +16,9 @@ import pytest
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from study import config
+from study import config, store
 from study.run.batched.mirror import Mirror
 from study.run.batched.sync import USER_ATTRS, Changes
-from study.store import storage as storage_mod
-from study.store.bulk import add_trials, append_values, changed_trials, finish_trial
 from study.trial.space import suggest
 
 EPOCHS = 27  # Hyperband's rungs at 1, 3, 9, 27
@@ -29,8 +27,8 @@ EPOCHS = 27  # Hyperband's rungs at 1, 3, 9, 27
 class OptunasRead(Changes):
     """The sync before: Optuna's incremental read, every unfinished trial with all its values."""
 
-    def _fetch(self, storage, study_id, own):
-        return storage._get_trials(study_id, None, set(self.unfinished), self.max_id)
+    def _fetch(self, store, study_id, own):
+        return store.optuna._get_trials(study_id, None, set(self.unfinished), self.max_id)
 
 
 def _cfg(pruner: str, url: str) -> config.StudyConfig:
@@ -75,14 +73,14 @@ class Others:
                     intermediate_values={},
                 )
             )
-        for tid, _ in add_trials(self.storage, self.study_id, new, heartbeat=True):
+        for tid, _ in store.of(self.storage).add_trials(self.study_id, new, heartbeat=True):
             self.running[tid] = (rng.uniform(0.01, 1.0), 0)
         values = {}
         for tid, (base, done) in list(self.running.items()):
             more = rng.randint(1, 4)
             values[tid] = _curve(base, range(done + 1, min(EPOCHS, done + more) + 1))
             self.running[tid] = (base, min(EPOCHS, done + more))
-        append_values(self.storage, values)
+        store.of(self.storage).append_values(values)
         for tid, (base, done) in list(self.running.items()):
             if done < EPOCHS and rng.random() > 0.25:
                 continue
@@ -97,8 +95,7 @@ class Others:
                 for i, r in enumerate((1, 3, 9, 27))
                 if r <= done and state != TrialState.FAIL
             }
-            finish_trial(
-                self.storage,
+            store.of(self.storage).finish_trial(
                 tid,
                 state=state,
                 value=None if state == TrialState.FAIL else curve[done],
@@ -143,7 +140,7 @@ def test_the_light_sync_makes_the_decisions_optunas_incremental_read_made(
 ):
     url = _url(backend, tmp_path, request)
     cfg = _cfg(pruner, url)
-    storage = storage_mod.open_storage(storage_mod.parse(url))
+    storage = store.open_store(store.parse(url)).optuna
     study_id = optuna.create_study(study_name="sync", storage=storage)._study_id
     others = Others(cfg, storage, study_id, seed=5)
     engines = {
@@ -156,7 +153,7 @@ def test_the_light_sync_makes_the_decisions_optunas_incremental_read_made(
         others.step()
         for name, (mirror, changes) in engines.items():
             if changes is not None:
-                trials = changes.read(storage, study_id, own=())
+                trials = changes.read(store.of(storage), study_id, own=())
                 mirror.apply(trials)
                 running = sum(
                     len(t.intermediate_values) for t in trials if t.state == TrialState.RUNNING
@@ -183,7 +180,7 @@ def test_the_light_sync_makes_the_decisions_optunas_incremental_read_made(
         assert a.user_attrs == {k: v for k, v in b.user_attrs.items() if k in USER_ATTRS}
     # a read of the stored trials by either way gives equal trials, field by field
     stored = storage._get_trials(study_id, None, set(), -1)
-    mine = changed_trials(storage, study_id, -1, {})
+    mine = store.of(storage).changes(study_id, -1, {})
     assert len(mine) == len(stored) > 0
     for a, b in zip(mine, stored, strict=True):
         if a.state.is_finished():
@@ -238,23 +235,24 @@ def test_a_syncs_cost_does_not_grow_with_the_running_trials_curves(tmp_path, req
     and reads intermediate values of the finished trial only."""
     runs = {}
     for epochs in (5, 500):
-        storage = storage_mod.open_storage(
-            storage_mod.parse(_url(backend, tmp_path, request, f"{epochs}"))
-        )
+        storage = store.open_store(
+            store.parse(_url(backend, tmp_path, request, f"{epochs}"))
+        ).optuna
         study_id = optuna.create_study(study_name=f"sync{epochs}", storage=storage)._study_id
 
         ids = [
             tid
-            for tid, _ in add_trials(
-                storage, study_id, [_running(i / 100) for i in range(30)], heartbeat=True
+            for tid, _ in store.of(storage).add_trials(
+                study_id, [_running(i / 100) for i in range(30)], heartbeat=True
             )
         ]
-        append_values(storage, {tid: {s: 1.0 / s for s in range(1, epochs + 1)} for tid in ids})
+        store.of(storage).append_values(
+            {tid: {s: 1.0 / s for s in range(1, epochs + 1)} for tid in ids}
+        )
         changes = Changes(-1, {})
-        assert len(changes.read(storage, study_id, own=())) == 30  # the first look
-        new = add_trials(storage, study_id, [_running(0.99)], heartbeat=True)[0][0]
-        finish_trial(
-            storage,
+        assert len(changes.read(store.of(storage), study_id, own=())) == 30  # the first look
+        new = store.of(storage).add_trials(study_id, [_running(0.99)], heartbeat=True)[0][0]
+        store.of(storage).finish_trial(
             ids[7],
             state=TrialState.COMPLETE,
             value=0.5,
@@ -266,7 +264,7 @@ def test_a_syncs_cost_does_not_grow_with_the_running_trials_curves(tmp_path, req
         got: list = []
         seen = _statements(
             storage,
-            lambda c=changes, s=storage, i=study_id: got.extend(c.read(s, i, ())),  # noqa: B023
+            lambda c=changes, s=storage, i=study_id: got.extend(c.read(store.of(s), i, ())),  # noqa: B023
         )
         assert [t._trial_id for t in got] == [ids[7], new]
         assert len(got[0].intermediate_values) == epochs and not got[1].intermediate_values
@@ -283,15 +281,15 @@ def test_a_sweep_reads_no_running_curves(tmp_path):
     from study.store import recovery
 
     url = f"sqlite:///{tmp_path}/s.db"
-    storage = storage_mod.open_storage(
-        storage_mod.parse(url), storage_mod.Heartbeat(5, 20, max_retries=1)
-    )
+    storage = store.open_store(store.parse(url), store.Heartbeat(5, 20, max_retries=1)).optuna
     study_id = optuna.create_study(study_name="sweep", storage=storage)._study_id
     ids = [
         tid
-        for tid, _ in add_trials(storage, study_id, [_running(0.1), _running(0.2)], heartbeat=True)
+        for tid, _ in store.of(storage).add_trials(
+            study_id, [_running(0.1), _running(0.2)], heartbeat=True
+        )
     ]
-    append_values(storage, {tid: {s: 1.0 / s for s in range(1, 200)} for tid in ids})
+    store.of(storage).append_values({tid: {s: 1.0 / s for s in range(1, 200)} for tid in ids})
     storage.set_trial_system_attr(ids[0], recovery.OWNER_ATTR, recovery.owner_attr())  # alive
     host, boot, pid, _ = recovery.owner_attr().split(" ")
     gone = f"{host} {boot} {pid} 1"  # this pid, another start time: a process that ended
@@ -301,7 +299,10 @@ def test_a_sweep_reads_no_running_curves(tmp_path):
     )  # a cached storage, as a writer's
     out: dict = {}
     seen = _statements(
-        storage, lambda: out.update(recovery.sweep_stale(study, grace_period=20, max_retries=1))
+        storage,
+        lambda: out.update(
+            recovery.sweep_stale(store.of(storage), study, grace_period=20, max_retries=1)
+        ),
     )
     assert out == {1: "its process on this machine is gone"}
     for sql, params in seen:

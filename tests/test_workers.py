@@ -14,14 +14,14 @@ import pytest
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
-from study.store import storage as storage_mod
+from study import store
 
 # Slow trials (no pruning, many epochs) so a signal lands mid-trial; fast heartbeat for tests.
 SLOW_TOML = TINY_TOML + '\n[study]\nheartbeat_interval = 1\ngrace_period = 3\npruner = "none"\n'
 
 
 def _load(url: str) -> optuna.Study:
-    return optuna.load_study(study_name="sinstudy", storage=storage_mod.load(url))
+    return optuna.load_study(study_name="sinstudy", storage=store.load(url))
 
 
 def _check_exact(study: optuna.Study, n: int) -> Counter:

@@ -31,7 +31,7 @@ from study.config import ConfigError, DataConfig, TrainConfig
 from study.run import interrupt
 from study.run.batched.engine import run_batched
 from study.run.budget import Budget
-from study.run.opening import name_metric, open_study_storage
+from study.run.opening import name_metric, open_study_store
 from study.trial.course import TEST_MSE as REPORT_TEST_MSE
 
 # Held fixed unless a factor varies it: the report trained with ReLU and no schedule; it named
@@ -312,7 +312,8 @@ def run(
         )
         for data, cells in by_data.items()
     }
-    storage = open_study_storage(next(iter(cfgs.values())))
+    opened = open_study_store(next(iter(cfgs.values())))
+    storage = opened.optuna
     study = optuna.create_study(
         study_name=study_name(name, epochs, seeds, setup),
         storage=storage,
@@ -370,7 +371,7 @@ def run(
                 seed=0,
                 device=torch.device(device),
                 on_trial=on_trial,
-                storage=storage,
+                store=opened,
                 configure=configure,
                 publish=False,  # the note is the comparison's table (cli), not a study summary
             )

@@ -19,10 +19,10 @@ from typing import Any
 import optuna
 import torch
 
-from study import __version__
+from study import __version__, store
 from study.config import ConfigError, StudyConfig, to_dict
+from study.errors import StorageError
 from study.quiet import experimental
-from study.store import storage as storage_mod
 from study.trial import objectives, pareto
 from study.trial.space import grid
 
@@ -121,12 +121,10 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study_storage(
-    cfg: StudyConfig, parsed: storage_mod.StorageURL | None = None
-) -> optuna.storages.BaseStorage:
+def open_study_store(cfg: StudyConfig, parsed: store.StorageURL | None = None) -> store.Store:
     """The study's storage with the heartbeat settings of the config (every process alike)."""
-    hb = storage_mod.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries)
-    return storage_mod.open_storage(parsed or storage_mod.parse(cfg.storage), hb)
+    hb = store.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries)
+    return store.open_store(parsed or store.parse(cfg.storage), hb)
 
 
 def _identity(cfg: StudyConfig) -> dict[str, Any]:
@@ -221,7 +219,7 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna
     study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     study.set_user_attr("identity", json.dumps(_identity(cfg)))
     # no password in it: optuna-dashboard serves study attrs to anyone who can reach it
-    stored = {**to_dict(cfg), "storage": storage_mod.redact(cfg.storage)}
+    stored = {**to_dict(cfg), "storage": store.redact(cfg.storage)}
     study.set_user_attr("config", json.dumps(stored))
     study.set_user_attr(VERSION_ATTR, __version__)
     return study
@@ -241,7 +239,7 @@ def check_folders(cfg: StudyConfig) -> None:
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise storage_mod.StorageError(
+            raise StorageError(
                 f"cannot create or write {flag} {folder!r} ({str(probe)!r} is "
                 f"{'not a folder' if not probe.is_dir() else 'read-only'}); "
                 f"set [study] {flag} to a writable folder",
@@ -351,14 +349,3 @@ def check_memory(
             f"{PROCESS_BYTES // 2**20} MiB each) need about {host / 2**30:.1f} GiB, more than "
             f"the {ram / 2**30:.1f} GiB of memory available; use fewer --workers"
         )
-
-
-# SQLite (with its busy timeout) holds many workers without "database is locked", but a journal
-# file is faster per trial from a few workers up (docs/results.md).
-def storage_advice(kind: str, n_workers: int) -> list[str]:
-    if kind == "sqlite" and n_workers >= 4:
-        return [
-            f"note: {n_workers} workers on SQLite work, but --storage "
-            f"journal:///storage/sinstudy.log is faster (README: Scale out)"
-        ]
-    return []

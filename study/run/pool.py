@@ -33,6 +33,7 @@ from study.run.batched.engine import run_batched
 from study.run.batched.writer import WriterError
 from study.run.budget import Budget
 from study.run.standard import run_trials
+from study.store import Store
 from study.store.recovery import fail_and_retry
 from study.trial.attrs import SEED_STREAM
 
@@ -82,7 +83,7 @@ def run_engine(
     writers: mp.Array | None = None,
     index: int = 0,
     on_trial: Callable | None = None,
-    storage=None,
+    store: Store | None = None,
 ) -> float | None:
     """Run this process's engine (worker `index`; its trials' seeds counted in `stream`) until
     the budget is spent. Returns its bookkeeping seconds (None where the engine does not measure
@@ -104,7 +105,7 @@ def run_engine(
             seed=seed,
             device=torch.device(device),
             on_trial=on_trial,
-            storage=storage,
+            store=store,
             on_writer=on_writer,
             worker=index,
             stream=stream,
@@ -118,7 +119,7 @@ def run_engine(
         device=device,
         on_start=on_start,
         callbacks=[on_trial] if on_trial else [],
-        storage=storage,
+        store=store,
         worker=index,
     )
     # everything outside the objective (ask, tell, sampler) plus its reporting and pruning

@@ -18,6 +18,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from study import store as store_mod
 from study.config import StudyConfig, models_at_once
 from study.run import interrupt
 from study.run.batched import kernels
@@ -30,13 +31,11 @@ from study.run.opening import (
     check_tensorboard_owner,
     claim_tensorboard_folder,
     open_study,
-    open_study_storage,
+    open_study_store,
     resolve_device,
-    storage_advice,
 )
 from study.run.pool import Pool, finished_since, run_engine, worker_devices
-from study.store import recovery
-from study.store import storage as storage_mod
+from study.store import Store, recovery
 from study.trial import attrs as trial_attrs
 from study.trial.attrs import WORKER
 from study.views.dashboard import publish
@@ -72,25 +71,23 @@ def run(
     # each worker is a process, and a batched engine's writer another
     processes = len(placements) * (2 if cfg.engine == "batched" else 1)
     check_memory(cfg, device, per_worker * max(sharing.values()), processes=processes)
-    parsed = storage_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
+    parsed = store_mod.check(cfg.storage)  # read-only: nothing is written before all checks pass
     check_folders(cfg)
-    if parsed.path is not None and not parsed.path.exists():
-        check_tensorboard_owner(cfg, None, parsed.path)  # before the file is created
-    storage = open_study_storage(cfg, parsed)
+    if (new_file := parsed.missing_file()) is not None:
+        check_tensorboard_owner(cfg, None, new_file)  # before the file is created
+    store = open_study_store(cfg, parsed)
+    storage = store.optuna
     check_study(cfg, storage)
     check_tensorboard_owner(cfg, storage)
-    notes += storage_advice(parsed.kind, len(placements))
-    if parsed.kind == "journal":
-        if note := storage_mod.repair_journal(parsed.path):
-            notes.append(note)
-        notes += storage_mod.journal_notes(storage, parsed.path)
+    notes += store.advice(len(placements))
+    notes += store.opening_notes()
     for note in notes:  # only once every check has passed, so a refusal stays one line
         say(note)
     study = open_study(cfg, storage)
     Path(cfg.artifact_dir).mkdir(parents=True, exist_ok=True)
     claim_tensorboard_folder(cfg, study)
     recovered = recovery.sweep_stale(
-        study, grace_period=cfg.grace_period, max_retries=cfg.max_retries
+        store, study, grace_period=cfg.grace_period, max_retries=cfg.max_retries
     )
     for n, why in recovered.items():
         retry = " and queued for retry" if cfg.max_retries else ""
@@ -106,7 +103,7 @@ def run(
     signum, book, workers = 0, None, {WORKER}
     try:
         if len(placements) == 1 and not cfg.devices:
-            signum, book = _run_here(cfg, storage, device, bar)
+            signum, book = _run_here(cfg, store, device, bar)
         else:
             pool = Pool(
                 cfg,
@@ -138,7 +135,7 @@ def run(
 
 
 def _run_here(
-    cfg: StudyConfig, storage: optuna.storages.BaseStorage, device: torch.device, bar: Progress
+    cfg: StudyConfig, store: Store, device: torch.device, bar: Progress
 ) -> tuple[int, float | None]:
     """One engine in this process. Returns (interrupting signal or 0, bookkeeping seconds)."""
     budget = Budget(cfg.n_trials, cfg.timeout)
@@ -146,7 +143,7 @@ def _run_here(
     try:
         with interrupt.handle_signals():
             book = run_engine(
-                cfg, budget, seed=cfg.seed, device=str(device), on_trial=on_trial, storage=storage
+                cfg, budget, seed=cfg.seed, device=str(device), on_trial=on_trial, store=store
             )
             return interrupt.requested(), book
     except interrupt.Interrupted as e:  # Optuna has already marked the running trial FAIL

@@ -17,16 +17,15 @@ from collections.abc import Callable
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
+from study import store as store_mod
 from study.config import StudyConfig, TrainConfig
 from study.run import interrupt
-from study.run.opening import make_pruner, make_sampler, open_study_storage
-from study.store.bulk import claim_seed
+from study.run.opening import make_pruner, make_sampler, open_study_store
+from study.store import Store
 from study.store.recovery import (
     OWNER_ATTR,
-    JournalHeartbeat,
     owner_attr,
     retry_chain,
     stored_trial,
@@ -161,7 +160,7 @@ class Objective:
         one meanwhile (Optuna's ask has no such check, and a batched engine checks only what
         is stored when it creates its trials). A parameter set another trial trains or trained
         ends this one FAIL (DuplicateTrial: the loop gives its budget back and reseeds the
-        sampler). The seed is checked and stored in one step (bulk.claim_seed): one another
+        sampler). The seed is checked and stored in one step (Store.claim_seed): one another
         trial holds moves this one's seeds to a stream of its own. A queued trial (a retry, an
         enqueued point) is not checked for its parameter set."""
         storage, tid = trial.study._storage, trial._trial_id
@@ -193,8 +192,7 @@ class Objective:
                     trial.set_user_attr("seed", None)  # it trains nothing and holds no seed
                     raise DuplicateTrial(reason)
         moved = (trial_seed(self.cfg, trial.number + fresh_stream()) for _ in itertools.count())
-        claimed = claim_seed(
-            storage,
+        claimed = store_mod.of(storage).claim_seed(
             trial.study._study_id,
             tid,
             itertools.chain([seed], moved),
@@ -239,37 +237,34 @@ def run_trials(
     device: str,
     on_start: Callable[[int], None] = lambda n: None,
     callbacks: list[Callable] = (),
-    storage: optuna.storages.BaseStorage | None = None,
+    store: Store | None = None,
     worker: int = 0,
 ) -> Objective:
     """Claim, run one trial, repeat, until the budget or the grid is spent or a signal arrives.
-    `on_start(number)` is told each trial's number as it starts (-1 when it ends); `storage`:
+    `on_start(number)` is told each trial's number as it starts (-1 when it ends); `store`:
     the caller's, when it runs in the caller's process, else opened here."""
-    storage = storage or open_study_storage(cfg)
+    store = store or open_study_store(cfg)
+    storage = store.optuna
     study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=make_pruner(cfg))
     study.sampler = make_sampler(cfg, seed=seed, stored=len(study.get_trials(deepcopy=False)))
     objective = Objective(
         cfg, make_data(cfg.data, device), FileSystemArtifactStore(cfg.artifact_dir)
     )
-    journal = isinstance(storage, JournalStorage)
-
     owner = owner_attr()
 
     def run_one(trial: optuna.Trial) -> float:
         on_start(trial.number)
         storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner)
-        if journal:
-            with JournalHeartbeat(study, trial, cfg.heartbeat_interval):
-                return objective(trial)
-        return objective(trial)
+        with store.beating(trial._trial_id, cfg.heartbeat_interval):
+            return objective(trial)
 
     def grid_done() -> bool:
         return cfg.sampler == "grid" and grid_started(study, cfg.space)
 
     lost = 0  # proposals in a row that other engines had trained already
     while not interrupt.requested() and not grid_done() and budget.claim(worker=worker):
-        if journal:  # RDB storages: study.optimize runs Optuna's own stale-trial sweep
-            sweep_stale(study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
+        if not store.optuna_sweeps:  # else study.optimize runs Optuna's own stale-trial sweep
+            sweep_stale(store, study, grace_period=cfg.grace_period, max_retries=cfg.max_retries)
         n = objective.duplicates
         try:
             study.optimize(run_one, n_trials=1, callbacks=list(callbacks), catch=(DuplicateTrial,))

@@ -6,9 +6,9 @@ Three ways a trial's worker can vanish, and who notices:
   - a whole run dies (machine lost, parent killed) on an RDB storage (SQLite, PostgreSQL):
     Optuna's heartbeat. Each running trial beats every `heartbeat_interval` s; any later worker
     fails trials silent for `grace_period` s and the stale-trial callback enqueues a retry;
-  - the same on a journal file, which has no heartbeat in Optuna: `JournalHeartbeat` writes a
-    system attr every interval and `sweep_stale` plays the stale-trial check. The batched engine
-    beats and sweeps from its writer process (study.run.batched.writer).
+  - the same on a journal file, which has no heartbeat in Optuna: the store beats a system attr
+    every interval and `sweep_stale` plays the stale-trial check (`Store.silent`). The batched
+    engine beats and sweeps from its writer process (study.run.batched.writer).
 A trial whose owner ran on this machine (OWNER_ATTR: host, boot, pid and the process's start
 time) is failed and retried by the next sweep here as soon as that process is gone, without
 waiting for the grace period: a restart on the same machine finds its predecessor's trials at
@@ -19,22 +19,16 @@ Retries use Optuna's RetryHeartbeatStaleTrialCallback, so a retried trial carrie
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import threading
-import time
 
 import optuna
-import sqlalchemy
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._rdb import models  # private: Optuna's heartbeat table (pinned optuna)
-from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from study.quiet import experimental
+from study.store.base import Store
 
-HEARTBEAT_ATTR = "sinstudy:heartbeat"  # unix time of a journal trial's last beat
 # "host boot-id pid start-ticks" of the process that keeps a trial alive (the batched engine's
 # writer, the standard engine's process): a pid reused after a restart or a reboot differs in
 # its start time or boot id.
@@ -134,113 +128,27 @@ def _by_number(study: optuna.Study, number: int) -> FrozenTrial | None:
     return trial if trial is not None and trial.state == TrialState.RUNNING else None
 
 
-def _running_owners(study: optuna.Study) -> dict[int, str | None]:
-    """{number: OWNER_ATTR} of the study's RUNNING trials. On an RDB storage one SELECT of the
-    attr: the running trials themselves would come with all their curves, on every sweep."""
-    storage = getattr(study._storage, "_backend", study._storage)  # a study's cache
-    if not isinstance(storage, RDBStorage):
-        return {
-            t.number: t.system_attrs.get(OWNER_ATTR)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        }
-    t, a = models.TrialModel, models.TrialSystemAttributeModel
-    query = (
-        sqlalchemy.select(t.number, a.value_json)
-        .select_from(t)
-        .outerjoin(a, sqlalchemy.and_(a.trial_id == t.trial_id, a.key == OWNER_ATTR))
-        .where(t.study_id == study._study_id, t.state == TrialState.RUNNING)
-    )
-    with _create_scoped_session(storage.scoped_session) as session:
-        rows = session.execute(query).all()
-    return {number: None if raw is None else json.loads(raw) for number, raw in rows}
-
-
-def sweep_stale(study: optuna.Study, *, grace_period: float, max_retries: int) -> dict[int, str]:
+def sweep_stale(
+    store: Store, study: optuna.Study, *, grace_period: float, max_retries: int
+) -> dict[int, str]:
     """Fail (and retry) trials whose worker is gone: at once where it ran on this machine, else
-    after `grace_period` without a heartbeat (RDB: Optuna's heartbeat; journal: ours). Returns
-    {trial number: why} for the trials this call failed."""
-    gone = [n for n, owner in _running_owners(study).items() if owner_gone(owner)]
+    after `grace_period` without a heartbeat (the store's rule: Optuna's heartbeat on an RDB,
+    ours on the journal). Returns {trial number: why} for the trials this call failed."""
+    gone = [n for n, owner in store.running_attr(study, OWNER_ATTR).items() if owner_gone(owner)]
     out = {
         n: "its process on this machine is gone"
         for n in gone
         if fail_and_retry(study, n, max_retries)
     }
-    for n in _sweep_heartbeats(study, grace_period, max_retries):
+    for n in _silent(store, study, grace_period, max_retries):
         out[n] = f"no heartbeat for {grace_period} s"
     return dict(sorted(out.items()))
 
 
-def _sweep_heartbeats(study: optuna.Study, grace_period: float, max_retries: int) -> list[int]:
-    storage = study._storage
-    if not isinstance(storage, JournalStorage):
-        callback = storage.get_heartbeat_stale_trial_callback()
-        if not isinstance(callback, StaleRetry):  # a storage opened without our heartbeat
-            return []
-        seen = len(callback.failed)
-        with experimental():  # "experimental" since Optuna 2.9; what the heartbeat runs
-            optuna.storages.fail_stale_trials(study)
-        return sorted(callback.failed[seen:])
-    now = time.time()
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = t.system_attrs.get(HEARTBEAT_ATTR)
-        if beat is None and t.datetime_start is not None:
-            beat = t.datetime_start.timestamp()
-        if (
-            beat is not None
-            and now - beat > grace_period
-            and fail_and_retry(study, t.number, max_retries)
-        ):
-            failed.append(t.number)
-    return failed
-
-
-class JournalHeartbeat:
-    """Beat a journal trial every `interval` seconds from a daemon thread while it runs."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float):
-        self._storage = study._storage
-        self._trial_id = trial._trial_id
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="sinstudy-heartbeat")
-
-    def _beat(self) -> None:
-        while True:
-            try:
-                self._storage.set_trial_system_attr(self._trial_id, HEARTBEAT_ATTR, time.time())
-            except optuna.exceptions.UpdateFinishedTrialError:
-                return
-            if self._stop.wait(self._interval):
-                return
-
-    def __enter__(self) -> JournalHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def heartbeat_ages(study: optuna.Study, trials: list[FrozenTrial]) -> dict[int, float]:
-    """Seconds since each running trial's last heartbeat, by number (trials without one are left
-    out). RDB: Optuna's heartbeat table, against the database's clock; journal: our attr."""
-    storage = study._storage
-    if isinstance(storage, JournalStorage):
-        now = time.time()
-        return {
-            t.number: now - t.system_attrs[HEARTBEAT_ATTR]
-            for t in trials
-            if isinstance(t.system_attrs.get(HEARTBEAT_ATTR), (int, float))
-        }
-    storage = getattr(storage, "_backend", storage)  # a study's RDBStorage sits in a cache
-    if not trials or not isinstance(storage, RDBStorage):
-        return {}
-    numbers = {t._trial_id: t.number for t in trials}
-    beat = models.TrialHeartbeatModel
-    with _create_scoped_session(storage.scoped_session) as session:
-        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
-        query = sqlalchemy.select(beat.trial_id, beat.heartbeat)
-        rows = session.execute(query.where(beat.trial_id.in_(list(numbers)))).all()
-    return {numbers[tid]: (now - at.replace(tzinfo=None)).total_seconds() for tid, at in rows}
+def _silent(store: Store, study: optuna.Study, grace_period: float, max_retries: int) -> list[int]:
+    """The silent trials this call failed. Optuna's check (an RDB) fails them itself and
+    queues their retries through the storage's StaleRetry; ours fails them here."""
+    silent = store.silent(study, grace_period)
+    if store.optuna_sweeps:
+        return silent
+    return [n for n in silent if fail_and_retry(study, n, max_retries)]

@@ -83,7 +83,7 @@ def bind(url: str, *, host: str, port: int, artifact_dir: str):
         def log_message(self, *args) -> None:  # no access log line per request
             pass
 
-    from study.store.storage import StorageError
+    from study.errors import StorageError
 
     storage = results.open_for_reading(url, read_only=False)  # its users may fail or note trials
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ import sys
 import optuna
 from optuna.trial import FrozenTrial
 
+from study import store
 from study.config import ConfigError
-from study.store import storage as storage_mod
 from study.views import analysis
 from study.views.analysis import Counts
 from study.views.summary import describe_trial, front_lines
@@ -19,16 +19,15 @@ def open_for_reading(url: str, *, read_only: bool = True) -> optuna.storages.Bas
     """Open a storage that must already exist (a missing file is a ConfigError, not created);
     `read_only` (readers): so that nothing can be written, which also reads a file or database
     this user may not write."""
-    parsed = storage_mod.check(url, read_only=read_only)
-    if parsed.path is not None and (not parsed.path.exists() or not parsed.path.stat().st_size):
+    parsed = store.check(url, read_only=read_only)
+    if (missing := parsed.missing_file()) is not None:
         raise ConfigError(
-            f"no study storage at {str(parsed.path)!r}; run `sinstudy run` first or fix --storage"
+            f"no study storage at {str(missing)!r}; run `sinstudy run` first or fix --storage"
         )
-    storage = storage_mod.open_storage(parsed, read_only=read_only)
-    if parsed.kind == "journal":  # opening read the file: say which lines were skipped
-        for note in storage_mod.journal_notes(storage, parsed.path):
-            print(note, file=sys.stderr)
-    return storage
+    opened = store.open_store(parsed, read_only=read_only)
+    for note in opened.reading_notes():  # lines of the file it skipped
+        print(note, file=sys.stderr)
+    return opened.optuna
 
 
 def load_existing(study_name: str, url: str) -> optuna.Study:

@@ -10,9 +10,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from study import store
 from study.config import StudyConfig
-from study.store.recovery import heartbeat_ages
-from study.store.storage import redact
+from study.store.url import dashboard_target, redact
 from study.trial.course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
 from study.views import analysis
 from study.views.analysis import Counts, mse_texts, params_text, seeds_text
@@ -71,7 +71,7 @@ class Leftovers:
             if t.state == TrialState.WAITING:
                 waiting[t.number] = history[-1] if history else None
         running = [t for t in trials if t.state == TrialState.RUNNING]
-        ages = heartbeat_ages(study, running)
+        ages = store.of(study._storage).heartbeat_ages(running)
         return cls(
             failed=failed,
             retries=retries,
@@ -265,8 +265,3 @@ def format_summary(s: Summary) -> str:
         f"--artifact-dir {shlex.quote(s.artifact_dir)}",
     ]
     return "\n".join(lines)
-
-
-def dashboard_target(url: str) -> str:
-    """optuna-dashboard takes RDB URLs as they are and a journal file by its path."""
-    return url[len("journal:///") :] if url.startswith("journal:///") else url

@@ -46,7 +46,8 @@ from study.run.batched.mirror import Mirror
 from study.run.batched.stack import Capture, Slot, Stack, cuda_graph, empty_slot, new_slot
 from study.run.batched.sync import SYNC_S
 from study.run.batched.writer import Writer, WriterError
-from study.run.opening import open_study_storage
+from study.run.opening import open_study_store
+from study.store import Store
 from study.store.recovery import fail_and_retry, stored_trial
 from study.trial import objectives, pareto
 from study.trial.attrs import (
@@ -129,7 +130,7 @@ def run_batched(
     seed: int,
     device: torch.device,
     on_trial: Callable[[int, TrialState, float | None], None] | None = None,
-    storage: optuna.storages.BaseStorage | None = None,
+    store: Store | None = None,
     on_writer: Callable[[int], None] = lambda pid: None,
     configure: Configure | None = None,
     publish: bool = True,
@@ -141,8 +142,8 @@ def run_batched(
     what a trial trains (default: the study's search space, `cfg.repeats` seeds, each trial's
     seeds its own); `publish`: update the study note at the end; `worker`: its index in the
     run's budget; `stream`: where it counts its trials' seeds from (trial_attrs.trial_seed)."""
-    storage = storage or open_study_storage(cfg)
-    study = optuna.load_study(study_name=cfg.study, storage=storage)
+    store = store or open_study_store(cfg)
+    study = optuna.load_study(study_name=cfg.study, storage=store.optuna)
     engine = BatchedEngine(
         cfg,
         study.get_trials(deepcopy=False),

@@ -3,19 +3,17 @@
 The writer reads every `SYNC_S`; what it sends the trainer's mirror is what the sampler and the
 pruner use: others' new trials (params, distributions, system attrs, the seed among user attrs)
 and every change of state, a finished trial with its curve. On an RDB storage the read costs
-the same however far the running trials are (bulk.changed_trials); the journal is replayed in
-memory by Optuna, so it is filtered there (all user attrs are there).
+the same however far the running trials are (Store.changes on an RDB); the journal is replayed
+in memory by Optuna, so it is filtered there (all user attrs are there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Container
 
-import optuna
-from optuna.storages import JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from study.store.bulk import changed_trials
+from study.store import Store
 
 SYNC_S = 2.0  # how often other engines' trials are read from storage for the mirror
 # Others' user attrs the engine reads: the weight seed (the writer refuses a seed in use). No
@@ -30,12 +28,10 @@ class Changes:
         self.max_id = max_id
         self.unfinished = dict(unfinished)
 
-    def read(
-        self, storage: optuna.storages.BaseStorage, study_id: int, own: Container[int]
-    ) -> list[FrozenTrial]:
+    def read(self, store: Store, study_id: int, own: Container[int]) -> list[FrozenTrial]:
         """Others' trials that are new or changed state since the last read, in id order."""
         changed = []
-        for t in self._fetch(storage, study_id, own):
+        for t in self._fetch(store, study_id, own):
             self.max_id = max(self.max_id, t._trial_id)
             if t._trial_id in own or self.unfinished.get(t._trial_id) == t.state:
                 continue
@@ -46,15 +42,7 @@ class Changes:
             changed.append(t)
         return changed
 
-    def _fetch(
-        self, storage: optuna.storages.BaseStorage, study_id: int, own: Container[int]
-    ) -> list[FrozenTrial]:
-        if isinstance(storage, JournalStorage):
-            return [
-                t
-                for t in storage.get_all_trials(study_id, deepcopy=False)
-                if t._trial_id > self.max_id or t._trial_id in self.unfinished
-            ]
-        return changed_trials(
-            storage, study_id, self.max_id, self.unfinished, skip=own, user_keys=USER_ATTRS
+    def _fetch(self, store: Store, study_id: int, own: Container[int]) -> list[FrozenTrial]:
+        return store.changes(
+            study_id, self.max_id, self.unfinished, skip=own, user_keys=USER_ATTRS
         )

@@ -45,7 +45,6 @@ from collections import deque
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
 from study.config import StudyConfig
@@ -69,20 +68,9 @@ from study.run.batched.messages import (
 )
 from study.run.batched.sync import SYNC_S, Changes
 from study.run.budget import Claims
-from study.run.opening import open_study_storage
-from study.store.bulk import (
-    Ending,
-    Take,
-    Taken,
-    add_trials,
-    append_values,
-    beat,
-    finish_trials,
-    take_queued,
-    trial_states,
-)
+from study.run.opening import open_study_store
+from study.store.base import Ending, Take, Taken
 from study.store.recovery import (
-    HEARTBEAT_ATTR,
     OWNER_ATTR,
     fail_and_retry,
     owner_attr,
@@ -406,8 +394,8 @@ class _Sink:
 
     def __init__(self, cfg: StudyConfig, known: Known, results: mp.Queue, claims: Claims):
         self.cfg, self.results, self.claims = cfg, results, claims
-        self.storage = open_study_storage(cfg)
-        self.journal = isinstance(self.storage, JournalStorage)
+        self.db = open_study_store(cfg)
+        self.storage = self.db.optuna
         try:
             self.study_id = self.storage.get_study_id_from_name(cfg.study)
         except KeyError:  # Optuna says only "Record does not exist."
@@ -430,8 +418,7 @@ class _Sink:
     def start(self, starts: list[Start]) -> None:
         for s in starts:
             s.trial.system_attrs[OWNER_ATTR] = self.owner
-            if self.journal:  # the journal's heartbeat is a system attr, beaten from the start
-                s.trial.system_attrs[HEARTBEAT_ATTR] = time.time()
+            s.trial.system_attrs.update(self.db.heartbeat_attrs())
         new = [s for s in starts if s.queued is None]
         seen = self.seen
         if new:
@@ -440,8 +427,7 @@ class _Sink:
             # propose a point it knows (two runs on one study whose samplers were seeded
             # alike drew the same first point), so what the mirror holds counts too.
             taken = Taken(frozenset(seen.taken_params), frozenset(seen.seeds))
-            stored = add_trials(
-                self.storage,
+            stored = self.db.add_trials(
                 self.study_id,
                 [s.trial for s in new],
                 heartbeat=True,
@@ -483,14 +469,14 @@ class _Sink:
         self.results.put(Started(handle, number))
 
     def _take_queued(self, s: Start) -> Take:
-        """Take a WAITING trial as Optuna's ask() does, its seeds checked (bulk.take_queued). A
+        """Take a WAITING trial as Optuna's ask() does, its seeds checked (Store.take_queued). A
         trial another engine took and finished already, or that another process finishes
         before its attrs are written (chaos.py found both), is lost to this engine, as one
         another engine took first."""
         chain = retry_chain(s.trial.system_attrs)
         seeds = None if s.seed is None else range(s.seed, s.seed + self.cfg.repeats)
         try:
-            took = take_queued(self.storage, self.study_id, s.queued, seeds, chain=chain)
+            took = self.db.take_queued(self.study_id, s.queued, seeds, chain=chain)
             if took is Take.TAKEN:
                 self._label_taken(s)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -499,10 +485,7 @@ class _Sink:
 
     def _label_taken(self, s: Start) -> None:
         self.storage.set_trial_system_attr(s.queued, OWNER_ATTR, self.owner)
-        if self.journal:
-            beat(self.storage, [s.queued], HEARTBEAT_ATTR)
-        else:  # its heartbeat row: Optuna's stale check skips trials without one
-            self.storage.record_heartbeat(s.queued)
+        self.db.start_beat(s.queued)
         stored = self.storage.get_trial(s.queued)
         for name, value in s.trial.params.items():
             if name not in stored.params:  # enqueue_trial stores fixed params, not params
@@ -513,7 +496,7 @@ class _Sink:
 
     def values(self, values: dict[int, dict[int, float]]) -> None:
         ids = self.held.snapshot()
-        append_values(self.storage, {ids[h]: v for h, v in values.items() if h in ids and v})
+        self.db.append_values({ids[h]: v for h, v in values.items() if h in ids and v})
 
     def finish_all(self, finishes: list[Finish]) -> None:
         """Trials that ended, in one transaction: a new best's weights first (an artifact needs
@@ -558,7 +541,7 @@ class _Sink:
                     f.rest,
                 )
             )
-        done = finish_trials(self.storage, endings)
+        done = self.db.finish_trials(endings)
         stored = {e.trial_id for e, ok in zip(endings, done, strict=True) if ok}
         for f, trial_id, number, params in held:
             if trial_id not in stored:
@@ -632,7 +615,7 @@ class _Keeper:
                 continue
             ids = list(self.held.snapshot().values())
             try:  # a trial that finishes meanwhile: a beat on a finished trial changes nothing
-                beat(self.sink.storage, ids, HEARTBEAT_ATTR)
+                self.sink.db.beat(ids)
             except BaseException as e:
                 self.beat_error = e
                 return
@@ -646,6 +629,7 @@ class _Keeper:
             self.due["sync"] = now + SYNC_S
         if now >= self.due["sweep"]:
             swept = sweep_stale(
+                self.sink.db,
                 self.sink.study,
                 grace_period=self.cfg.grace_period,
                 max_retries=self.cfg.max_retries,
@@ -659,16 +643,8 @@ class _Keeper:
         """Send the trainer the trials others stored or changed since the last look, and stop
         the trials it trains that were failed from outside."""
         sink, held = self.sink, self.held.snapshot()
-        changed = sink.seen.changes.read(sink.storage, sink.study_id, self.held.own)
-        if sink.journal:  # replayed in memory: the states are there already
-            ids = set(held.values())
-            states = {
-                t._trial_id: t.state
-                for t in sink.storage.get_all_trials(sink.study_id, deepcopy=False)
-                if t._trial_id in ids
-            }
-        else:
-            states = trial_states(sink.storage, held.values())
+        changed = sink.seen.changes.read(sink.db, sink.study_id, self.held.own)
+        states = sink.db.trial_states(sink.study_id, held.values())
         self._stop_failed(held, states)
         sink.seen.learn(changed)
         # sent when nothing changed too: the trainer counts syncs (a wait for a retry)

@@ -1,0 +1,705 @@
+"""Optuna's RDBStorage (SQLite, PostgreSQL) with the engines' steps as bulk SQL.
+
+Why: Optuna's `create_new_trial(template_trial=...)` (what `study.add_trial` calls) stores a
+trial's params, user attrs and intermediate values one row at a time, and each row costs two
+SELECTs (the trial, then an existing row for the same key) before its INSERT (docs/design.md,
+"Bulk writes"). Here each step is one transaction whatever its size. What it writes is what
+Optuna writes: the same ORM models, the same stored representation of values (Optuna's own
+`*_to_stored_repr`), the same JSON for attrs and distributions. Tests compare trials stored
+both ways field by field, on SQLite and PostgreSQL; the models are Optuna's private module
+(study.store.private lists each use), so those tests tell when an Optuna release changes them.
+
+What differs between the two databases is a method each: how a check takes the lock
+(`_lock_for_check`), how ids are matched (`_one_of`), rows read (`_rows`) and inserted (`_put`),
+and how new trial rows get their ids (`_new_trial_ids`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Container, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+import sqlalchemy.exc
+from optuna.distributions import distribution_to_json
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import delete, insert, update
+
+from study.errors import StorageError
+from study.quiet import experimental
+from study.store.base import (
+    NOTHING_TAKEN,
+    UNFINISHED,
+    Ending,
+    Store,
+    Take,
+    Taken,
+    meets,
+    pick_seeds,
+    seed_attrs,
+)
+from study.store.url import Heartbeat, StorageURL, redact
+
+_RETRIES = 5  # as Optuna's create_new_trial: a deadlock between writers is retried after a pause
+SCHEMA_RACE_TRIES = 3  # opens of a storage whose schema someone else is creating at that moment
+T = TypeVar("T")
+
+
+class RDBStore(Store):
+    """The steps shared by SQLite and PostgreSQL; each subclass states what differs."""
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def _engine(cls, parsed: StorageURL, *, read_only: bool) -> tuple[str, dict]:
+        """The SQLAlchemy URL and engine options; `read_only`: connections that cannot write."""
+        raise NotImplementedError
+
+    @classmethod
+    def _storage_class(cls) -> type[RDBStorage]:
+        return RDBStorage
+
+    @classmethod
+    def open(
+        cls, parsed: StorageURL, heartbeat: Heartbeat | None = None, *, read_only: bool = False
+    ) -> RDBStore:
+        """Open a checked URL, creating Optuna's schema on first use. With `heartbeat`,
+        Optuna's heartbeat runs and its stale-trial callback queues retries; `read_only`: an
+        existing storage whose connections cannot write."""
+        url, kwargs = cls._engine(parsed, read_only=read_only)
+        if read_only:
+            try:
+                with experimental():
+                    return cls(RDBStorage(url, engine_kwargs=kwargs), parsed)
+            except (RuntimeError, sqlalchemy.exc.DBAPIError) as e:  # another Optuna's schema
+                raise StorageError(
+                    f"{redact(parsed.url)}: {str(e).strip().splitlines()[0]}", exit_code=1
+                ) from None
+        hb = {}
+        if heartbeat is not None:
+            from study.store.recovery import StaleRetry
+
+            hb = dict(
+                heartbeat_interval=heartbeat.interval,
+                grace_period=heartbeat.grace_period,
+                heartbeat_stale_trial_callback=StaleRetry(heartbeat.max_retries),
+            )
+        try:
+            for attempt in range(SCHEMA_RACE_TRIES):
+                try:
+                    with experimental(), cls._schema_lock(parsed):  # heartbeat: experimental
+                        store = cls(cls._storage_class()(url, engine_kwargs=kwargs, **hb), parsed)
+                        store._after_open()
+                        return store
+                except sqlalchemy.exc.DBAPIError as e:
+                    # Another program (plain Optuna, the dashboard, a run on another machine)
+                    # created the schema while this one did: it exists now, so open it again.
+                    if attempt + 1 == SCHEMA_RACE_TRIES or not _schema_race(e):
+                        raise
+                    time.sleep(0.1 + random.random() * 0.4)
+            raise AssertionError("unreachable")
+        except RuntimeError as e:  # e.g. a schema from another Optuna version
+            raise StorageError(
+                f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1
+            ) from None
+
+    @classmethod
+    def _schema_lock(cls, parsed: StorageURL):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def _after_open(self) -> None:
+        """What a new storage needs after Optuna made its schema."""
+
+    # ---------------------------------------------------------------- what differs
+
+    def _lock_for_check(self, session) -> None:
+        """Begin a transaction that reads, checks and then writes so that no other engine writes
+        in between (with the study row's FOR UPDATE that follows)."""
+
+    def _one_of(self, column, ids: list[int]):
+        """`column IN ids`."""
+        return column.in_(ids)
+
+    def _rows(self, session, query) -> list[tuple]:
+        """Plain rows through the session's connection (SQLAlchemy Core): the ORM's result
+        machinery costs more than the database on reads of many small rows."""
+        return [tuple(r) for r in session.connection().execute(query).fetchall()]
+
+    def _put(self, session, model, rows: list[dict]) -> None:
+        """INSERT `rows` (dicts with the same keys) into `model`'s table."""
+        if rows:
+            session.execute(insert(model.__table__), rows)
+
+    def _new_trial_ids(
+        self, session, study_id: int, trials: list[FrozenTrial]
+    ) -> list[tuple[int, int]]:
+        """Trial rows as Optuna's create_new_trial stores them (ORM objects, numbered after the
+        flush by the trials before them); (trial_id, number) each."""
+        rows = [
+            models.TrialModel(
+                study_id=study_id,
+                number=None,
+                state=t.state,
+                datetime_start=t.datetime_start,
+                datetime_complete=t.datetime_complete,
+            )
+            for t in trials
+        ]
+        session.add_all(rows)
+        session.flush()  # their trial_ids
+        first = rows[0].count_past_trials(session)
+        for i, row in enumerate(rows):
+            row.number = first + i  # ids rise in insert order and the study row is locked
+        return [(r.trial_id, r.number) for r in rows]
+
+    def _insert_heartbeats(self, session, ids: list[int]) -> None:
+        """A heartbeat row per new trial, at the database's clock (as Optuna's heartbeat)."""
+        now = session.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
+        beats = models.TrialHeartbeatModel.__table__
+        session.execute(insert(beats), [dict(trial_id=i, heartbeat=now) for i in ids])
+
+    # ---------------------------------------------------------------- the steps
+
+    @property
+    def _rdb(self) -> RDBStorage:
+        """The RDB storage under a study's cache (running trials pass through it)."""
+        inner = getattr(self.optuna, "_backend", None)
+        return inner if isinstance(inner, RDBStorage) else self.optuna
+
+    def _transaction(self, body: Callable[[Any], T]) -> T:
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                with _create_scoped_session(self._rdb.scoped_session) as session:
+                    return body(session)
+            except optuna.exceptions.StorageInternalError:
+                if attempt == _RETRIES:
+                    raise
+                time.sleep(random.random() * 2.0)  # Optuna's own back-off for the same case
+        raise AssertionError("unreachable")
+
+    def _held_rdb(self, session, study_id: int, trial_id: int, chain: Container[int]) -> set[int]:
+        """First weight seeds of the study's trials but `trial_id` and those numbered in
+        `chain`, read under the study lock (`_lock_study`)."""
+        trials, attrs = models.TrialModel, models.TrialUserAttributeModel
+        rows = session.execute(
+            sqlalchemy.select(trials.number, attrs.trial_id, attrs.value_json)
+            .join(trials, trials.trial_id == attrs.trial_id)
+            .where(trials.study_id == study_id, attrs.key == "seed")
+        ).all()
+        held = (json.loads(v) for n, tid, v in rows if tid != trial_id and n not in chain)
+        return {h for h in held if isinstance(h, int)}
+
+    def _lock_study(self, session, study_id: int) -> None:
+        """What a check holds: no other engine stores a trial or a seed meanwhile."""
+        self._lock_for_check(session)
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+
+    def claim_seed(
+        self,
+        study_id: int,
+        trial_id: int,
+        candidates: Iterable[int],
+        *,
+        repeats: int,
+        chain: Container[int] = frozenset(),
+    ) -> int:
+        def body(session) -> int:
+            self._lock_study(session, study_id)
+            seeds = pick_seeds(
+                self._held_rdb(session, study_id, trial_id, chain), candidates, repeats
+            )
+            _put_seed_attrs(session, trial_id, seeds)
+            return seeds.start
+
+        return self._transaction(body)
+
+    def take_queued(
+        self,
+        study_id: int,
+        trial_id: int,
+        seeds: range | None,
+        *,
+        chain: Container[int] = frozenset(),
+    ) -> Take:
+        def body(session) -> Take:
+            self._lock_study(session, study_id)
+            t = models.TrialModel
+            state = session.execute(
+                sqlalchemy.select(t.state).where(t.trial_id == trial_id)
+            ).scalar()
+            if state != TrialState.WAITING:
+                return Take.GONE
+            if seeds is not None and meets(
+                self._held_rdb(session, study_id, trial_id, chain), seeds
+            ):
+                return Take.SEED
+            # as Optuna's set_trial_state_values(RUNNING) writes it (the column holds naive UTC)
+            table = t.__table__
+            session.execute(
+                update(table)
+                .where(table.c.trial_id == trial_id)
+                .values(state=TrialState.RUNNING.name, datetime_start=_utc(datetime.now()))
+            )
+            if seeds is not None:
+                _put_seed_attrs(session, trial_id, seeds)
+            return Take.TAKEN
+
+        return self._transaction(body)
+
+    def add_trials(
+        self,
+        study_id: int,
+        trials: list[FrozenTrial],
+        *,
+        heartbeat: bool,
+        after_id: int | None = None,
+        taken: Taken = NOTHING_TAKEN,
+        own: Container[int] = frozenset(),
+        seeds: list[range | None] | None = None,
+        recheck: Iterable[int] = (),
+    ) -> list[tuple[int, int] | None]:
+        seeds = seeds or [None] * len(trials)
+        look = None if after_id is None else (after_id, set(recheck))
+        return self._transaction(
+            lambda s: self._insert(s, study_id, trials, heartbeat, look, taken, own, seeds)
+        )
+
+    def _insert(
+        self,
+        session,
+        study_id: int,
+        trials: list[FrozenTrial],
+        heartbeat: bool,
+        look: tuple[int, set[int]] | None,
+        taken: Taken,
+        own: set[int],
+        seeds: list[range | None],
+    ) -> list[tuple[int, int] | None]:
+        # The lock Optuna takes while it numbers a trial (trial numbers have no unique constraint).
+        self._lock_study(session, study_id)
+        if look is not None:
+            taken = taken | self._taken_after(session, study_id, *look, own)
+        keep = [not taken.refuses(t, seed) for t, seed in zip(trials, seeds, strict=True)]
+        stored = [t for t, ok in zip(trials, keep, strict=True) if ok]
+        if not stored:
+            return [None] * len(trials)
+        ids = self._new_trial_ids(session, study_id, stored)
+        tables: dict[Any, list[dict]] = {
+            m: []
+            for m in (
+                models.TrialValueModel,
+                models.TrialParamModel,
+                models.TrialUserAttributeModel,
+                models.TrialSystemAttributeModel,
+                models.TrialIntermediateValueModel,
+            )
+        }
+        for (tid, _), t in zip(ids, stored, strict=True):
+            tables[models.TrialValueModel] += _value_rows(tid, t.values or [])
+            tables[models.TrialParamModel] += [
+                dict(
+                    trial_id=tid,
+                    param_name=name,
+                    param_value=t.distributions[name].to_internal_repr(value),
+                    distribution_json=distribution_to_json(t.distributions[name]),
+                )
+                for name, value in t.params.items()
+            ]
+            tables[models.TrialUserAttributeModel] += _attr_rows(tid, t.user_attrs)
+            tables[models.TrialSystemAttributeModel] += _attr_rows(tid, t.system_attrs)
+            tables[models.TrialIntermediateValueModel] += _step_rows(tid, t.intermediate_values)
+        for model, table_rows in tables.items():
+            self._put(session, model, table_rows)
+        if heartbeat:
+            self._insert_heartbeats(session, [i for i, _ in ids])
+        out = iter(ids)
+        return [next(out) if ok else None for ok in keep]
+
+    def _taken_after(
+        self, session, study_id: int, after_id: int, recheck: set[int], own: set[int]
+    ) -> Taken:
+        """Parameter sets (not of FAIL trials: retries repeat those) and weight seeds of the trials
+        others stored after `after_id` or listed in `recheck`."""
+        trials = models.TrialModel
+        seen_before = self._one_of(trials.trial_id, [*recheck])
+        which = sqlalchemy.or_(trials.trial_id > after_id, seen_before)
+        rows = session.execute(
+            sqlalchemy.select(
+                models.TrialParamModel.trial_id,
+                models.TrialParamModel.param_name,
+                models.TrialParamModel.param_value,
+            )
+            .join(trials, trials.trial_id == models.TrialParamModel.trial_id)
+            .where(
+                trials.study_id == study_id,
+                which,
+                trials.state != TrialState.FAIL,
+            )
+        ).all()
+        sets: dict[int, set] = {}
+        for tid, name, value in rows:
+            if tid not in own:
+                sets.setdefault(tid, set()).add((name, value))
+        attrs = models.TrialUserAttributeModel
+        seed_rows = session.execute(
+            sqlalchemy.select(attrs.trial_id, attrs.value_json)
+            .join(trials, trials.trial_id == attrs.trial_id)
+            .where(trials.study_id == study_id, which, attrs.key == "seed")
+        ).all()
+        seeds = {json.loads(v) for tid, v in seed_rows if tid not in own}
+        return Taken(frozenset(frozenset(s) for s in sets.values()), frozenset(seeds))
+
+    def append_values(self, values: dict[int, dict[int, float]]) -> None:
+        def body(session) -> None:
+            rows = [r for tid, steps in values.items() for r in _step_rows(tid, steps)]
+            self._put(session, models.TrialIntermediateValueModel, rows)
+
+        self._transaction(body)
+
+    def finish_trials(self, endings: list[Ending]) -> list[bool]:
+        if not endings:
+            return []
+
+        def body(session) -> list[bool]:
+            self._lock_for_check(session)
+            m = models.TrialModel
+            rows = {
+                r.trial_id: r
+                for r in session.query(m)
+                .filter(m.trial_id.in_([e.trial_id for e in endings]))
+                .with_for_update()
+                .all()
+            }
+            ok = [e.trial_id in rows and not rows[e.trial_id].state.is_finished() for e in endings]
+            ends = [e for e, good in zip(endings, ok, strict=True) if good]
+            for e in ends:
+                rows[e.trial_id].state, rows[e.trial_id].datetime_complete = e.state, e.completed
+            for model, field in (
+                (models.TrialUserAttributeModel, "user_attrs"),
+                (models.TrialSystemAttributeModel, "system_attrs"),
+            ):
+                pairs = [(e.trial_id, k) for e in ends for k in getattr(e, field)]
+                if pairs:
+                    session.execute(
+                        delete(model).where(
+                            sqlalchemy.tuple_(model.trial_id, model.key).in_(pairs)
+                        )
+                    )
+                    attr_rows = [
+                        r for e in ends for r in _attr_rows(e.trial_id, getattr(e, field))
+                    ]
+                    self._put(session, model, attr_rows)
+            value_rows = [r for e in ends for r in _value_rows(e.trial_id, e.stored_values or [])]
+            step_rows = [r for e in ends for r in _step_rows(e.trial_id, e.values)]
+            self._put(session, models.TrialValueModel, value_rows)
+            self._put(session, models.TrialIntermediateValueModel, step_rows)
+            return ok
+
+        return self._transaction(body)
+
+    def changes(
+        self,
+        study_id: int,
+        max_id: int,
+        unfinished: Mapping[int, TrialState],
+        skip: Container[int] = (),
+        user_keys: Iterable[str] | None = None,
+    ) -> list[FrozenTrial]:
+        """Trials stored after `max_id` (but those in `skip`) and those of `unfinished` whose state
+        changed, in id order: what a mirror needs of the other engines' trials, read so that the
+        cost does not grow with the running trials' curves. Optuna's incremental read
+        (`_get_trials(study_id, None, unfinished, max_id)`) returns every unfinished trial with all
+        its intermediate values on every call. Here one SELECT of (id, state) finds what is new or
+        changed; new RUNNING / WAITING trials are read without intermediate values (no sampler or
+        pruner reads a running trial's curve: TPE reads its params, the pruners read finished
+        trials' values and the rungs' system attrs, which are stored at the end), and finished ones
+        with all of them, once: a finished trial's curve is what the pruners compare with.
+        `user_keys`: read only these user attrs (None: all); no sampler or pruner reads one."""
+        m = models.TrialModel
+
+        def states(session) -> dict[int, TrialState]:
+            rows = self._rows(
+                session,
+                sqlalchemy.select(m.trial_id, _name(m.state)).where(
+                    m.study_id == study_id,
+                    sqlalchemy.or_(m.trial_id > max_id, m.state.in_(UNFINISHED)),
+                ),
+            )
+            return {tid: TrialState[state] for tid, state in rows}
+
+        now = self._transaction(states)
+        full = {tid for tid, state in unfinished.items() if now.get(tid) != state}
+        fresh = [tid for tid in now if tid > max_id and tid not in skip]
+        full |= {tid for tid in fresh if now[tid] not in UNFINISHED}
+        light = sorted(tid for tid in fresh if now[tid] in UNFINISHED)
+
+        keys = None if user_keys is None else list(user_keys)
+        out = self._read_trials(light, curves=False, user_keys=keys) if light else []
+        full |= {t._trial_id for t in out if t.state not in UNFINISHED}  # finished meanwhile
+        out = [t for t in out if t._trial_id not in full]
+        if full:
+            out += self._read_trials(sorted(full), curves=True, user_keys=keys)
+        return sorted(out, key=lambda t: t._trial_id)
+
+    def _read_trials(
+        self, ids: list[int], *, curves: bool, user_keys: list[str] | None = None
+    ) -> list[FrozenTrial]:
+        """Trials `ids`, built as Optuna's `_build_frozen_trial_from_trial_model` builds them (the
+        same stored representations) from one plain SELECT per table; without `curves`, with no
+        intermediate values (none are read). Plain rows, not ORM objects: a sync reads hundreds of
+        trials with a dozen attrs each, and the ORM's objects cost more than the database."""
+        m = models
+
+        def body(session) -> list[FrozenTrial]:
+            def rows(*cols, where, also=None):
+                query = sqlalchemy.select(*cols).where(self._one_of(where, ids))
+                query = query if also is None else query.where(also)
+                return self._rows(session, query)
+
+            t = m.TrialModel
+            start, complete = t._datetime_start_utc, t._datetime_complete_utc  # as stored: UTC
+            trials = rows(t.trial_id, t.number, _name(t.state), start, complete, where=t.trial_id)
+            p = m.TrialParamModel
+            params = rows(
+                p.trial_id,
+                p.param_id,
+                p.param_name,
+                p.param_value,
+                p.distribution_json,
+                where=p.trial_id,
+            )
+            v = m.TrialValueModel
+            values = rows(v.trial_id, v.objective, v.value, _name(v.value_type), where=v.trial_id)
+            attrs = {}
+            for model in (m.TrialUserAttributeModel, m.TrialSystemAttributeModel):
+                which = None
+                if model is m.TrialUserAttributeModel and user_keys is not None:
+                    which = model.key.in_(user_keys)
+                cols = (model.trial_id, model.key, model.value_json)
+                attrs[model] = rows(*cols, where=model.trial_id, also=which)
+            iv = m.TrialIntermediateValueModel
+            steps = (
+                rows(
+                    iv.trial_id,
+                    iv.step,
+                    iv.intermediate_value,
+                    _name(iv.intermediate_value_type),
+                    where=iv.trial_id,
+                )
+                if curves
+                else []
+            )
+            return trials, params, values, attrs, steps
+
+        trials, params, values, attrs, steps = self._transaction(body)
+        dists: dict[str, Any] = {}  # distribution JSON -> distribution: few distinct ones
+        scalars: dict[str, Any] = {}
+        by_id = {
+            tid: dict(
+                number=n,
+                state=TrialState[st],
+                start=ds,
+                complete=dc,
+                params=[],
+                values={},
+                user={},
+                system={},
+                steps={},
+            )
+            for tid, n, st, ds, dc in trials
+        }
+        for tid, pid, name, value, dist_json in params:
+            if dist_json not in dists:
+                dists[dist_json] = optuna.distributions.json_to_distribution(dist_json)
+            by_id[tid]["params"].append((pid, name, value, dists[dist_json]))
+        for tid, objective, value, kind in values:
+            by_id[tid]["values"][objective] = m.TrialValueModel.stored_repr_to_value(
+                value, _VALUE_TYPES[kind]
+            )
+        for model, key in (
+            (m.TrialUserAttributeModel, "user"),
+            (m.TrialSystemAttributeModel, "system"),
+        ):
+            for tid, name, value_json in attrs[model]:
+                by_id[tid][key][name] = _json(value_json, scalars)
+        for tid, step, value, kind in steps:
+            by_id[tid]["steps"][step] = (
+                m.TrialIntermediateValueModel.stored_repr_to_intermediate_value(
+                    value, _STEP_TYPES[kind]
+                )
+            )
+        out = []
+        for tid in sorted(by_id):
+            d = by_id[tid]
+            ps = sorted(d["params"], key=lambda x: x[0])
+            out.append(
+                FrozenTrial(
+                    number=d["number"],
+                    state=d["state"],
+                    value=None,
+                    values=[d["values"][i] for i in sorted(d["values"])] if d["values"] else None,
+                    datetime_start=d["start"],
+                    datetime_complete=d["complete"],
+                    params={name: dist.to_external_repr(value) for _, name, value, dist in ps},
+                    distributions={name: dist for _, name, _, dist in ps},
+                    user_attrs=d["user"],
+                    system_attrs=d["system"],
+                    intermediate_values=d["steps"],
+                    trial_id=tid,
+                )
+            )
+        return out
+
+    def trial_states(self, study_id: int, trial_ids: Iterable[int]) -> dict[int, TrialState]:
+        """The stored state of each trial: one small SELECT, none of the trials' values."""
+        ids = list(trial_ids)
+        if not ids:
+            return {}
+        m = models.TrialModel
+
+        def body(session) -> dict[int, TrialState]:
+            query = sqlalchemy.select(m.trial_id, _name(m.state))
+            rows = self._rows(session, query.where(self._one_of(m.trial_id, ids)))
+            return {tid: TrialState[state] for tid, state in rows}
+
+        return self._transaction(body)
+
+    def start_beat(self, trial_id: int) -> None:
+        """Its heartbeat row: Optuna's stale check skips trials without one."""
+        self._rdb.record_heartbeat(trial_id)
+
+    @property
+    def optuna_sweeps(self) -> bool:
+        return self._rdb.get_heartbeat_interval() is not None
+
+    def heartbeat_ages(self, trials: list[FrozenTrial]) -> dict[int, float]:
+        """Optuna's heartbeat table, against the database's clock."""
+        if not trials:
+            return {}
+        numbers = {t._trial_id: t.number for t in trials}
+        beat = models.TrialHeartbeatModel
+
+        def body(session) -> list[tuple]:
+            now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+            query = sqlalchemy.select(beat.trial_id, beat.heartbeat)
+            rows = session.execute(query.where(beat.trial_id.in_(list(numbers)))).all()
+            return [(tid, (now - at.replace(tzinfo=None)).total_seconds()) for tid, at in rows]
+
+        return {numbers[tid]: age for tid, age in self._transaction(body)}
+
+    def silent(self, study: optuna.Study, grace_period: float) -> list[int]:
+        """Optuna's own stale-trial check (its heartbeat table and grace period), which fails
+        the trials it finds and calls the storage's callback (StaleRetry) for each."""
+        callback = self._rdb.get_heartbeat_stale_trial_callback()
+        if callback is None or not hasattr(callback, "failed"):  # opened without our heartbeat
+            return []
+        seen = len(callback.failed)
+        with experimental():  # "experimental" since Optuna 2.9; what the heartbeat runs
+            optuna.storages.fail_stale_trials(study)
+        return sorted(callback.failed[seen:])
+
+    def running_attr(self, study: optuna.Study, key: str) -> dict[int, Any]:
+        """One SELECT of the attr: the running trials themselves would come with all their
+        curves, on every sweep."""
+        t, a = models.TrialModel, models.TrialSystemAttributeModel
+        query = (
+            sqlalchemy.select(t.number, a.value_json)
+            .select_from(t)
+            .outerjoin(a, sqlalchemy.and_(a.trial_id == t.trial_id, a.key == key))
+            .where(t.study_id == study._study_id, t.state == TrialState.RUNNING)
+        )
+        rows = self._transaction(lambda session: session.execute(query).all())
+        return {number: None if raw is None else json.loads(raw) for number, raw in rows}
+
+    def beat(self, trial_ids: Iterable[int]) -> None:
+        """One UPDATE of Optuna's heartbeat rows (they exist since add_trials)."""
+        ids = list(trial_ids)
+        if not ids:
+            return
+
+        def body(session) -> None:
+            now = session.execute(sqlalchemy.func.now()).scalar()
+            m = models.TrialHeartbeatModel
+            session.execute(update(m).where(self._one_of(m.trial_id, ids)).values(heartbeat=now))
+
+        self._transaction(body)
+
+
+def _put_seed_attrs(session, trial_id: int, seeds: range) -> None:
+    attrs = models.TrialUserAttributeModel
+    values = seed_attrs(seeds)
+    session.execute(delete(attrs).where(attrs.trial_id == trial_id, attrs.key.in_(list(values))))
+    session.execute(
+        insert(attrs),
+        [dict(trial_id=trial_id, key=k, value_json=json.dumps(v)) for k, v in values.items()],
+    )
+
+
+def _utc(local: datetime | None) -> datetime | None:
+    """A time as Optuna's TrialModel stores it: naive UTC."""
+    return None if local is None else local.astimezone(UTC).replace(tzinfo=None)
+
+
+def _value_rows(tid: int, values: list[float]) -> list[dict]:
+    out = []
+    for i, v in enumerate(values):
+        stored, kind = models.TrialValueModel.value_to_stored_repr(v)
+        out.append(dict(trial_id=tid, objective=i, value=stored, value_type=kind))
+    return out
+
+
+def _attr_rows(tid: int, attrs: dict[str, Any]) -> list[dict]:
+    return [dict(trial_id=tid, key=k, value_json=json.dumps(v)) for k, v in attrs.items()]
+
+
+def _step_rows(tid: int, steps: dict[int, float]) -> list[dict]:
+    out = []
+    for step, v in steps.items():
+        stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(v)
+        out.append(
+            dict(trial_id=tid, step=step, intermediate_value=stored, intermediate_value_type=kind)
+        )
+    return out
+
+
+def _name(column):
+    """An Enum column read as the member's stored name: mapped by a dict lookup here, cheaper
+    than SQLAlchemy's per-row Enum processing."""
+    return sqlalchemy.type_coerce(column, sqlalchemy.String)
+
+
+_VALUE_TYPES = models.TrialValueModel.TrialValueType.__members__
+_STEP_TYPES = models.TrialIntermediateValueModel.TrialIntermediateValueType.__members__
+
+
+def _json(text: str, cache: dict[str, Any]) -> Any:
+    """json.loads, remembered where the value is a scalar (shared safely): most attrs repeat
+    across trials (the train config's fields, the engine's name)."""
+    if text in cache:
+        return cache[text]
+    value = json.loads(text)
+    if value is None or isinstance(value, str | int | float | bool):
+        cache[text] = value
+    return value
+
+
+def _local(utc: datetime | None) -> datetime | None:
+    """A stored naive UTC time as Optuna's TrialModel gives it: naive local time."""
+    if utc is None:
+        return None
+    return utc.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
+
+
+def _schema_race(e: Exception) -> bool:
+    text = str(e).lower()
+    return "already exists" in text or "duplicate key" in text
