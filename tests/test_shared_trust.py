@@ -530,20 +530,19 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
     UpdateFinishedTrialError; the engine now loses that trial as one another engine took."""
     from datetime import datetime
 
-    from study.run.batched import writer
     from study.run.batched.messages import Lost, Start
 
     cfg, study, sink, box = _writer_here(tmp_path, claims=1)
     study.enqueue_trial({"depth": 1, "width": 4, "lr": 0.01, "activation": "tanh"})
     (queued,) = study.get_trials(states=(TrialState.WAITING,))
-    take = writer.take_queued
+    take = sink.db.take_queued
 
-    def take_then_fail(storage, study_id, trial_id, *args, **kwargs):  # failed elsewhere at once
-        took = take(storage, study_id, trial_id, *args, **kwargs)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    def take_then_fail(study_id, trial_id, *args, **kwargs):  # failed elsewhere at once
+        took = take(study_id, trial_id, *args, **kwargs)
+        sink.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         return took
 
-    monkeypatch.setattr(writer, "take_queued", take_then_fail)
+    monkeypatch.setattr(sink.db, "take_queued", take_then_fail)
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     trial = optuna.trial.create_trial(
         state=TrialState.RUNNING, params={"x": 0.5}, distributions=dist
@@ -554,7 +553,7 @@ def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not
     assert sink.claims.count() == 0  # its budget claim went back
     # Found next (SQLite): a queued trial another engine claimed and finished already (its
     # mirror had not seen it yet).
-    monkeypatch.setattr(writer, "take_queued", take)
+    monkeypatch.setattr(sink.db, "take_queued", take)
     study.enqueue_trial({"depth": 2, "width": 4, "lr": 0.01, "activation": "tanh"})
     (done,) = study.get_trials(states=(TrialState.WAITING,))
     sink.storage.set_trial_state_values(done._trial_id, TrialState.RUNNING)
@@ -678,9 +677,9 @@ def test_a_worker_can_have_a_resource_tracker_of_its_own():
     tracker = resource_tracker._resource_tracker
     assert {"_fd", "_pid"} <= set(vars(tracker))
     code = (
-        "import os; from multiprocessing import resource_tracker as r; from study import pool; "
-        "r.ensure_running(); first = r._resource_tracker._pid; pool._own_resource_tracker(); "
-        "r.ensure_running(); assert r._resource_tracker._pid not in (None, first); print('ok')"
+        "import os; from multiprocessing import resource_tracker as r; "
+        "from study.run import pool; r.ensure_running(); first = r._resource_tracker._pid; "
+        "pool._own_resource_tracker(); r.ensure_running(); assert r._resource_tracker._pid not in (None, first); print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
