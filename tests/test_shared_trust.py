@@ -679,7 +679,8 @@ def test_a_worker_can_have_a_resource_tracker_of_its_own():
     code = (
         "import os; from multiprocessing import resource_tracker as r; "
         "from study.run import pool; r.ensure_running(); first = r._resource_tracker._pid; "
-        "pool._own_resource_tracker(); r.ensure_running(); assert r._resource_tracker._pid not in (None, first); print('ok')"
+        "pool._own_resource_tracker(); r.ensure_running(); "
+        "assert r._resource_tracker._pid not in (None, first); print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
