@@ -139,7 +139,8 @@ def _row(cell, test=1e-4, final_test=1e-4, val=1e-4, final_val=1e-4, spread=SPRE
 
 def test_evidence_welch_interval_and_seeds_to_settle_on_constructed_data():
     from scipy import stats as sps
-    from study.compare.runner.evidence import Spread, seeds_to_settle, welch
+
+    from study.compare.evidence import Spread, seeds_to_settle, welch
 
     a, b = [1e-4, 2e-4, 1.5e-4], [1e-3, 3e-3, 2e-3]
     gap = welch(Spread.of(a), Spread.of(b))

@@ -773,7 +773,9 @@ def test_a_dead_writers_trials_that_a_sweep_failed_give_their_claims_to_the_retr
     engine = BatchedEngine(
         cfg, study.get_trials(), torch.device("cpu"), slots=4, seed=0, on_trial=print
     )
-    engine.stored = {10: swept.number, 11: mine.number, 12: done.number}
+    for handle, trial in ((10, swept), (11, mine), (12, done)):
+        engine.ledger.hand_over(handle, 0)
+        engine.ledger.started(handle, trial.number)
     engine.settle(study, budget, 0)
     assert budget.reserved() == 2  # kept for the two retries, which the replacement takes
     assert budget.claim(queued=True) and budget.claim(queued=True)

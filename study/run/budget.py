@@ -63,6 +63,10 @@ class Budget:
             if for_queued:
                 self._reserved.value += n
 
+    def give_back(self, n: int = 1, *, for_queued: bool = False, worker: int = 0) -> None:
+        """`release`, as the ledger's claim rules call it (study.run.ledger.give_back)."""
+        self.release(n, for_queued=for_queued, worker=worker)
+
     def reserved(self) -> int:
         return self._reserved.value
 

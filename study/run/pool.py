@@ -32,6 +32,7 @@ from study.run import interrupt
 from study.run.batched.engine import run_batched
 from study.run.batched.writer import WriterError
 from study.run.budget import Budget
+from study.run.ledger import give_back
 from study.run.standard import run_trials
 from study.store import Store
 from study.store.recovery import fail_and_retry
@@ -327,7 +328,8 @@ class Pool:
                 )
                 _wait_gone(writer, timeout=self.cfg.grace_period + 30)
             elif held >= 0 and fail_and_retry(self.study, held, self.cfg.max_retries):
-                self.budget.release(worker=i)
+                retries = self.cfg.max_retries
+                give_back(self.budget, "orphaned", retries=retries, reserves=False, worker=i)
                 self.say(
                     f"worker {i} was killed ({name}); trial #{held} marked FAIL"
                     f"{' and queued for retry' if self.cfg.max_retries else ''}; starting a "

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from study import store as store_mod
 from study.config import StudyConfig, TrainConfig
 from study.run import interrupt
+from study.run.ledger import give_back
 from study.run.opening import make_pruner, make_sampler, open_study_store
 from study.store import Store
 from study.store.recovery import (
@@ -271,11 +272,11 @@ def run_trials(
         except ValueError:  # Optuna's tell of a trial that another process finished meanwhile
             if not objective.finished_elsewhere(study):
                 raise
-            budget.release(worker=worker)
+            give_back(budget, "dropped", retries=cfg.max_retries, reserves=False, worker=worker)
             continue
         lost = lost + 1 if objective.duplicates > n else 0
         if lost:  # a FAIL that counts nothing: its claim goes back
-            budget.release(worker=worker)
+            give_back(budget, "lost", retries=cfg.max_retries, reserves=False, worker=worker)
             study.sampler.reseed_rng()
         if lost >= MAX_LOST:
             print(EXHAUSTED, file=sys.stderr)

@@ -46,6 +46,7 @@ from study.run.batched.mirror import Mirror
 from study.run.batched.stack import Capture, Slot, Stack, cuda_graph, empty_slot, new_slot
 from study.run.batched.sync import SYNC_S
 from study.run.batched.writer import Writer, WriterError
+from study.run.ledger import Ledger
 from study.run.opening import open_study_store
 from study.store import Store
 from study.store.recovery import fail_and_retry, stored_trial
@@ -69,9 +70,6 @@ from study.views.artifacts import model_state
 from study.views.tracking import trial_metrics
 
 FLUSH_S = 1.0  # intermediate values go to the writer at most this long after their epoch
-# A sweep marks a trial FAIL, then queues its retry: the writer's sync that sees the one may
-# miss the other, so a retry is waited for over a few syncs.
-RETRY_SYNCS = 3
 
 
 @dataclass
@@ -194,26 +192,12 @@ class BatchedEngine:
         self.rungs = rungs.schedule(self.mirror.study.pruner)
         self.last_flush = time.monotonic()
         # A trial's handle is its number in the mirror (messages.py), until the writer says
-        # which number storage gave it.
-        self.pending: set[int] = set()  # handles handed to the writer, not confirmed stored
-        self.stored: dict[int, int] = {}  # handle -> stored number, from its start to its end
-        self.first_seeds: dict[int, int] = {}  # handle -> its first seed, until it is stored
-        # queued trials whose seeds another trial holds (bulk.take_queued): this count's
-        self.own_seeds: set[int] = set()
-        self.taking: dict[int, tuple[optuna.Trial, Queued]] = {}  # handle -> a queued start
-        self.collisions = 0  # proposals lost to other engines since the last one stored
-        self.said_exhausted = False
-        # Ended trials handed to the writer, not yet confirmed stored (handle -> value if
-        # COMPLETE): one that another engine failed meanwhile is not, and gives its budget
-        # claim back.
-        self.finishing: dict[int, float] = {}
-        # the best value confirmed stored (this engine's and those it was loaded with)
-        self.stored_best = min(
+        # which number storage gave it; its life from the ask to its stored end is the ledger's.
+        best = min(
             (t.values[0] for t in stored if t.state == TrialState.COMPLETE), default=math.inf
         )
-        self.syncs = 0  # the writer's syncs seen
-        # (sync count, time) until which the loop waits for a queued retry
-        self.retry_wait: tuple[int, float] | None = None
+        self.ledger = Ledger(cfg.max_retries, stored_best=best)
+        self.said_exhausted = False
 
     # ---------------------------------------------------------------- the loop
 
@@ -242,7 +226,7 @@ class BatchedEngine:
                 self._fill(budget)
                 if not self.stacks:
                     if interrupt.requested() or not (
-                        self.pending or self.finishing or self._awaiting_retry(budget)
+                        self.ledger.unsettled() or self._awaiting_retry(budget)
                     ):
                         break
                     # The budget looks spent, but the writer has not confirmed every start and
@@ -282,45 +266,37 @@ class BatchedEngine:
         return interrupt.requested()
 
     def _messages(self, messages: list[Reply]) -> None:
-        lost, failed, requeue = [], [], []
+        lost, failed, requeue = [], [], {}
+        ledger = self.ledger
         for msg in messages:
             match msg:
                 case Started(handle, number):
-                    self.collisions = 0
-                    self.pending.discard(handle)
-                    self.taking.pop(handle, None)
-                    self.stored[handle] = number
-                    if handle in self.first_seeds:
-                        self.mirror.seeds[number] = self.first_seeds.pop(handle)
+                    if (seed := ledger.started(handle, number)) is not None:
+                        self.mirror.seeds[number] = seed
                 case Lost(handle, _, collided, waiting):
-                    self.pending.discard(handle)
-                    self.first_seeds.pop(handle, None)
-                    (requeue if waiting else lost).append(handle)
+                    entry = ledger.lost(handle, collided=collided, waiting=waiting)
+                    if waiting:
+                        requeue[handle] = entry
+                    else:
+                        lost.append(handle)
                     if collided:  # another engine has its parameter set or seed: move away
-                        self.collisions += 1
                         self.mirror.collided()
                         self.seed_base = fresh_stream()
                 case Written(handle, number, state, value):
-                    self.stored.pop(handle, None)
-                    self.stored_best = min(self.stored_best, self.finishing.pop(handle, math.inf))
+                    ledger.written(handle)
                     self.on_trial(number, state, value)
                 case Dropped(handle):
-                    self.stored.pop(handle, None)
-                    self.finishing.pop(handle, None)
+                    ledger.dropped(handle)
                 case Failed(handle, _):
-                    self.stored.pop(handle, None)
+                    ledger.failed(handle)
                     failed.append(handle)
                 case Synced(trials):
-                    self.syncs += 1
+                    ledger.syncs += 1
                     self.mirror.apply(trials)
         if lost or requeue:
             self._drop(set(lost) | set(requeue), requeue=set(requeue))
-        for handle in lost:
-            self.taking.pop(handle, None)
-        for handle in requeue:  # whether it still trains or has ended here already
-            trial, queued = self.taking.pop(handle)
-            self.own_seeds.add(queued.trial_id)
-            self.mirror.requeue(trial, queued)
+        for entry in requeue.values():  # whether it still trains or has ended here already
+            self.mirror.requeue(entry.trial, entry.queued)
         if failed:
             self._drop(set(failed), failed=True)
 
@@ -330,22 +306,20 @@ class BatchedEngine:
         start it never confirmed (a sweep recovers them if they were stored). A held trial
         another process failed meanwhile (a sweep that queued its retry) counts for nothing
         either: its claim goes back for the retry, as the writer's sync would have done."""
-        retry = self.cfg.max_retries > 0
-        for number in self.stored.values():
-            if fail_and_retry(study, number, self.cfg.max_retries) or _failed(study, number):
-                budget.release(for_queued=retry, worker=worker)
-        if self.pending:
-            budget.release(len(self.pending), worker=worker)
-        self.stored.clear()
-        self.pending.clear()
+        retries = self.cfg.max_retries
+        self.ledger.settle(
+            lambda number: fail_and_retry(study, number, retries) or _failed(study, number),
+            budget,
+            worker=worker,
+        )
 
     def _exhausted(self) -> bool:
         """Every proposal lately was another engine's already (a search space small enough
         for the engines to have trained all of it): stop asking rather than ask forever."""
-        if self.collisions >= MAX_LOST and not self.said_exhausted:
+        if self.ledger.collisions >= MAX_LOST and not self.said_exhausted:
             self.said_exhausted = True
             print(EXHAUSTED, file=sys.stderr)
-        return self.collisions >= MAX_LOST
+        return self.ledger.collisions >= MAX_LOST
 
     def _first_seed(self, trial: optuna.Trial, queued: Queued | None) -> int:
         """The seed a trial's first repeat trains with (trial_attrs.trial_configs): a retry
@@ -353,29 +327,15 @@ class BatchedEngine:
         trial whose seed was stored unchecked, by an older sinstudy); any other trial with its
         engine's count."""
         own = trial_seed(self.cfg, trial.number + self.seed_base)
-        if queued is None or queued.trial_id in self.own_seeds:
+        if queued is None:
             return own
         failed = self.mirror.retried(trial)
         seed = self.mirror.seeds.get(failed) if failed is not None else None
-        return own if seed is None else seed  # None: an enqueued point, a seedless one's retry
+        return self.ledger.first_seed(own, queued.trial_id, seed)
 
     def _awaiting_retry(self, budget) -> bool:
-        """A claim is reserved for a queued retry: worth a few syncs' wait, not forever (another
-        run on the study may take the retry, or none was queued: optuna-dashboard's "Fail
-        trial" queues none). The wait is counted in the writer's syncs, not only in seconds: a
-        loaded machine slows the syncs, and a retry the mirror has not been shown yet would be
-        left WAITING by a run that gave its claim to a new trial. When the wait is over the
-        claim is free again, for a new trial."""
-        if not budget.reserved():
-            self.retry_wait = None
-            return False
-        if self.retry_wait is None:
-            self.retry_wait = (self.syncs + RETRY_SYNCS, time.monotonic() + RETRY_SYNCS * SYNC_S)
-        syncs, until = self.retry_wait
-        if self.syncs >= syncs and time.monotonic() >= until:
-            budget.unreserve()
-            self.retry_wait = None
-        return True
+        """A claim reserved for a queued retry is waited for a few syncs (Ledger)."""
+        return self.ledger.awaiting_retry(budget.reserved(), budget.unreserve, SYNC_S)
 
     def _drop(
         self, handles: set[int], *, failed: bool = False, requeue: Collection[int] = ()
@@ -414,9 +374,8 @@ class BatchedEngine:
         ):
             self.writer.claimed()
             trial, queued = self.mirror.ask()
-            if queued is not None:
-                self.taking[trial.number] = (trial, queued)
             tcfgs = self.configure(trial, self._first_seed(trial, queued))
+            self.ledger.hand_over(trial.number, tcfgs[0].seed, queued, trial)
             now = datetime.now()
             starts.append(
                 Start(
@@ -438,7 +397,6 @@ class BatchedEngine:
                     seed=tcfgs[0].seed if self.unique_seeds else None,
                 )
             )
-            self.first_seeds[trial.number] = tcfgs[0].seed
             # shared by the trial's repeats: one slot per seed, one stack
             tag = Live(trial, queued, now, n_params=starts[-1].trial.user_attrs["n_params"])
             if self.multi:  # what the Pareto pruner ranks it by, beside its MSE
@@ -452,7 +410,6 @@ class BatchedEngine:
             live += len(tcfgs)
         if starts:
             self.writer.put(Starts(starts))
-            self.pending.update(st.handle for st in starts)
         # a network's initialisation is training, as inside the standard engine's train()
         self.stats.book_seconds += time.perf_counter() - t0 - init
         # One restack per changed stack per epoch: the slots that left (already unstacked in
@@ -636,7 +593,7 @@ class BatchedEngine:
         # those of the trials that are best when it stores them. Decided here against trials
         # still on their way, a trial handed over without weights stayed without them when the
         # better one on its way was then not stored (failed meanwhile by another engine).
-        new_best = state == TrialState.COMPLETE and value < self.stored_best
+        new_best = state == TrialState.COMPLETE and value < self.ledger.stored_best
         self._report(live)  # a pruned trial's value is its last one; TPE reads pruned curves
         # what storage holds: [MSE] or [MSE, n_params] for a complete trial, else nothing
         stored = (
@@ -664,7 +621,7 @@ class BatchedEngine:
         tcfg,
         rest: tuple[float, ...] = (),
     ) -> None:
-        self.finishing[live.trial.number] = value if state == TrialState.COMPLETE else math.inf
+        self.ledger.ended(live.trial.number, value if state == TrialState.COMPLETE else math.inf)
         self.writer.put(
             Finish(
                 handle=live.trial.number,

@@ -68,6 +68,7 @@ from study.run.batched.messages import (
 )
 from study.run.batched.sync import SYNC_S, Changes
 from study.run.budget import Claims
+from study.run.ledger import give_back
 from study.run.opening import open_study_store
 from study.store.base import Ending, Take, Taken
 from study.store.recovery import (
@@ -455,13 +456,17 @@ class _Sink:
                 number = self.storage.get_trial_number_from_id(s.queued)
                 self._hold(s.handle, s.queued, number, s.trial.params)
             elif took is Take.SEED:  # still WAITING: the trainer asks it again, other seeds
-                self.claims.give_back(1, for_queued=True)
+                self._give_back("seed_held")
                 self.results.put(Lost(s.handle, "another trial holds its seed", True, True))
             else:
                 self._lost(s.handle, "another engine took it first", collided=False)
 
+    def _give_back(self, event: str, n: int = 1) -> None:
+        """The claims of `n` trials after edge `event` of their life (study.run.ledger)."""
+        give_back(self.claims, event, n, retries=self.cfg.max_retries)
+
     def _lost(self, handle: int, why: str, *, collided: bool) -> None:
-        self.claims.give_back(1)
+        self._give_back("lost")
         self.results.put(Lost(handle, why, collided))
 
     def _hold(self, handle: int, trial_id: int, number: int, params: dict) -> None:
@@ -559,7 +564,7 @@ class _Sink:
         keeper's sync saw it (`_Keeper._stop_failed` otherwise): its claim goes back to the
         budget, so the trial counts for nothing and its retry (or a new trial) takes its place."""
         self.held.ever -= 1
-        self.claims.give_back(1, for_queued=self.cfg.max_retries > 0)  # as in _stop_failed
+        self._give_back("dropped")
         self.results.put(Dropped(f.handle))
         state = self.storage.get_trial(trial_id).state.name
         print(
@@ -577,8 +582,8 @@ class _Sink:
             for n in self.held.numbers.values()
             if fail_and_retry(self.study, n, self.cfg.max_retries)
         ]
-        self.claims.give_back(self.claims.count() - self.held.ever)
-        self.claims.give_back(len(failed), for_queued=self.cfg.max_retries > 0)
+        self._give_back("unconfirmed", self.claims.count() - self.held.ever)
+        self._give_back("orphaned", len(failed))
         if failed:
             print(
                 f"sinstudy: the training process died; trials "
@@ -663,7 +668,7 @@ class _Keeper:
             number = got[1]
             self.held.ever -= 1
             # a sweep queues its retry, which this run then takes (a claim kept for it)
-            self.sink.claims.give_back(1, for_queued=self.cfg.max_retries > 0)
+            self.sink._give_back("failed")
             self.sink.results.put(Failed(handle, number))
             print(
                 f"sinstudy: trial #{number} was marked {states[trial_id].name} by another process "
