@@ -159,6 +159,7 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
     from study.run.batched.messages import Finish, Known, Start, Started
     from study.run.batched.writer import _Sink
     from study.run.budget import Claims
+    from study.run.opening import open_study_store
     from study.trial.attrs import start_attrs
     from study.trial.space import suggest
     from study.trial.train import EpochLog
@@ -168,7 +169,7 @@ def _simulate(i: int, cfg, a: argparse.Namespace, go: float, report: _Report) ->
         writer_mod.TrialLogger = _NoTensorBoard
     rng = random.Random(a.seed * 1000 + i)
     box = _Box()
-    sink = _Sink(cfg, Known(-1, {}), box, Claims(None))
+    sink = _Sink(cfg, open_study_store(cfg), Known(-1, {}), box, Claims(None))
     sink.warm_up.start()
     sink.warm_up.wait()  # TensorBoard's imports, before the clock starts
     timed_sync = sink.keeper.sync

@@ -480,6 +480,7 @@ def test_a_failing_writer_is_one_clear_error(tmp_path):
     from study import config
     from study.run.batched.messages import Known
     from study.run.batched.writer import Writer, WriterError
+    from study.run.opening import open_study_store
 
     optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/s.db")
     cfg = config.build(
@@ -489,7 +490,7 @@ def test_a_failing_writer_is_one_clear_error(tmp_path):
         log_dir=str(tmp_path / "tb"),
         artifact_dir=str(tmp_path / "art"),
     )
-    w = Writer(cfg, Known(-1, {}))
+    w = Writer(cfg, open_study_store(cfg), Known(-1, {}))
     with pytest.raises(WriterError) as e:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -510,7 +511,7 @@ def test_the_writer_beats_while_a_job_runs_and_stops_when_its_loop_is_stuck(tmp_
     from study.quiet import experimental
     from study.run.batched import messages, writer
     from study.run.budget import Claims
-    from study.run.opening import open_study_storage
+    from study.run.opening import open_study_store
 
     cfg = config.build(
         {"study": {"heartbeat_interval": 1, "grace_period": 2}},
@@ -519,9 +520,10 @@ def test_the_writer_beats_while_a_job_runs_and_stops_when_its_loop_is_stuck(tmp_
         log_dir=str(tmp_path / "tb"),
         artifact_dir=str(tmp_path / "art"),
     )
-    storage = open_study_storage(cfg)
+    opened = open_study_store(cfg)
+    storage = opened.optuna
     study = optuna.create_study(study_name="sinstudy", storage=storage)
-    sink = writer._Sink(cfg, messages.Known(-1, {}), queue.Queue(), Claims(None))
+    sink = writer._Sink(cfg, opened, messages.Known(-1, {}), queue.Queue(), Claims(None))
 
     def held_trial() -> int:
         with pytest.warns(UserWarning, match="Heartbeat"):  # "meant for Study.optimize"

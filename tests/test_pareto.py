@@ -95,7 +95,7 @@ def test_a_rung_keeps_the_front_and_prunes_the_dominated():
 
 def test_pareto_hyperband_has_optunas_brackets_with_pareto_rungs():
     cfg = config.build(None, objectives="val_mse,n_params", max_epochs=81)
-    from study.run.opening import make_pruner
+    from study.run.search import make_pruner
 
     pruner = make_pruner(cfg)
     study = optuna.create_study(directions=["minimize", "minimize"], pruner=pruner)

@@ -519,7 +519,8 @@ def _writer_here(tmp_path: Path, *, claims: int):
     held = Claims(None)
     for _ in range(claims):
         held.add()
-    return cfg, study, _Sink(cfg, Known(-1, {}), box, held), box
+    sink = _Sink(cfg, opening.open_study_store(cfg), Known(-1, {}), box, held)
+    return cfg, study, sink, box
 
 
 def test_a_queued_trial_finished_by_another_process_as_it_is_claimed_is_lost_not_a_crash(

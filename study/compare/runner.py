@@ -30,8 +30,7 @@ from study.compare.evidence import LEVEL, Gap, Spread
 from study.config import ConfigError, DataConfig, TrainConfig
 from study.run import interrupt
 from study.run.batched.engine import run_batched
-from study.run.budget import Budget
-from study.run.opening import name_metric, open_study_store
+from study.run.opening import Run, name_metric, open_study_store
 from study.trial.course import TEST_MSE as REPORT_TEST_MSE
 
 # Held fixed unless a factor varies it: the report trained with ReLU and no schedule; it named
@@ -366,12 +365,9 @@ def run(
 
         with interrupt.handle_signals():
             run_batched(
-                cfgs[data],
-                Budget(len(todo), None),
+                Run.queued(cfgs[data], opened, torch.device(device), len(todo)),
                 seed=0,
-                device=torch.device(device),
                 on_trial=on_trial,
-                store=opened,
                 configure=configure,
                 publish=False,  # the note is the comparison's table (cli), not a study summary
             )

@@ -1,8 +1,10 @@
-"""Opening a study: the device, the sampler and pruner, the storage, and the identity check.
+"""The opening of a run: `open_run(cfg) -> Run`, made once and handed to the engines and workers.
 
 Order matters: config and device are validated, then the storage is checked (read-only), and
 only then is anything written. A study that exists is continued, but only with the same search
 space and data: mixing trials of two spaces would make its importances and best trial meaningless.
+Nothing after the opening opens the storage from the config: every process of the run uses the
+run's store (a worker process reconnects it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +24,14 @@ import optuna
 import torch
 
 from study import __version__, store
-from study.config import ConfigError, StudyConfig, to_dict
+from study.config import ConfigError, StudyConfig, models_at_once, to_dict
 from study.errors import StorageError
 from study.quiet import experimental
-from study.trial import objectives, pareto
-from study.trial.space import grid
+from study.run.batched import kernels
+from study.run.budget import Budget
+from study.run.search import make_pruner, make_sampler
+from study.store import Store, recovery
+from study.trial import attrs, objectives
 
 VERSION_ATTR = "sinstudy_version"
 # every trial's first value: its best validation MSE (the mean over repeats); a second, if the
@@ -71,54 +78,6 @@ def check_devices(devices: tuple[int, ...]) -> torch.device:
             f"--devices {bad[0]} does not exist: {count} GPU(s) visible (ids 0..{count - 1})"
         )
     return torch.device("cuda")
-
-
-def make_sampler(
-    cfg: StudyConfig, *, seed: int | None = None, stored: int = 0
-) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded with `seed` (default: the study seed) plus `stored`, the
-    number of trials the study already holds: a resumed study must not replay the points its
-    first run proposed. Optuna's TPE runs with its constant liar (the default), so trials still
-    training count as bad guesses and parallel trials spread out."""
-    seed = ((cfg.seed if seed is None else seed) + stored) % 2**32  # numpy's limit
-    s = cfg.sampler
-    if s == "tpe":
-        # two objectives: pruned trials carry MSE curves, which Optuna's own TPE cannot rank
-        tpe = pareto.ParetoTPESampler if objectives.multi(cfg) else optuna.samplers.TPESampler
-        return tpe(seed=seed)
-    if s == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if s == "grid":
-        if cfg.space.per_layer_width:
-            raise ConfigError(
-                "the grid sampler cannot search per-layer widths; set per_layer_width = false"
-            )
-        # Always the study seed: GridSampler shuffles its grid with it, and a grid_id must name
-        # the same point in every run and worker of the study.
-        return optuna.samplers.GridSampler(grid(cfg.space), seed=cfg.seed)
-    if s == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if s == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-
-
-def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    """The configured pruner; with two objectives its Pareto-ranking form (study/pareto.py)."""
-    epochs = cfg.train.max_epochs
-    two = objectives.multi(cfg)
-    if cfg.pruner == "hyperband":
-        # Optuna's benchmarks recommend Hyperband with TPE. Rungs from max_epochs/27 upward.
-        hyperband = pareto.ParetoHyperband if two else optuna.pruners.HyperbandPruner
-        return hyperband(
-            min_resource=max(1, epochs // 27), max_resource=epochs, reduction_factor=3
-        )
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 10))
-    if cfg.pruner == "sha":
-        halving = pareto.ParetoHalving if two else optuna.pruners.SuccessiveHalvingPruner
-        return halving(min_resource=max(1, epochs // 27), reduction_factor=3)
-    return optuna.pruners.NopPruner()
 
 
 def open_study_store(cfg: StudyConfig, parsed: store.StorageURL | None = None) -> store.Store:
@@ -349,3 +308,147 @@ def check_memory(
             f"{PROCESS_BYTES // 2**20} MiB each) need about {host / 2**30:.1f} GiB, more than "
             f"the {ram / 2**30:.1f} GiB of memory available; use fewer --workers"
         )
+
+
+def worker_devices(cfg: StudyConfig, device: str) -> list[tuple[str, dict[str, str]]]:
+    """(device, extra environment) per worker: with --devices each worker sees only its card."""
+    if cfg.devices is None:
+        return [(device, {})] * cfg.workers
+    n = max(cfg.workers, len(cfg.devices))
+    return [
+        ("cuda:0", {"CUDA_VISIBLE_DEVICES": str(cfg.devices[i % len(cfg.devices)])})
+        for i in range(n)
+    ]
+
+
+@dataclass
+class Run:
+    """What a run opens once, before anything trains, and hands to its engines and worker
+    processes: the checked device and each worker's placement, the run's store (a spawned
+    process reconnects it), its budget, name and what its start found. Each process loads the
+    study itself (`load_study`): an Optuna Study keeps a cache of its storage's trials."""
+
+    cfg: StudyConfig
+    device: torch.device
+    placements: list[tuple[str, dict[str, str]]]
+    store: Store
+    budget: Budget
+    name: str  # the `run` attr of every trial this run's processes start
+    recovered: dict[int, str]  # trials of earlier runs its start failed: number -> why
+    before: frozenset[int]  # the study's trial numbers before it (queued ones excepted)
+    running_before: frozenset[int]  # of those, the ones RUNNING (other runs') when it started
+
+    @classmethod
+    def queued(cls, cfg: StudyConfig, opened: Store, device: torch.device, n: int) -> Run:
+        """A run of `n` trials queued in a study on a store opened already (compare's cells)."""
+        none = frozenset()
+        placements = [(str(device), {})]
+        budget = Budget(n, None)
+        return cls(cfg, device, placements, opened, budget, attrs.run_id(), {}, none, none)
+
+    def sampler(self, seed: int | None = None, stored: int = 0) -> optuna.samplers.BaseSampler:
+        return make_sampler(self.cfg, seed=seed, stored=stored)
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return make_pruner(self.cfg)
+
+    def load_study(self, seed: int | None = None) -> optuna.Study:
+        """The run's study in this process, its sampler seeded with `seed` plus the trials it
+        holds (make_sampler) and its pruner."""
+        study = optuna.load_study(
+            study_name=self.cfg.study, storage=self.store.optuna, pruner=self.pruner()
+        )
+        study.sampler = self.sampler(seed, stored=len(study.get_trials(deepcopy=False)))
+        return study
+
+    @property
+    def in_process(self) -> bool:
+        """One engine in this process (no --workers, no --devices)."""
+        return len(self.placements) == 1 and not self.cfg.devices
+
+    def where(self) -> str:
+        """Where it trains, as the summary says it."""
+        if len(self.placements) == 1 and not self.placements[0][1]:
+            return self.placements[0][0]
+        gpus = sorted({env["CUDA_VISIBLE_DEVICES"] for _, env in self.placements if env})
+        return f"{len(self.placements)} workers on " + (
+            f"GPUs {','.join(gpus)}" if gpus else self.placements[0][0]
+        )
+
+
+def open_run(cfg: StudyConfig, *, say: Callable[[str], None] = print) -> Run:
+    """Check everything a run needs, then open its study: the device (and the engine's
+    kernels on it), the memory of its processes, the storage (read, never written, until every
+    check passed), its folders and the study's identity. Then the study is created or
+    continued, the TensorBoard folder claimed, earlier runs' dead trials failed and retried.
+    Notes are said only once every check has passed, so a refusal stays one line."""
+    notes: list[str] = []
+    device = _device(cfg, notes)
+    placements = worker_devices(cfg, str(device))
+    # models held at once on one device: every CPU worker shares this machine, GPU workers
+    # their card; each worker is a process, and a batched engine's writer another
+    sharing = Counter(env.get("CUDA_VISIBLE_DEVICES") for _, env in placements)
+    processes = len(placements) * (2 if cfg.engine == "batched" else 1)
+    check_memory(
+        cfg,
+        device,
+        models_at_once(cfg, device.type) * max(sharing.values()),
+        processes=processes,
+    )
+    opened = _open_store(cfg, notes, workers=len(placements))
+    for note in notes:
+        say(note)
+    study = open_study(cfg, opened.optuna)
+    Path(cfg.artifact_dir).mkdir(parents=True, exist_ok=True)
+    claim_tensorboard_folder(cfg, study)
+    recovered = recovery.sweep_stale(
+        opened, study, grace_period=cfg.grace_period, max_retries=cfg.max_retries
+    )
+    for n, why in recovered.items():
+        retry = " and queued for retry" if cfg.max_retries else ""
+        say(f"trial #{n} of an earlier run: {why}; marked FAIL{retry}")
+    stored = study.get_trials(deepcopy=False)
+    return Run(
+        cfg=cfg,
+        device=device,
+        placements=placements,
+        store=opened,
+        budget=Budget(cfg.n_trials, cfg.timeout, workers=len(placements)),
+        name=attrs.new_run(),
+        recovered=recovered,
+        before=frozenset(t.number for t in stored if t.state != optuna.trial.TrialState.WAITING),
+        running_before=frozenset(
+            t.number for t in stored if t.state == optuna.trial.TrialState.RUNNING
+        ),
+    )
+
+
+def _device(cfg: StudyConfig, notes: list[str]) -> torch.device:
+    """The run's device, checked, with full float32 matmuls (the engines must agree with
+    train.py) and the batched engine's kernels probed on it."""
+    device = (
+        resolve_device(cfg.device, say=notes.append)
+        if cfg.devices is None
+        else check_devices(cfg.devices)
+    )
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if cfg.engine == "batched":
+        kernels.check(device.type)
+    return device
+
+
+def _open_store(cfg: StudyConfig, notes: list[str], *, workers: int) -> Store:
+    """Check the storage (read-only) and the folders, then open the store and check the study
+    it holds (its identity, its TensorBoard folder's owner)."""
+    parsed = store.check(cfg.storage)
+    check_folders(cfg)
+    if (new_file := parsed.missing_file()) is not None:
+        check_tensorboard_owner(cfg, None, new_file)  # before the file is created
+    opened = open_study_store(cfg, parsed)
+    check_study(cfg, opened.optuna)
+    check_tensorboard_owner(cfg, opened.optuna)
+    notes += opened.advice(workers)
+    notes += opened.opening_notes()
+    return opened

@@ -21,7 +21,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
+from dataclasses import replace
 
 import optuna
 import torch
@@ -31,10 +32,9 @@ from study.config import StudyConfig
 from study.run import interrupt
 from study.run.batched.engine import run_batched
 from study.run.batched.writer import WriterError
-from study.run.budget import Budget
 from study.run.ledger import give_back
+from study.run.opening import Run
 from study.run.standard import run_trials
-from study.store import Store
 from study.store.recovery import fail_and_retry
 from study.trial.attrs import SEED_STREAM
 
@@ -73,23 +73,38 @@ def worker_seed(cfg: StudyConfig, index: int, n_workers: int, generation: int) -
     return cfg.seed + (index + n_workers * generation) * SEED_STREAM
 
 
+def _batched(run: Run, seed: int, stream: int, index: int, on_trial, on_start, on_writer):
+    return run_batched(
+        run, seed=seed, on_trial=on_trial, on_writer=on_writer, worker=index, stream=stream
+    )
+
+
+def _standard(run: Run, seed: int, stream: int, index: int, on_trial, on_start, on_writer):
+    start = time.perf_counter()
+    callbacks = [on_trial] if on_trial else []
+    objective = run_trials(run, seed=seed, on_start=on_start, callbacks=callbacks, worker=index)
+    # everything outside the objective (ask, tell, sampler) plus its reporting and pruning
+    return (time.perf_counter() - start) - objective.seconds_inside + objective.seconds_reporting
+
+
+# `--engine` -> how one process runs it until the budget is spent; returns its bookkeeping
+# seconds (what is not training)
+ENGINES = {"batched": _batched, "standard": _standard}
+
+
 def run_engine(
-    cfg: StudyConfig,
-    budget: Budget,
+    run: Run,
     *,
     seed: int,
-    device: str,
     stream: int = 0,
     running: mp.Array | None = None,
     writers: mp.Array | None = None,
     index: int = 0,
     on_trial: Callable | None = None,
-    store: Store | None = None,
 ) -> float | None:
     """Run this process's engine (worker `index`; its trials' seeds counted in `stream`) until
-    the budget is spent. Returns its bookkeeping seconds (None where the engine does not measure
-    them). `running[index]`: the standard engine's running trial; `writers[index]`: the
-    batched engine's writer process."""
+    the budget is spent. Returns its bookkeeping seconds. `running[index]`: the standard
+    engine's running trial; `writers[index]`: the batched engine's writer process."""
 
     def on_start(number: int) -> None:
         if running is not None:
@@ -99,43 +114,17 @@ def run_engine(
         if writers is not None:
             writers[index] = pid
 
-    if cfg.engine == "batched":
-        return run_batched(
-            cfg,
-            budget,
-            seed=seed,
-            device=torch.device(device),
-            on_trial=on_trial,
-            store=store,
-            on_writer=on_writer,
-            worker=index,
-            stream=stream,
-        )
-
-    start = time.perf_counter()
-    objective = run_trials(
-        cfg,
-        budget,
-        seed=seed,
-        device=device,
-        on_start=on_start,
-        callbacks=[on_trial] if on_trial else [],
-        store=store,
-        worker=index,
-    )
-    # everything outside the objective (ask, tell, sampler) plus its reporting and pruning
-    return (time.perf_counter() - start) - objective.seconds_inside + objective.seconds_reporting
+    engine = ENGINES[run.cfg.engine]
+    return engine(run, seed, stream, index, on_trial, on_start, on_writer)
 
 
 def _worker_main(
-    cfg: StudyConfig,
+    run: Run,
     index: int,
     seed: int,
     stream: int,
-    budget: Budget,
     running: mp.Array,
     writers: mp.Array,
-    device: str,
     threads: int,
     parent: int,
 ) -> None:
@@ -154,18 +143,11 @@ def _worker_main(
         with interrupt.handle_signals():
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             run_engine(
-                cfg,
-                budget,
-                seed=seed,
-                stream=stream,
-                device=device,
-                running=running,
-                writers=writers,
-                index=index,
+                run, seed=seed, stream=stream, running=running, writers=writers, index=index
             )
             if interrupt.requested():  # arrived between trials
                 sys.exit(128 + interrupt.requested())
-            budget.ended()
+            run.budget.ended()
     except interrupt.Interrupted as e:
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
@@ -198,32 +180,15 @@ def _stop_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_devices(cfg: StudyConfig, device: str) -> list[tuple[str, dict[str, str]]]:
-    """(device, extra environment) per worker: with --devices each worker sees only its card."""
-    if cfg.devices is None:
-        return [(device, {})] * cfg.workers
-    n = max(cfg.workers, len(cfg.devices))
-    return [
-        ("cuda:0", {"CUDA_VISIBLE_DEVICES": str(cfg.devices[i % len(cfg.devices)])})
-        for i in range(n)
-    ]
-
-
 class Pool:
     """The parent's side of `--workers N` / `--devices ...`."""
 
-    def __init__(
-        self,
-        cfg: StudyConfig,
-        study: optuna.Study,
-        placements: list[tuple[str, dict[str, str]]],
-        *,
-        say: Callable[[str], None],
-        on_progress: Callable[[], None],
-    ):
-        self.cfg, self.study, self.placements = cfg, study, placements
+    def __init__(self, run: Run, *, say: Callable[[str], None], on_progress: Callable[[], None]):
+        self.opened, self.cfg, self.placements = run, run.cfg, run.placements
+        placements = run.placements
+        self.study = run.load_study()
         self.say, self.on_progress = say, on_progress
-        self.budget = Budget(cfg.n_trials, cfg.timeout, workers=len(placements))
+        self.budget = run.budget
         # per worker: a standard engine's running trial, a batched engine's writer process
         self.running = _CTX.Array("i", [-1] * len(placements))
         self.writers = _CTX.Array("i", [-1] * len(placements))
@@ -248,14 +213,12 @@ class Pool:
             p = _CTX.Process(
                 target=_worker_main,
                 args=(
-                    self.cfg,
+                    replace(self.opened, device=torch.device(device)),
                     i,
                     seed,
                     stream,
-                    self.budget,
                     self.running,
                     self.writers,
-                    device,
                     self.threads,
                     os.getpid(),
                 ),
@@ -368,6 +331,6 @@ def _wait_gone(pid: int, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def finished_since(study: optuna.Study, before: set[int]) -> int:
+def finished_since(study: optuna.Study, before: Container[int]) -> int:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     return sum(t.number not in before for t in done)

@@ -23,8 +23,7 @@ from study import store as store_mod
 from study.config import StudyConfig, TrainConfig
 from study.run import interrupt
 from study.run.ledger import give_back
-from study.run.opening import make_pruner, make_sampler, open_study_store
-from study.store import Store
+from study.run.opening import Run
 from study.store.recovery import (
     OWNER_ATTR,
     owner_attr,
@@ -231,25 +230,20 @@ def _is_new_best(trial: optuna.Trial, value: float) -> bool:
 
 
 def run_trials(
-    cfg: StudyConfig,
-    budget,
+    run: Run,
     *,
     seed: int,
-    device: str,
     on_start: Callable[[int], None] = lambda n: None,
     callbacks: list[Callable] = (),
-    store: Store | None = None,
     worker: int = 0,
 ) -> Objective:
     """Claim, run one trial, repeat, until the budget or the grid is spent or a signal arrives.
-    `on_start(number)` is told each trial's number as it starts (-1 when it ends); `store`:
-    the caller's, when it runs in the caller's process, else opened here."""
-    store = store or open_study_store(cfg)
+    `on_start(number)` is told each trial's number as it starts (-1 when it ends)."""
+    cfg, store, budget = run.cfg, run.store, run.budget
     storage = store.optuna
-    study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=make_pruner(cfg))
-    study.sampler = make_sampler(cfg, seed=seed, stored=len(study.get_trials(deepcopy=False)))
+    study = run.load_study(seed)
     objective = Objective(
-        cfg, make_data(cfg.data, device), FileSystemArtifactStore(cfg.artifact_dir)
+        cfg, make_data(cfg.data, run.device), FileSystemArtifactStore(cfg.artifact_dir)
     )
     owner = owner_attr()
 

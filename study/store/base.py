@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from study.store.url import StorageURL
+from study.store.url import Heartbeat, StorageURL
 from study.trial.space import param_set
 
 HEARTBEAT_ATTR = "sinstudy:heartbeat"  # unix time of a journal trial's last beat
@@ -113,9 +113,23 @@ class Store:
 
     kind: ClassVar[str] = "memory"
 
-    def __init__(self, storage: optuna.storages.BaseStorage, url: StorageURL | None = None):
+    def __init__(
+        self,
+        storage: optuna.storages.BaseStorage,
+        url: StorageURL | None = None,
+        heartbeat: Heartbeat | None = None,
+        *,
+        read_only: bool = False,
+    ):
         self.optuna = storage
-        self.url = url
+        self.url, self.heartbeat, self.read_only = url, heartbeat, read_only
+
+    def __reduce__(self):
+        """A store opened from a URL travels to a spawned process as how it was opened, and is
+        opened there again (its connections and locks are this process's)."""
+        if self.url is None:
+            raise TypeError("only a store opened from a URL (study.store.open_store) travels")
+        return _reopen, (type(self), self.url, self.heartbeat, self.read_only)
 
     # ------------------------------------------------------------------ what a run is told
 
@@ -347,3 +361,7 @@ class Store:
         """The stored state of each trial."""
         ids = set(trial_ids)
         return {t._trial_id: t.state for t in self._trials(study_id) if t._trial_id in ids}
+
+
+def _reopen(kind: type[Store], url: StorageURL, heartbeat: Heartbeat | None, read_only: bool):
+    return kind.open(url, heartbeat, read_only=read_only)

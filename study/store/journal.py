@@ -77,7 +77,7 @@ class JournalStore(Store):
         # of the file that then needed Optuna's lock waited on it until the grace period broke
         # the file lock.
         storage._thread_lock = threading.RLock()
-        return cls(storage, parsed)
+        return cls(storage, parsed, heartbeat, read_only=read_only)
 
     def opening_notes(self) -> list[str]:
         note = repair(self.url.path)

@@ -78,7 +78,7 @@ class RDBStore(Store):
         if read_only:
             try:
                 with experimental():
-                    return cls(RDBStorage(url, engine_kwargs=kwargs), parsed)
+                    return cls(RDBStorage(url, engine_kwargs=kwargs), parsed, read_only=True)
             except (RuntimeError, sqlalchemy.exc.DBAPIError) as e:  # another Optuna's schema
                 raise StorageError(
                     f"{redact(parsed.url)}: {str(e).strip().splitlines()[0]}", exit_code=1
@@ -96,7 +96,8 @@ class RDBStore(Store):
             for attempt in range(SCHEMA_RACE_TRIES):
                 try:
                     with experimental(), cls._schema_lock(parsed):  # heartbeat: experimental
-                        store = cls(cls._storage_class()(url, engine_kwargs=kwargs, **hb), parsed)
+                        storage = cls._storage_class()(url, engine_kwargs=kwargs, **hb)
+                        store = cls(storage, parsed, heartbeat)
                         store._after_open()
                         return store
                 except sqlalchemy.exc.DBAPIError as e:

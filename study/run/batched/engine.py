@@ -47,7 +47,7 @@ from study.run.batched.stack import Capture, Slot, Stack, cuda_graph, empty_slot
 from study.run.batched.sync import SYNC_S
 from study.run.batched.writer import Writer, WriterError
 from study.run.ledger import Ledger
-from study.run.opening import open_study_store
+from study.run.opening import Run
 from study.store import Store
 from study.store.recovery import fail_and_retry, stored_trial
 from study.trial import objectives, pareto
@@ -122,26 +122,23 @@ Configure = Callable[[optuna.Trial, int], list[TrainConfig]]
 
 
 def run_batched(
-    cfg: StudyConfig,
-    budget,
+    run: Run,
     *,
     seed: int,
-    device: torch.device,
     on_trial: Callable[[int, TrialState, float | None], None] | None = None,
-    store: Store | None = None,
     on_writer: Callable[[int], None] = lambda pid: None,
     configure: Configure | None = None,
     publish: bool = True,
     worker: int = 0,
     stream: int = 0,
 ) -> float:
-    """One batched engine on this process's device until the budget is spent. Returns its
+    """One batched engine on the run's device until its budget is spent. Returns its
     bookkeeping seconds. The caller handles signals (interrupt.handle_signals). `configure`:
     what a trial trains (default: the study's search space, `cfg.repeats` seeds, each trial's
     seeds its own); `publish`: update the study note at the end; `worker`: its index in the
     run's budget; `stream`: where it counts its trials' seeds from (trial_attrs.trial_seed)."""
-    store = store or open_study_store(cfg)
-    study = optuna.load_study(study_name=cfg.study, storage=store.optuna)
+    cfg, device, budget = run.cfg, run.device, run.budget
+    study = optuna.load_study(study_name=cfg.study, storage=run.store.optuna)
     engine = BatchedEngine(
         cfg,
         study.get_trials(deepcopy=False),
@@ -153,7 +150,7 @@ def run_batched(
         stream=stream,
     )
     try:
-        engine.run(budget, on_writer=on_writer, publish=publish, worker=worker)
+        engine.run(budget, run.store, on_writer=on_writer, publish=publish, worker=worker)
     except WriterError:
         engine.settle(study, budget, worker)
         raise
@@ -204,6 +201,7 @@ class BatchedEngine:
     def run(
         self,
         budget,
+        store: Store,
         on_writer: Callable[[int], None] = lambda pid: None,
         publish: bool = True,
         worker: int = 0,
@@ -212,7 +210,7 @@ class BatchedEngine:
         when every finished trial is stored; unless interrupted (or `publish` is False), the
         writer then updates the study note the dashboard shows."""
         self.worker = worker
-        self.writer = Writer(self.cfg, self.mirror.known, budget, worker=worker)
+        self.writer = Writer(self.cfg, store, self.mirror.known, budget, worker=worker)
         on_writer(self.writer.proc.pid)
         clean = False
         threads = torch.get_num_threads()

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from study.config import StudyConfig
 from study.quiet import experimental
 from study.run.batched.messages import Known, Queued
-from study.run.opening import make_pruner, make_sampler
+from study.run.search import make_pruner, make_sampler
 from study.trial.objectives import directions
 from study.trial.space import param_set
 

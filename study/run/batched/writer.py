@@ -69,7 +69,7 @@ from study.run.batched.messages import (
 from study.run.batched.sync import SYNC_S, Changes
 from study.run.budget import Claims
 from study.run.ledger import give_back
-from study.run.opening import open_study_store
+from study.store import Store
 from study.store.base import Ending, Take, Taken
 from study.store.recovery import (
     OWNER_ATTR,
@@ -99,7 +99,9 @@ class WriterError(RuntimeError):
 class Writer:
     """The trainer's side: put(), poll() what came back, close() at the end."""
 
-    def __init__(self, cfg: StudyConfig, known: Known, budget=None, *, worker: int = 0):
+    def __init__(
+        self, cfg: StudyConfig, store: Store, known: Known, budget=None, *, worker: int = 0
+    ):
         ctx = mp.get_context("spawn")  # no fork: the trainer has torch's thread pools running
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         # The trainer's budget claims: the writer gives back those of trials it could not
@@ -109,6 +111,7 @@ class Writer:
             target=_main,
             args=(
                 cfg,
+                store,
                 known,
                 self.jobs,
                 self.results,
@@ -189,7 +192,13 @@ class Writer:
 
 
 def _main(
-    cfg: StudyConfig, known: Known, jobs: mp.Queue, results: mp.Queue, parent: int, claims: Claims
+    cfg: StudyConfig,
+    store: Store,
+    known: Known,
+    jobs: mp.Queue,
+    results: mp.Queue,
+    parent: int,
+    claims: Claims,
 ) -> None:
     for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)
@@ -200,7 +209,7 @@ def _main(
     torch.set_num_threads(1)
     sink: _Sink | None = None  # None once it has failed: later jobs are drained, not written
     try:
-        sink = _Sink(cfg, known, results, claims)
+        sink = _Sink(cfg, store, known, results, claims)
     except BaseException as e:
         results.put(WriterFailed(_one_line(e)))
     # This process never puts jobs: closing its copy of the pipe's sending end means a trainer
@@ -393,9 +402,11 @@ class _Sink:
     """The writer process's storing: the trainer's jobs into storage, the artifact store and
     the TensorBoard folder. Keeping its trials alive is its `keeper`'s."""
 
-    def __init__(self, cfg: StudyConfig, known: Known, results: mp.Queue, claims: Claims):
+    def __init__(
+        self, cfg: StudyConfig, store: Store, known: Known, results: mp.Queue, claims: Claims
+    ):
         self.cfg, self.results, self.claims = cfg, results, claims
-        self.db = open_study_store(cfg)
+        self.db = store
         self.storage = self.db.optuna
         try:
             self.study_id = self.storage.get_study_id_from_name(cfg.study)
