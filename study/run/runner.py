@@ -19,7 +19,6 @@ from study.run import interrupt
 from study.run.opening import Run, open_run
 from study.run.pool import Pool, finished_since, run_engine
 from study.trial.attrs import WORKER
-from study.views.dashboard import publish
 from study.views.summary import Progress, Summary, summarize
 
 
@@ -41,8 +40,6 @@ def run(
         signum, book, workers = _execute(opened, study, bar, say)
     finally:
         bar.close()
-    if not signum and cfg.engine == "standard":  # the batched engine's writer has done it
-        publish(study)
     summary = summarize(
         study,
         cfg,

@@ -47,6 +47,7 @@ from study.trial.objectives import count_params
 from study.trial.space import grid_started, param_set
 from study.trial.train import EpochLog, train, train_repeats
 from study.views.artifacts import model_state, upload_model
+from study.views.dashboard import publish as publish_note
 from study.views.tracking import TrialLogger, trial_metrics
 
 CHECK_S = 2.0  # how often a training trial's stored state is read (failed from outside?)
@@ -236,9 +237,12 @@ def run_trials(
     on_start: Callable[[int], None] = lambda n: None,
     callbacks: list[Callable] = (),
     worker: int = 0,
+    publish: bool = True,
 ) -> Objective:
     """Claim, run one trial, repeat, until the budget or the grid is spent or a signal arrives.
-    `on_start(number)` is told each trial's number as it starts (-1 when it ends)."""
+    `on_start(number)` is told each trial's number as it starts (-1 when it ends); `publish`:
+    update the study note the dashboard shows once the budget is spent (not on an interrupt),
+    as the batched engine's writer does."""
     cfg, store, budget = run.cfg, run.store, run.budget
     storage = store.optuna
     study = run.load_study(seed)
@@ -276,4 +280,6 @@ def run_trials(
             print(EXHAUSTED, file=sys.stderr)
             break
         on_start(-1)
+    if publish and not interrupt.requested():
+        publish_note(study)
     return objective

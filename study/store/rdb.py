@@ -459,107 +459,39 @@ class RDBStore(Store):
         same stored representations) from one plain SELECT per table; without `curves`, with no
         intermediate values (none are read). Plain rows, not ORM objects: a sync reads hundreds of
         trials with a dozen attrs each, and the ORM's objects cost more than the database."""
+        rows = self._transaction(lambda session: self._trial_rows(session, ids, curves, user_keys))
+        return _build_trials(*rows)
+
+    def _trial_rows(
+        self, session, ids: list[int], curves: bool, user_keys: list[str] | None
+    ) -> tuple[list, list, list, dict, list]:
+        """The rows of trials `ids`, one SELECT per table: trials, params, values, attrs (by
+        model) and (with `curves`) intermediate values."""
         m = models
 
-        def body(session) -> list[FrozenTrial]:
-            def rows(*cols, where, also=None):
-                query = sqlalchemy.select(*cols).where(self._one_of(where, ids))
-                query = query if also is None else query.where(also)
-                return self._rows(session, query)
+        def rows(*cols, where, also=None):
+            query = sqlalchemy.select(*cols).where(self._one_of(where, ids))
+            return self._rows(session, query if also is None else query.where(also))
 
-            t = m.TrialModel
-            start, complete = t._datetime_start_utc, t._datetime_complete_utc  # as stored: UTC
-            trials = rows(t.trial_id, t.number, _name(t.state), start, complete, where=t.trial_id)
-            p = m.TrialParamModel
-            params = rows(
-                p.trial_id,
-                p.param_id,
-                p.param_name,
-                p.param_value,
-                p.distribution_json,
-                where=p.trial_id,
-            )
-            v = m.TrialValueModel
-            values = rows(v.trial_id, v.objective, v.value, _name(v.value_type), where=v.trial_id)
-            attrs = {}
-            for model in (m.TrialUserAttributeModel, m.TrialSystemAttributeModel):
-                which = None
-                if model is m.TrialUserAttributeModel and user_keys is not None:
-                    which = model.key.in_(user_keys)
-                cols = (model.trial_id, model.key, model.value_json)
-                attrs[model] = rows(*cols, where=model.trial_id, also=which)
-            iv = m.TrialIntermediateValueModel
-            steps = (
-                rows(
-                    iv.trial_id,
-                    iv.step,
-                    iv.intermediate_value,
-                    _name(iv.intermediate_value_type),
-                    where=iv.trial_id,
-                )
-                if curves
-                else []
-            )
-            return trials, params, values, attrs, steps
-
-        trials, params, values, attrs, steps = self._transaction(body)
-        dists: dict[str, Any] = {}  # distribution JSON -> distribution: few distinct ones
-        scalars: dict[str, Any] = {}
-        by_id = {
-            tid: dict(
-                number=n,
-                state=TrialState[st],
-                start=ds,
-                complete=dc,
-                params=[],
-                values={},
-                user={},
-                system={},
-                steps={},
-            )
-            for tid, n, st, ds, dc in trials
-        }
-        for tid, pid, name, value, dist_json in params:
-            if dist_json not in dists:
-                dists[dist_json] = optuna.distributions.json_to_distribution(dist_json)
-            by_id[tid]["params"].append((pid, name, value, dists[dist_json]))
-        for tid, objective, value, kind in values:
-            by_id[tid]["values"][objective] = m.TrialValueModel.stored_repr_to_value(
-                value, _VALUE_TYPES[kind]
-            )
-        for model, key in (
-            (m.TrialUserAttributeModel, "user"),
-            (m.TrialSystemAttributeModel, "system"),
-        ):
-            for tid, name, value_json in attrs[model]:
-                by_id[tid][key][name] = _json(value_json, scalars)
-        for tid, step, value, kind in steps:
-            by_id[tid]["steps"][step] = (
-                m.TrialIntermediateValueModel.stored_repr_to_intermediate_value(
-                    value, _STEP_TYPES[kind]
-                )
-            )
-        out = []
-        for tid in sorted(by_id):
-            d = by_id[tid]
-            ps = sorted(d["params"], key=lambda x: x[0])
-            out.append(
-                FrozenTrial(
-                    number=d["number"],
-                    state=d["state"],
-                    value=None,
-                    values=[d["values"][i] for i in sorted(d["values"])] if d["values"] else None,
-                    datetime_start=d["start"],
-                    datetime_complete=d["complete"],
-                    params={name: dist.to_external_repr(value) for _, name, value, dist in ps},
-                    distributions={name: dist for _, name, _, dist in ps},
-                    user_attrs=d["user"],
-                    system_attrs=d["system"],
-                    intermediate_values=d["steps"],
-                    trial_id=tid,
-                )
-            )
-        return out
+        t, p, v = m.TrialModel, m.TrialParamModel, m.TrialValueModel
+        start, complete = t._datetime_start_utc, t._datetime_complete_utc  # as stored: UTC
+        trials = rows(t.trial_id, t.number, _name(t.state), start, complete, where=t.trial_id)
+        cols = (p.trial_id, p.param_id, p.param_name, p.param_value, p.distribution_json)
+        params = rows(*cols, where=p.trial_id)
+        values = rows(v.trial_id, v.objective, v.value, _name(v.value_type), where=v.trial_id)
+        attrs = {}
+        for model in (m.TrialUserAttributeModel, m.TrialSystemAttributeModel):
+            which = None
+            if model is m.TrialUserAttributeModel and user_keys is not None:
+                which = model.key.in_(user_keys)
+            cols = (model.trial_id, model.key, model.value_json)
+            attrs[model] = rows(*cols, where=model.trial_id, also=which)
+        iv = m.TrialIntermediateValueModel
+        steps = []
+        if curves:
+            kind = _name(iv.intermediate_value_type)
+            steps = rows(iv.trial_id, iv.step, iv.intermediate_value, kind, where=iv.trial_id)
+        return trials, params, values, attrs, steps
 
     def trial_states(self, study_id: int, trial_ids: Iterable[int]) -> dict[int, TrialState]:
         """The stored state of each trial: one small SELECT, none of the trials' values."""
@@ -704,3 +636,51 @@ def _local(utc: datetime | None) -> datetime | None:
 def _schema_race(e: Exception) -> bool:
     text = str(e).lower()
     return "already exists" in text or "duplicate key" in text
+
+
+def _build_trials(trials, params, values, attrs, steps) -> list[FrozenTrial]:
+    """FrozenTrials from the rows `_trial_rows` read, in id order."""
+    m = models
+    dists: dict[str, Any] = {}  # distribution JSON -> distribution: few distinct ones
+    scalars: dict[str, Any] = {}
+    by_id = {
+        tid: dict(number=n, state=TrialState[st], start=ds, complete=dc, params=[], values={})
+        | dict(user={}, system={}, steps={})
+        for tid, n, st, ds, dc in trials
+    }
+    for tid, pid, name, value, dist_json in params:
+        if dist_json not in dists:
+            dists[dist_json] = optuna.distributions.json_to_distribution(dist_json)
+        by_id[tid]["params"].append((pid, name, value, dists[dist_json]))
+    for tid, objective, value, kind in values:
+        by_id[tid]["values"][objective] = m.TrialValueModel.stored_repr_to_value(
+            value, _VALUE_TYPES[kind]
+        )
+    for model, key in (
+        (m.TrialUserAttributeModel, "user"),
+        (m.TrialSystemAttributeModel, "system"),
+    ):
+        for tid, name, value_json in attrs[model]:
+            by_id[tid][key][name] = _json(value_json, scalars)
+    to_step = m.TrialIntermediateValueModel.stored_repr_to_intermediate_value
+    for tid, step, value, kind in steps:
+        by_id[tid]["steps"][step] = to_step(value, _STEP_TYPES[kind])
+    return [_frozen(tid, by_id[tid]) for tid in sorted(by_id)]
+
+
+def _frozen(tid: int, d: dict) -> FrozenTrial:
+    ps = sorted(d["params"], key=lambda x: x[0])
+    return FrozenTrial(
+        number=d["number"],
+        state=d["state"],
+        value=None,
+        values=[d["values"][i] for i in sorted(d["values"])] if d["values"] else None,
+        datetime_start=d["start"],
+        datetime_complete=d["complete"],
+        params={name: dist.to_external_repr(value) for _, name, value, dist in ps},
+        distributions={name: dist for _, name, _, dist in ps},
+        user_attrs=d["user"],
+        system_attrs=d["system"],
+        intermediate_values=d["steps"],
+        trial_id=tid,
+    )

@@ -235,21 +235,7 @@ class BatchedEngine:
                     time.sleep(0.05)
                     self.stats.book_seconds += time.perf_counter() - t0
                     continue
-                # sorted: the same order in every process (str hashing is salted per process),
-                # so the mirror sees reports and tells in the same order and a seed repeats
-                ended: list[tuple[Shape, list[int], TrialState, str | None]] = []
-                for shape in sorted(self.stacks):
-                    stack = self.stacks[shape]
-                    t0 = time.perf_counter()
-                    loss, val = stack.train_epoch()
-                    loss, val = loss.tolist(), val.tolist()  # one sync per stack per epoch
-                    # the epoch's time split evenly: the slots of a stack have one padded shape
-                    share = (time.perf_counter() - t0) / stack.members
-                    for x in stack.slots:
-                        if not x.empty:
-                            x.tag.compute += share
-                    ended += [(shape, *e) for e in self._after_epoch(shape, loss, val)]
-                self._end(ended)
+                self._end(self._epoch())
                 self._flush()
                 if interrupt.requested():
                     self._abandon()
@@ -262,6 +248,24 @@ class BatchedEngine:
             self.stats.book_seconds += time.perf_counter() - t0
         self._messages(messages)
         return interrupt.requested()
+
+    def _epoch(self) -> list[tuple[Shape, list[int], TrialState, str | None]]:
+        """One epoch of every stack; returns the trials that end with it."""
+        # sorted: the same order in every process (str hashing is salted per process), so the
+        # mirror sees reports and tells in the same order and a seed repeats
+        ended: list[tuple[Shape, list[int], TrialState, str | None]] = []
+        for shape in sorted(self.stacks):
+            stack = self.stacks[shape]
+            t0 = time.perf_counter()
+            loss, val = stack.train_epoch()
+            loss, val = loss.tolist(), val.tolist()  # one sync per stack per epoch
+            # the epoch's time split evenly: the slots of a stack have one padded shape
+            share = (time.perf_counter() - t0) / stack.members
+            for x in stack.slots:
+                if not x.empty:
+                    x.tag.compute += share
+            ended += [(shape, *e) for e in self._after_epoch(shape, loss, val)]
+        return ended
 
     def _messages(self, messages: list[Reply]) -> None:
         lost, failed, requeue = [], [], {}
@@ -371,35 +375,8 @@ class BatchedEngine:
             and budget.claim(queued=bool(self.mirror.waiting), worker=self.worker)
         ):
             self.writer.claimed()
-            trial, queued = self.mirror.ask()
-            tcfgs = self.configure(trial, self._first_seed(trial, queued))
-            self.ledger.hand_over(trial.number, tcfgs[0].seed, queued, trial)
-            now = datetime.now()
-            starts.append(
-                Start(
-                    trial.number,
-                    FrozenTrial(
-                        number=trial.number,
-                        state=TrialState.RUNNING,
-                        value=None,
-                        datetime_start=now,
-                        datetime_complete=None,
-                        params=dict(trial.params),
-                        distributions=dict(trial.distributions),
-                        user_attrs=start_attrs("batched", tcfgs[0], trial.params, len(tcfgs)),
-                        system_attrs=self.mirror.system_attrs(trial),
-                        intermediate_values={},
-                        trial_id=0,
-                    ),
-                    queued=queued.trial_id if queued else None,
-                    seed=tcfgs[0].seed if self.unique_seeds else None,
-                )
-            )
-            # shared by the trial's repeats: one slot per seed, one stack
-            tag = Live(trial, queued, now, n_params=starts[-1].trial.user_attrs["n_params"])
-            if self.multi:  # what the Pareto pruner ranks it by, beside its MSE
-                trial.set_user_attr(pareto.SIZE_ATTR, tag.n_params)
-            tag.ask_at = self.rungs.next_ask(self.mirror.study, self.mirror.frozen(trial), 0)
+            start, tcfgs, tag = self._ask()
+            starts.append(start)
             t1 = time.perf_counter()
             for tcfg in tcfgs:
                 slot = new_slot(tcfg, self.device, tag=tag)
@@ -410,8 +387,43 @@ class BatchedEngine:
             self.writer.put(Starts(starts))
         # a network's initialisation is training, as inside the standard engine's train()
         self.stats.book_seconds += time.perf_counter() - t0 - init
-        # One restack per changed stack per epoch: the slots that left (already unstacked in
-        # _end) and the ones that arrive are applied together.
+        self._restack(new)
+
+    def _ask(self) -> tuple[Start, list[TrainConfig], Live]:
+        """A new trial from the mirror (a queued one first): its start for the writer, what its
+        repeats train, and what the engine keeps for it while it trains (its slots' tag)."""
+        trial, queued = self.mirror.ask()
+        tcfgs = self.configure(trial, self._first_seed(trial, queued))
+        self.ledger.hand_over(trial.number, tcfgs[0].seed, queued, trial)
+        now = datetime.now()
+        frozen = FrozenTrial(
+            number=trial.number,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=now,
+            datetime_complete=None,
+            params=dict(trial.params),
+            distributions=dict(trial.distributions),
+            user_attrs=start_attrs("batched", tcfgs[0], trial.params, len(tcfgs)),
+            system_attrs=self.mirror.system_attrs(trial),
+            intermediate_values={},
+            trial_id=0,
+        )
+        start = Start(
+            trial.number,
+            frozen,
+            queued=queued.trial_id if queued else None,
+            seed=tcfgs[0].seed if self.unique_seeds else None,
+        )
+        tag = Live(trial, queued, now, n_params=frozen.user_attrs["n_params"])
+        if self.multi:  # what the Pareto pruner ranks it by, beside its MSE
+            trial.set_user_attr(pareto.SIZE_ATTR, tag.n_params)
+        tag.ask_at = self.rungs.next_ask(self.mirror.study, self.mirror.frozen(trial), 0)
+        return start, tcfgs, tag
+
+    def _restack(self, new: dict[Shape, list[Slot]]) -> None:
+        """One restack per changed stack per epoch: the slots that left (already unstacked in
+        _end) and the ones that arrive (`new`) are applied together."""
         for shape in sorted(set(new) | self.dirty):
             if self.fixed:
                 self._place(shape, new.get(shape, []))

@@ -215,56 +215,90 @@ def _main(
     # This process never puts jobs: closing its copy of the pipe's sending end means a trainer
     # killed in the middle of a put leaves an EOF here, not a read that waits forever.
     jobs._writer.close()
-    close: Close | None = None
-    orphaned = False
-    ahead: deque[Job] = deque()  # a job read while gathering finishes, handled next
-    while True:
-        try:
-            if ahead:
-                item = ahead.popleft()
-            else:
-                item = jobs.get_nowait() if close else jobs.get(timeout=0.2)
-        except (EOFError, OSError):  # the trainer died mid-put: nothing more will come
-            if close:
-                break
-            close, orphaned = Close(publish=False), True
+    inbox = _Inbox(jobs, parent)
+    while (item := inbox.next()) is not _DONE:
+        if item is _AGAIN:
             continue
-        except queue.Empty:
-            if close:
-                break
-            if os.getppid() != parent:  # the trainer died: store what is queued, then go
-                close, orphaned = Close(publish=False), True
-                continue
-            if sink is not None:  # the first idle moment
-                sink.warm_up.start()
-            item = None
-        match item:
-            case Finish():  # with the finishes queued behind it: one transaction
-                batch = [item]
-                while len(batch) < FINISH_BATCH:
-                    try:
-                        nxt = ahead.popleft() if ahead else jobs.get_nowait()
-                    except (queue.Empty, EOFError, OSError):  # EOF: the next get sees it again
-                        break
-                    if not isinstance(nxt, Finish):
-                        ahead.append(nxt)
-                        break
-                    batch.append(nxt)
-                if sink is not None:
-                    sink = _guarded(sink, results, sink.finish_all, batch)
-            case Close():
-                close = item
-            case Starts(starts) if sink is not None:
-                sink = _guarded(sink, results, sink.start, starts)
-            case Curves(values) if sink is not None:
-                sink = _guarded(sink, results, sink.values, values)
-        if sink is not None and not close:
+        if item is None and sink is not None:  # the first idle moment
+            sink.warm_up.start()
+        if sink is not None:
+            sink = _handle(sink, results, inbox, item)
+        if sink is not None and not inbox.close:
             sink = _guarded(sink, results, sink.periodic)
-    if sink is not None and orphaned:
+    _wind_down(sink, results, inbox)
+
+
+_DONE = object()  # the inbox is closed and empty
+_AGAIN = object()  # the trainer is gone: read on (what is queued), then end
+
+
+class _Inbox:
+    """The trainer's jobs as the writer's loop reads them. After `Close` (or once the trainer
+    is gone: a pipe at EOF, a parent that changed) it drains what is queued and ends."""
+
+    def __init__(self, jobs: mp.Queue, parent: int):
+        self.jobs, self.parent = jobs, parent
+        self.ahead: deque[Job] = deque()  # a job read while gathering finishes, handled next
+        self.close: Close | None = None
+        self.orphaned = False  # the trainer died: its trials are failed and retried
+
+    def next(self) -> Job | None | object:
+        """The next job; None after an idle moment; _AGAIN when the trainer turns out gone;
+        _DONE at the end."""
+        try:
+            if self.ahead:
+                item = self.ahead.popleft()
+            else:
+                item = self.jobs.get_nowait() if self.close else self.jobs.get(timeout=0.2)
+        except (EOFError, OSError):  # the trainer died mid-put: nothing more will come
+            return _DONE if self.close else self._orphan()
+        except queue.Empty:
+            if self.close:
+                return _DONE
+            if os.getppid() != self.parent:  # the trainer died: store what is queued, then go
+                return self._orphan()
+            return None
+        if isinstance(item, Close):
+            self.close = item
+        return item
+
+    def _orphan(self) -> object:
+        self.close, self.orphaned = Close(publish=False), True
+        return _AGAIN
+
+    def finishes(self, first: Finish) -> list[Finish]:
+        """`first` with the finishes queued behind it: one transaction."""
+        batch = [first]
+        while len(batch) < FINISH_BATCH:
+            try:
+                nxt = self.ahead.popleft() if self.ahead else self.jobs.get_nowait()
+            except (queue.Empty, EOFError, OSError):  # EOF: the next get sees it again
+                break
+            if not isinstance(nxt, Finish):
+                self.ahead.append(nxt)
+                break
+            batch.append(nxt)
+        return batch
+
+
+def _handle(sink: _Sink, results: mp.Queue, inbox: _Inbox, item: Job | None) -> _Sink | None:
+    match item:
+        case Finish():
+            return _guarded(sink, results, sink.finish_all, inbox.finishes(item))
+        case Starts(starts):
+            return _guarded(sink, results, sink.start, starts)
+        case Curves(values):
+            return _guarded(sink, results, sink.values, values)
+    return sink
+
+
+def _wind_down(sink: _Sink | None, results: mp.Queue, inbox: _Inbox) -> None:
+    """Fail the trials of a dead trainer, write the note, say Closed, and exit."""
+    if sink is not None and inbox.orphaned:
         sink = _guarded(sink, results, sink.fail_held)
-    if sink is not None and close.publish:
+    if sink is not None and inbox.close.publish:
         _guarded(sink, results, sink.publish)
-    if orphaned:  # nobody reads the results any more: a full pipe must not keep this process
+    if inbox.orphaned:  # nobody reads the results any more: a full pipe must not keep this process
         results.cancel_join_thread()
     else:
         results.put(Closed())
