@@ -6,6 +6,7 @@ at once instead of after loading torch and Optuna (seconds)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import signal
@@ -35,6 +36,43 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
 
 
+# `sinstudy run`'s flags beyond --study/--storage: config fields (train.* for TrainConfig's),
+# each generated from its field: its type, its docstring as the help, its default
+RUN_FLAGS = (
+    "n_trials",
+    "timeout",
+    "train.max_epochs",
+    "objectives",
+    "sampler",
+    "pruner",
+    "seed",
+    "device",
+    "engine",
+    "repeats",
+    "slots",
+    "stacks",
+    "workers",
+    "devices",
+)
+
+
+def _config_flag(p: argparse.ArgumentParser, name: str) -> None:
+    """--NAME from config field `name`: its type, its docstring (one line) and its default."""
+    section, _, key = name.rpartition(".")
+    cls = config_mod.TrainConfig if section == "train" else config_mod.StudyConfig
+    default = getattr(DEFAULTS.train if section == "train" else DEFAULTS, key)
+    kind = {"int": int, "int | None": int, "float | None": float, "float": float}
+    convert = _id_list if key == "devices" else kind.get(_field_type(cls, key), str)
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    doc = " ".join(config_mod.field_docs(cls)[key].split())
+    more = f" (default {shown})" if default is not None else ""
+    p.add_argument("--" + key.replace("_", "-"), type=convert, help=doc + more)
+
+
+def _field_type(cls: type, key: str) -> str:
+    return next(f.type for f in dataclasses.fields(cls) if f.name == key)
+
+
 def _id_list(text: str) -> tuple[int, ...]:
     try:
         ids = tuple(int(x) for x in text.split(","))
@@ -51,7 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sinstudy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run(sub)
+    _add_readers(sub)
+    _add_compare(sub)
+    _add_dashboard(sub)
+    return parser
 
+
+def _add_run(sub) -> None:
     run = sub.add_parser(
         "run", help="run (or continue) a study", description="Run trials and print a summary."
     )
@@ -59,62 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="TOML file with [study], [data], [train], [search_space] tables"
     )
     _study_args(run)
-    run.add_argument(
-        "--n-trials", type=int, help=f"trials this run adds (default {DEFAULTS.n_trials})"
-    )
-    run.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    run.add_argument(
-        "--max-epochs", type=int, help=f"epochs per trial (default {DEFAULTS.train.max_epochs})"
-    )
-    run.add_argument(
-        "--objectives",
-        help="val_mse, or val_mse,n_params: accuracy against size, a Pareto front (default "
-        f"{','.join(DEFAULTS.objectives)})",
-    )
-    run.add_argument(
-        "--sampler", help=f"one of {', '.join(config_mod.SAMPLERS)} (default {DEFAULTS.sampler})"
-    )
-    run.add_argument(
-        "--pruner", help=f"one of {', '.join(config_mod.PRUNERS)} (default {DEFAULTS.pruner})"
-    )
-    run.add_argument("--seed", type=int, help=f"sampler and weight seed (default {DEFAULTS.seed})")
-    run.add_argument(
-        "--device",
-        help=f"auto (a GPU if there is one), cpu, cuda or cuda:N (default {DEFAULTS.device})",
-    )
-    run.add_argument(
-        "--engine", help=f"batched, standard, or auto: batched (default {DEFAULTS.engine})"
-    )
-    run.add_argument(
-        "--repeats",
-        type=int,
-        help="models per trial, one per seed; the trial's value is their mean curve's best "
-        f"(default {DEFAULTS.repeats})",
-    )
-    run.add_argument(
-        "--slots",
-        type=int,
-        help="models the batched engine trains at once, per worker (default "
-        f"{config_mod.DEFAULT_SLOTS['cpu']} on CPU, {config_mod.DEFAULT_SLOTS['cuda']} on GPU)",
-    )
-    run.add_argument(
-        "--stacks",
-        help="batched engine: rebuild (each stack rebuilt as its trials change) or fixed (slots "
-        f"refilled in place, fixed buffers) (default {DEFAULTS.stacks})",
-    )
-    run.add_argument(
-        "--workers",
-        type=int,
-        help="worker processes on this machine sharing the study, one engine each "
-        f"(default {DEFAULTS.workers})",
-    )
-    run.add_argument(
-        "--devices",
-        type=_id_list,
-        help="GPU ids, one worker (one batched engine) per GPU, e.g. 0,1,2,3",
-    )
+    for name in RUN_FLAGS:
+        _config_flag(run, name)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_readers(sub) -> None:
+    """The commands that read a study from storage alone."""
     best = sub.add_parser("best", help="print the best trial, from storage alone")
     _study_args(best)
 
@@ -137,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="file (default storage/reports/<study>.html)")
     _artifact_arg(report)
 
+
+def _add_compare(sub) -> None:
     comp = sub.add_parser(
         "compare", help="redo one of the course report's comparisons, with repeats"
     )
@@ -164,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     comp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_dashboard(sub) -> None:
     dash = sub.add_parser(
         "dashboard", help="serve optuna-dashboard on the study storage and artifacts"
     )
@@ -175,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dash.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     _artifact_arg(dash)
-    return parser
 
 
 def _artifact_arg(p: argparse.ArgumentParser) -> None:
@@ -188,25 +187,8 @@ def _artifact_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     toml = config_mod.load_toml(args.config) if args.config else None
-    cfg = config_mod.build(
-        toml,
-        study=args.study,
-        storage=args.storage,
-        n_trials=args.n_trials,
-        timeout=args.timeout,
-        max_epochs=args.max_epochs,
-        objectives=args.objectives,
-        sampler=args.sampler,
-        pruner=args.pruner,
-        seed=args.seed,
-        device=args.device,
-        workers=args.workers,
-        devices=args.devices,
-        engine=args.engine,
-        slots=args.slots,
-        stacks=args.stacks,
-        repeats=args.repeats,
-    )
+    flags = {name.rpartition(".")[2]: getattr(args, name.rpartition(".")[2]) for name in RUN_FLAGS}
+    cfg = config_mod.build(toml, study=args.study, storage=args.storage, **flags)
     # imported once the config holds, so a bad flag or key is refused before torch loads
     from study.run import runner
     from study.views.summary import format_summary
@@ -283,15 +265,30 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tqdm import tqdm
-
     from study import store
     from study.compare import runner as compare
     from study.run.batched import kernels
     from study.run.opening import resolve_device
 
+    _check_compare_args(args, compare)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the bar and the table say it all
+    device = resolve_device(args.device, say=lambda line: print(line, file=sys.stderr))
+    kernels.check(device.type)  # compare trains on the batched engine
+    url = args.storage or DEFAULTS.storage
+    store.check(url)  # read-only: a bad URL or a foreign file is one line, nothing written
+    rows = _compare_with_bar(args, compare, url, str(device))
+    run = (args.factor, args.max_epochs, args.seeds, args.setup)
+    text = compare.markdown(*run, rows, device=str(device))
+    out = compare.save(*run, text, url)
+    print(text)
+    logs = shlex.quote(f"{DEFAULTS.log_dir}/{compare.study_name(*run)}")
+    print(f"\n(table saved to {out}; curves: tensorboard --logdir {logs})")
+    return 0
+
+
+def _check_compare_args(args: argparse.Namespace, compare) -> None:
     if args.factor not in compare.FACTORS:
         raise ConfigError(
             f"unknown comparison {args.factor!r}; choose one of: {', '.join(compare.FACTORS)}"
@@ -305,29 +302,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--seeds must be from 2 (a spread) to {config_mod.MAX_REPEATS} (got {args.seeds})"
         )
-    import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the bar and the table say it all
-    device = resolve_device(args.device, say=lambda line: print(line, file=sys.stderr))
-    kernels.check(device.type)  # compare trains on the batched engine
-    url = args.storage or DEFAULTS.storage
-    store.check(url)  # read-only: a bad URL or a foreign file is one line, nothing written
+
+def _compare_with_bar(args: argparse.Namespace, compare, url: str, device: str) -> list:
+    """Run the comparison under a progress bar that appears once it has passed its checks."""
+    from tqdm import tqdm
+
     cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
     bars = []
 
-    def progress(done: int) -> None:  # the bar appears once the comparison has passed its checks
+    def progress(done: int) -> None:
         if not bars:
             desc = f"compare {args.factor} ({args.seeds} seeds per cell)"
             bars.append(tqdm(total=cells, unit="cell", disable=args.no_progress, desc=desc))
         bars[0].update(done - bars[0].n)
 
     try:
-        rows = compare.run(
+        return compare.run(
             args.factor,
             url,
             epochs=args.max_epochs,
             seeds=args.seeds,
-            device=str(device),
+            device=device,
             setup=args.setup,
             log_dir=DEFAULTS.log_dir,
             artifact_dir=DEFAULTS.artifact_dir,
@@ -336,29 +332,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     finally:
         for bar in bars:
             bar.close()
-    text = "\n".join(
-        [
-            f"## compare {args.factor}: {compare.FACTORS[args.factor](args.max_epochs).question}",
-            "",
-            compare.describe_base(args.max_epochs, args.setup)
-            + f"; {args.seeds} seeds per cell, device {device}",
-            "",
-            compare.body(
-                args.factor, rows, epochs=args.max_epochs, seeds=args.seeds, setup=args.setup
-            ),
-        ]
-    )
-    name = compare.study_name(args.factor, args.max_epochs, args.seeds, args.setup)
-    out = Path(f"storage/compare/{name.removeprefix('compare-')}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    from optuna_dashboard import save_note
-
-    save_note(optuna.load_study(study_name=name, storage=url), text)  # the dashboard's note
-    print(text)
-    logs = shlex.quote(f"{DEFAULTS.log_dir}/{name}")
-    print(f"\n(table saved to {out}; curves: tensorboard --logdir {logs})")
-    return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

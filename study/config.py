@@ -145,11 +145,11 @@ class StudyConfig:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     engine: str = "auto"
-    """batched: many trials as one computation (study/batched/); standard: study.optimize, one at
-    a time; auto: batched"""
+    """batched (many trials as one computation), standard (Optuna's study.optimize, one trial at
+    a time) or auto: batched"""
     slots: int | None = None
-    """models the batched engine trains at once, per worker (default: DEFAULT_SLOTS of the
-    device, at least `repeats`); a trial takes `repeats` of them"""
+    """models the batched engine trains at once, per worker (default 32 on CPU, 1024 on GPU, at
+    least --repeats); a trial takes --repeats of them"""
     stacks: str = "rebuild"
     """how the batched engine groups its slots: rebuild (each stack rebuilt from its current
     members whenever they change; no compute on free slots) or fixed (a stack per shape class
@@ -159,8 +159,8 @@ class StudyConfig:
     """worker processes on this machine sharing the study, one engine each; --n-trials is met
     exactly across them"""
     devices: tuple[int, ...] | None = None
-    """GPU ids, one worker (one engine) per id, round-robin when --workers is larger; None:
-    --device decides"""
+    """GPU ids, one worker (one engine) per id, round-robin when --workers is larger (none
+    given: --device decides)"""
     heartbeat_interval: int = 5
     """seconds between a running trial's heartbeats (RDB: Optuna's heartbeat; journal: ours)"""
     grace_period: int = 20
@@ -280,6 +280,26 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             )
     _choice("sampler", cfg.sampler, SAMPLERS)
     _choice("pruner", cfg.pruner, PRUNERS)
+    objectives = _validate_objectives(cfg)
+    _validate_engine(cfg)
+    _validate_recovery(cfg)
+    _validate_data(cfg.data)
+    validate_train(cfg.train)
+    space = validate_space(cfg.space)
+    if cfg.sampler == "cmaes":
+        for name in ("activation", "scheduler", "optimizer"):
+            choices = getattr(space, name)
+            if choices is not None and len(choices) > 1:
+                raise ConfigError(
+                    f"the cmaes sampler cannot search the categorical {name!r}; fix it to one "
+                    f"choice in [search_space] or use --sampler tpe"
+                )
+    engine = "batched" if cfg.engine == "auto" else cfg.engine
+    return replace(cfg, space=space, engine=engine, objectives=objectives)
+
+
+def _validate_objectives(cfg: StudyConfig) -> tuple[str, ...]:
+    """The objectives, and a sampler and pruner that rank them all."""
     objectives = check_objectives(cfg.objectives)
     if len(objectives) > 1:
         if cfg.sampler not in MULTI_OBJECTIVE_SAMPLERS:
@@ -293,6 +313,11 @@ def validate(cfg: StudyConfig) -> StudyConfig:
                 f"the {cfg.pruner} pruner ranks one objective; with --objectives "
                 f"{','.join(objectives)} use --pruner {' / '.join(MULTI_OBJECTIVE_PRUNERS)}"
             )
+    return objectives
+
+
+def _validate_engine(cfg: StudyConfig) -> None:
+    """The seed, the repeats and where and how the engines train them."""
     _positive_int("seed", cfg.seed, minimum=0, maximum=MAX_SEED)
     _positive_int("--repeats", cfg.repeats, maximum=MAX_REPEATS)
     if cfg.slots is not None and cfg.slots < cfg.repeats:
@@ -310,6 +335,10 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             raise ConfigError("--devices needs at least one GPU id, e.g. --devices 0,1")
         for d in cfg.devices:
             _positive_int("--devices", d, minimum=0, maximum=1023)
+
+
+def _validate_recovery(cfg: StudyConfig) -> None:
+    """Heartbeats and retries: a live trial must never look dead."""
     _positive_int("heartbeat_interval", cfg.heartbeat_interval, maximum=3600)
     _positive_int("grace_period", cfg.grace_period, maximum=MAX_SECONDS)
     if cfg.grace_period <= cfg.heartbeat_interval:
@@ -319,7 +348,9 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             "a live trial would look dead"
         )
     _positive_int("max_retries", cfg.max_retries, minimum=0, maximum=100)
-    d = cfg.data
+
+
+def _validate_data(d: DataConfig) -> None:
     _positive_int("data.n_train", d.n_train, minimum=2, maximum=MAX_POINTS)
     _positive_int("data.n_val", d.n_val, maximum=MAX_POINTS)
     _positive_int("data.n_test", d.n_test, maximum=MAX_POINTS)
@@ -327,19 +358,6 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _choice("data.sampling", d.sampling, SAMPLINGS)
     _positive_int("data.seed", d.seed, minimum=0, maximum=MAX_SEED)
     _choice("data.input_scaling", d.input_scaling, INPUT_SCALINGS)
-    t = cfg.train
-    validate_train(t)
-    space = validate_space(cfg.space)
-    if cfg.sampler == "cmaes":
-        for name in ("activation", "scheduler", "optimizer"):
-            choices = getattr(space, name)
-            if choices is not None and len(choices) > 1:
-                raise ConfigError(
-                    f"the cmaes sampler cannot search the categorical {name!r}; fix it to one "
-                    f"choice in [search_space] or use --sampler tpe"
-                )
-    engine = "batched" if cfg.engine == "auto" else cfg.engine
-    return replace(cfg, space=space, engine=engine, objectives=objectives)
 
 
 def check_objectives(value: Any) -> tuple[str, ...]:
@@ -480,6 +498,23 @@ def build(toml: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> St
     except TypeError as e:  # unknown override name: a programming error, not user input
         raise ConfigError(str(e)) from None
     return validate(cfg)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of config dataclass `cls` (its flag's help)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+        ):
+            docs[node.target.id] = after.value.value
+    return docs
 
 
 def models_at_once(cfg: StudyConfig, device_type: str) -> int:

@@ -31,6 +31,7 @@ from study.config import ConfigError, DataConfig, TrainConfig
 from study.run import interrupt
 from study.run.batched.engine import run_batched
 from study.run.opening import Run, name_metric, open_study_store
+from study.store import Store
 from study.trial.course import TEST_MSE as REPORT_TEST_MSE
 
 # Held fixed unless a factor varies it: the report trained with ReLU and no schedule; it named
@@ -270,6 +271,83 @@ def study_name(name: str, epochs: int, seeds: int, setup: str = "default") -> st
     return f"compare-{name}-e{epochs}-s{seeds}" + ("" if setup == "default" else f"-{setup}")
 
 
+def _train(study: optuna.Study, opened: Store, plan: list, device: torch.device, on_trial) -> None:
+    """Train the cells not done yet, one data set at a time (`plan`: its config, its cells and
+    what a cell's trial trains), in a fixed order: queued trials (from an interrupted run)
+    always belong to the first data set with cells left, so each engine takes only its own."""
+    trials = study.get_trials(deepcopy=False)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = {t.params.get("cell") for t in trials if t.state in finished}
+    queued = {t.params.get("cell") for t in trials if t.state == TrialState.WAITING}
+    for cfg, cells, configure in plan:
+        todo = [c for c in cells if c not in done]
+        if not todo:
+            continue
+        for cell in todo:
+            if cell not in queued:
+                study.enqueue_trial({"cell": cell})
+        with interrupt.handle_signals():
+            run_batched(
+                Run.queued(cfg, opened, device, len(todo)),
+                seed=0,
+                on_trial=on_trial,
+                configure=configure,
+                publish=False,  # the note is the comparison's table (cli), not a study summary
+            )
+        if interrupt.requested():
+            raise KeyboardInterrupt
+
+
+def _known(name: str, setup: str) -> None:
+    if name not in FACTORS:
+        raise ConfigError(f"unknown comparison {name!r}; choose one of: {', '.join(FACTORS)}")
+    if setup not in SETUPS:
+        raise ConfigError(f"unknown setup {setup!r}; choose one of: {', '.join(SETUPS)}")
+
+
+def _cell_config(base: dict[str, Any], data: DataConfig, slots: int) -> config.StudyConfig:
+    """The study config one data set's cells train under: a grid without pruning, batched."""
+    toml = {"data": asdict(data)}
+    return config.build(toml, **base, pruner="none", engine="batched", slots=slots)
+
+
+def _configure(factor: Factor, cells: list[str], epochs: int, seeds: int, fixed: Setup):
+    """What a queued cell's trial trains: `seeds` repeats of its cell's config."""
+
+    def configure(trial: optuna.Trial, first_seed: int) -> list[TrainConfig]:
+        cell = trial.suggest_categorical("cell", list(factor.cells))
+        if cell not in cells:
+            raise RuntimeError(f"queued cell {cell!r} belongs to another data set")
+        return [cell_config(factor, cell, seed, epochs, fixed) for seed in range(seeds)]
+
+    return configure
+
+
+def _open_comparison(opened: Store, study: str, name: str, factor: Factor) -> optuna.Study:
+    """The factor's grid study in the store (created on first use), refused if it is not one of
+    compare's (two objectives) or holds other cells (an older sinstudy)."""
+    study = optuna.create_study(
+        study_name=study,
+        storage=opened.optuna,
+        load_if_exists=True,
+        pruner=optuna.pruners.NopPruner(),
+    )
+    if len(study.directions) > 1:
+        raise ConfigError(
+            f"study {study.study_name!r} in this storage has {len(study.directions)} objectives; "
+            "compare's studies have one (the validation MSE); delete it (optuna delete-study) or "
+            "use another --storage"
+        )
+    trials = study.get_trials(deepcopy=False)
+    stored = next((t.distributions["cell"] for t in trials if "cell" in t.distributions), None)
+    if stored is not None and list(stored.choices) != list(factor.cells):
+        raise ConfigError(
+            f"study {study.study_name!r} in this storage holds other cells than `compare {name}` "
+            "has now (an older sinstudy); delete it (optuna delete-study) or use another --storage"
+        )
+    return study
+
+
 def run(
     name: str,
     url: str,
@@ -287,55 +365,18 @@ def run(
     only in what they vary); the cells x seeds of one data set train at once in the batched
     engine (one engine run per data set), no pruning. `progress(n)`: n cells finished, first
     called once every check has passed."""
-    if name not in FACTORS:
-        raise ConfigError(f"unknown comparison {name!r}; choose one of: {', '.join(FACTORS)}")
-    if setup not in SETUPS:
-        raise ConfigError(f"unknown setup {setup!r}; choose one of: {', '.join(SETUPS)}")
+    _known(name, setup)
     factor, fixed = FACTORS[name](epochs), SETUPS[setup]
     by_data: dict[DataConfig, list[str]] = {}
     for cell in factor.cells:
         by_data.setdefault(cell_data(factor, cell, fixed), []).append(cell)
-    cfgs = {
-        data: config.build(
-            {"data": asdict(data)},
-            study=study_name(name, epochs, seeds, setup),
-            storage=url,
-            max_epochs=epochs,
-            pruner="none",
-            repeats=seeds,
-            device=device,
-            engine="batched",
-            log_dir=log_dir,
-            artifact_dir=artifact_dir,
-            slots=len(cells) * seeds,
-        )
-        for data, cells in by_data.items()
-    }
+    base = dict(study=study_name(name, epochs, seeds, setup), storage=url, max_epochs=epochs)
+    base |= dict(device=device, log_dir=log_dir, artifact_dir=artifact_dir, repeats=seeds)
+    cfgs = {data: _cell_config(base, data, len(cells) * seeds) for data, cells in by_data.items()}
     opened = open_study_store(next(iter(cfgs.values())))
-    storage = opened.optuna
-    study = optuna.create_study(
-        study_name=study_name(name, epochs, seeds, setup),
-        storage=storage,
-        load_if_exists=True,
-        pruner=optuna.pruners.NopPruner(),
-    )
-    if len(study.directions) > 1:
-        raise ConfigError(
-            f"study {study.study_name!r} in this storage has {len(study.directions)} objectives; "
-            "compare's studies have one (the validation MSE); delete it (optuna delete-study) or "
-            "use another --storage"
-        )
-    trials = study.get_trials(deepcopy=False)
-    stored = next((t.distributions["cell"] for t in trials if "cell" in t.distributions), None)
-    if stored is not None and list(stored.choices) != list(factor.cells):
-        raise ConfigError(
-            f"study {study.study_name!r} in this storage holds other cells than `compare {name}` "
-            "has now (an older sinstudy); delete it (optuna delete-study) or use another --storage"
-        )
-    done = {
-        t.params.get("cell") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-    }
-    queued = {t.params.get("cell") for t in trials if t.state == TrialState.WAITING}
+    study = _open_comparison(opened, study_name(name, epochs, seeds, setup), name, factor)
+    ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    done = {t.params.get("cell") for t in ended}
     name_metric(study)
     finished = [len(done & set(factor.cells))]
     if progress:
@@ -347,42 +388,14 @@ def run(
             progress(finished[0])
 
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)
-    # One data set at a time, in a fixed order: queued trials (from an interrupted run) always
-    # belong to the first data set with cells left, so each engine takes only its own.
-    for data, cells in by_data.items():
-        todo = [c for c in cells if c not in done]
-        if not todo:
-            continue
-        for cell in todo:
-            if cell not in queued:
-                study.enqueue_trial({"cell": cell})
-
-        def configure(trial: optuna.Trial, first_seed: int, cells=cells) -> list[TrainConfig]:
-            cell = trial.suggest_categorical("cell", list(factor.cells))
-            if cell not in cells:
-                raise RuntimeError(f"queued cell {cell!r} belongs to another data set")
-            return [cell_config(factor, cell, seed, epochs, fixed) for seed in range(seeds)]
-
-        with interrupt.handle_signals():
-            run_batched(
-                Run.queued(cfgs[data], opened, torch.device(device), len(todo)),
-                seed=0,
-                on_trial=on_trial,
-                configure=configure,
-                publish=False,  # the note is the comparison's table (cli), not a study summary
-            )
-        if interrupt.requested():
-            raise KeyboardInterrupt
+    plan = [
+        (cfgs[data], cells, _configure(factor, cells, epochs, seeds, fixed))
+        for data, cells in by_data.items()
+    ]
+    _train(study, opened, plan, torch.device(device), on_trial)
     if "base" not in study.user_attrs:
-        study.set_user_attr(
-            "base",
-            json.dumps(
-                {
-                    "train": asdict(replace(fixed.train, max_epochs=epochs)),
-                    "data": asdict(fixed.data),
-                }
-            ),
-        )
+        train = asdict(replace(fixed.train, max_epochs=epochs))
+        study.set_user_attr("base", json.dumps({"train": train, "data": asdict(fixed.data)}))
     return stats(study, factor, epochs, fixed)
 
 
@@ -526,102 +539,114 @@ def verdicts(
     name: str, rows: list[CellStats], *, epochs: int, setup: str = "default"
 ) -> list[Verdict]:
     """What the comparison says about its question, each verdict with its test and uncertainty
-    (at evidence.LEVEL): "clearly" only where the interval excludes no difference."""
-    r = {row.cell: row for row in rows}
-    cmd = command(name, epochs, setup)
-    if name == "depth":
-        s, d = r["shallow (1 layer)"], r["deep (4 layers)"]
-        v = _claim_lower(
-            "deep fits better than shallow", "deep", d.test, "shallow", s.test, "test MSE", cmd
-        )
-        report = (
-            f"report: deep better ({REPORT_TEST_MSE['deep']:.1e} vs "
-            f"{REPORT_TEST_MSE['shallow']:.1e})"
-        )
-        return [replace(v, text=f"deep vs shallow, the report's pair: {v.text} ({report})")]
-    if name == "width":
-        n, w = r["narrow (8)"], r["wide (128)"]
-        return [
-            _claim_lower(
-                "wide fits better than narrow", "wide", w.test, "narrow", n.test, "test MSE", cmd
-            )
-        ]
-    if name == "lr":
-        lo, hi = r["lr 1e-4"], r["lr 1e-2"]
+    (at evidence.LEVEL): "clearly" only where the interval excludes no difference. Each
+    factor's hypothesis is judged by its rule in JUDGES."""
+    return JUDGES[name]({row.cell: row for row in rows}, command(name, epochs, setup))
 
-        def rise(c: CellStats) -> list[float]:  # final / best validation MSE, per seed
-            return [f / b for f, b in zip(c.final_val, c.val, strict=True) if b > 0]
 
-        gap, text, sh, sl = _direction(
-            "lr 1e-2", rise(hi), "lr 1e-4", rise(lo), "rise at the end (final / best val MSE)", cmd
+def _judge_depth(r: dict[str, CellStats], cmd: str) -> list[Verdict]:
+    s, d = r["shallow (1 layer)"], r["deep (4 layers)"]
+    v = _claim_lower(
+        "deep fits better than shallow", "deep", d.test, "shallow", s.test, "test MSE", cmd
+    )
+    report = (
+        f"report: deep better ({REPORT_TEST_MSE['deep']:.1e} vs {REPORT_TEST_MSE['shallow']:.1e})"
+    )
+    return [replace(v, text=f"deep vs shallow, the report's pair: {v.text} ({report})")]
+
+
+def _judge_width(r: dict[str, CellStats], cmd: str) -> list[Verdict]:
+    n, w = r["narrow (8)"], r["wide (128)"]
+    return [
+        _claim_lower(
+            "wide fits better than narrow", "wide", w.test, "narrow", n.test, "test MSE", cmd
         )
-        first = _both(
-            "lr 1e-2 ends above its best more than lr 1e-4 (the report's rise)",
-            f"lr 1e-2 ends at {10**sh.mean:.2g}x its best validation MSE, lr 1e-4 at "
-            f"{10**sl.mean:.2g}x (geometric means): {text} (report: 1e-2 rose again)",
-            [(gap, False)],
+    ]
+
+
+def _judge_lr(r: dict[str, CellStats], cmd: str) -> list[Verdict]:
+    lo, hi = r["lr 1e-4"], r["lr 1e-2"]
+
+    def rise(c: CellStats) -> list[float]:  # final / best validation MSE, per seed
+        return [f / b for f, b in zip(c.final_val, c.val, strict=True) if b > 0]
+
+    gap, text, sh, sl = _direction(
+        "lr 1e-2", rise(hi), "lr 1e-4", rise(lo), "rise at the end (final / best val MSE)", cmd
+    )
+    first = _both(
+        "lr 1e-2 ends above its best more than lr 1e-4 (the report's rise)",
+        f"lr 1e-2 ends at {10**sh.mean:.2g}x its best validation MSE, lr 1e-4 at "
+        f"{10**sl.mean:.2g}x (geometric means): {text} (report: 1e-2 rose again)",
+        [(gap, False)],
+    )
+    second = _claim_lower(
+        "lr 1e-4 ends with a lower test MSE than lr 1e-2",
+        "lr 1e-4",
+        lo.final_test,
+        "lr 1e-2",
+        hi.final_test,
+        "test MSE on its final weights",
+        cmd,
+    )
+    return [first, second]
+
+
+def _judge_scheduler(r: dict[str, CellStats], cmd: str) -> list[Verdict]:
+    none = r["no schedule"]
+    out = []
+    for cell in ("step schedule", "cosine schedule"):
+        c = r[cell]
+        g_test, t_test, _, _ = _direction(
+            cell, c.final_test, "no schedule", none.final_test, "final test MSE", cmd
         )
-        second = _claim_lower(
-            "lr 1e-4 ends with a lower test MSE than lr 1e-2",
-            "lr 1e-4",
-            lo.final_test,
-            "lr 1e-2",
-            hi.final_test,
-            "test MSE on its final weights",
-            cmd,
+        g_val, t_val, _, _ = _direction(
+            cell, c.final_val, "no schedule", none.final_val, "final val MSE", cmd
         )
-        return [first, second]
-    if name == "scheduler":
-        none = r["no schedule"]
-        out = []
-        for cell in ("step schedule", "cosine schedule"):
-            c = r[cell]
-            g_test, t_test, _, _ = _direction(
-                cell, c.final_test, "no schedule", none.final_test, "final test MSE", cmd
+        note = f" ({c.note})" if c.note else ""
+        out.append(
+            _both(
+                f"{cell}: worse on test, better on validation",
+                f"{cell} vs none, final weights{note}: {t_test}; {t_val} (report: a schedule "
+                "was worse on test and better on validation)",
+                [(g_test, False), (g_val, True)],
             )
-            g_val, t_val, _, _ = _direction(
-                cell, c.final_val, "no schedule", none.final_val, "final val MSE", cmd
+        )
+    return out
+
+
+_REPRODUCES = {
+    HELD: "reproduces",
+    FAILED: "does not reproduce",
+    UNDECIDED: "undecided whether it reproduces",
+}
+
+
+def _judge_report(r: dict[str, CellStats], cmd: str) -> list[Verdict]:
+    out = []
+    for h in HYPOTHESES:
+        got = {net: Spread.of(r[f"{h} / {net}"].test) for net in NETS}
+        outcomes = [_within(got[net], REPORT_TEST_MSE[net], 2.0) for net in NETS]
+        outcome = FAILED if FAILED in outcomes else UNDECIDED if UNDECIDED in outcomes else HELD
+        when = " / ".join(
+            "never" if r[f"{h} / {net}"].settled is None else str(r[f"{h} / {net}"].settled)
+            for net in ("deep", "shallow")
+        )
+        notes = {r[f"{h} / {net}"].note for net in NETS} - {""}
+        vs = {net: _ratio_interval(got[net], REPORT_TEST_MSE[net]) for net in NETS}
+        out.append(
+            Verdict(
+                h,
+                outcome,
+                f"{h}: deep {_geo(got['deep'])} ({vs['deep']}), shallow "
+                f"{_geo(got['shallow'])} ({vs['shallow']}), settled (deep / shallow) "
+                f"{when} -> {_REPRODUCES[outcome]} the report within 2x"
+                + (f" ({'; '.join(sorted(notes))})" if notes else ""),
             )
-            note = f" ({c.note})" if c.note else ""
-            out.append(
-                _both(
-                    f"{cell}: worse on test, better on validation",
-                    f"{cell} vs none, final weights{note}: {t_test}; {t_val} (report: a schedule "
-                    "was worse on test and better on validation)",
-                    [(g_test, False), (g_val, True)],
-                )
-            )
-        return out
-    if name == "report":
-        out = []
-        for h in HYPOTHESES:
-            got = {net: Spread.of(r[f"{h} / {net}"].test) for net in NETS}
-            outcomes = [_within(got[net], REPORT_TEST_MSE[net], 2.0) for net in NETS]
-            outcome = (
-                FAILED if FAILED in outcomes else UNDECIDED if UNDECIDED in outcomes else HELD
-            )
-            when = " / ".join(
-                "never" if r[f"{h} / {net}"].settled is None else str(r[f"{h} / {net}"].settled)
-                for net in ("deep", "shallow")
-            )
-            notes = {r[f"{h} / {net}"].note for net in NETS} - {""}
-            vs = {net: _ratio_interval(got[net], REPORT_TEST_MSE[net]) for net in NETS}
-            words = {
-                HELD: "reproduces",
-                FAILED: "does not reproduce",
-                UNDECIDED: "undecided whether it reproduces",
-            }
-            out.append(
-                Verdict(
-                    h,
-                    outcome,
-                    f"{h}: deep {_geo(got['deep'])} ({vs['deep']}), shallow "
-                    f"{_geo(got['shallow'])} ({vs['shallow']}), settled (deep / shallow) "
-                    f"{when} -> {words[outcome]} the report within 2x"
-                    + (f" ({'; '.join(sorted(notes))})" if notes else ""),
-                )
-            )
-        return out
+        )
+    return out
+
+
+def _judge_activation(r: dict[str, CellStats], cmd: str) -> list[Verdict]:
     act, lin = Spread.of(r["relu"].test), Spread.of(r["none (identity)"].test)
     fits, flat = _side(act, 1e-2, below=True), _side(lin, 0.1, below=False)
     outcome = HELD if fits == flat == HELD else FAILED if FAILED in (fits, flat) else UNDECIDED
@@ -634,6 +659,18 @@ def verdicts(
             "and the identity's above 0.1) (report: only with the activation did it converge)",
         )
     ]
+
+
+# each factor's hypothesis, judged from its cells' statistics (by cell name) and the command
+# that reruns it (named in a verdict that needs more seeds)
+JUDGES = {
+    "depth": _judge_depth,
+    "width": _judge_width,
+    "lr": _judge_lr,
+    "scheduler": _judge_scheduler,
+    "report": _judge_report,
+    "activation": _judge_activation,
+}
 
 
 def summary(found: list[Verdict], seeds: int) -> str:
@@ -735,3 +772,31 @@ def body(name: str, rows: list[CellStats], *, epochs: int, seeds: int, setup: st
             f"**{summary(found, seeds)}**",
         ]
     )
+
+
+def markdown(
+    name: str, epochs: int, seeds: int, setup: str, rows: list[CellStats], *, device: str
+) -> str:
+    """The comparison as Markdown: its question, what was held fixed, the table and verdicts."""
+    return "\n".join(
+        [
+            f"## compare {name}: {FACTORS[name](epochs).question}",
+            "",
+            describe_base(epochs, setup) + f"; {seeds} seeds per cell, device {device}",
+            "",
+            body(name, rows, epochs=epochs, seeds=seeds, setup=setup),
+        ]
+    )
+
+
+def save(name: str, epochs: int, seeds: int, setup: str, text: str, url: str) -> Path:
+    """Keep the Markdown in storage/compare/ and as the study's note in optuna-dashboard;
+    returns the file."""
+    from optuna_dashboard import save_note
+
+    study = study_name(name, epochs, seeds, setup)
+    out = Path(f"storage/compare/{study.removeprefix('compare-')}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    save_note(optuna.load_study(study_name=study, storage=url), text)
+    return out

@@ -119,22 +119,35 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
     ]
     if front:
         parts += _front_parts(study, front)
-    parts.append("<h2>Hyperparameter importance</h2>")
+    parts += _importance_parts(study, bool(front))
+    parts += _top_parts(top)
+    parts += _plot_parts(study, artifact_dir)
+    return (
+        f"<!DOCTYPE html><html><head><meta charset=utf-8><title>sinstudy: "
+        f"{html.escape(study.study_name)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )
+
+
+def _importance_parts(study: optuna.Study, front: bool) -> list[str]:
+    parts = ["<h2>Hyperparameter importance</h2>"]
     shortfall = analysis.importance_shortfall(study)
     if shortfall:
-        parts.append(f"<p class=note>{html.escape(shortfall)}</p>")
-    else:
-        for i, name in enumerate(analysis.objective_names(study)):
-            rows = analysis.importance_table(study, objective=i)
-            if front:
-                parts.append(f"<p>for {html.escape(name)}</p>")
-            parts.append(
-                _table(
-                    ["parameter", "PED-ANOVA", "fANOVA"],
-                    [[r.param, f"{r.ped_anova or 0:.3f}", f"{r.fanova or 0:.3f}"] for r in rows],
-                )
+        return parts + [f"<p class=note>{html.escape(shortfall)}</p>"]
+    for i, name in enumerate(analysis.objective_names(study)):
+        rows = analysis.importance_table(study, objective=i)
+        if front:
+            parts.append(f"<p>for {html.escape(name)}</p>")
+        parts.append(
+            _table(
+                ["parameter", "PED-ANOVA", "fANOVA"],
+                [[r.param, f"{r.ped_anova or 0:.3f}", f"{r.fanova or 0:.3f}"] for r in rows],
             )
-    parts += [
+        )
+    return parts
+
+
+def _top_parts(top: list) -> list[str]:
+    return [
         "<h2>Top 10 trials</h2>",
         _table(
             ["trial", "params", "val MSE", "test MSE", "best epoch", "seconds", "compute s"],
@@ -151,8 +164,11 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
             ],
             left=2,
         ),
-        "<h2>Plots</h2>",
     ]
+
+
+def _plot_parts(study: optuna.Study, artifact_dir: str) -> list[str]:
+    parts = ["<h2>Plots</h2>"]
     figs, _ = plots.study_figures(study)
     chosen: list[go.Figure] = [figs[k] for k in KEY_PLOTS if k in figs]
     fit, trial = best_fit(study, artifact_dir)
@@ -160,7 +176,4 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
         chosen.insert(0, plots.fit_figure(fit, title=f"best trial #{trial.number} vs sin(x)"))
     for i, fig in enumerate(chosen):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    return (
-        f"<!DOCTYPE html><html><head><meta charset=utf-8><title>sinstudy: "
-        f"{html.escape(study.study_name)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
-    )
+    return parts
