@@ -7,8 +7,8 @@ is given back, and its retry or a new trial takes its place. Each worker starts 
 of the new trials (ceil(n_trials / workers)): the first worker up would otherwise take a budget
 smaller than its slots whole while the others were still starting. Once a worker has ended, the
 others may start past their shares: a claim one worker reserved for a retry and another took,
-then gave back (another run took the retry first), belonged to no live worker's share, and the
-run ended a trial short (chaos seed 221).
+then gave back (another run took the retry first), belongs to no live worker's share, and
+would otherwise be stranded.
 """
 
 from __future__ import annotations

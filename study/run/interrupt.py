@@ -51,7 +51,7 @@ def redeliver_from_finalisers() -> None:
     ignored ... Traceback" and dropped, and the command runs on. Instead: inside an engine (this
     module's handler) the stop is recorded, as the first signal is, and the engine stops at its
     next epoch; elsewhere the signal is sent again from a thread, to land in ordinary code and
-    end the command (chaos.py: SIGTERM to a run's parent as it finished). Idempotent."""
+    end the command. Idempotent."""
     previous = sys.unraisablehook
     if getattr(previous, "redelivers", False):
         return

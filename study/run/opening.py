@@ -225,7 +225,7 @@ def check_tensorboard_owner(
         return
     if storage is None and new_file is not None and new_file.exists():
         # Another run of the command created the storage since (and claimed the folder): the
-        # check after opening it decides (chaos.py: both started on a new journal at once).
+        # check after opening it decides.
         return
     uid = None
     if storage is not None and cfg.study in optuna.get_all_study_names(storage):
@@ -247,8 +247,7 @@ def claim_tensorboard_folder(cfg: StudyConfig, study: optuna.Study) -> None:
         if marker.read_text() == uid:
             return
     # Written aside, then renamed over it: a run checking the folder at that moment reads the
-    # old marker or the new one. Rewritten in place, it was empty for a moment, and runs
-    # started beside one that claimed the folder refused it as another study's (chaos.py).
+    # old marker or the new one, never an empty file (which it would refuse as another study's).
     aside = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
     aside.write_text(uid)
     os.replace(aside, marker)

@@ -56,7 +56,7 @@ def _own_resource_tracker() -> None:
     tracker relaunched without their creation, a KeyError traceback each on the run's stderr.
     The parent's tracker stays open here (its descriptor is not closed): a tracker whose last
     user is gone unlinks what it tracks, the budget's semaphores among them, and a writer this
-    worker starts after its parent died could no longer open them (chaos seed 121).
+    worker starts after its parent died could no longer open them.
     Leans on CPython's private `_fd`/`_pid` (tests/test_shared_trust.py fails if they change)."""
     from multiprocessing import resource_tracker
 

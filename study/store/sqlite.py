@@ -166,8 +166,8 @@ def _immediate(storage: RDBStorage) -> Iterator[None]:
 def _complete_indexes(storage: RDBStorage, path: Path) -> None:
     """Create the indexes of Optuna's schema that a SQLite file lacks. SQLite runs each CREATE
     of Optuna's schema in a transaction of its own, so a process killed while it created a new
-    file (between CREATE TABLE studies and its UNIQUE INDEX on the name: the chaos harness found
-    it) left tables without their indexes, which later opens never add: two runs could then each
+    file (between CREATE TABLE studies and its UNIQUE INDEX on the name) left tables without
+    their indexes, which later opens never add: two runs could then each
     create a study of the same name. Called under the schema lock; cheap when all are there."""
     from optuna.storages._rdb import models
 

@@ -102,7 +102,7 @@ Shape = tuple  # a stack's: optimizer, depth, width class (and, fixed, activatio
 
 def _shape(slot: Slot, fixed: bool = False) -> Shape:
     """Stack by optimizer kind, depth and width class (<= 32, <= 64, then powers of two), so
-    little compute goes to padding (measured: README, Design notes). Fixed-capacity stacks
+    little compute goes to padding (measured: docs/design.md, "The batched engine"). Fixed-capacity stacks
     also by activation: a new trial then fits any free slot of its stack (a slot keeps the
     activation group it was built in)."""
     w = max(slot.cfg.widths)

@@ -521,8 +521,8 @@ class _Sink:
     def _take_queued(self, s: Start) -> Take:
         """Take a WAITING trial as Optuna's ask() does, its seeds checked (Store.take_queued). A
         trial another engine took and finished already, or that another process finishes
-        before its attrs are written (chaos.py found both), is lost to this engine, as one
-        another engine took first."""
+        before its attrs are written, is lost to this engine, as one another engine took
+        first."""
         chain = retry_chain(s.trial.system_attrs)
         seeds = None if s.seed is None else range(s.seed, s.seed + self.cfg.repeats)
         try:
