@@ -102,9 +102,9 @@ Shape = tuple  # a stack's: optimizer, depth, width class (and, fixed, activatio
 
 def _shape(slot: Slot, fixed: bool = False) -> Shape:
     """Stack by optimizer kind, depth and width class (<= 32, <= 64, then powers of two), so
-    little compute goes to padding (measured: docs/design.md, "The batched engine"). Fixed-capacity stacks
-    also by activation: a new trial then fits any free slot of its stack (a slot keeps the
-    activation group it was built in)."""
+    little compute goes to padding (measured: docs/design.md, "The batched engine").
+    Fixed-capacity stacks also by activation: a new trial then fits any free slot of its stack
+    (a slot keeps the activation group it was built in)."""
     w = max(slot.cfg.widths)
     shape = slot.cfg.optimizer, slot.cfg.depth, 32 if w <= 32 else 1 << (w - 1).bit_length()
     return (*shape, slot.cfg.activation) if fixed else shape
