@@ -101,7 +101,8 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
     tmp_path, monkeypatch
 ):
     """Plain Optuna (or the dashboard, or a run on another machine) creating the schema while a
-    run does made the run fail with "table studies already exists"; other errors still fail."""
+    run does made the run fail with "table studies already exists" (or a UNIQUE constraint on
+    alembic's version row); other errors still fail."""
     import sqlalchemy.exc
 
     url = f"sqlite:///{tmp_path}/s.db"
@@ -122,6 +123,22 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
     optuna.create_study(storage=store.open_store(store.check(url)).optuna, study_name="x")
     assert len(calls) == 2
 
+    # or the other program wrote alembic's version row first (a reader polling the file as a
+    # run creates it: sqlite3.IntegrityError)
+    def version_race(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise sqlalchemy.exc.IntegrityError(
+                "INSERT INTO alembic_version",
+                {},
+                sqlite3.IntegrityError("UNIQUE constraint failed: alembic_version.version_num"),
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite, "SQLiteStorage", version_race)
+    store.open_store(store.check(url))
+    assert len(calls) == 4
+
     def broken(*args, **kwargs):
         calls.append(1)
         raise sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O"))
@@ -129,7 +146,7 @@ def test_a_schema_another_program_creates_meanwhile_is_opened_on_the_next_try(
     monkeypatch.setattr(sqlite, "SQLiteStorage", broken)
     with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O"):
         store.open_store(store.check(url))
-    assert len(calls) == 3
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

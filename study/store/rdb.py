@@ -634,8 +634,11 @@ def _local(utc: datetime | None) -> datetime | None:
 
 
 def _schema_race(e: Exception) -> bool:
+    """Did another program create Optuna's schema while this one did? (A table or index
+    already there; alembic's version row already written: SQLite says "UNIQUE constraint
+    failed", PostgreSQL "duplicate key".)"""
     text = str(e).lower()
-    return "already exists" in text or "duplicate key" in text
+    return any(m in text for m in ("already exists", "duplicate key", "unique constraint failed"))
 
 
 def _build_trials(trials, params, values, attrs, steps) -> list[FrozenTrial]:
