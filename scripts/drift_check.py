@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from study.compare import runner as compare
+from study import compare
 from study.config import DataConfig
 from study.run.batched.stack import Stack, new_slot
 from study.trial.data import make_data

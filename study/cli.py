@@ -265,8 +265,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from study import store
-    from study.compare import runner as compare
+    from study import compare, store
     from study.run.batched import kernels
     from study.run.opening import resolve_device
 

@@ -7,8 +7,8 @@ import optuna
 import pytest
 from conftest import run_cli
 
-from study.compare import runner as compare
-from study.compare.runner import CellStats
+from study import compare
+from study.compare import CellStats
 from study.config import DataConfig
 from study.trial.data import make_data
 from study.trial.train import train

@@ -283,7 +283,7 @@ def test_objectives_of_a_study_cannot_change(workdir):
 
 
 def test_compare_refuses_a_storage_whose_study_has_two_objectives(workdir):
-    from study.compare.runner import study_name
+    from study.compare import study_name
 
     name = study_name("depth", 5, 2, "default")
     url = "sqlite:///storage/sinstudy.db"
