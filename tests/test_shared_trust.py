@@ -415,11 +415,11 @@ def test_a_run_that_finds_no_storage_yet_accepts_the_folder_of_the_run_that_made
     meanwhile, and refused it as another study's (exit 2). It is accepted now, and a folder of
     another storage's study is still refused."""
     from study import cli
-    from study.run import runner
+    from study.run import opening
 
     url = f"journal:///{workdir}/s.log"
     tiny = ["--config", "tiny.toml", "--max-epochs", "3", "--no-progress", "--storage"]
-    check = runner.check_tensorboard_owner
+    check = opening.check_tensorboard_owner
 
     def the_other_run_first(cfg, storage, *rest):
         if storage is None:  # this run saw no file: the other run makes it and claims the folder
@@ -428,7 +428,7 @@ def test_a_run_that_finds_no_storage_yet_accepts_the_folder_of_the_run_that_made
         return check(cfg, storage, *rest)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(runner, "check_tensorboard_owner", the_other_run_first)
+        m.setattr(opening, "check_tensorboard_owner", the_other_run_first)
         assert cli.main(["run", *tiny, url, "--n-trials", "2"]) == 0
     assert len(_load(url).trials) == 3
     other = f"journal:///{workdir}/other.log"  # another storage, the same study name and folder
