@@ -6,6 +6,7 @@ at once instead of after loading torch and Optuna (seconds)."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import os
 import shlex
@@ -361,16 +362,30 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def entry(argv: Sequence[str] | None = None) -> NoReturn:
-    """The `sinstudy` program: `main`, then an exit that a late Ctrl-C or `kill` cannot turn
-    into a death by signal. Python puts the default dispositions back before it frees its
-    modules (long, with torch loaded): a signal landing there killed a command whose work was
-    done and whose summary was printed, and its status read "killed by SIGTERM"."""
+    """The `sinstudy` program: `main`, then an exit with `main`'s status that neither a late
+    Ctrl-C or `kill` nor a Ctrl-C already handled can turn into a death by signal.
+
+    Two ways CPython would otherwise end a finished command by SIGINT: it puts the default
+    dispositions back before it frees its modules (long, with torch loaded), so a signal landing
+    there kills the process (hence `_ignore_stops`); and a KeyboardInterrupt that leaves code run
+    from a string (`exec`/`eval`, which dataclasses and typing use while modules import) sets a
+    process-wide "unhandled KeyboardInterrupt" flag that stays set though `main` handles the
+    exception, and under `python -m` the interpreter then kills itself by SIGINT after its
+    teardown, whatever status it was given (hence `_forget_handled_interrupt`)."""
     try:
         code = main(argv, program=True)
     except KeyboardInterrupt as e:  # landed in main's own error handling
         _ignore_stops()
         code = 128 + getattr(e, "signum", signal.SIGINT)
+    finally:
+        _forget_handled_interrupt()
     sys.exit(code)
+
+
+def _forget_handled_interrupt() -> None:
+    # the flag is the interpreter's own, but every PyRun_* call (public, stable C API) clears it
+    # before it runs its code, and "pass" cannot set it again
+    ctypes.pythonapi.PyRun_SimpleString(b"pass")
 
 
 def _ignore_stops() -> None:

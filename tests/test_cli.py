@@ -281,3 +281,19 @@ def test_version_is_the_projects(workdir):
     assert version("sinstudy") == study.__version__
     r = run_cli("--version", cwd=workdir)
     assert (r.returncode, r.stdout.strip()) == (0, f"sinstudy {study.__version__}"), r.stderr
+
+
+def test_a_handled_ctrl_c_does_not_end_the_program_by_sigint(workdir):
+    """A KeyboardInterrupt that leaves code run from a string (`exec`/`eval`: dataclasses and
+    typing do so while modules import) sets CPython's "unhandled KeyboardInterrupt" flag, and
+    with it still set `python -m` kills itself by SIGINT after its teardown, whatever status it
+    exits with. Here Ctrl-C lands in such code inside a command: the status must be 130."""
+    probe = (
+        "from study import cli\n"
+        "cli.cmd_best = lambda args: exec('raise KeyboardInterrupt')\n"
+        "cli.entry(['best'])\n"
+    )
+    (workdir / "probe.py").write_text(probe)  # a module: `-c` and scripts never read the flag
+    cmd = [sys.executable, "-m", "probe"]
+    r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (130, "sinstudy: interrupted\n")
