@@ -828,6 +828,35 @@ def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command_without_a_trac
         assert interrupt.requested() == signal.SIGTERM
 
 
+def test_a_writer_that_wakes_after_its_trial_was_failed_stores_no_more_of_its_values(workdir):
+    """A writer stopped (a loaded machine, SIGSTOP) while the trainer goes on holds the epochs
+    it was sent; its trial is failed meanwhile (optuna-dashboard's button, a sweep). When the
+    writer wakes it stores what it holds: before, the epochs after the trial's FAIL too (the
+    bulk insert did not check the state, as Optuna's own API does); now none of them."""
+    (workdir / "slow.toml").write_text(SLOW_TOML)
+    url = f"sqlite:///{workdir}/s.db"
+    proc = start_cli(
+        "run", "--config", "slow.toml", "--no-progress", "--storage", url,
+        "--max-epochs", "4000", "--n-trials", "1", "--slots", "1", cwd=workdir,
+    )  # fmt: skip
+    try:
+        victim = _wait_running(url, 1, proc)[0]
+        (writer,) = spawned_children(proc.pid)
+        os.kill(writer, signal.SIGSTOP)
+        time.sleep(2)  # the trainer's epochs pile up for the stopped writer
+        storage = store.load(url)
+        storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
+        at_fail = len(storage.get_trial(victim._trial_id).intermediate_values)
+        os.kill(writer, signal.SIGCONT)
+        time.sleep(2 * SYNC_S + 1)  # the writer's backlog written, and a sync after it
+        assert len(storage.get_trial(victim._trial_id).intermediate_values) == at_fail
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the writer too, stopped or not
+
+
 def test_a_retry_queued_while_the_writer_lags_is_waited_for_not_left_waiting(workdir):
     """Chaos seed 201, round 87: under load a sweep's retry reached a run's mirror after the
     run's wait for it (three syncs' time) ran out; the run gave the claim to a new trial and

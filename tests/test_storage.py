@@ -334,3 +334,27 @@ def test_every_private_optuna_api_named_in_the_list_still_exists(tmp_path):
             for part in parts[i:]:
                 obj = getattr(obj, part)
         assert obj is not None, name
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "journal"])
+def test_no_value_is_stored_after_a_trials_end(tmp_path, request, kind):
+    """A trial failed from outside (optuna-dashboard's button, another engine's sweep) gets no
+    more intermediate values, however late the writer's batch comes; a running one beside it
+    gets its batch whole."""
+    url = {
+        "sqlite": f"sqlite:///{tmp_path}/s.db",
+        "journal": f"journal:///{tmp_path}/s.log",
+    }.get(kind) or request.getfixturevalue("pg_url")
+    db = store.open_store(store.check(url))
+    study = optuna.create_study(study_name="s", storage=db.optuna)
+    failed, running = study.ask(), study.ask()
+    db.append_values({failed._trial_id: {1: 0.5}, running._trial_id: {1: 0.4}})
+    other = optuna.load_study(study_name="s", storage=store.load(url))  # another process's view
+    other.tell(failed.number, state=optuna.trial.TrialState.FAIL)
+    db.append_values({failed._trial_id: {2: 0.3, 3: 0.2}, running._trial_id: {2: 0.1}})
+    trials = optuna.load_study(study_name="s", storage=store.load(url)).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert (trials[0].intermediate_values, trials[1].intermediate_values) == (
+        {1: 0.5},
+        {1: 0.4, 2: 0.1},
+    )

@@ -251,8 +251,10 @@ class Store:
 
     def append_values(self, values: dict[int, dict[int, float]]) -> None:
         """New intermediate values {trial_id: {step: value}} of running trials, in one step. A
-        trial another process finished meanwhile (a sweep, optuna-dashboard) is skipped: the
-        writer's next sync stops it."""
+        trial another process finished meanwhile (a sweep, optuna-dashboard's FAIL) gets none
+        of them, whenever that process finished it: no value is ever stored after a trial's end
+        (Optuna's API keeps that rule; so does the journal's replay, which drops a record
+        written after the trial's end). The writer's next sync stops the trial."""
         for tid, steps in values.items():
             try:
                 for step, v in steps.items():

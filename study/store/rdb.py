@@ -361,8 +361,24 @@ class RDBStore(Store):
         return Taken(frozenset(frozenset(s) for s in sets.values()), frozenset(seeds))
 
     def append_values(self, values: dict[int, dict[int, float]]) -> None:
+        """As the interface says, kept as Optuna's own API keeps it: the trials' states are read
+        in the transaction that writes, their rows locked (FOR SHARE; SQLite: the write lock
+        taken first), so a FAIL stored by another process comes wholly before the values (and
+        they are dropped) or wholly after them."""
+        if not values:
+            return
+
         def body(session) -> None:
-            rows = [r for tid, steps in values.items() for r in _step_rows(tid, steps)]
+            self._lock_for_check(session)
+            m = models.TrialModel
+            running = {
+                tid
+                for (tid,) in session.query(m.trial_id)
+                .filter(self._one_of(m.trial_id, list(values)), m.state == TrialState.RUNNING)
+                .with_for_update(read=True)
+            }
+            mine = [(tid, steps) for tid, steps in values.items() if tid in running]
+            rows = [r for tid, steps in mine for r in _step_rows(tid, steps)]
             self._put(session, models.TrialIntermediateValueModel, rows)
 
         self._transaction(body)
