@@ -156,7 +156,8 @@ def _worker_main(
         print(f"sinstudy: worker {index}: {e}", file=sys.stderr)
         sys.exit(WRITER_DIED)
     except Exception as e:  # one line for the user; the parent stops the run
-        print(f"sinstudy: worker {index}: {type(e).__name__}: {e}", file=sys.stderr)
+        line = run.store.fault(e) or f"{type(e).__name__}: {e}"
+        print(f"sinstudy: worker {index}: {line}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -33,6 +33,12 @@ def run(
     # line (SINSTUDY_DEBUG=1: traceback), so Optuna's own failure log with a traceback is noise.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     opened = open_run(cfg, say=say)
+    with opened.store.naming_faults():
+        return _run_opened(opened, progress, say)
+
+
+def _run_opened(opened: Run, progress: bool, say: Callable[[str], None]) -> Summary:
+    cfg = opened.cfg
     study = opened.load_study()
     bar = Progress(cfg.n_trials, progress)
     start = time.perf_counter()

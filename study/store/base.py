@@ -16,6 +16,7 @@ tests/test_bulk.py compare them).
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from collections.abc import Container, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from study.errors import StorageError
 from study.store.url import Heartbeat, StorageURL
 from study.trial.space import param_set
 
@@ -107,6 +109,26 @@ def pick_seeds(held: Container[int], candidates: Iterable[int], repeats: int) ->
     raise ValueError("no free seed among the candidates")
 
 
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, what it was raised from or during, and the driver's own error a SQLAlchemy error
+    wraps (`orig`), each once, nearest first."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+
+
+def disk_full(path: object) -> str:
+    """The line for a storage file its disk has no room for."""
+    fix = "free space on its disk or give --storage another place"
+    return f"disk full: cannot write {path}; {fix}"
+
+
 class Store:
     """A study's storage with the engines' steps (see the module's docstring). `kind` names the
     backend (sqlite, postgresql, journal; memory for an in-memory study)."""
@@ -144,6 +166,31 @@ class Store:
     def advice(self, workers: int) -> list[str]:
         """A faster storage for this many workers, if there is one."""
         return []
+
+    # ------------------------------------------------------------------ what went wrong
+
+    def fault(self, exc: BaseException) -> str | None:
+        """One line naming what failed underneath `exc` when it is the storage's environment
+        (a full disk, a database that cannot be reached), with the fix; None for anything
+        else. Optuna wraps such failures in words about invalid data; this says what it was.
+        A full disk is named only with its file: a write error that names none may have been
+        another folder's (TensorBoard's, the artifacts')."""
+        for e in causes(exc):
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename:
+                return disk_full(e.filename)
+        return None
+
+    @contextlib.contextmanager
+    def naming_faults(self) -> Iterator[None]:
+        """A failure of the storage's environment inside the block (`fault`) leaves it as a
+        StorageError with that one line (exit status 1), not as Optuna's words for it."""
+        try:
+            yield
+        except Exception as e:
+            line = self.fault(e)
+            if line is None:
+                raise
+            raise StorageError(line, exit_code=1) from e
 
     # ------------------------------------------------------------------ writes
 

@@ -218,6 +218,16 @@ class TolerantJournalBackend(JournalFileBackend):
                     continue
                 yield _record(line) or self._bad(number + 1)
 
+    def append_logs(self, logs: list[dict]) -> None:
+        """Optuna's append, with the file named in a failed write's error (the OSError of a
+        write or close carries no file name, and a full disk then names nothing)."""
+        try:
+            super().append_logs(logs)
+        except OSError as e:
+            if e.filename is None:
+                e.filename = self._file_path
+            raise
+
     def _bad(self, line_number: int) -> dict:
         self.bad_lines.add(line_number)
         return {"op_code": JournalOperation.DISCARD_TRIALS}

@@ -11,6 +11,7 @@ from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql
 
 from study.errors import StorageError
+from study.store.base import causes
 from study.store.rdb import RDBStore, _utc
 from study.store.url import StorageURL, redact
 
@@ -41,6 +42,27 @@ class PostgresStore(RDBStore):
                 "create the database, or fix --storage",
                 exit_code=1,
             ) from None
+
+    def fault(self, exc: BaseException) -> str | None:
+        """The server's full disk, or a connection lost or refused (the server stopped,
+        restarting, or out of reach), named with its host."""
+        import psycopg
+
+        server = "the PostgreSQL server"
+        if self.url is not None:
+            u = sqlalchemy.engine.make_url(self.url.url)
+            server += f" at {u.host or 'localhost'}:{u.port or 5432}"
+        for e in causes(exc):
+            if not isinstance(e, psycopg.Error):
+                continue
+            state = e.sqlstate or ""
+            if state == "53100":
+                return f"{server} is out of disk space; free space on the server"
+            lost = state.startswith("08") or state in ("57P01", "57P02", "57P03")
+            if lost or (isinstance(e, psycopg.OperationalError) and not state):
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                return f"{server} cannot be reached ({first}); start it or fix --storage"
+        return super().fault(exc)
 
     @classmethod
     def _engine(cls, parsed: StorageURL, *, read_only: bool) -> tuple[str, dict]:

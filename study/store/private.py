@@ -22,7 +22,7 @@ PRIVATE_OPTUNA = {
     "optuna.storages.JournalStorage._backend": "the file backend under the storage",
     "optuna.storages.JournalStorage._thread_lock": "Optuna's in-process lock, made reentrant",
     "optuna.storages.journal.JournalFileBackend._lock": "the file lock object",
-    "optuna.storages.journal.JournalFileBackend._file_path": "the file the reader reads",
+    "optuna.storages.journal.JournalFileBackend._file_path": "the file: read, named in errors",
     "optuna.storages.journal.JournalFileBackend._log_number_offset": "where each record starts",
     # everywhere (as Optuna's own integrations read them): a study's storage and a trial's id
     "optuna.Study._storage": "the storage of a loaded study",

@@ -16,6 +16,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from study.errors import StorageError
+from study.store.base import causes, disk_full
 from study.store.rdb import RDBStore
 from study.store.url import StorageURL, check_writable_dir
 
@@ -117,6 +118,13 @@ class SqliteStore(RDBStore):
         write, so two engines both checked, found nothing, and both inserted one parameter set.
         SQLite's IMMEDIATE transactions run one at a time."""
         session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+
+    def fault(self, exc: BaseException) -> str | None:
+        """SQLite's SQLITE_FULL (a full disk, or a file at its size limit) names the file."""
+        for e in causes(exc):
+            if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == 13:
+                return disk_full(self.url.path if self.url else "the SQLite file")
+        return super().fault(exc)
 
     def advice(self, workers: int) -> list[str]:
         # SQLite (with its busy timeout) holds many workers without "database is locked", but

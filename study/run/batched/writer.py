@@ -93,7 +93,9 @@ STUCK_S = 60.0
 
 
 class WriterError(RuntimeError):
-    """The writer process failed; its message is one line (the CLI prints it)."""
+    """The writer process failed; its message is one line (the CLI prints it as it is)."""
+
+    exit_code = 1
 
 
 class Writer:
@@ -211,7 +213,7 @@ def _main(
     try:
         sink = _Sink(cfg, store, known, results, claims)
     except BaseException as e:
-        results.put(WriterFailed(_one_line(e)))
+        results.put(WriterFailed(_one_line(e, store)))
     # This process never puts jobs: closing its copy of the pipe's sending end means a trainer
     # killed in the middle of a put leaves an EOF here, not a read that waits forever.
     jobs._writer.close()
@@ -319,7 +321,7 @@ def _guarded(sink: _Sink, results: mp.Queue, fn, *args) -> _Sink | None:
         fn(*args)
         return sink
     except BaseException as e:
-        results.put(WriterFailed(_one_line(e)))
+        results.put(WriterFailed(_one_line(e, sink.db)))
         return None
 
 
@@ -361,7 +363,12 @@ class _WarmUp:
             pass
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, store: Store) -> str:
+    """The writer's failure for the user: the storage's fault where it is one (a full disk, a
+    lost database), else the error's first line."""
+    fault = store.fault(e)
+    if fault is not None:
+        return f"storage writer: {fault}"
     text = str(e).strip().splitlines()
     return f"storage writer: {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
