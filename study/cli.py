@@ -26,14 +26,27 @@ DEFAULTS = StudyConfig()
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own usage dump is noise)
-        self.exit(2, f"sinstudy: error: {message} (see sinstudy {self.prog.split()[-1]} --help)\n")
+    """Errors in one line naming the help of the command they concern, exit 2 (argparse's own
+    usage dump is noise)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sinstudy: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        # argparse reports a subcommand's unknown flags from the top parser: name the subcommand
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            where = " ".join(filter(None, (self.prog, getattr(parsed, "command", None))))
+            unknown = " ".join(extras)
+            self.exit(
+                2, f"sinstudy: error: unrecognized arguments: {unknown} (see {where} --help)\n"
+            )
+        return parsed
 
 
-def _study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--study", help=f"study name (default {DEFAULTS.study!r}); an existing one is continued"
-    )
+def _study_args(p: argparse.ArgumentParser, *, reader: bool = False) -> None:
+    made = "it must exist" if reader else "an existing one is continued"
+    p.add_argument("--study", help=f"study name (default {DEFAULTS.study!r}); {made}")
     p.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULTS.storage})")
 
 
@@ -113,10 +126,10 @@ def _add_run(sub) -> None:
 def _add_readers(sub) -> None:
     """The commands that read a study from storage alone."""
     best = sub.add_parser("best", help="print the best trial, from storage alone")
-    _study_args(best)
+    _study_args(best, reader=True)
 
     plot = sub.add_parser("plot", help="write plotly HTML (and PNG) plots of a study")
-    _study_args(plot)
+    _study_args(plot, reader=True)
     plot.add_argument("--out", help="folder (default storage/plots/<study>/)")
     plot.add_argument(
         "--evaluator",
@@ -130,7 +143,7 @@ def _add_readers(sub) -> None:
     _artifact_arg(plot)
 
     report = sub.add_parser("report", help="write one self-contained HTML report of a study")
-    _study_args(report)
+    _study_args(report, reader=True)
     report.add_argument("--out", help="file (default storage/reports/<study>.html)")
     _artifact_arg(report)
 

@@ -297,3 +297,23 @@ def test_a_handled_ctrl_c_does_not_end_the_program_by_sigint(workdir):
     cmd = [sys.executable, "-m", "probe"]
     r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     assert (r.returncode, r.stderr) == (130, "sinstudy: interrupted\n")
+
+
+@pytest.mark.parametrize("command", ["run", "best", "compare depth"])
+def test_a_mistyped_flag_names_its_commands_help(command, capsys):
+    from study.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*command.split(), "--stdy", "x"])
+    first = command.split()[0]
+    expected = f"sinstudy: error: unrecognized arguments: --stdy x (see sinstudy {first} --help)\n"
+    assert (e.value.code, capsys.readouterr().err) == (2, expected)
+
+
+def test_readers_say_the_study_must_exist(capsys):
+    from study.cli import build_parser
+
+    for command, says in [("run", "an existing one is continued"), ("best", "it must exist")]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert says in " ".join(capsys.readouterr().out.split())
