@@ -144,3 +144,18 @@ def test_the_summary_names_a_trials_share_of_the_device_only_where_it_shared_it(
     )
     assert shared_text({"seconds": 8.9, "compute_seconds": 8.9}) == ""  # trained alone
     assert shared_text({"seconds": 8.9}) == ""  # stored before compute_seconds existed
+
+
+def test_the_progress_bar_gives_no_time_left_until_a_batch_of_trials_has_finished():
+    """A 40-trial run trains 32 trials side by side: the first to end (pruned early) once gave
+    an estimate of 7-10 minutes for a 40 s run. Its time left waits for 32 finished trials."""
+    import io
+
+    from study.views.summary import Progress
+
+    bar = Progress(40, True, at_once=32, file=io.StringIO())
+    for number in range(32):
+        assert "<?" in str(bar.bar), (number, str(bar.bar))
+        bar.written(number, TrialState.PRUNED, None)
+    assert "<?" not in str(bar.bar) and "<00:" in str(bar.bar), str(bar.bar)
+    bar.close()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import optuna
 
-from study.config import StudyConfig
+from study.config import StudyConfig, models_at_once
 from study.run import interrupt
 from study.run.opening import Run, open_run
 from study.run.pool import Pool, finished_since, run_engine
@@ -40,7 +40,8 @@ def run(
 def _run_opened(opened: Run, progress: bool, say: Callable[[str], None]) -> Summary:
     cfg = opened.cfg
     study = opened.load_study()
-    bar = Progress(cfg.n_trials, progress)
+    at_once = models_at_once(cfg, opened.device.type) // cfg.repeats * len(opened.placements)
+    bar = Progress(cfg.n_trials, progress, at_once=at_once)
     start = time.perf_counter()
     try:
         signum, book, workers = _execute(opened, study, bar, say)

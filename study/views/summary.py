@@ -112,23 +112,45 @@ def _numbers(numbers, most: int = 8) -> str:
 
 
 class Progress:
-    """tqdm bar over this run's finished trials with the best value so far (stderr)."""
+    """tqdm bar over this run's finished trials with the best value so far (stderr).
 
-    def __init__(self, total: int, enabled: bool):
+    Its time left is shown once `at_once` trials (those trained side by side) have finished,
+    and from the mean rate since the start: before, the first trials to end (pruned early, or
+    one of a batch) would predict the run at many times its length."""
+
+    NO_ETA = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<?, {rate_fmt}{postfix}]"
+
+    def __init__(self, total: int, enabled: bool, *, at_once: int = 1, file=None):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="trial", disable=not enabled, dynamic_ncols=True)
+        self.warmup = min(total, max(1, at_once))
+        self.bar = tqdm(
+            total=total,
+            unit="trial",
+            disable=not enabled,
+            dynamic_ncols=True,
+            smoothing=0,
+            bar_format=self.NO_ETA if self.warmup > 1 else None,
+            file=file,
+        )
         self.best: tuple[float, int] | None = None  # (value, number)
+
+    def _moved(self) -> None:
+        if self.bar.n >= self.warmup and self.bar.bar_format is not None:
+            self.bar.bar_format = None
+            self.bar.refresh()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna callback (the standard engine in this process): one more trial finished."""
         self.bar.update(1)
+        self._moved()
         if trial.state == TrialState.COMPLETE:
             self.finished(trial.number, trial.values[0])
 
     def written(self, number: int, state: TrialState, value: float | None) -> None:
         """The batched engine's writer stored one more finished trial."""
         self.bar.update(1)
+        self._moved()
         if state == TrialState.COMPLETE:
             self.finished(number, value)
 
@@ -142,6 +164,7 @@ class Progress:
         """Move to n finished trials (the parent of several workers polls the storage)."""
         if n != self.bar.n:
             self.bar.update(n - self.bar.n)
+            self._moved()
             best = analysis.best_trial(study)
             if best is not None:
                 self.finished(best.number, best.values[0])
