@@ -358,3 +358,95 @@ def test_no_value_is_stored_after_a_trials_end(tmp_path, request, kind):
         {1: 0.5},
         {1: 0.4, 2: 0.1},
     )
+
+
+def _refuse_new_trials(kind: str, url: str, monkeypatch) -> None:
+    """Every insert of a trial fails from now on, whichever code inserts it (a full disk, say)."""
+    if kind == "journal":
+
+        def refused(*args, **kwargs):
+            raise OSError(28, "No space left on device (simulated)")
+
+        monkeypatch.setattr(optuna.storages.JournalStorage, "create_new_trial", refused)
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as c:
+        if kind == "sqlite":
+            c.exec_driver_sql(
+                "CREATE TRIGGER refuse_trials BEFORE INSERT ON trials "
+                "BEGIN SELECT RAISE(ABORT, 'full'); END"
+            )
+        else:
+            c.exec_driver_sql(
+                "CREATE FUNCTION refuse_trials() RETURNS trigger AS $$ BEGIN RAISE 'full'; END $$ "
+                "LANGUAGE plpgsql; CREATE TRIGGER refuse_trials BEFORE INSERT ON trials "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_trials()"
+            )
+    engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "journal"])
+def test_a_trial_is_never_failed_without_its_retry(tmp_path, request, monkeypatch, kind):
+    """Failing a trial and queueing its retry are one step: when the retry cannot be stored,
+    the trial stays RUNNING (a later sweep fails and retries it). Before: the FAIL was stored,
+    the retry's insert failed, and the parameter set was lost for good."""
+    from study.store import recovery
+
+    url = {
+        "sqlite": f"sqlite:///{tmp_path}/s.db",
+        "journal": f"journal:///{tmp_path}/s.log",
+    }.get(kind) or request.getfixturevalue("pg_url")
+    study = optuna.create_study(study_name="s", storage=store.load(url))
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.set_user_attr("unused", 0)  # (a study attr: the retry copies only the trial's)
+    trial.set_user_attr("seed", 7)
+    with monkeypatch.context() as m:
+        _refuse_new_trials(kind, url, m)
+        with pytest.raises(Exception, match="full|No space"):  # the backend's own error
+            recovery.fail_and_retry(study, trial.number, max_retries=1)
+    if kind != "journal":  # the database refuses inserts until the trigger goes
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url)
+        with engine.begin() as c:
+            on = "" if kind == "sqlite" else " ON trials"
+            c.exec_driver_sql(f"DROP TRIGGER refuse_trials{on}")
+        engine.dispose()
+    fresh = optuna.load_study(study_name="s", storage=store.load(url))
+    assert [t.state for t in fresh.trials] == [optuna.trial.TrialState.RUNNING]
+    assert recovery.fail_and_retry(fresh, trial.number, max_retries=1)
+    assert not recovery.fail_and_retry(fresh, trial.number, max_retries=1)  # done already
+    failed, retry = optuna.load_study(study_name="s", storage=store.load(url)).trials
+    assert (failed.state, retry.state) == (
+        optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.WAITING,
+    )
+    assert (retry.params, retry.user_attrs["seed"]) == (failed.params, 7)
+    assert (retry.system_attrs["failed_trial"], retry.system_attrs["retry_history"]) == (0, [0])
+
+
+def test_a_journal_retry_queued_before_a_crash_is_not_queued_twice(tmp_path, monkeypatch):
+    """The journal writes the retry, then the FAIL: a process that dies in between leaves the
+    trial RUNNING with its retry queued; the sweep that fails it later adds no second retry."""
+    from study.store import recovery
+
+    url = f"journal:///{tmp_path}/s.log"
+    study = optuna.create_study(study_name="s", storage=store.load(url))
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    with monkeypatch.context() as m:
+
+        def crash(*args, **kwargs):
+            raise KeyboardInterrupt  # the process dies here
+
+        m.setattr(optuna.storages.JournalStorage, "set_trial_state_values", crash)
+        with pytest.raises(KeyboardInterrupt):
+            recovery.fail_and_retry(study, trial.number, max_retries=1)
+    later = optuna.load_study(study_name="s", storage=store.load(url))
+    assert [t.state.name for t in later.trials] == ["RUNNING", "WAITING"]
+    assert recovery.fail_and_retry(later, trial.number, max_retries=1)
+    assert [t.state.name for t in store.of(later._storage).optuna.get_all_trials(0)] == [
+        "FAIL",
+        "WAITING",
+    ]

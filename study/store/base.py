@@ -123,6 +123,26 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
 
 
+def retry_of(trial: FrozenTrial, max_retries: int) -> FrozenTrial | None:
+    """The WAITING trial that retries failed `trial`, as Optuna's RetryFailedTrialCallback makes
+    it (params, distributions, user attrs; `failed_trial`: the first failed trial's number,
+    `retry_history`: every failed try's), or None when its retries are spent."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if max_retries < len(history):
+        return None
+    return optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        params=trial.params,
+        distributions=trial.distributions,
+        user_attrs=trial.user_attrs,
+        system_attrs={
+            "failed_trial": trial.number,
+            **trial.system_attrs,
+            "retry_history": history,
+        },
+    )
+
+
 def disk_full(path: object) -> str:
     """The line for a storage file its disk has no room for."""
     fix = "free space on its disk or give --storage another place"
@@ -295,6 +315,31 @@ class Store:
                 for key, value in seed_attrs(seeds).items():
                     self.optuna.set_trial_user_attr(trial_id, key, value)
         return Take.TAKEN
+
+    def fail_and_retry(self, study_id: int, trial: FrozenTrial, max_retries: int) -> bool:
+        """Mark RUNNING `trial` FAIL and, while retries remain, queue its retry (`retry_of`) as
+        one step: no FAIL trial without its retry, whatever fails in between. False, and
+        nothing written, when the trial is no longer RUNNING.
+
+        Here (the journal): under one hold of the file lock, the retry first, then the FAIL;
+        a process that dies between the two leaves the trial RUNNING with its retry queued, and
+        the sweep that fails it later finds that retry and queues no second one."""
+        retry = retry_of(trial, max_retries)
+        with self._locked():
+            if self.optuna.get_trial(trial._trial_id).state != TrialState.RUNNING:
+                return False
+            if retry is not None and not self._retry_queued(study_id, trial.number):
+                self.optuna.create_new_trial(study_id, template_trial=retry)
+            try:
+                return self.optuna.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return False
+
+    def _retry_queued(self, study_id: int, number: int) -> bool:
+        return any(
+            t.system_attrs.get("retry_history", [None])[-1] == number
+            for t in self._trials(study_id)
+        )
 
     def append_values(self, values: dict[int, dict[int, float]]) -> None:
         """New intermediate values {trial_id: {step: value}} of running trials, in one step. A

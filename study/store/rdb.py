@@ -44,6 +44,7 @@ from study.store.base import (
     Taken,
     meets,
     pick_seeds,
+    retry_of,
     seed_attrs,
 )
 from study.store.url import Heartbeat, StorageURL, redact
@@ -359,6 +360,28 @@ class RDBStore(Store):
         ).all()
         seeds = {json.loads(v) for tid, v in seed_rows if tid not in own}
         return Taken(frozenset(frozenset(s) for s in sets.values()), frozenset(seeds))
+
+    def fail_and_retry(self, study_id: int, trial: FrozenTrial, max_retries: int) -> bool:
+        """As the interface says, in one transaction: the trial's row locked and checked, its
+        state FAIL, the retry inserted (under the study lock, as every new trial)."""
+        retry = retry_of(trial, max_retries)
+
+        def body(session) -> bool:
+            self._lock_study(session, study_id)
+            row = (
+                session.query(models.TrialModel)
+                .filter(models.TrialModel.trial_id == trial._trial_id)
+                .with_for_update()
+                .one_or_none()
+            )
+            if row is None or row.state != TrialState.RUNNING:
+                return False
+            row.state, row.datetime_complete = TrialState.FAIL, datetime.now()  # as Optuna does
+            if retry is not None:
+                self._insert(session, study_id, [retry], False, None, NOTHING_TAKEN, set(), [None])
+            return True
+
+        return self._transaction(body)
 
     def append_values(self, values: dict[int, dict[int, float]]) -> None:
         """As the interface says, kept as Optuna's own API keeps it: the trials' states are read

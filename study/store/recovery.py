@@ -27,6 +27,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from study.quiet import experimental
+from study.store import of
 from study.store.base import Store
 
 # "host boot-id pid start-ticks" of the process that keeps a trial alive (the batched engine's
@@ -86,22 +87,16 @@ class StaleRetry:
 
 
 def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> bool:
-    """Mark a RUNNING trial FAIL and enqueue its params once more (up to max_retries times).
+    """Mark a RUNNING trial FAIL and enqueue its params once more (up to max_retries times), as
+    one step of its store (`Store.fail_and_retry`): no FAIL without its retry.
 
     Returns False when the trial was no longer RUNNING (it finished, or another process failed
     it first): then nothing is changed.
     """
     trial = _by_number(study, trial_number)
-    if trial is None or trial.state != TrialState.RUNNING:
+    if trial is None:
         return False
-    try:
-        if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            return False
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-    if max_retries > 0:
-        StaleRetry(max_retries)(study, study._storage.get_trial(trial._trial_id))
-    return True
+    return of(study._storage).fail_and_retry(study._study_id, trial, max_retries)
 
 
 def retry_chain(system_attrs: dict) -> set[int]:

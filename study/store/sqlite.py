@@ -116,8 +116,11 @@ class SqliteStore(RDBStore):
     def _lock_for_check(self, session) -> None:
         """FOR UPDATE is a no-op on SQLite and the driver opens a transaction only at the first
         write, so two engines both checked, found nothing, and both inserted one parameter set.
-        SQLite's IMMEDIATE transactions run one at a time."""
-        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        SQLite's IMMEDIATE transactions run one at a time. Taken once per transaction (a step
+        may check twice, as `fail_and_retry` does before its insert)."""
+        connection = session.connection()
+        if not connection.connection.dbapi_connection.in_transaction:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     def fault(self, exc: BaseException) -> str | None:
         """SQLite's SQLITE_FULL (a full disk, or a file at its size limit) names the file."""
