@@ -450,3 +450,34 @@ def test_a_journal_retry_queued_before_a_crash_is_not_queued_twice(tmp_path, mon
         "FAIL",
         "WAITING",
     ]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() on a heartbeat's storage
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_optunas_own_stale_sweep_fails_and_retries_as_one_step(tmp_path, request, kind):
+    """`fail_stale_trials` (what study.optimize and the RDB sweep run) on a store opened with
+    the heartbeat: when the retry cannot be stored, the stale trial stays RUNNING; then it is
+    failed with its retry. Before: Optuna stored the FAIL, then its callback's insert failed."""
+    from study.store import url as url_mod
+
+    url = f"sqlite:///{tmp_path}/s.db" if kind == "sqlite" else request.getfixturevalue("pg_url")
+    beat = url_mod.Heartbeat(interval=1, grace_period=1, max_retries=1)
+    db = store.open_store(store.check(url), beat)
+    study = optuna.create_study(study_name="s", storage=db.optuna)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    db.optuna.record_heartbeat(trial._trial_id)
+    time.sleep(2.2)  # silent past the grace period
+    with pytest.MonkeyPatch.context() as m:
+        _refuse_new_trials(kind, url, m)
+        with pytest.raises(Exception, match="full"):
+            db.silent(study, grace_period=1)
+        on = "" if kind == "sqlite" else " ON trials"
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url)
+        with engine.begin() as c:
+            c.exec_driver_sql(f"DROP TRIGGER refuse_trials{on}")
+        engine.dispose()
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"]
+    assert db.silent(study, grace_period=1) == [trial.number]
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]

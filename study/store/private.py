@@ -17,6 +17,8 @@ PRIVATE_OPTUNA = {
     "optuna.storages._rdb.models.StudyModel.find_or_raise_by_id": "the study lock Optuna takes",
     "optuna.storages._rdb.models.TrialModel._datetime_start_utc": "a start time as stored",
     "optuna.storages._rdb.models.TrialModel._datetime_complete_utc": "an end time as stored",
+    "optuna.storages.RDBStorage._get_stale_trial_ids": "Optuna's stale check, which fails and "
+    "retries as one step here (rdb.SweepingStorage)",
     # study.store.journal: the file lock held across a check and its write; a tolerant reader
     "optuna.storages.journal._storage.JournalOperation": "the record kinds a line may hold",
     "optuna.storages.JournalStorage._backend": "the file backend under the storage",

@@ -66,7 +66,7 @@ class RDBStore(Store):
 
     @classmethod
     def _storage_class(cls) -> type[RDBStorage]:
-        return RDBStorage
+        return SweepingStorage
 
     @classmethod
     def open(
@@ -99,6 +99,7 @@ class RDBStore(Store):
                     with experimental(), cls._schema_lock(parsed):  # heartbeat: experimental
                         storage = cls._storage_class()(url, engine_kwargs=kwargs, **hb)
                         store = cls(storage, parsed, heartbeat)
+                        storage.store = store
                         store._after_open()
                         return store
                 except sqlalchemy.exc.DBAPIError as e:
@@ -726,3 +727,28 @@ def _frozen(tid: int, d: dict) -> FrozenTrial:
         intermediate_values=d["steps"],
         trial_id=tid,
     )
+
+
+class SweepingStorage(RDBStorage):
+    """Optuna's RDBStorage whose stale-trial check fails each stale trial and queues its retry
+    in one transaction (`RDBStore.fail_and_retry`), then hands Optuna's `fail_stale_trials`
+    (which `study.optimize` and `RDBStore.silent` run) no trial to fail itself: Optuna stores
+    the FAIL and then calls its callback for the retry, two steps a failure can split."""
+
+    store: RDBStore | None = None  # the store that opened it (RDBStore.open)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        retry = self.get_heartbeat_stale_trial_callback()
+        if self.store is None or not hasattr(retry, "failed"):  # not opened with our heartbeat
+            return stale
+        for trial_id in stale:
+            trial = self.get_trial(trial_id)
+            if self.store.fail_and_retry(study_id, trial, retry.max_retries):
+                retry.failed.append(trial.number)
+        return []
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("store", None)  # a store travels as its URL (Store.__reduce__), not inside
+        return state

@@ -79,6 +79,7 @@ class StaleRetry:
     def __init__(self, max_retries: int):
         with experimental():  # experimental in Optuna 5.0; its behaviour is what we want
             self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+        self.max_retries = max_retries
         self.failed: list[int] = []
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:

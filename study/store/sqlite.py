@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from study.errors import StorageError
 from study.store.base import causes, disk_full
-from study.store.rdb import RDBStore
+from study.store.rdb import RDBStore, SweepingStorage
 from study.store.url import StorageURL, check_writable_dir
 
 SQLITE_BUSY_TIMEOUT_S = 60  # wait for a lock instead of failing with "database is locked"
@@ -140,7 +140,7 @@ class SqliteStore(RDBStore):
         return []
 
 
-class SQLiteStorage(RDBStorage):
+class SQLiteStorage(SweepingStorage):
     """Optuna's RDBStorage, whose state changes are one atomic step on SQLite too.
 
     Optuna reads a trial's state, then writes the new one: FOR UPDATE, which makes that safe on
