@@ -138,6 +138,23 @@ def test_a_claim_that_moved_between_workers_is_not_stranded_by_the_shares():
     assert not b.claim(worker=0)  # and the budget holds
 
 
+def test_a_worker_held_by_its_share_waits_while_the_budget_has_trials_left():
+    """Chaos seed 251, round 84 (`--workers 2 --n-trials 3`, exit 0, two trials finished): worker
+    0's trial was failed from outside (a false stale under load), its claim reserved for the
+    retry; another run took the retry. Worker 1, at its share, waited for the retry too, ended
+    the wait (unreserving the claim) just after worker 0 had looked, so worker 0 saw nothing
+    reserved and ended without claiming again, and worker 1, still held by its share (worker 0
+    had not ended yet), ended too. An engine now ends only when the budget is spent."""
+    b = Budget(3, None, workers=2)
+    assert b.claim(worker=0) and b.claim(worker=1) and b.claim(worker=1)  # shares 2 and 2
+    b.release(worker=0, for_queued=True)  # worker 0's trial failed elsewhere, retry queued
+    assert b.spent()  # for new trials: the reserved claim waits for the retry (Ledger's wait)
+    b.unreserve()  # worker 1's wait ran out: the retry was another run's
+    assert not b.claim(worker=1)  # at its share while worker 0 lives
+    assert not b.spent()  # so worker 1 must not end: one trial is left
+    assert b.claim(worker=0) and b.spent()  # worker 0 takes it; now both may end
+
+
 def test_an_owner_is_gone_only_when_its_process_on_this_machine_has_ended():
     alive = recovery.owner_attr()
     assert not recovery.owner_gone(alive)

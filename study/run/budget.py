@@ -70,6 +70,16 @@ class Budget:
     def reserved(self) -> int:
         return self._reserved.value
 
+    def spent(self) -> bool:
+        """Nothing left for any worker of the run to start: stopped, past the deadline, or every
+        trial claimed or reserved. A worker that cannot claim while the budget is not spent is
+        held by its share: another worker, under its share, will claim what is left, or end
+        and so lift the shares; it must not end itself first."""
+        with self._claimed.get_lock():
+            if self._stopped.value or self._claimed.value + self._reserved.value >= self.n_trials:
+                return True
+        return self.deadline is not None and time.time() >= self.deadline
+
     def unreserve(self) -> None:
         """The claims reserved for retries that did not come are free for new trials."""
         with self._claimed.get_lock():

@@ -224,13 +224,15 @@ class BatchedEngine:
                 self._fill(budget)
                 if not self.stacks:
                     if interrupt.requested() or not (
-                        self.ledger.unsettled() or self._awaiting_retry(budget)
+                        self.ledger.unsettled()
+                        or self._awaiting_retry(budget)
+                        or self._held_by_share(budget)
                     ):
                         break
                     # The budget looks spent, but the writer has not confirmed every start and
                     # finish yet (one it could not store gives its claim back), or a crashed
-                    # worker's retry has a claim reserved and the mirror has not seen it yet:
-                    # wait for them.
+                    # worker's retry has a claim reserved and the mirror has not seen it yet,
+                    # or a claim is left that only another worker may take yet: wait for them.
                     t0 = time.perf_counter()
                     time.sleep(0.05)
                     self.stats.book_seconds += time.perf_counter() - t0
@@ -334,6 +336,12 @@ class BatchedEngine:
         failed = self.mirror.retried(trial)
         seed = self.mirror.seeds.get(failed) if failed is not None else None
         return self.ledger.first_seed(own, queued.trial_id, seed)
+
+    def _held_by_share(self, budget) -> bool:
+        """The run's budget has trials left that this engine could not claim (its worker is at
+        its share): another worker will start them, or end and free the shares (Budget.spent).
+        Not when this engine has stopped asking (a grid done, a space exhausted)."""
+        return not (budget.spent() or self._exhausted() or self._grid_started())
 
     def _awaiting_retry(self, budget) -> bool:
         """A claim reserved for a queued retry is waited for a few syncs (Ledger)."""
