@@ -14,6 +14,7 @@ import pytest
 from conftest import TINY_TOML, run_cli, spawned_children, start_cli
 from optuna.trial import TrialState
 
+from study import store
 from study.store.recovery import fail_and_retry
 from study.views import results
 
@@ -305,7 +306,8 @@ def test_a_live_trial_failed_by_another_engine_is_not_stored_and_its_claim_retur
         # What another engine's sweep does. The first trial is a new best: its weights are
         # uploaded when it ends, to a trial that is no longer running.
         assert victim.number == 0
-        assert fail_and_retry(_study(url), victim.number, max_retries=1)
+        swept = _study(url)
+        assert fail_and_retry(store.of(swept._storage), swept, victim.number, max_retries=1)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -304,7 +304,7 @@ def test_the_summary_names_what_a_run_leaves_behind(tmp_path):
     gone = study.ask(dist)  # a trial whose run died: failed and retried
     other = study.ask(dist)  # another run's, beating
     storage.record_heartbeat(other._trial_id)
-    recovery.fail_and_retry(study, gone.number, max_retries=1)
+    recovery.fail_and_retry(store.of(study._storage), study, gone.number, max_retries=1)
     left = Leftovers.of(
         study,
         study.get_trials(),
@@ -609,7 +609,8 @@ def test_the_study_keeps_a_best_models_weights_when_a_better_one_is_not_stored(t
         starts.append(Start(key, t))
     sink.start(starts)
     ids = dict(sink.held.ids)
-    recovery.fail_and_retry(load(), 0, max_retries=0)  # another engine's sweep
+    swept = load()
+    recovery.fail_and_retry(store.of(swept._storage), swept, 0, max_retries=0)  # a sweep
     tcfg = TrainConfig(depth=1, width=4)
     weights = model_state(build_mlp(tcfg.widths, tcfg.activation))
 
@@ -784,7 +785,8 @@ def test_a_dead_writers_trials_that_a_sweep_failed_give_their_claims_to_the_retr
     cfg = config.build(None, study="s", storage=f"sqlite:///{tmp_path}/s.db", n_trials=3)
     study = opening.open_study(cfg, store.load(cfg.storage))
     swept, mine, done = study.ask(), study.ask(), study.ask()
-    recovery.fail_and_retry(study, swept.number, 1)  # another run's sweep: FAIL, retry queued
+    # another run's sweep: FAIL, retry queued
+    recovery.fail_and_retry(store.of(study._storage), study, swept.number, 1)
     study.tell(done, 0.5)  # stored by the writer before it died: it counts
     budget = Budget(3, None)
     assert all(budget.claim() for _ in range(3))
@@ -943,7 +945,7 @@ def test_a_retry_of_a_trial_that_kept_another_trials_seed_trains_with_seeds_of_i
         dist = first.distributions[name]
         storage.set_trial_param(killed, name, dist.to_internal_repr(value), dist)
     storage.set_trial_user_attr(killed, "seed", first.user_attrs["seed"])
-    assert recovery.fail_and_retry(study, 1, max_retries=1)
+    assert recovery.fail_and_retry(store.of(study._storage), study, 1, max_retries=1)
     r = run_cli(*common, "--seed", "0", "--n-trials", "1", "--engine", engine, cwd=workdir)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     trials = _load(url).trials

@@ -405,7 +405,7 @@ def test_a_trial_is_never_failed_without_its_retry(tmp_path, request, monkeypatc
     with monkeypatch.context() as m:
         _refuse_new_trials(kind, url, m)
         with pytest.raises(Exception, match="full|No space"):  # the backend's own error
-            recovery.fail_and_retry(study, trial.number, max_retries=1)
+            recovery.fail_and_retry(store.of(study._storage), study, trial.number, max_retries=1)
     if kind != "journal":  # the database refuses inserts until the trigger goes
         import sqlalchemy
 
@@ -416,8 +416,9 @@ def test_a_trial_is_never_failed_without_its_retry(tmp_path, request, monkeypatc
         engine.dispose()
     fresh = optuna.load_study(study_name="s", storage=store.load(url))
     assert [t.state for t in fresh.trials] == [optuna.trial.TrialState.RUNNING]
-    assert recovery.fail_and_retry(fresh, trial.number, max_retries=1)
-    assert not recovery.fail_and_retry(fresh, trial.number, max_retries=1)  # done already
+    assert recovery.fail_and_retry(store.of(fresh._storage), fresh, trial.number, max_retries=1)
+    done = recovery.fail_and_retry(store.of(fresh._storage), fresh, trial.number, max_retries=1)
+    assert not done  # done already
     failed, retry = optuna.load_study(study_name="s", storage=store.load(url)).trials
     assert (failed.state, retry.state) == (
         optuna.trial.TrialState.FAIL,
@@ -442,10 +443,10 @@ def test_a_journal_retry_queued_before_a_crash_is_not_queued_twice(tmp_path, mon
 
         m.setattr(optuna.storages.JournalStorage, "set_trial_state_values", crash)
         with pytest.raises(KeyboardInterrupt):
-            recovery.fail_and_retry(study, trial.number, max_retries=1)
+            recovery.fail_and_retry(store.of(study._storage), study, trial.number, max_retries=1)
     later = optuna.load_study(study_name="s", storage=store.load(url))
     assert [t.state.name for t in later.trials] == ["RUNNING", "WAITING"]
-    assert recovery.fail_and_retry(later, trial.number, max_retries=1)
+    assert recovery.fail_and_retry(store.of(later._storage), later, trial.number, max_retries=1)
     assert [t.state.name for t in store.of(later._storage).optuna.get_all_trials(0)] == [
         "FAIL",
         "WAITING",

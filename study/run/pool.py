@@ -291,7 +291,9 @@ class Pool:
                     f"starting a replacement"
                 )
                 _wait_gone(writer, timeout=self.cfg.grace_period + 30)
-            elif held >= 0 and fail_and_retry(self.study, held, self.cfg.max_retries):
+            elif held >= 0 and fail_and_retry(
+                self.opened.store, self.study, held, self.cfg.max_retries
+            ):
                 retries = self.cfg.max_retries
                 give_back(self.budget, "orphaned", retries=retries, reserves=False, worker=i)
                 self.say(
@@ -315,7 +317,7 @@ class Pool:
             return
         for i, trial in enumerate(self.running):
             if trial >= 0:
-                fail_and_retry(self.study, trial, max_retries=0)
+                fail_and_retry(self.opened.store, self.study, trial, max_retries=0)
                 self.running[i] = -1
 
 

@@ -27,7 +27,6 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from study.quiet import experimental
-from study.store import of
 from study.store.base import Store
 
 # "host boot-id pid start-ticks" of the process that keeps a trial alive (the batched engine's
@@ -87,9 +86,10 @@ class StaleRetry:
         self.failed.append(trial.number)
 
 
-def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> bool:
-    """Mark a RUNNING trial FAIL and enqueue its params once more (up to max_retries times), as
-    one step of its store (`Store.fail_and_retry`): no FAIL without its retry.
+def fail_and_retry(store: Store, study: optuna.Study, trial_number: int, max_retries: int) -> bool:
+    """Mark a RUNNING trial of `study` (stored in `store`) FAIL and enqueue its params once more
+    (up to max_retries times), as one step of the store (`Store.fail_and_retry`): no FAIL
+    without its retry.
 
     Returns False when the trial was no longer RUNNING (it finished, or another process failed
     it first): then nothing is changed.
@@ -97,7 +97,7 @@ def fail_and_retry(study: optuna.Study, trial_number: int, max_retries: int) -> 
     trial = _by_number(study, trial_number)
     if trial is None:
         return False
-    return of(study._storage).fail_and_retry(study._study_id, trial, max_retries)
+    return store.fail_and_retry(study._study_id, trial, max_retries)
 
 
 def retry_chain(system_attrs: dict) -> set[int]:
@@ -134,7 +134,7 @@ def sweep_stale(
     out = {
         n: "its process on this machine is gone"
         for n in gone
-        if fail_and_retry(study, n, max_retries)
+        if fail_and_retry(store, study, n, max_retries)
     }
     for n in _silent(store, study, grace_period, max_retries):
         out[n] = f"no heartbeat for {grace_period} s"
@@ -147,4 +147,4 @@ def _silent(store: Store, study: optuna.Study, grace_period: float, max_retries:
     silent = store.silent(study, grace_period)
     if store.optuna_sweeps:
         return silent
-    return [n for n in silent if fail_and_retry(study, n, max_retries)]
+    return [n for n in silent if fail_and_retry(store, study, n, max_retries)]

@@ -152,7 +152,7 @@ def run_batched(
     try:
         engine.run(budget, run.store, on_writer=on_writer, publish=publish, worker=worker)
     except WriterError:
-        engine.settle(study, budget, worker)
+        engine.settle(run.store, study, budget, worker)
         raise
     return engine.stats.book_seconds
 
@@ -304,7 +304,7 @@ class BatchedEngine:
         if failed:
             self._drop(set(failed), failed=True)
 
-    def settle(self, study: optuna.Study, budget, worker: int) -> None:
+    def settle(self, store: Store, study: optuna.Study, budget, worker: int) -> None:
         """The writer died: fail and retry at once the stored trials it held (those it stored
         finished before it died count), and give their budget back, and that of trials whose
         start it never confirmed (a sweep recovers them if they were stored). A held trial
@@ -312,7 +312,7 @@ class BatchedEngine:
         either: its claim goes back for the retry, as the writer's sync would have done."""
         retries = self.cfg.max_retries
         self.ledger.settle(
-            lambda number: fail_and_retry(study, number, retries) or _failed(study, number),
+            lambda number: fail_and_retry(store, study, number, retries) or _failed(study, number),
             budget,
             worker=worker,
         )

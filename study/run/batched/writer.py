@@ -632,7 +632,7 @@ class _Sink:
         failed = [
             n
             for n in self.held.numbers.values()
-            if fail_and_retry(self.study, n, self.cfg.max_retries)
+            if fail_and_retry(self.db, self.study, n, self.cfg.max_retries)
         ]
         self._give_back("unconfirmed", self.claims.count() - self.held.ever)
         self._give_back("orphaned", len(failed))
