@@ -796,7 +796,7 @@ def test_a_dead_writers_trials_that_a_sweep_failed_give_their_claims_to_the_retr
     for handle, trial in ((10, swept), (11, mine), (12, done)):
         engine.ledger.hand_over(handle, 0)
         engine.ledger.started(handle, trial.number)
-    engine.settle(study, budget, 0)
+    engine.settle(store.of(study._storage), study, budget, 0)
     assert budget.reserved() == 2  # kept for the two retries, which the replacement takes
     assert budget.claim(queued=True) and budget.claim(queued=True)
     assert not budget.claim(queued=True) and not budget.claim()  # the complete one counted
