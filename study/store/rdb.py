@@ -571,8 +571,9 @@ class RDBStore(Store):
         return {numbers[tid]: age for tid, age in self._transaction(body)}
 
     def silent(self, study: optuna.Study, grace_period: float) -> list[int]:
-        """Optuna's own stale-trial check (its heartbeat table and grace period), which fails
-        the trials it finds and calls the storage's callback (StaleRetry) for each."""
+        """Optuna's own stale-trial check (its heartbeat table and grace period): the storage
+        (SweepingStorage) fails and retries each trial it finds as one step and records its
+        number in the storage's StaleRetry."""
         callback = self._rdb.get_heartbeat_stale_trial_callback()
         if callback is None or not hasattr(callback, "failed"):  # opened without our heartbeat
             return []

@@ -71,9 +71,11 @@ def owner_gone(owner: object) -> bool:
 
 
 class StaleRetry:
-    """Optuna's stale-trial callback (RetryHeartbeatStaleTrialCallback), which also remembers the
-    trials it was called for: Optuna calls it only for the trials this process failed, so a
-    sweep can name them (and not those another engine failed at the same moment)."""
+    """The stale-trial callback an RDB storage is opened with: its retry limit and the trials
+    this process failed (so a sweep can name them, not those another engine failed at the same
+    moment). Our storages (rdb.SweepingStorage) fail and retry as one step and record the
+    numbers here themselves; Optuna would call it, as RetryHeartbeatStaleTrialCallback, only on
+    a storage that left the failing to Optuna."""
 
     def __init__(self, max_retries: int):
         with experimental():  # experimental in Optuna 5.0; its behaviour is what we want
@@ -142,8 +144,8 @@ def sweep_stale(
 
 
 def _silent(store: Store, study: optuna.Study, grace_period: float, max_retries: int) -> list[int]:
-    """The silent trials this call failed. Optuna's check (an RDB) fails them itself and
-    queues their retries through the storage's StaleRetry; ours fails them here."""
+    """The silent trials this call failed. On an RDB, Optuna's check finds them and the
+    storage fails and retries them (rdb.SweepingStorage); on the journal, this does."""
     silent = store.silent(study, grace_period)
     if store.optuna_sweeps:
         return silent
