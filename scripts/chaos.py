@@ -459,7 +459,7 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
         best = min(complete, key=lambda t: t.value)
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                load_model(best, store.folder / "storage" / "artifacts", tmp)
+                load_model(best, store.folder / store_mod.beside(store.url, "artifacts"), tmp)
         except Exception as e:
             bad("artifact", f"best trial #{best.number}: {type(e).__name__}: {e}")
     if final:

@@ -167,10 +167,12 @@ class StudyConfig:
     """a running trial silent this long is failed and retried by the next worker that looks"""
     max_retries: int = 1
     """how many times a crashed trial's params are retried"""
-    log_dir: str = "storage/tensorboard"
-    """TensorBoard runs go to <log_dir>/<study>/trial-NNNN"""
-    artifact_dir: str = "storage/artifacts"
-    """Optuna artifact store (best-model weights), shared with optuna-dashboard"""
+    log_dir: str = ""
+    """TensorBoard runs go to <log_dir>/<study>/trial-NNNN (default: `tensorboard` beside a
+    SQLite or journal file; storage/tensorboard for PostgreSQL)"""
+    artifact_dir: str = ""
+    """Optuna artifact store (best-model weights), shared with optuna-dashboard (default:
+    `artifacts` beside a SQLite or journal file; storage/artifacts for PostgreSQL)"""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     space: SearchSpace = field(default_factory=SearchSpace)

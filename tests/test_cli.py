@@ -105,6 +105,19 @@ def test_resume_adds_trials_to_the_same_study(ran):
     assert "whole study" in r.stdout and "this run" in r.stdout
 
 
+def test_a_run_of_another_budget_joins_the_study_and_says_so(ran):
+    """Before: a run with another --max-epochs joined a study of 6-epoch trials silently."""
+    workdir, _ = ran
+    r = run_cli("run", *TINY, "--max-epochs", "3", "--n-trials", "1", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "note: study 'sinstudy' was created with 6 epochs per trial and this run trains 3: the "
+        "views rank both budgets' values as one; --max-epochs 6 keeps them comparable" in r.stderr
+    ), r.stderr
+    same = run_cli("run", *TINY, "--n-trials", "1", cwd=workdir)
+    assert same.returncode == 0 and "epochs per trial" not in same.stderr, same.stderr
+
+
 def test_best_prints_from_storage(ran):
     workdir, _ = ran
     r = run_cli("best", cwd=workdir)
@@ -112,6 +125,26 @@ def test_best_prints_from_storage(ran):
     study = optuna.load_study(study_name="sinstudy", storage="sqlite:///storage/sinstudy.db")
     assert f"#{study.best_trial.number}" in r.stdout
     assert f"{study.best_value:.3e}" in r.stdout
+
+
+def test_readers_find_the_artifacts_beside_the_storage_from_any_folder(ran, tmp_path):
+    """Artifacts and TensorBoard runs go beside a SQLite file: a reader given only the URL finds
+    them from another folder (before: `plot` there failed with "ArtifactNotFound: not found").
+    A folder that lacks them is one line naming the file and the flag that fixes it."""
+    workdir, _ = ran
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    url = f"sqlite:///{workdir}/storage/sinstudy.db"
+    r = run_cli("plot", "--storage", url, "--no-png", "--out", "p", cwd=elsewhere)
+    assert r.returncode == 0, r.stderr
+    assert (elsewhere / "p/fit.html").exists() and not (elsewhere / "storage").exists()
+    empty = elsewhere / "empty"
+    empty.mkdir()
+    r = run_cli("plot", "--storage", url, "--artifact-dir", str(empty), cwd=elsewhere)
+    best = optuna.load_study(study_name="sinstudy", storage=url).best_trial
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{empty / best.user_attrs['model_artifact']}" in r.stderr
+    assert "--artifact-dir" in r.stderr
 
 
 def test_best_into_a_closed_pipe_ends_quietly(ran):

@@ -166,8 +166,8 @@ def test_ranking_orders_every_cell_and_ties_the_noisy_ones_with_the_best():
     text = compare.ranking(rows)
     order = [line.split("|")[2].strip() for line in text.splitlines()[2:6]]
     assert order == ["b", "c", "a", "d"]
-    assert "Indistinguishable from the best at 3 seeds: b, c." in text
-    assert text.count("| yes |") == 2 and "no: tied" in text
+    assert "Not told from the best at 3 seeds (undecided, not shown equal): b, c." in text
+    assert text.count("| yes |") == 2 and "not yet: undecided" in text and "tied" not in text
 
 
 def test_depth_verdict_is_clearly_only_where_the_seeds_decide_it():
@@ -247,9 +247,12 @@ def test_report_verdict_says_which_setting_lands_within_2x():
     assert len(v) == len(compare.HYPOTHESES)
     assert [x.claim for x in v if x.outcome == compare.HELD] == ["raw x, 4800 points, SGD 1e-3"]
     assert all("reproduces the report within 2x" in x.text for x in v if x.outcome == "held")
-    line = compare.summary(v, 3)
+    line = compare.summary(v, 3, 100)
     assert "held: raw x, 4800 points, SGD 1e-3." in line
     assert f"did not hold: {len(v) - 1} claims (listed above)" in line
+    # a verdict at fewer epochs than the report's says so
+    assert "(3 seeds per cell, 95% level, 100 epochs (the report trained 1,000))" in line
+    assert "epochs" not in compare.summary(v, 3, 1000)
 
 
 def test_compare_refuses_a_stored_comparison_with_other_cells(workdir):

@@ -67,7 +67,7 @@ def study_dir(made, tmp_path):
         (["--seed", "4294967296"], 2, "seed must be an integer from 0 to 2,147,483,647"),
         (["--config", "log_under_file.toml"], 1, "set [study] log_dir to a writable folder"),
         (["--config", "art_under_file.toml"], 1, "set [study] artifact_dir to a writable folder"),
-        (["--storage", "sqlite:///other.db"], 2, "TensorBoard folder"),
+        (["--storage", "sqlite:///storage/other.db"], 2, "TensorBoard folder"),  # beside it
         (
             ["--storage", "postgresql://postgres:s3cret@127.0.0.1:9/test"],
             1,

@@ -262,12 +262,14 @@ def test_readers_read_a_storage_they_may_not_write(studied, tmp_path, kind):
         assert "PermissionError" in probe.stderr  # the reader cannot write there
         cli = (sys.executable, "-m", "study")
         work = tmp_path / "work"
-        shutil.copytree(studied / "storage/artifacts", work / "storage/artifacts")
+        # the copy left its artifacts behind: the readers are told where they are
+        shutil.copytree(studied / "storage/artifacts", work / "art")
         best = _as_reader(*cli, "best", "--storage", url, cwd=work)
         assert best.returncode == 0 and "#" in best.stdout, best.stderr
-        report = _as_reader(*cli, "report", "--storage", url, "--out", "r.html", cwd=work)
+        art = ("--artifact-dir", "art")
+        report = _as_reader(*cli, "report", "--storage", url, *art, "--out", "r.html", cwd=work)
         assert report.returncode == 0 and (work / "r.html").stat().st_size, report.stderr
-        plot = _as_reader(*cli, "plot", "--storage", url, "--no-png", "--out", "p", cwd=work)
+        plot = _as_reader(*cli, "plot", "--storage", url, *art, "--no-png", "--out", "p", cwd=work)
         assert plot.returncode == 0 and list((work / "p").glob("*.html")), plot.stderr
         assert sorted(p.name for p in ro.iterdir()) == [db.name]
         assert db.read_bytes() == before

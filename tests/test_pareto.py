@@ -16,6 +16,8 @@ from optuna.trial import TrialState
 from study import config
 from study.config import ConfigError
 from study.trial import objectives, pareto
+from study.views.analysis import smallest_reaching
+from study.views.plots import pareto_figure
 
 TWO = ("--objectives", "val_mse,n_params")
 
@@ -240,8 +242,15 @@ def test_a_two_objective_study_runs_prunes_and_shows_its_front(workdir):
         assert f"#{t.number} " in shown
     best = run_cli("best", cwd=workdir)
     assert best.returncode == 0 and all(f"#{t.number} " in best.stdout for t in front)
+    # the smallest network per test MSE level, as the report's table
+    levels = best.stdout.split("smallest network per test MSE level\n")[1].splitlines()[:4]
+    for level, (want, t) in zip(levels, smallest_reaching(study), strict=True):
+        assert level.startswith(f"  <= {want:.0e}  ")
+        assert level.endswith("none yet") if t is None else f"#{t.number} " in level
     plot = run_cli("plot", "--no-png", cwd=workdir)
     assert plot.returncode == 0, plot.stderr
+    assert "Warning" not in plot.stderr, "PED-ANOVA's low-target warning is noise here"
+    assert pareto_figure(study).layout.yaxis.type == "log", "sizes span decades"
     files = {p.name for p in (workdir / "storage/plots/sinstudy").iterdir()}
     assert {"pareto_front.html", "importance_fanova_n_params.html", "history.html"} <= files
     report = run_cli("report", cwd=workdir)

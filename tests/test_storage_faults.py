@@ -36,12 +36,18 @@ def full_disk() -> Iterator[Path]:
         where.rmdir()
         pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
     try:
-        free = shutil.disk_usage(where).free
-        (where / "filler").write_bytes(b"\0" * (free - FREE_KB * 1024))
+        leave(where, FREE_KB)
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
         where.rmdir()
+
+
+def leave(disk: Path, kb: int) -> None:
+    """Fill the tmpfs `disk` but for `kb` KiB."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - kb * 1024))
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -59,6 +65,85 @@ def test_a_full_disk_under_the_storage_is_named_with_its_file(workdir, full_disk
     assert last.startswith("sinstudy: error: "), r.stderr
     assert f"disk full: cannot write {path};" in last, r.stderr
     assert "--storage" in last and "invalid data" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_cut_journal_on_a_full_disk_is_left_as_it_is_with_no_half_copy(full_disk):
+    """The repair's byte-exact copy does not fit: it raises, and neither a 0-byte `.bak` (left
+    before) nor a change to the journal remains."""
+    from study.store.journal import repair
+
+    journal = full_disk / "s.log"
+    cut = b'{"op_code": 0}\n' * 400 + b'{"op_co'
+    journal.write_bytes(cut)
+    leave(full_disk, 4)
+    with pytest.raises(OSError):
+        repair(journal)
+    assert journal.read_bytes() == cut and not list(full_disk.glob("*.bak"))
+    leave(full_disk, 64)
+    assert "kept at" in repair(journal)
+    assert [b.read_bytes() for b in full_disk.glob("*.bak")] == [cut]
+
+
+# ------------------------------------------------------------------ the views' folders
+
+
+def _views_on(disk: Path, workdir: Path) -> Path:
+    """A config whose TensorBoard and artifact folders are on `disk`, the study elsewhere."""
+    config = workdir / "views.toml"
+    config.write_text(
+        f'[study]\nlog_dir = "{disk}/tb"\nartifact_dir = "{disk}/artifacts"\n'
+        + (workdir / "tiny.toml").read_text()
+    )
+    return config
+
+
+@pytest.mark.parametrize("engine", ["batched", "standard"])
+def test_a_view_folder_that_fills_costs_its_view_not_a_trial(workdir, full_disk, engine):
+    """The TensorBoard and artifact folders fill under the run; the storage is elsewhere.
+    Before: the run aborted (exit 1) blaming the "storage writer", naming no folder, with a
+    thread's traceback, and left a truncated artifact file that no trial references."""
+    leave(full_disk, 72)  # the start's probe fits; a dozen trials' runs and weights do not
+    config = _views_on(full_disk, workdir)
+    url = f"sqlite:///{workdir}/s.db"
+    args = ["--config", str(config), "--storage", url, "--engine", engine, "--no-progress"]
+    r = run_cli("run", *args, "--max-epochs", "40", "--n-trials", "12", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "storage writer" not in r.stderr, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "warning: cannot write" in line]
+    tb = f"sinstudy: warning: cannot write the TensorBoard folder '{full_disk}/tb' (disk full)"
+    assert [w for w in warned if w.startswith(tb)] and len(warned) <= 2, r.stderr
+    study = optuna.load_study(study_name="sinstudy", storage=url)
+    trials = study.get_trials()
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    assert sum(t.state in done for t in trials) == 12 and len(trials) == 12
+    # no file in the artifact folder that no trial references (a partial one was left before)
+    referenced = {
+        meta.artifact_id
+        for t in trials
+        for meta in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
+    }
+    assert {f.name for f in (full_disk / "artifacts").iterdir()} <= referenced
+    best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert {"model_artifact", "model_missing"} & set(best.user_attrs), best.user_attrs
+    # the views read the study as it is
+    shown = run_cli("best", "--storage", url, cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    if "model_missing" in best.user_attrs:
+        assert "model artifact not stored (disk full: " in shown.stdout
+
+
+def test_a_view_folder_that_cannot_take_a_file_refuses_the_run_before_storing(workdir, full_disk):
+    """A rerun on the still-full folder took the retries and failed them at epoch 0 before."""
+    leave(full_disk, 0)
+    config = _views_on(full_disk, workdir)
+    url = f"sqlite:///{workdir}/s.db"
+    r = run_cli("run", "--config", str(config), "--storage", url, "--no-progress", cwd=workdir)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"sinstudy: error: cannot write log_dir '{full_disk}/tb' (disk full in "
+        f"'{full_disk}'); free space on its disk or set [study] log_dir to a writable folder"
+    ]
+    assert not (workdir / "s.db").exists()
 
 
 # ------------------------------------------------------------------ a PostgreSQL of its own

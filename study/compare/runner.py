@@ -276,7 +276,7 @@ def ranking(rows: list[CellStats]) -> str:
     ]
     for p in places:
         vs = "best" if p.to_best is None else p.to_best.ratio()
-        told = "" if p.to_best is None else "no: tied" if p.tied_with_best else "yes"
+        told = "" if p.to_best is None else "not yet: undecided" if p.tied_with_best else "yes"
         lines.append(
             f"| {p.place} | {p.cell} | {10**p.spread.mean:.2e} ({p.spread.mean:.2f} ± "
             f"{p.spread.sd:.2f}) | {vs} | {told} |"
@@ -284,7 +284,11 @@ def ranking(rows: list[CellStats]) -> str:
     tied = [p.cell for p in places if p.tied_with_best]
     seeds = max(r.n for r in rows)
     if len(tied) > 1:
-        lines += ["", f"Indistinguishable from the best at {seeds} seeds: {', '.join(tied)}."]
+        lines += [
+            "",
+            f"Not told from the best at {seeds} seeds (undecided, not shown equal): "
+            f"{', '.join(tied)}.",
+        ]
     elif len(places) > 1:
         lines += ["", f"At {seeds} seeds every other cell is told from the best, {tied[0]}."]
     return "\n".join(lines)
@@ -302,7 +306,7 @@ def body(name: str, rows: list[CellStats], *, epochs: int, seeds: int, setup: st
             "",
             *[f"- {v.text}" for v in found],
             "",
-            f"**{summary(found, seeds)}**",
+            f"**{summary(found, seeds, epochs)}**",
         ]
     )
 

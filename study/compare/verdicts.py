@@ -12,6 +12,7 @@ from study import config
 from study.compare import evidence
 from study.compare.evidence import LEVEL, Gap, Spread
 from study.compare.factors import HYPOTHESES, NETS
+from study.trial import course
 from study.trial.course import TEST_MSE as REPORT_TEST_MSE
 
 SETTLE_WITHIN = 2.0  # "settled": the mean validation curve stays within this factor of its best
@@ -298,8 +299,9 @@ JUDGES = {
 }
 
 
-def summary(found: list[Verdict], seeds: int) -> str:
-    """One line: which claims held, which did not, which are undecided at this many seeds."""
+def summary(found: list[Verdict], seeds: int, epochs: int = course.EPOCHS) -> str:
+    """One line: which claims held, which did not, which are undecided at this many seeds; and,
+    where they differ, the epochs behind them against the report's."""
     parts = []
     for outcome in (HELD, FAILED, UNDECIDED):
         claims = [v.claim for v in found if v.outcome == outcome]
@@ -308,4 +310,6 @@ def summary(found: list[Verdict], seeds: int) -> str:
         many = len(claims) > 4 and outcome == FAILED
         named = f"{len(claims)} claims (listed above)" if many else "; ".join(claims)
         parts.append(f"{outcome}: {named}")
-    return f"Summary ({seeds} seeds per cell, {LEVEL:.0%} level): " + ". ".join(parts) + "."
+    at = f", {epochs} epochs (the report trained {course.EPOCHS:,})"
+    at = "" if epochs == course.EPOCHS else at
+    return f"Summary ({seeds} seeds per cell, {LEVEL:.0%} level{at}): " + ". ".join(parts) + "."

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,13 @@ import torch
 
 from study import __version__, store
 from study.config import ConfigError, StudyConfig, models_at_once, to_dict
-from study.errors import StorageError
 from study.quiet import experimental
 from study.run.batched import kernels
 from study.run.budget import Budget
 from study.run.search import make_pruner, make_sampler
 from study.store import Store, recovery
 from study.trial import attrs, objectives
+from study.views import folders
 
 VERSION_ATTR = "sinstudy_version"
 # every trial's first value: its best validation MSE (the mean over repeats); a second, if the
@@ -120,6 +120,24 @@ def check_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> None:
         )
 
 
+def budget_note(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> str | None:
+    """A run whose epochs per trial differ from those the study was created with joins it (a
+    resume at a shorter budget is a common check), but says so: a value is the best of a
+    trial's epochs and the pruner's rungs are fractions of them, so the views rank values of two
+    budgets as one."""
+    if cfg.study not in optuna.get_all_study_names(storage):
+        return None
+    attrs = optuna.load_study(study_name=cfg.study, storage=storage).user_attrs
+    was = json.loads(attrs.get("config", "{}")).get("train", {}).get("max_epochs")
+    if was is None or was == cfg.train.max_epochs:
+        return None
+    return (
+        f"note: study {cfg.study!r} was created with {was} epochs per trial and this run trains "
+        f"{cfg.train.max_epochs}: the views rank both budgets' values as one; --max-epochs {was} "
+        f"keeps them comparable, another --study keeps them apart"
+    )
+
+
 def check_objectives(cfg: StudyConfig, study: optuna.Study) -> None:
     """A study keeps the objectives it was made with: one value per trial, or two."""
     names = study.metric_names  # None: made before sinstudy named them, or by another tool
@@ -192,18 +210,9 @@ def name_metric(study: optuna.Study, objectives: tuple[str, ...] = (METRIC_NAME,
 
 
 def check_folders(cfg: StudyConfig) -> None:
-    """The TensorBoard and artifact folders must be creatable and writable (exit 1 if not)."""
+    """The TensorBoard and artifact folders must take a file (folders.probe; exit 1 if not)."""
     for flag, folder in (("log_dir", cfg.log_dir), ("artifact_dir", cfg.artifact_dir)):
-        probe = Path(folder)
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise StorageError(
-                f"cannot create or write {flag} {folder!r} ({str(probe)!r} is "
-                f"{'not a folder' if not probe.is_dir() else 'read-only'}); "
-                f"set [study] {flag} to a writable folder",
-                exit_code=1,
-            )
+        folders.probe(flag, folder)
 
 
 UID_ATTR = "sinstudy_uid"  # a study's own id: it travels with a copied or moved storage
@@ -375,12 +384,23 @@ class Run:
         )
 
 
+def with_folders(cfg: StudyConfig) -> StudyConfig:
+    """The config with its view folders named: one not set goes beside the study's storage
+    (store.beside), where every reader looks for it."""
+    return replace(
+        cfg,
+        log_dir=cfg.log_dir or store.beside(cfg.storage, "tensorboard"),
+        artifact_dir=cfg.artifact_dir or store.beside(cfg.storage, "artifacts"),
+    )
+
+
 def open_run(cfg: StudyConfig, *, say: Callable[[str], None] = print) -> Run:
     """Check everything a run needs, then open its study: the device (and the engine's
     kernels on it), the memory of its processes, the storage (read, never written, until every
     check passed), its folders and the study's identity. Then the study is created or
     continued, the TensorBoard folder claimed, earlier runs' dead trials failed and retried.
     Notes are said only once every check has passed, so a refusal stays one line."""
+    cfg = with_folders(cfg)
     notes: list[str] = []
     device = _device(cfg, notes)
     placements = worker_devices(cfg, str(device))
@@ -448,6 +468,7 @@ def _open_store(cfg: StudyConfig, notes: list[str], *, workers: int) -> Store:
     opened = open_study_store(cfg, parsed)
     check_study(cfg, opened.optuna)
     check_tensorboard_owner(cfg, opened.optuna)
+    notes += [n for n in [budget_note(cfg, opened.optuna)] if n]
     notes += opened.advice(workers)
     notes += opened.opening_notes()
     return opened

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from study import store as store_mod
@@ -46,7 +45,7 @@ from study.trial.data import SinData, make_data
 from study.trial.objectives import count_params
 from study.trial.space import grid_started, param_set
 from study.trial.train import EpochLog, train, train_repeats
-from study.views.artifacts import model_state, upload_model
+from study.views.artifacts import ArtifactFolder, model_state, store_model
 from study.views.dashboard import publish as publish_note
 from study.views.tracking import TrialLogger, trial_metrics
 
@@ -62,9 +61,7 @@ class DuplicateTrial(Exception):
 
 
 class Objective:
-    def __init__(
-        self, cfg: StudyConfig, data: SinData, artifact_store: FileSystemArtifactStore | None
-    ):
+    def __init__(self, cfg: StudyConfig, data: SinData, artifact_store: ArtifactFolder | None):
         self.cfg = cfg
         self.data = data
         self.artifact_store = artifact_store
@@ -117,7 +114,7 @@ class Objective:
             logger.close(hparams, trial_metrics(last["val_mse"], size), "PRUNED")
             raise
         except BaseException:  # interrupted or failed: keep the curve written so far
-            logger.writer.close()
+            logger.end()
             raise
         out = outcome(results, tcfgs)
         logger.close(
@@ -130,7 +127,7 @@ class Objective:
             trial.set_user_attr("pruned_reason", out.diverged)
             raise optuna.TrialPruned(out.diverged)
         if self.artifact_store is not None and _is_new_best(trial, out.value):
-            artifact_id = upload_model(
+            kept = store_model(
                 self.artifact_store,
                 trial,
                 trial.number,
@@ -138,7 +135,8 @@ class Objective:
                 model_state(out.model),
                 scaling=self.cfg.data.input_scaling,
             )
-            trial.set_user_attr("model_artifact", artifact_id)
+            for k, v in kept.items():
+                trial.set_user_attr(k, v)
         if objectives.multi(self.cfg):
             return objectives.values(self.cfg, out.value, out.attrs["n_params"])
         return out.value
@@ -246,9 +244,7 @@ def run_trials(
     cfg, store, budget = run.cfg, run.store, run.budget
     storage = store.optuna
     study = run.load_study(seed)
-    objective = Objective(
-        cfg, make_data(cfg.data, run.device), FileSystemArtifactStore(cfg.artifact_dir)
-    )
+    objective = Objective(cfg, make_data(cfg.data, run.device), ArtifactFolder(cfg.artifact_dir))
     owner = owner_attr()
 
     def run_one(trial: optuna.Trial) -> float:

@@ -16,7 +16,7 @@ from study.store.base import Store
 from study.store.journal import JournalStore
 from study.store.postgres import PostgresStore
 from study.store.sqlite import SqliteStore
-from study.store.url import Heartbeat, StorageURL, parse, redact
+from study.store.url import Heartbeat, StorageURL, beside, parse, redact
 
 KINDS: dict[str, type[Store]] = {
     "sqlite": SqliteStore,
@@ -24,7 +24,17 @@ KINDS: dict[str, type[Store]] = {
     "journal": JournalStore,
 }
 
-__all__ = ["Heartbeat", "Store", "StorageURL", "check", "of", "open_store", "parse", "redact"]
+__all__ = [
+    "Heartbeat",
+    "Store",
+    "StorageURL",
+    "beside",
+    "check",
+    "of",
+    "open_store",
+    "parse",
+    "redact",
+]
 
 
 def check(url: str, *, read_only: bool = False) -> StorageURL:

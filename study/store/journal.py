@@ -135,7 +135,8 @@ def repair(path: Path) -> str | None:
     """A journal whose last record was cut (a crash or a full disk mid-append) would get the next
     record glued onto the partial one, and from then on no reader could parse the file. Keep a
     byte-exact copy beside it, cut the partial record off (under Optuna's journal lock, so no
-    writer appends meanwhile) and return one line saying so; None when the file is whole."""
+    writer appends meanwhile) and return one line saying so; None when the file is whole. A copy
+    that cannot be written raises, leaving neither the copy nor a change to the file."""
     if not path.exists() or path.stat().st_size == 0:
         return None
     lock = JournalFileSymlinkLock(str(path.resolve()), grace_period=JOURNAL_LOCK_GRACE_S)
@@ -146,7 +147,11 @@ def repair(path: Path) -> str | None:
             return None
         keep = data.rfind(b"\n") + 1
         backup = path.with_name(f"{path.name}.partial-{len(data)}.bak")
-        backup.write_bytes(data)
+        try:
+            backup.write_bytes(data)
+        except OSError:  # a full disk: no half copy is left, the file stays as it is
+            backup.unlink(missing_ok=True)
+            raise
         with open(path, "r+b") as f:
             f.truncate(keep)
             os.fsync(f.fileno())

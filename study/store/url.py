@@ -99,6 +99,18 @@ def check_writable_dir(path: Path) -> None:
         )
 
 
+SERVER_VIEWS = Path("storage")  # a server's studies: their views under the working directory
+
+
+def beside(url: str, folder: str) -> str:
+    """Where a study's views go unless told: the folder `folder` beside its SQLite or journal
+    file, so every reader finds them from the storage URL alone; for a server (PostgreSQL),
+    storage/<folder> under the working directory (machines sharing a study share that folder
+    themselves)."""
+    path = parse(url).path
+    return str((path.parent if path is not None else SERVER_VIEWS) / folder)
+
+
 def dashboard_target(url: str) -> str:
     """optuna-dashboard takes RDB URLs as they are and a journal file by its path."""
     return url[len("journal:///") :] if url.startswith("journal:///") else url

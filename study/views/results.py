@@ -51,6 +51,21 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
     return best
 
 
+def smallest_lines(study: optuna.Study) -> list[str]:
+    """The smallest network reaching each test MSE level (analysis.LEVELS), as the report's
+    table: one line per level."""
+    lines = ["smallest network per test MSE level"]
+    for level, t in analysis.smallest_reaching(study):
+        if t is None:
+            lines.append(f"  <= {level:.0e}  none yet")
+        else:
+            lines.append(
+                f"  <= {level:.0e}  #{t.number} {t.user_attrs['n_params']} params, test MSE "
+                f"{analysis.mse_texts(t)[1]}  {analysis.params_text(t.params)}"
+            )
+    return lines
+
+
 def best_text(study_name: str, url: str) -> str:
     study = load_existing(study_name, url)
     trial = best_trial(study)
@@ -63,6 +78,8 @@ def best_text(study_name: str, url: str) -> str:
     front = analysis.front(study)
     lines += describe_trial(trial, "most accurate" if front else "best trial")
     lines += front_lines(front, limit=None)
+    if front:
+        lines += smallest_lines(study)
     if cfg:
         lines.append(
             f"max epochs     {cfg['train']['max_epochs']}, sampler {cfg['sampler']}, pruner "

@@ -16,6 +16,7 @@ from study.store.url import dashboard_target, redact
 from study.trial.course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
 from study.views import analysis
 from study.views.analysis import Counts, mse_texts, params_text, seeds_text
+from study.views.folders import MISSING_ATTR
 
 
 @dataclass
@@ -243,6 +244,8 @@ def describe_trial(t: FrozenTrial, label: str = "best trial") -> list[str]:
     ]
     if "model_artifact" in ua:
         lines.append(f"model artifact {ua['model_artifact']}")
+    elif MISSING_ATTR in ua:
+        lines.append(f"model artifact not stored ({ua[MISSING_ATTR]})")
     return lines
 
 

@@ -7,11 +7,19 @@ HParams tab, written into the same run folder so curves and hparams stay togethe
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from study.trial.train import EpochLog
+from study.views import folders
+
+FLUSH_S = 2.0  # a live run's curve reaches the file at most this long after its epoch
+_FILES = itertools.count()  # event files this process opened: part of each file's name
 
 
 def run_dir(log_dir: str | Path, study: str, trial_number: int) -> Path:
@@ -19,17 +27,42 @@ def run_dir(log_dir: str | Path, study: str, trial_number: int) -> Path:
 
 
 class TrialLogger:
-    def __init__(self, log_dir: str | Path, study: str, trial_number: int):
-        from torch.utils.tensorboard import SummaryWriter  # imported here: it loads tensorboard
+    """One trial's TensorBoard run, written in the caller's thread: a write that fails raises
+    here, not in a thread of its own (as torch's SummaryWriter does, which prints a traceback
+    and fails some later call). A run that cannot be written (a full disk, a folder removed)
+    stops logging where it is, with folders.warn_once; the caller trains and stores its trial
+    as if nothing happened."""
 
+    def __init__(self, log_dir: str | Path, study: str, trial_number: int):
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self.log_dir = str(log_dir)
         self.path = run_dir(log_dir, study, trial_number)
-        self.writer = SummaryWriter(log_dir=str(self.path))
+        self._records = None
+        self._flushed = time.monotonic()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            name = (
+                f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                f"{os.getpid()}.{next(_FILES)}"
+            )
+            self._records = RecordWriter(open(self.path / name, "wb"))  # noqa: SIM115
+            self._event(file_version="brain.Event:2")
+        except OSError as e:
+            self._failed(e)
+
+    @property
+    def writing(self) -> bool:
+        return self._records is not None
 
     def log_epoch(self, log: EpochLog, walltime: float | None = None) -> None:
         """`walltime`: when the epoch ended, for a run written after the fact (batched engine)."""
-        self.writer.add_scalar("loss/train", log.train_loss, log.epoch, walltime=walltime)
-        self.writer.add_scalar("mse/val", log.val_mse, log.epoch, walltime=walltime)
-        self.writer.add_scalar("lr", log.lr, log.epoch, walltime=walltime)
+        self._scalar("loss/train", log.train_loss, log.epoch, walltime)
+        self._scalar("mse/val", log.val_mse, log.epoch, walltime)
+        self._scalar("lr", log.lr, log.epoch, walltime)
+        if time.monotonic() - self._flushed >= FLUSH_S:
+            self._guarded(self._records.flush if self._records else None)
+            self._flushed = time.monotonic()
 
     def close(
         self, hparams: dict[str, Any], metrics: dict[str, float], state: str = "COMPLETE"
@@ -70,12 +103,59 @@ class TrialLogger:
         )
         # What SummaryWriter.add_hparams writes, but into this run's own event file: add_hparams
         # opens a second writer (and file) per call, a cost paid once per trial.
-        file_writer = self.writer._get_file_writer()
         for summary in (exp, ssi, sei):
-            file_writer.add_summary(summary)
+            self._event(summary=summary)
         for k, v in finite.items():
-            self.writer.add_scalar(k, v)
-        self.writer.close()
+            self._scalar(k, v)
+        self.end()
+
+    def end(self) -> None:
+        """Close the run's file as it is (an interrupted or failed trial keeps its curve)."""
+        records, self._records = self._records, None
+        if records is not None:
+            try:
+                records.close()
+            except OSError as e:
+                self._failed(e)
+
+    def _scalar(
+        self, tag: str, value: float, step: int | None = None, walltime: float | None = None
+    ) -> None:
+        from torch.utils.tensorboard.summary import scalar
+
+        self._event(summary=scalar(tag, value), step=step, wall_time=walltime)
+
+    def _event(self, step: int | None = None, wall_time: float | None = None, **fields) -> None:
+        if self._records is None:
+            return
+        from tensorboard.compat.proto import event_pb2
+
+        event = event_pb2.Event(wall_time=wall_time or time.time(), **fields)
+        if step is not None:
+            event.step = int(step)
+        self._guarded(self._records.write, event.SerializeToString())
+
+    def _guarded(self, write, *args) -> None:
+        if write is None:
+            return
+        try:
+            write(*args)
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        records, self._records = self._records, None
+        if records is not None:
+            try:
+                records.close()  # flushes what is buffered: it may fail the same way
+            except OSError:
+                pass
+        folders.warn_once(
+            "TensorBoard",
+            self.log_dir,
+            e,
+            f"trial runs there stop where the write failed (first {self.path.name})",
+        )
 
 
 # The HParams metrics of every run: the trial's value (best validation MSE, or the last one of a

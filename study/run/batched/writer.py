@@ -44,7 +44,6 @@ import time
 from collections import deque
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from study.config import StudyConfig
@@ -79,7 +78,7 @@ from study.store.recovery import (
     sweep_stale,
 )
 from study.trial.space import param_set
-from study.views.artifacts import upload_model
+from study.views.artifacts import ArtifactFolder, store_model
 from study.views.dashboard import publish
 from study.views.tracking import TrialLogger
 
@@ -355,7 +354,9 @@ class _WarmUp:
             matplotlib.use("Agg")
             import matplotlib.pyplot  # noqa: F401
             import optuna_dashboard  # noqa: F401
+            import tensorboard.compat.proto.event_pb2  # noqa: F401
             import tensorboard.plugins.hparams.api_pb2  # noqa: F401
+            import tensorboard.summary.writer.record_writer  # noqa: F401
             import torch.utils.tensorboard.summary  # noqa: F401
 
             from study.views import plots  # noqa: F401  (plotly)
@@ -456,7 +457,7 @@ class _Sink:
                 f"study {cfg.study!r} is not in {cfg.storage} (deleted while the run started?)"
             ) from None
         self.study = optuna.load_study(study_name=cfg.study, storage=self.storage)
-        self.store = FileSystemArtifactStore(cfg.artifact_dir)
+        self.store = ArtifactFolder(cfg.artifact_dir)
         self.held = _Held()
         self.seen = _Seen(known)
         self.owner = owner_attr()
@@ -574,7 +575,7 @@ class _Sink:
             attrs = dict(f.attrs)
             if f.model is not None and f.value < self.seen.best:
                 try:
-                    attrs["model_artifact"] = upload_model(
+                    kept = store_model(
                         self.store,
                         self.storage.get_trial(trial_id),
                         number,
@@ -585,6 +586,7 @@ class _Sink:
                     )
                 except optuna.exceptions.UpdateFinishedTrialError:  # failed elsewhere
                     continue
+                attrs |= kept
                 self.seen.best = f.value
             endings.append(
                 Ending(
