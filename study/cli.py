@@ -131,16 +131,29 @@ def _add_readers(sub) -> None:
     plot = sub.add_parser("plot", help="write plotly HTML (and PNG) plots of a study")
     _study_args(plot, reader=True)
     plot.add_argument("--out", help="folder (default storage/plots/<study>/)")
-    plot.add_argument(
-        "--evaluator",
-        choices=["ped-anova", "fanova", "both"],
-        default="both",
-        help="importance evaluator(s) (default both)",
-    )
+    _evaluator_arg(plot)
     plot.add_argument(
         "--no-png", action="store_true", help="HTML only, even where Chromium is available"
     )
     _artifact_arg(plot)
+
+    imp = sub.add_parser(
+        "importance",
+        help="parameter importances with 95%% intervals, rank stability and the evaluators' "
+        "agreement",
+    )
+    _study_args(imp, reader=True)
+    _evaluator_arg(imp)
+    imp.add_argument(
+        "--resamples",
+        type=int,
+        default=None,
+        help="bootstrap resamples of the complete trials (default 20; more: steadier interval "
+        "ends, proportionally slower)",
+    )
+    imp.add_argument(
+        "--json", action="store_true", help="JSON for scripts: a list, one object per objective"
+    )
 
     report = sub.add_parser("report", help="write one self-contained HTML report of a study")
     _study_args(report, reader=True)
@@ -191,12 +204,27 @@ def _add_dashboard(sub) -> None:
     _artifact_arg(dash)
 
 
+def _evaluator_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--evaluator",
+        choices=["ped-anova", "fanova", "both"],
+        default="both",
+        help="importance evaluator(s) (default both)",
+    )
+
+
 def _artifact_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--artifact-dir",
-        default=DEFAULTS.artifact_dir,
-        help=f"artifact store folder (default {DEFAULTS.artifact_dir})",
+        help="the study's artifact folder (default: `artifacts` beside a SQLite or journal "
+        "file; storage/artifacts for PostgreSQL)",
     )
+
+
+def _artifacts(args: argparse.Namespace) -> str:
+    from study.store.url import beside
+
+    return args.artifact_dir or beside(args.storage or DEFAULTS.storage, "artifacts")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -250,7 +278,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     files, notes = plots.plot_study(
         study,
         out,
-        best_fit=best_fit(study, args.artifact_dir),
+        best_fit=best_fit(study, _artifacts(args)),
         evaluators=evaluators,
         png=not args.no_png,
     )
@@ -259,6 +287,46 @@ def cmd_plot(args: argparse.Namespace) -> int:
     print(f"wrote {len(files)} files to {out}/:")
     for f in files:
         print(f"  {f.name}")
+    return 0
+
+
+def cmd_importance(args: argparse.Namespace) -> int:
+    import json
+
+    import optuna
+
+    from study.views import analysis, importance, results
+
+    if args.resamples is not None and not 2 <= args.resamples <= 10_000:
+        raise ConfigError(f"--resamples must be from 2 to 10,000 (got {args.resamples})")
+    _quiet()
+    name = config_mod.check_study_name(args.study or DEFAULTS.study)
+    study = results.load_existing(name, args.storage or DEFAULTS.storage)
+    shortfall = analysis.importance_shortfall(study)
+    if shortfall:
+        raise ConfigError(shortfall)
+    evaluators = analysis.EVALUATORS if args.evaluator == "both" else (args.evaluator,)
+    resamples = args.resamples or importance.RESAMPLES
+    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+    # with pruned trials: the validation MSE at each budget, the complete trials' last
+    fid = importance.fidelities(study, evaluators, resamples=resamples) if pruned else []
+    found = [
+        fid[-1].found
+        if i == 0 and fid
+        else importance.evaluate(study, evaluators, objective=i, resamples=resamples)
+        for i in range(len(analysis.objective_names(study)))
+    ]
+    if args.json:
+        out = [f.to_json() for f in found]
+        out[0]["fidelities"] = [
+            {"epoch": f.epoch, "complete": f.complete, **f.found.to_json()} for f in fid
+        ]
+        print(json.dumps(out, indent=1))
+        return 0
+    texts = ["\n".join(importance.lines(f)) for f in found]
+    if len(fid) > 1:
+        texts[0] += "\n" + "\n".join(importance.fidelity_lines(fid))
+    print("\n\n".join(texts))
     return 0
 
 
@@ -271,7 +339,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     name = config_mod.check_study_name(args.study or DEFAULTS.study)
     study = results.load_existing(name, args.storage or DEFAULTS.storage)
     out = Path(args.out or f"storage/reports/{name}.html")
-    text = report.build(study, args.artifact_dir)
+    text = report.build(study, _artifacts(args))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opens offline)")
@@ -296,7 +364,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     text = compare.markdown(*run, rows, device=str(device))
     out = compare.save(*run, text, url)
     print(text)
-    logs = shlex.quote(f"{DEFAULTS.log_dir}/{compare.study_name(*run)}")
+    logs = shlex.quote(f"{store.beside(url, 'tensorboard')}/{compare.study_name(*run)}")
     print(f"\n(table saved to {out}; curves: tensorboard --logdir {logs})")
     return 0
 
@@ -321,6 +389,8 @@ def _compare_with_bar(args: argparse.Namespace, compare, url: str, device: str) 
     """Run the comparison under a progress bar that appears once it has passed its checks."""
     from tqdm import tqdm
 
+    from study import store
+
     cells = len(compare.FACTORS[args.factor](args.max_epochs).cells)
     bars = []
 
@@ -338,8 +408,8 @@ def _compare_with_bar(args: argparse.Namespace, compare, url: str, device: str) 
             seeds=args.seeds,
             device=device,
             setup=args.setup,
-            log_dir=DEFAULTS.log_dir,
-            artifact_dir=DEFAULTS.artifact_dir,
+            log_dir=store.beside(url, "tensorboard"),
+            artifact_dir=store.beside(url, "artifacts"),
             progress=progress,
         )
     finally:
@@ -354,7 +424,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be from 1 to 65535, got {args.port}")
     url = args.storage or DEFAULTS.storage
-    server = dashboard.bind(url, host=args.host, port=args.port, artifact_dir=args.artifact_dir)
+    server = dashboard.bind(url, host=args.host, port=args.port, artifact_dir=_artifacts(args))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"note: --host {args.host} opens the dashboard to the network, and it can delete "
@@ -428,6 +498,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "best": cmd_best,
         "plot": cmd_plot,
         "report": cmd_report,
+        "importance": cmd_importance,
         "dashboard": cmd_dashboard,
         "compare": cmd_compare,
     }[args.command]

@@ -6,7 +6,6 @@ Everything reads the storage (and the best-model artifact); nothing retrains.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from study import quiet
 from study.quiet import experimental
 from study.trial import pareto
 from study.trial.data import TWO_PI, scale_inputs
@@ -30,12 +30,6 @@ class Fit(NamedTuple):
     prediction: np.ndarray  # the network's output
     residual: np.ndarray  # prediction - target
     mse: float
-
-
-class ImportanceRow(NamedTuple):
-    param: str
-    ped_anova: float | None
-    fanova: float | None
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -88,20 +82,10 @@ def importances(
     """Normalised importances (sum 1), largest first, for one of the study's objectives."""
     kw = target(study, objective)
     kw.pop("target_name", None)
-    with experimental(), warnings.catch_warnings():
-        # PED-ANOVA warns whenever a target is given that it ranks low values first: ours are
-        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+    with quiet.importances():
         return optuna.importance.get_param_importances(
             study, evaluator=make_evaluator(evaluator, seed), normalize=True, **kw
         )
-
-
-def importance_table(study: optuna.Study, objective: int = 0) -> list[ImportanceRow]:
-    """Both evaluators side by side, ordered by fANOVA."""
-    ped = importances(study, "ped-anova", objective=objective)
-    fan = importances(study, "fanova", objective=objective)
-    params = sorted(set(ped) | set(fan), key=lambda p: -fan.get(p, 0.0))
-    return [ImportanceRow(p, ped.get(p), fan.get(p)) for p in params]
 
 
 def top_trials(study: optuna.Study, k: int = 10) -> list[FrozenTrial]:

@@ -14,10 +14,13 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
 from study.trial.course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
-from study.views import analysis, results
+from study.views import analysis, importance, results
 
 
-def study_note(study: optuna.Study) -> str:
+def study_note(study: optuna.Study, resamples: int = importance.NOTE_RESAMPLES) -> str:
+    """The note: counts, the best trial, a front's tables, and each objective's importances
+    with intervals over `resamples` bootstrap resamples (fewer than `sinstudy importance`'s:
+    every run waits for its note)."""
     c = analysis.Counts.of(study.get_trials(deepcopy=False))
     lines = [
         f"## {study.study_name}",
@@ -56,12 +59,19 @@ def study_note(study: optuna.Study) -> str:
             lines.append(f"| {level:.0e} | {cells} |")
     if not analysis.importance_shortfall(study):
         for i, name in enumerate(analysis.objective_names(study)):
-            rows = analysis.importance_table(study, objective=i)
+            found = importance.evaluate(study, objective=i, resamples=resamples)
+            said = importance.lines(found)
             title = f"importance for {name}" if front else "parameter"
-            lines += ["", f"| {title} | PED-ANOVA | fANOVA |", "|---|---|---|"]
+            names = [importance.NAMES[e.evaluator] for e in found.evaluated]
+            lines += ["", f"| {title} | {' | '.join(names)} |", "|---|---|---|"]
             lines += [
-                f"| {r.param} | {r.ped_anova or 0:.2f} | {r.fanova or 0:.2f} |" for r in rows
+                f"| {p} | {' | '.join(e.of(p).text() for e in found.evaluated)} |"
+                for p in found.params
             ]
+            # what the numbers mean: resamples, ranking, agreement, stability
+            lines += ["", said[0], *(f"- {x}" for x in said[2 + len(found.params) :])]
+        if evidence := importance.evidence_line(study):
+            lines.append(f"- {evidence}")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from plotly.subplots import make_subplots
 
 from study.config import ConfigError
 from study.quiet import experimental
-from study.views import analysis
+from study.views import analysis, importance
 from study.views.analysis import Fit
 
 LOG_Y = {"history", "intermediate_values"}  # figures whose y axis is the MSE itself (slices too)
@@ -87,33 +87,56 @@ def fit_png(f: Fit, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def importance_figure(study: optuna.Study, evaluator: str, objective: int = 0) -> go.Figure:
-    """Importances for one objective (a study of two draws one figure per objective)."""
-    kw = analysis.target(study, objective)
-    with experimental():
-        fig = vis.plot_param_importances(study, evaluator=analysis.make_evaluator(evaluator), **kw)
-    of = f" for {kw['target_name']}" if kw else ""
+def importance_figure(found: importance.Importances, evaluator: str, multi: bool) -> go.Figure:
+    """One evaluator's importances for one objective as bars with their 95% intervals (the
+    largest on top); parameters 0 by construction are left out and named in the title."""
+    ev = next(e for e in found.evaluated if e.evaluator == evaluator)
+    rows = [r for r in reversed(ev.rows) if not r.structural]  # plotly draws the last on top
+    fig = go.Figure(
+        go.Bar(
+            x=[r.value for r in rows],
+            y=[r.param for r in rows],
+            orientation="h",
+            error_x=dict(
+                type="data",
+                # a bootstrap interval need not contain the value on all trials: clipped there
+                array=[max(r.high - r.value, 0.0) for r in rows],
+                arrayminus=[max(r.value - r.low, 0.0) for r in rows],
+            ),
+            text=[f"first in {r.first:.0%}" for r in rows],
+            hovertemplate="%{y}: %{x:.3f} (%{text} of resamples)<extra></extra>",
+        )
+    )
+    of = f" for {found.objective}" if multi else ""
     fig.update_layout(
-        title=f"Hyperparameter importance{of} "
-        f"({'PED-ANOVA' if evaluator == 'ped-anova' else 'fANOVA'})"
+        title=f"Hyperparameter importance{of} ({importance.NAMES[evaluator]}), 95% interval "
+        f"over {found.resamples} resamples of {found.trials} trials",
+        xaxis_title="importance (normalised)",
+        yaxis_title="parameter",
     )
     return fig
 
 
 def pareto_figure(study: optuna.Study) -> go.Figure:
-    """Validation MSE (log axis) against parameters, the front highlighted (Optuna draws the
+    """Validation MSE against parameters (both log axes), the front highlighted (Optuna draws the
     dominated complete trials too)."""
     with experimental():
         fig = vis.plot_pareto_front(study, target_names=[MSE, "parameters"])
+    # both logarithmic: sizes span decades too, and a linear axis piles the small ones on zero
     fig.update_xaxes(type="log", title_text=f"{MSE} (log scale)")
+    fig.update_yaxes(type="log", title_text="parameters (log scale)")
     fig.update_layout(title="Pareto front: validation MSE against network size")
     return fig
 
 
 def study_figures(
-    study: optuna.Study, *, evaluators: tuple[str, ...] = analysis.EVALUATORS
+    study: optuna.Study,
+    *,
+    evaluators: tuple[str, ...] = analysis.EVALUATORS,
+    found: list[importance.Importances] | None = None,
 ) -> tuple[dict[str, go.Figure], list[str]]:
-    """Every figure the study's data allows, by file stem; and one note per figure skipped."""
+    """Every figure the study's data allows, by file stem; and one note per figure skipped.
+    `found`: the importances of each objective (importance.evaluate), where the caller has them."""
     notes: list[str] = []
     # Values span decades (1e-7 .. 1e-1): axes that show the MSE are logarithmic; where Optuna
     # draws the value as a colour or a parallel axis, it is given log10(MSE) to draw.
@@ -144,11 +167,13 @@ def study_figures(
     shortfall = analysis.importance_shortfall(study)
     if shortfall:
         notes.append(shortfall)
-    else:
+    elif evaluators:
+        multi = analysis.is_multi(study)
         for i, name in enumerate(analysis.objective_names(study)):
+            of = found[i] if found else importance.evaluate(study, evaluators, objective=i)
             for ev in evaluators:
                 stem = f"importance_{ev.replace('-', '_')}" + (f"_{name}" if i else "")
-                makers[stem] = lambda ev=ev, i=i: importance_figure(study, ev, i)
+                makers[stem] = lambda ev=ev, of=of: importance_figure(of, ev, multi)
     figs = {}
     with experimental():
         for name, make in makers.items():

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 
 from study.config import ConfigError
 from study.trial.course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
-from study.views import analysis, plots
+from study.views import analysis, importance, plots
 from study.views.artifacts import best_fit
 
 KEY_PLOTS = (
@@ -119,30 +119,36 @@ def build(study: optuna.Study, artifact_dir: str) -> str:
     ]
     if front:
         parts += _front_parts(study, front)
-    parts += _importance_parts(study, bool(front))
+    found = (
+        None
+        if analysis.importance_shortfall(study)
+        else [
+            importance.evaluate(study, objective=i)
+            for i in range(len(analysis.objective_names(study)))
+        ]
+    )
+    parts += _importance_parts(study, found)
     parts += _top_parts(top)
-    parts += _plot_parts(study, artifact_dir)
+    parts += _plot_parts(study, artifact_dir, found)
     return (
         f"<!DOCTYPE html><html><head><meta charset=utf-8><title>sinstudy: "
         f"{html.escape(study.study_name)}</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
 
 
-def _importance_parts(study: optuna.Study, front: bool) -> list[str]:
+def _importance_parts(study: optuna.Study, found: list | None) -> list[str]:
     parts = ["<h2>Hyperparameter importance</h2>"]
-    shortfall = analysis.importance_shortfall(study)
-    if shortfall:
-        return parts + [f"<p class=note>{html.escape(shortfall)}</p>"]
-    for i, name in enumerate(analysis.objective_names(study)):
-        rows = analysis.importance_table(study, objective=i)
-        if front:
-            parts.append(f"<p>for {html.escape(name)}</p>")
-        parts.append(
-            _table(
-                ["parameter", "PED-ANOVA", "fANOVA"],
-                [[r.param, f"{r.ped_anova or 0:.3f}", f"{r.fanova or 0:.3f}"] for r in rows],
-            )
-        )
+    if found is None:
+        return parts + [f"<p class=note>{html.escape(analysis.importance_shortfall(study))}</p>"]
+    for f in found:
+        said = importance.lines(f)
+        parts.append(f"<p>{html.escape(said[0])}</p>")
+        header = ["parameter", *(importance.NAMES[e.evaluator] for e in f.evaluated)]
+        rows = [[p, *(e.of(p).text() for e in f.evaluated)] for p in f.params]
+        parts.append(_table(header, rows))
+        parts += [f"<p class=note>{html.escape(line)}</p>" for line in said[2 + len(rows) :]]
+    if evidence := importance.evidence_line(study):
+        parts.append(f"<p class=note>{html.escape(evidence)}</p>")
     return parts
 
 
@@ -167,9 +173,9 @@ def _top_parts(top: list) -> list[str]:
     ]
 
 
-def _plot_parts(study: optuna.Study, artifact_dir: str) -> list[str]:
+def _plot_parts(study: optuna.Study, artifact_dir: str, found: list | None) -> list[str]:
     parts = ["<h2>Plots</h2>"]
-    figs, _ = plots.study_figures(study)
+    figs, _ = plots.study_figures(study, found=found)
     chosen: list[go.Figure] = [figs[k] for k in KEY_PLOTS if k in figs]
     fit, trial = best_fit(study, artifact_dir)
     if fit is not None:
