@@ -59,6 +59,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     sizes = [int(x) for x in args.at.split(",")]
     settled: dict[int, list[bool]] = {n: [] for n in sizes}
+    alone: dict[tuple[int, str], list[bool]] = {}  # (N, evaluator): its leader stable
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
             study = study_of(seed, args.trials, Path(tmp), args.device)
@@ -83,12 +84,19 @@ def main() -> None:
                     f"seed {seed}, {n:>4} trials ({found.trials:>3} complete): {leads}; {agree}"
                     f"; fANOVA leader by budget: {budgets or '-'}"
                 )
+                for e in found.evaluated:
+                    alone.setdefault((n, e.evaluator), []).append(e.stable)
                 leaders = {e.leader.param for e in found.evaluated}
                 settled[n].append(all(e.stable for e in found.evaluated) and len(leaders) == 1)
     for n in sizes:
+        each = ", ".join(
+            f"{importance.NAMES[ev]}'s alone in {sum(got)}"
+            for (m, ev), got in alone.items()
+            if m == n
+        )
         print(
             f"at {n} trials: both evaluators' leader stable and the same in "
-            f"{sum(settled[n])} of {len(settled[n])} seeds"
+            f"{sum(settled[n])} of {len(settled[n])} seeds ({each or 'none evaluated'})"
         )
 
 

@@ -232,3 +232,16 @@ def test_a_ranking_that_changes_with_the_budget_is_said_to():
     assert "the leader changes with the budget (depth, lr)" in "\n".join(
         importance.fidelity_lines(fid)
     )
+
+
+def test_the_note_resamples_small_studies_and_names_the_command_for_large_ones():
+    """Every run waits for its note: past NOTE_MAX_TRIALS complete trials it shows the values
+    alone and says where the intervals are."""
+    from study.views.dashboard import study_note
+
+    study = _study(_by_lr, n=importance.NOTE_MAX_TRIALS + 5)
+    large = study_note(study)
+    assert "values alone (intervals: sinstudy importance)" in large and "[0." not in large
+    small = study_note(study, resamples=5)
+    assert "5 bootstrap resamples, 95% intervals" in small and "| lr | 0." in small
+    assert "[" in small.split("| lr |")[1].splitlines()[0]

@@ -17,10 +17,11 @@ from study.trial.course import BEST_TEST_MSE as REPORT_BEST_TEST_MSE
 from study.views import analysis, importance, results
 
 
-def study_note(study: optuna.Study, resamples: int = importance.NOTE_RESAMPLES) -> str:
-    """The note: counts, the best trial, a front's tables, and each objective's importances
-    with intervals over `resamples` bootstrap resamples (fewer than `sinstudy importance`'s:
-    every run waits for its note)."""
+def study_note(study: optuna.Study, resamples: int | None = None) -> str:
+    """The note: counts, the best trial, a front's tables, and each objective's importances.
+    Every run waits for its note, so by default they come with intervals over
+    importance.NOTE_RESAMPLES resamples up to NOTE_MAX_TRIALS complete trials, and as values
+    alone beyond (the note then names `sinstudy importance`)."""
     c = analysis.Counts.of(study.get_trials(deepcopy=False))
     lines = [
         f"## {study.study_name}",
@@ -57,6 +58,9 @@ def study_note(study: optuna.Study, resamples: int = importance.NOTE_RESAMPLES) 
         for level, t in analysis.smallest_reaching(study):
             cells = f"#{t.number} | {t.user_attrs['n_params']}" if t else "none yet | "
             lines.append(f"| {level:.0e} | {cells} |")
+    if resamples is None:
+        small = len(analysis.complete_trials(study)) <= importance.NOTE_MAX_TRIALS
+        resamples = importance.NOTE_RESAMPLES if small else 0
     if not analysis.importance_shortfall(study):
         for i, name in enumerate(analysis.objective_names(study)):
             found = importance.evaluate(study, objective=i, resamples=resamples)
@@ -65,7 +69,7 @@ def study_note(study: optuna.Study, resamples: int = importance.NOTE_RESAMPLES) 
             names = [importance.NAMES[e.evaluator] for e in found.evaluated]
             lines += ["", f"| {title} | {' | '.join(names)} |", "|---|---|---|"]
             lines += [
-                f"| {p} | {' | '.join(e.of(p).text() for e in found.evaluated)} |"
+                f"| {p} | {' | '.join(e.of(p).text(bool(resamples)) for e in found.evaluated)} |"
                 for p in found.params
             ]
             # what the numbers mean: resamples, ranking, agreement, stability

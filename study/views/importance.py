@@ -34,6 +34,7 @@ from study.views import analysis
 
 RESAMPLES = 20  # enough for a 95% interval's shape at a cost the views can pay on every call
 NOTE_RESAMPLES = 10  # the dashboard's note, written at the end of every run, which waits for it
+NOTE_MAX_TRIALS = 50  # beyond, the note's resampling would cost each run's end seconds: none
 STABLE = 0.9  # a leader first in at least this share of resamples is a stable ranking
 TIE = 1e-9  # importances closer than this are equal
 NAMES = {"ped-anova": "PED-ANOVA", "fanova": "fANOVA"}
@@ -56,9 +57,11 @@ class Interval:
     first: float  # share of resamples where it ranks first
     structural: bool = False  # 0 by construction: the objective does not depend on it
 
-    def text(self) -> str:
+    def text(self, interval: bool = True) -> str:
         if self.structural:
             return "0 (by construction)"
+        if not interval:
+            return f"{self.value:.2f}"
         return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}]"
 
 
@@ -122,7 +125,8 @@ def evaluate(
     seed: int = 0,
 ) -> Importances:
     """Importances with intervals for one of the study's objectives (the module's rules). The
-    study needs analysis.MIN_TRIALS_FOR_IMPORTANCE complete trials (importance_shortfall)."""
+    study needs analysis.MIN_TRIALS_FOR_IMPORTANCE complete trials (importance_shortfall).
+    `resamples` 0: the values alone (no interval, no ranking's stability)."""
     trials = analysis.complete_trials(study)
     name = analysis.objective_names(study)[objective]
     every = sorted({p for t in trials for p in t.params})
@@ -132,7 +136,7 @@ def evaluate(
         rows = _intervals(study, trials, ev, objective, resamples, seed, only)
         zero = [Interval(p, 0.0, 0.0, 0.0, 0.0, True) for p in every if only and p not in only]
         result = Evaluated(ev, rows + zero)
-        if not result.stable:
+        if resamples and not result.stable:
             half = _firsts(study, trials, ev, objective, resamples, seed, only, len(trials) // 2)
             result = Evaluated(ev, result.rows, half.get(result.leader.param, 0.0))
         evaluated.append(result)
@@ -215,14 +219,24 @@ def lines(imp: Importances) -> list[str]:
     them."""
     names = [NAMES[e.evaluator] for e in imp.evaluated]
     width = max(len(p) for p in imp.params + ["parameter"]) + 2
+    how = (
+        f"{imp.resamples} bootstrap resamples, 95% intervals"
+        if imp.resamples
+        else "values alone (intervals: sinstudy importance)"
+    )
     out = [
         f"importance of {imp.objective} in study {imp.study!r}: {imp.trials} complete trials, "
-        f"{imp.resamples} bootstrap resamples, 95% intervals",
+        f"{how}",
         "parameter".ljust(width) + "".join(n.ljust(24) for n in names).rstrip(),
     ]
     for p in imp.params:
-        cells = [(e.of(p).text() if e.of(p) else "-").ljust(24) for e in imp.evaluated]
+        cells = [
+            (e.of(p).text(bool(imp.resamples)) if e.of(p) else "-").ljust(24)
+            for e in imp.evaluated
+        ]
         out.append((p.ljust(width) + "".join(cells)).rstrip())
+    if not imp.resamples:
+        return out + _structural_lines(imp)
     out.append(
         "ranking   "
         + "; ".join(
@@ -230,11 +244,7 @@ def lines(imp: Importances) -> list[str]:
             for e in imp.evaluated
         )
     )
-    if imp.structural is not None:
-        out.append(
-            f"note      {imp.objective} is a function of {', '.join(imp.structural)} alone: the "
-            f"other parameters are 0 by construction"
-        )
+    out += _structural_lines(imp)
     if len(imp.evaluated) > 1:
         off = imp.disagreements()
         if off:
@@ -319,6 +329,15 @@ def _at(t: FrozenTrial, epoch: int) -> FrozenTrial:
         distributions=t.distributions,
         value=min(v for s, v in t.intermediate_values.items() if s <= epoch),
     )
+
+
+def _structural_lines(imp: Importances) -> list[str]:
+    if imp.structural is None:
+        return []
+    return [
+        f"note      {imp.objective} is a function of {', '.join(imp.structural)} alone: the "
+        f"other parameters are 0 by construction"
+    ]
 
 
 def fidelity_lines(found: list[Fidelity]) -> list[str]:
