@@ -51,10 +51,6 @@ class TrialLogger:
         except OSError as e:
             self._failed(e)
 
-    @property
-    def writing(self) -> bool:
-        return self._records is not None
-
     def log_epoch(self, log: EpochLog, walltime: float | None = None) -> None:
         """`walltime`: when the epoch ended, for a run written after the fact (batched engine)."""
         self._scalar("loss/train", log.train_loss, log.epoch, walltime)
