@@ -30,6 +30,19 @@ checked:
   unreadable the study loads (a storage nothing can read ends the round; the next one starts
             on a fresh storage of that kind)
 
+With --storage-faults (as root; otherwise it says which faults it skips) the storage fails too:
+PostgreSQL rounds use a server the harness starts on a spare port and stops for a random span
+(fast or immediate shutdown) before starting it again; SQLite rounds keep their file on a small
+tmpfs that fills for a random span; and any round may stop a writer (SIGSTOP) past the grace
+period before it goes on. Every run waits such outages out (storage_outage), so a storage fault
+changes no run's expected exit status, except that an interrupt while a run waits ends it with
+exit 1. Two more invariants:
+
+  after end a finished trial gains no intermediate value (the harness reads the study while
+            the runs go on and keeps each finished trial's count)
+  retry     every FAIL trial has its retry queued or run while retries remain (those an
+            interrupt ended, or that gave way to another engine's parameter set, excepted)
+
 Each violation is printed as it is found (CHAOS_DEBUG=1: with the runs' last stderr lines and
 the trials involved), then a table at the end and, last, `N violations`; the exit status is 1
 when N > 0. The
@@ -39,6 +52,7 @@ suite runs a small fixed-seed schedule (tests/test_chaos.py); long runs are in d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -47,6 +61,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -80,6 +95,7 @@ activation = ["tanh", "relu", "identity"]
 [study]
 heartbeat_interval = 1
 grace_period = 4
+storage_outage = 60
 """
 FAULTS = [
     ("SIGINT", "group"),
@@ -110,6 +126,7 @@ class Run:
     err: str = ""
     run_prefix: str = ""  # the `run` attr of its trials starts with this
     pids: set[int] = field(default_factory=set)  # every process of the run seen so far
+    stopped: bool = False  # a storage fault landed while it ran: an interrupt may end it 1
 
     @property
     def label(self) -> str:
@@ -124,6 +141,91 @@ class Store:
     folder: Path
     repeats: int
     database: str | None = None
+    admin: str = ""  # the server's maintenance database (PostgreSQL)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.folder / "artifacts"
+
+
+class Faults:
+    """The storage faults of --storage-faults: a PostgreSQL server of the harness's own on a
+    spare port, a tmpfs for SQLite files, and what was skipped (not root, no PostgreSQL)."""
+
+    def __init__(self, root: Path):
+        self.skipped: list[str] = []
+        self.pg: OwnServer | None = None
+        self.disk: Path | None = None
+        if os.geteuid() != 0:
+            self.skipped = ["server outages (needs root)", "full disks (needs root)"]
+            return
+        try:
+            self.pg = OwnServer()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            self.skipped.append(f"server outages ({e})")
+        disk = root / "disk"
+        disk.mkdir()
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(disk)], capture_output=True
+        )
+        if mounted.returncode == 0:
+            self.disk = disk
+        else:
+            self.skipped.append(f"full disks ({mounted.stderr.decode().strip()})")
+
+    def close(self) -> None:
+        if self.pg is not None:
+            self.pg.remove()
+        if self.disk is not None:
+            subprocess.run(["umount", "-l", str(self.disk)], check=False)
+
+
+def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["runuser", "-u", "postgres", "--", *cmd], capture_output=True, text=True
+    )
+
+
+def _pg_bin(name: str) -> str:
+    import glob
+
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]
+    if not found[-1]:
+        raise RuntimeError(f"no {name}")
+    return found[-1]
+
+
+class OwnServer:
+    """A PostgreSQL server on a spare port that the harness may stop and start."""
+
+    def __init__(self):
+        self.data = tempfile.mkdtemp(prefix="sinstudy-chaos-pg-")
+        shutil.chown(self.data, "postgres", "postgres")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        made = _as_postgres(_pg_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "postgres")
+        if made.returncode != 0:
+            raise RuntimeError(made.stderr.strip()[-200:])
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.lock = threading.Lock()
+        self.start()
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        with self.lock:
+            _as_postgres(
+                _pg_bin("pg_ctl"), "-D", self.data, "-o", opts, "-w", "-l",
+                f"{self.data}/log", "start",
+            )  # fmt: skip
+
+    def stop(self, mode: str) -> None:
+        with self.lock:
+            _as_postgres(_pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
 @dataclass
@@ -237,15 +339,114 @@ def _start(run: Run, cwd: Path) -> None:
     run.run_prefix = f"{socket.gethostname()}:{run.proc.pid}:"
 
 
-def _drive(runs: list[Run], cwd: Path) -> None:
+@dataclass
+class StorageFault:
+    """One storage fault of a round: `what` (outage, full, stop-writer) `at` s after the
+    round's start, for `span` s."""
+
+    what: str
+    at: float
+    span: float
+    mode: str = "fast"  # a server's shutdown
+    sent: str | None = None
+    thread: threading.Thread | None = None
+
+    def start(self, store: Store, faults: Faults, runs: list[Run]) -> None:
+        self.thread = threading.Thread(target=self._run, args=(store, faults, runs), daemon=True)
+        self.thread.start()
+
+    def _run(self, store: Store, faults: Faults, runs: list[Run]) -> None:
+        live = [r for r in runs if r.proc is not None and r.proc.poll() is None]
+        if self.what == "outage" and faults.pg is not None:
+            faults.pg.stop(self.mode)
+            self.sent = f"outage {self.mode} {self.span:.1f}s"
+            time.sleep(self.span)
+            faults.pg.start()
+        elif self.what == "full" and faults.disk is not None:
+            filler = faults.disk / "filler"
+            try:
+                free = shutil.disk_usage(faults.disk).free
+                with open(filler, "wb") as f:
+                    f.truncate(0)
+                    f.write(b"\0" * max(0, free - 8192))
+                self.sent = f"full {self.span:.1f}s"
+                time.sleep(self.span)
+            except OSError:
+                self.sent = f"full {self.span:.1f}s"
+            finally:
+                filler.unlink(missing_ok=True)
+        elif self.what == "stop-writer":
+            pids = [w for r in live if (w := _target(r, "writer")) is not None and _alive(w)]
+            if not pids:
+                return
+            pid = random.choice(pids)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                self.sent = f"SIGSTOP writer {self.span:.1f}s"
+                time.sleep(self.span)
+            except ProcessLookupError:
+                return
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        if self.sent:
+            for r in live:
+                r.stopped = True
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+class Watch:
+    """Reads the study while the runs go on: each finished trial's count of intermediate values
+    when first seen finished (the `after end` invariant compares the end's count with it)."""
+
+    def __init__(self, store: Store):
+        self.store, self.counts = store, {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        storage = None
+        parsed = store_mod.parse(self.store.url)
+        while not self.done.wait(0.5):
+            if parsed.missing_file() is not None:  # the runs create it (and its schema)
+                continue
+            try:  # read-only: a fresh PostgreSQL database gets its schema from the runs too
+                storage = storage or store_mod.open_store(parsed, read_only=True).optuna
+                study = optuna.load_study(study_name=STUDY, storage=storage)
+                for t in study.get_trials(deepcopy=False):
+                    if t.state.is_finished() and t.number not in self.counts:
+                        self.counts[t.number] = len(t.intermediate_values)
+            except Exception:  # not created yet, or the storage is out: look again
+                storage = None
+
+    def stop(self) -> dict[int, int]:
+        self.done.set()
+        self.thread.join()
+        return self.counts
+
+
+def _drive(
+    runs: list[Run],
+    cwd: Path,
+    faults: list[StorageFault] = (),
+    store: Store | None = None,
+    setup: Faults | None = None,
+) -> None:
     """Start each run after its delay, send each fault at its moment, wait for all."""
     t0 = time.monotonic()
     pending = sorted(runs, key=lambda r: r.delay)
+    waiting = sorted(faults, key=lambda f: f.at)
     scanned = 0.0
     while pending or any(r.proc and r.proc.poll() is None for r in runs):
         now = time.monotonic() - t0
         while pending and pending[0].delay <= now:
             _start(pending.pop(0), cwd)
+        while waiting and waiting[0].at <= now:
+            waiting.pop(0).start(store, setup, runs)
         scan, scanned = (True, now) if now - scanned >= SCAN_S else (False, scanned)
         for r in runs:
             live = r.proc is not None and r.proc.poll() is None
@@ -261,6 +462,8 @@ def _drive(runs: list[Run], cwd: Path) -> None:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.err += f"\nchaos: killed after {RUN_TIMEOUT_S} s (hung)"
         time.sleep(0.05)
+    for f in faults:
+        f.wait()
     for r in runs:
         out, err = r.proc.communicate()
         r.out, r.err = out, err + r.err
@@ -274,30 +477,53 @@ def _drive(runs: list[Run], cwd: Path) -> None:
 # ---------------------------------------------------------------- schedule
 
 
-def _store(kind: str, root: Path, rng: random.Random) -> Store:
-    folder = root / f"{kind}-{uuid.uuid4().hex[:6]}"
+def _store(kind: str, root: Path, rng: random.Random, faults: Faults | None = None) -> Store:
+    tag = uuid.uuid4().hex[:6]
+    folder = root / f"{kind}-{tag}"
     folder.mkdir()
-    (folder / "chaos.toml").write_text(TOML)
+    # the views' folders stay off a disk that fills: a full disk under the storage is the fault
+    views = f'log_dir = "{folder}/tensorboard"\nartifact_dir = "{folder}/artifacts"\n'
+    (folder / "chaos.toml").write_text(TOML + views)
     repeats = rng.choice([1, 1, 2])
     if kind == "sqlite":
-        return Store(kind, f"sqlite:///{folder}/s.db", folder, repeats)
+        disk = faults.disk if faults is not None and faults.disk is not None else folder
+        return Store(kind, f"sqlite:///{disk}/s-{tag}.db", folder, repeats)
     if kind == "journal":
         return Store(kind, f"journal:///{folder}/s.log", folder, repeats)
     import psycopg
 
+    admin_url = faults.pg.url if faults is not None and faults.pg is not None else PG_URL
     name = f"sinstudy_chaos_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as admin:
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    return Store(kind, PG_URL.rsplit("/", 1)[0] + "/" + name, folder, repeats, name)
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    return Store(kind, url, folder, repeats, name, admin_url)
 
 
 def _drop(store: Store) -> None:
     shutil.rmtree(store.folder, ignore_errors=True)
+    if store.kind == "sqlite":
+        Path(store.url.removeprefix("sqlite:///")).unlink(missing_ok=True)
     if store.database:
         import psycopg
 
-        with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as admin:
+        with psycopg.connect(store.admin, autocommit=True, connect_timeout=5) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{store.database}" WITH (FORCE)')
+
+
+def _storage_faults(store: Store, rng: random.Random, faults: Faults | None) -> list[StorageFault]:
+    """Half the rounds get one: the storage's own (a server outage, a full disk) or a writer
+    stopped past the grace period (4 s)."""
+    if faults is None or rng.random() < 0.5:
+        return []
+    own = {"postgresql": "outage", "sqlite": "full"}.get(store.kind)
+    if own == "outage" and faults.pg is None or own == "full" and faults.disk is None:
+        own = None
+    what = rng.choice([w for w in (own, own, "stop-writer") if w])
+    if what == "stop-writer":
+        return [StorageFault(what, rng.uniform(1.0, 8.0), rng.uniform(5.0, 9.0))]
+    mode = rng.choice(["fast", "immediate"])
+    return [StorageFault(what, rng.uniform(1.0, 8.0), rng.uniform(0.5, 10.0), mode)]
 
 
 def _args(store: Store, rng: random.Random, n_trials: int, epochs: int, extra=()) -> list[str]:
@@ -354,11 +580,14 @@ def _expected_exit(run: Run) -> set[int]:
         # a worker, trainer or writer of the run: the run recovers and goes on (or, alone
         # without workers, a writer's death ends the run with one line)
         return {0, 1} if role == "writer" else {0, -9}
-    # 0: it may land after the last trial, as the run ends; never death by the signal itself
-    return {130, 0} if signame == "SIGINT" else {143, 0}
+    # 0: it may land after the last trial, as the run ends; never death by the signal itself;
+    # 1: it landed while the run waited out a storage fault, which it then gives up
+    return ({130, 0} if signame == "SIGINT" else {143, 0}) | ({1} if run.stopped else set())
 
 
-def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
+def _check(
+    store: Store, runs: list[Run], tally: Tally, *, final: bool, seen: dict[int, int] | None = None
+) -> None:
     def bad(kind: str, what: str) -> None:
         tally.violations[kind] += 1
         tally.examples.setdefault(kind, f"{store.kind} {store.folder.name}: {what}")
@@ -454,31 +683,76 @@ def _check(store: Store, runs: list[Run], tally: Tally, *, final: bool) -> None:
         steps = sorted(t.intermediate_values)
         if steps and steps != list(range(1, len(steps) + 1)):
             bad("curves", f"trial #{t.number} steps {steps[:3]}..{steps[-3:]} ({len(steps)})")
+    numbered = {t.number: t for t in trials}
+    for n, count in (seen or {}).items():
+        if n in numbered and len(numbered[n].intermediate_values) > count:
+            t, now = numbered[n], len(numbered[n].intermediate_values)
+            bad("after end", f"trial #{n} {t.state.name}: {count} values, then {now}")
+    if final:
+        _check_retries(trials, runs, bad)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if final and complete:
         best = min(complete, key=lambda t: t.value)
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                load_model(best, store.folder / store_mod.beside(store.url, "artifacts"), tmp)
+                load_model(best, store.artifacts, tmp)
         except Exception as e:
             bad("artifact", f"best trial #{best.number}: {type(e).__name__}: {e}")
     if final:
         tally.trials += len(trials)
 
 
-def _round(i: int, rng: random.Random, stores: dict, root: Path, tally: Tally, kinds) -> None:
+MAX_RETRIES = 1  # the chaos TOML's (the default)
+
+
+def _check_retries(trials, runs: list[Run], bad) -> None:
+    """Every FAIL trial has its retry while retries remain: those an interrupt ended (a batched
+    trial's failed_reason, or any trial of a run that was sent SIGINT or SIGTERM) and those that
+    gave way to another engine's parameter set are not retried."""
+    interrupted = [r.run_prefix for r in runs if r.sent and r.sent.split()[0] != "SIGKILL"]
+    retried = {
+        t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")
+    }
+    for t in trials:
+        if t.state != TrialState.FAIL or t.number in retried:
+            continue
+        if len(t.system_attrs.get("retry_history", [])) >= MAX_RETRIES:
+            continue
+        reason = str(t.user_attrs.get("failed_reason", ""))
+        if reason == "interrupted" or "same parameter set" in reason:
+            continue
+        if any(str(t.user_attrs.get("run", "")).startswith(p) for p in interrupted):
+            continue
+        bad("retry", f"trial #{t.number} FAIL ({_describe(t)}) without its retry")
+
+
+def _round(
+    i: int,
+    rng: random.Random,
+    stores: dict,
+    root: Path,
+    tally: Tally,
+    kinds,
+    faults: Faults | None = None,
+) -> None:
     kind = kinds[i % len(kinds)]
     if kind not in stores or rng.random() < 0.4:  # a fresh study (the old storage goes)
         if kind in stores:
             _drop(stores[kind])
-        stores[kind] = _store(kind, root, rng)
+        stores[kind] = _store(kind, root, rng, faults)
     store = stores[kind]
     runs = _plan(store, rng)
-    _drive(runs, store.folder)
+    storage_faults = _storage_faults(store, rng, faults)
+    watch = Watch(store)
+    try:
+        _drive(runs, store.folder, storage_faults, store, faults)
+    finally:
+        seen = watch.stop()
     tally.runs += len(runs)
     tally.signals.update(r.sent.split()[0] for r in runs if r.sent)
+    tally.signals.update(f.sent.split()[0] for f in storage_faults if f.sent)
     try:
-        _after(store, runs, rng, tally)
+        _after(store, runs, rng, tally, seen)
     except Exception as e:  # a study nothing can read is a violation; the next round starts anew
         what = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         tally.violations["unreadable"] += 1
@@ -488,13 +762,15 @@ def _round(i: int, rng: random.Random, stores: dict, root: Path, tally: Tally, k
         del stores[kind]
 
 
-def _after(store: Store, runs: list[Run], rng: random.Random, tally: Tally) -> None:
+def _after(
+    store: Store, runs: list[Run], rng: random.Random, tally: Tally, seen: dict[int, int]
+) -> None:
     """Check the round's study; where anything is left to recover, run the next run first."""
     try:
         study = optuna.load_study(study_name=STUDY, storage=store_mod.load(store.url))
     except KeyError:  # every run was killed before it created the study
         return
-    _check(store, runs, tally, final=False)
+    _check(store, runs, tally, final=False, seen=seen)
     open_ = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
     if not open_ and all(r.proc.returncode == 0 and not r.sent for r in runs if r.proc):
         _check(store, runs, tally, final=True)  # nothing for a next run to recover
@@ -514,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--storages", default="sqlite,journal,postgresql")
     p.add_argument("--keep", action="store_true", help="keep the temporary storages")
+    p.add_argument(
+        "--storage-faults",
+        action="store_true",
+        help="fault the storage too: server outages, full disks, a writer stopped (as root)",
+    )
     a = p.parse_args(argv)
     kinds = a.storages.split(",")
     bad = set(kinds) - {"sqlite", "journal", "postgresql"}
@@ -525,11 +806,14 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sinstudy-chaos-"))
     stores: dict[str, Store] = {}
     tally = Tally()
+    faults = Faults(root) if a.storage_faults else None
+    for what in faults.skipped if faults else []:
+        print(f"chaos: skipped: {what}", flush=True)
     t0 = time.monotonic()
     try:
         for i in range(a.rounds):
             before = sum(tally.violations.values())
-            _round(i, rng, stores, root, tally, kinds)
+            _round(i, rng, stores, root, tally, kinds, faults)
             tally.rounds += 1
             new = sum(tally.violations.values()) - before
             print(
@@ -542,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep:
             for store in stores.values():
                 _drop(store)
+        if faults is not None:
+            faults.close()
+        if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
     total = sum(tally.violations.values())
     print()
@@ -549,7 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"faults sent: {dict(tally.signals) or 'none'}")
     print("| violation | count | first seen |")
     print("| --- | --- | --- |")
-    for kind in ("count", "numbers", "twins", "running", "waiting", "artifact", "curves"):
+    kinds_ = ("count", "numbers", "twins", "running", "waiting", "artifact", "curves")
+    for kind in (*kinds_, "after end", "retry"):
         print(f"| {kind} | {tally.violations[kind]} | {tally.examples.get(kind, '')} |")
     for kind in ("exit", "traceback"):
         print(f"| {kind} | {tally.violations[kind]} | {tally.examples.get(kind, '')} |")

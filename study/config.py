@@ -167,6 +167,9 @@ class StudyConfig:
     """a running trial silent this long is failed and retried by the next worker that looks"""
     max_retries: int = 1
     """how many times a crashed trial's params are retried"""
+    storage_outage: int = 300
+    """seconds a run waits out a storage it cannot reach (a database restarting, a full disk
+    under SQLite), training on and storing what waited when it returns; 0: stop at once"""
     log_dir: str = ""
     """TensorBoard runs go to <log_dir>/<study>/trial-NNNN (default: `tensorboard` beside a
     SQLite or journal file; storage/tensorboard for PostgreSQL)"""
@@ -350,6 +353,7 @@ def _validate_recovery(cfg: StudyConfig) -> None:
             "a live trial would look dead"
         )
     _positive_int("max_retries", cfg.max_retries, minimum=0, maximum=100)
+    _positive_int("storage_outage", cfg.storage_outage, minimum=0, maximum=MAX_SECONDS)
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -40,3 +40,37 @@ def test_the_harness_counts_a_run_that_ended_before_its_kill_landed_as_ended():
     assert sent("SIGINT group 12") == {130, 0} and sent("SIGTERM parent 12") == {143, 0}
     assert 1 not in sent("SIGKILL worker 12") and sent("SIGKILL writer 12") == {0, 1}
     assert chaos._expected_exit(chaos.Run(args=[], n_trials=1)) == {0}
+
+
+def _trial(number: int, state, user=None, system=None):
+    from optuna.trial import FrozenTrial
+
+    return FrozenTrial(
+        number=number, state=state, value=None, datetime_start=None, datetime_complete=None,
+        params={}, distributions={}, user_attrs=user or {}, system_attrs=system or {},
+        intermediate_values={}, trial_id=number,
+    )  # fmt: skip
+
+
+def test_the_retry_invariant_names_a_fail_without_its_retry_and_no_other():
+    from optuna.trial import TrialState as S
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import chaos
+
+    killed = chaos.Run(args=[], n_trials=1, sent="SIGKILL group", run_prefix="h:1:")
+    stopped = chaos.Run(args=[], n_trials=1, sent="SIGINT parent", run_prefix="h:2:")
+    trials = [
+        _trial(0, S.FAIL, {"run": "h:1:a"}),  # swept, retried by #1
+        _trial(1, S.COMPLETE, system={"failed_trial": 0, "retry_history": [0]}),
+        _trial(2, S.FAIL, {"run": "h:1:a"}),  # swept, no retry: the violation
+        _trial(3, S.FAIL, {"run": "h:2:a"}),  # its run was interrupted
+        _trial(4, S.FAIL, {"failed_reason": "interrupted"}),
+        _trial(
+            5, S.FAIL, {"failed_reason": "trial #1 has the same parameter set (another engine)"}
+        ),
+        _trial(6, S.FAIL, {"run": "h:1:a"}, {"failed_trial": 9, "retry_history": [9]}),  # spent
+    ]
+    found = []
+    chaos._check_retries(trials, [killed, stopped], lambda kind, what: found.append(what))
+    assert len(found) == 1 and found[0].startswith("trial #2 FAIL"), found

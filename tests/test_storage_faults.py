@@ -54,10 +54,12 @@ def leave(disk: Path, kb: int) -> None:
 def test_a_full_disk_under_the_storage_is_named_with_its_file(workdir, full_disk, kind):
     """Before: SQLite ended with Optuna's "An exception is raised during the commit. This
     typically happens due to invalid data in the commit", the journal with "OSError: [Errno
-    28] No space left on device" naming no file."""
+    28] No space left on device" naming no file. SQLite's full disk is waited out first
+    (storage_outage, 2 s here); a journal's append that a full disk may have cut is not."""
     path = full_disk / ("s.db" if kind == "sqlite" else "s.log")
     url = f"sqlite:///{path}" if kind == "sqlite" else f"journal:///{path}"
-    args = ["--config", "tiny.toml", "--no-progress", "--max-epochs", "40", "--n-trials", "2000"]
+    toml = _outage_toml(workdir, 2)
+    args = ["--config", toml, "--no-progress", "--max-epochs", "40", "--n-trials", "2000"]
     r = run_cli("run", "--storage", url, *args, cwd=workdir)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1, r.stderr
@@ -65,6 +67,36 @@ def test_a_full_disk_under_the_storage_is_named_with_its_file(workdir, full_disk
     assert last.startswith("sinstudy: error: "), r.stderr
     assert f"disk full: cannot write {path};" in last, r.stderr
     assert "--storage" in last and "invalid data" not in r.stderr and "Traceback" not in r.stderr
+    waited = "past [study] storage_outage (2 s)" in last
+    assert waited == (kind == "sqlite"), r.stderr
+
+
+def test_a_full_disk_under_sqlite_freed_while_the_run_waits_loses_nothing(workdir, full_disk):
+    """The disk fills under the SQLite file while trials train; space is freed while the run
+    waits: it goes on, and every trial of its budget is stored, none left RUNNING."""
+    path = full_disk / "s.db"
+    proc = start_cli(
+        "run", "--config", _outage_toml(workdir, 120), "--no-progress", "--storage",
+        f"sqlite:///{path}", "--max-epochs", "40", "--n-trials", "150", cwd=workdir,
+    )  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stderr:  # until the run says it waits
+            seen.append(line)
+            if "sinstudy: storage unavailable: disk full" in line:
+                break
+        assert proc.poll() is None, "".join(seen)
+        leave(full_disk, 2048)
+        _, rest = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    err = "".join(seen) + rest
+    assert proc.returncode == 0, err
+    assert "sinstudy: storage back after " in err and "Traceback" not in err, err
+    trials = optuna.load_study(study_name="sinstudy", storage=f"sqlite:///{path}").trials
+    states = {t.state for t in trials}
+    assert len(trials) == 150 and states <= {TrialState.COMPLETE, TrialState.PRUNED}, states
 
 
 def test_a_cut_journal_on_a_full_disk_is_left_as_it_is_with_no_half_copy(full_disk):
@@ -161,61 +193,136 @@ def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(as_postgres, capture_output=True, text=True)
 
 
+class OwnPG:
+    """A PostgreSQL server of the test's own on a spare port, with a database `t`."""
+
+    def __init__(self):
+        self.data = tempfile.mkdtemp(prefix="sinstudy-pg-")
+        shutil.chown(self.data, "postgres", "postgres")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        made = _as_postgres(_pg_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "postgres")
+        assert made.returncode == 0, made.stderr
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/t"
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = f"{self.data}/log"
+        started = _as_postgres(
+            _pg_bin("pg_ctl"), "-D", self.data, "-o", opts, "-w", "-l", log, "start"
+        )
+        assert started.returncode == 0, started.stderr
+
+    def stop(self, mode: str = "fast") -> None:
+        _as_postgres(_pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
+
+
 @pytest.fixture
-def own_pg() -> Iterator[tuple[str, str]]:
-    """A PostgreSQL server started for this test on a spare port, with a database `t`:
-    (its URL, its data folder). Stopped and removed afterwards."""
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    data = tempfile.mkdtemp(prefix="sinstudy-pg-")
-    shutil.chown(data, "postgres", "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    made = _as_postgres(initdb, "-D", data, "-A", "trust", "-U", "postgres")
-    assert made.returncode == 0, made.stderr
-    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
-    started = _as_postgres(pg_ctl, "-D", data, "-o", opts, "-w", "-l", f"{data}/log", "start")
-    assert started.returncode == 0, started.stderr
+def own_pg() -> Iterator[OwnPG]:
+    """A PostgreSQL server started for this test on a spare port, with a database `t`.
+    Stopped and removed afterwards."""
+    pg = OwnPG()
+    pg.start()
     try:
         import psycopg
 
-        url = f"postgresql://postgres@127.0.0.1:{port}"
-        with psycopg.connect(f"{url}/postgres", autocommit=True) as admin:
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", autocommit=True
+        ) as admin:
             admin.execute("CREATE DATABASE t")
-        yield f"{url}/t", data
+        yield pg
     finally:
-        _as_postgres(pg_ctl, "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(data, ignore_errors=True)
+        pg.stop("immediate")
+        shutil.rmtree(pg.data, ignore_errors=True)
 
 
-@pytest.mark.parametrize("engine", ["batched", "standard"])
-def test_a_postgresql_server_lost_under_a_run_is_named_with_its_host(workdir, own_pg, engine):
-    """The server stops while a run trains. Before: exit 1 with "StorageInternalError: An
-    exception is raised during the commit. This typically happens due to invalid data in the
-    commit, e.g. exceeding max length" (batched), or an UnboundLocalError from inside Optuna's
-    trial loop (standard)."""
-    url, data = own_pg
-    proc = start_cli(
-        "run", "--config", "tiny.toml", "--no-progress", "--storage", url, "--engine", engine,
-        "--max-epochs", "4000", "--n-trials", "4", cwd=workdir,
+def _outage_toml(workdir: Path, seconds: int) -> str:
+    text = (workdir / "tiny.toml").read_text()
+    (workdir / "outage.toml").write_text(f"{text}\n[study]\nstorage_outage = {seconds}\n")
+    return "outage.toml"
+
+
+def _run_on(pg: OwnPG, workdir: Path, engine: str, toml: str, epochs: int, trials: int):
+    return start_cli(
+        "run", "--config", toml, "--no-progress", "--storage", pg.url, "--engine", engine,
+        "--max-epochs", str(epochs), "--n-trials", str(trials), cwd=workdir,
     )  # fmt: skip
+
+
+def _until_training(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.time() + 60
+    while True:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        try:
+            study = optuna.load_study(study_name="sinstudy", storage=store.load(url))
+            if study.get_trials(states=(TrialState.RUNNING,)):
+                return
+        except Exception:  # the study is still being created
+            pass
+        time.sleep(0.2)
+
+
+def _ended(proc: subprocess.Popen, timeout: float = 180) -> str:
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            try:
-                study = optuna.load_study(study_name="sinstudy", storage=store.load(url))
-                if study.get_trials(states=(TrialState.RUNNING,)):
-                    break
-            except Exception:  # the study is still being created
-                pass
-            time.sleep(0.2)
-        _as_postgres(_pg_bin("pg_ctl"), "-D", data, "-m", "fast", "-w", "stop")
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
-    port = url.rsplit(":", 1)[1].split("/")[0]
+    return err
+
+
+@pytest.mark.parametrize("engine", ["batched", "standard"])
+def test_a_postgresql_server_lost_past_the_outage_bound_is_named_with_its_host(
+    workdir, own_pg, engine
+):
+    """The server stops for good while a run trains. Before: exit 1 at once with
+    "StorageInternalError: An exception is raised during the commit. This typically happens
+    due to invalid data in the commit, e.g. exceeding max length" (batched), or an
+    UnboundLocalError from inside Optuna's trial loop (standard). Now the run waits
+    storage_outage (3 s here), then stops with one line."""
+    proc = _run_on(own_pg, workdir, engine, _outage_toml(workdir, 3), 4000, 4)
+    _until_training(proc, own_pg.url)
+    own_pg.stop()
+    err = _ended(proc, 120)
     assert proc.returncode == 1, err
-    assert f"the PostgreSQL server at 127.0.0.1:{port} cannot be reached (" in err, err
+    assert f"the PostgreSQL server at 127.0.0.1:{own_pg.port} cannot be reached (" in err, err
+    assert "sinstudy: storage unavailable: " in err and "past [study] storage_outage (3 s)" in err
     assert "invalid data" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("engine", ["batched", "standard"])
+def test_a_postgresql_restart_under_a_run_is_waited_out_with_nothing_lost(workdir, own_pg, engine):
+    """The server stops for 4 s while trials train, then starts again. Before: exit 1, the
+    trials left RUNNING until the next run retried them (batched); exit 1 or 137 lines of
+    tracebacks (standard). Now the run says so twice and ends as if nothing happened: every
+    trial of its budget finished, none RUNNING, none failed."""
+    proc = _run_on(own_pg, workdir, engine, "tiny.toml", 300, 6)
+    _until_training(proc, own_pg.url)
+    own_pg.stop()
+    time.sleep(4)
+    own_pg.start()
+    err = _ended(proc)
+    assert proc.returncode == 0, err
+    assert "sinstudy: storage unavailable: the PostgreSQL server at 127.0.0.1:" in err, err
+    assert "sinstudy: storage back after " in err and "Traceback" not in err, err
+    trials = optuna.load_study(study_name="sinstudy", storage=store.load(own_pg.url)).trials
+    states = [t.state for t in trials]
+    assert len(trials) == 6 and set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}, states
+    for t in trials:  # every epoch stored once, in order, whatever waited
+        assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+
+
+def test_a_run_started_while_the_server_is_down_starts_when_it_answers(workdir, own_pg):
+    own_pg.stop()
+    proc = _run_on(own_pg, workdir, "batched", "tiny.toml", 30, 2)
+    time.sleep(3)
+    assert proc.poll() is None
+    own_pg.start()
+    err = _ended(proc)
+    assert proc.returncode == 0, err
+    assert "storage unavailable: cannot connect to PostgreSQL at " in err, err
+    assert "the run starts when it answers, for up to 5 min 0 s" in err, err
+    assert (
+        len(optuna.load_study(study_name="sinstudy", storage=store.load(own_pg.url)).trials) == 2
+    )

@@ -26,10 +26,12 @@ import torch
 from study import __version__, store
 from study.config import ConfigError, StudyConfig, models_at_once, to_dict
 from study.quiet import experimental
+from study.run import interrupt
 from study.run.batched import kernels
 from study.run.budget import Budget
 from study.run.search import make_pruner, make_sampler
 from study.store import Store, recovery
+from study.store.outage import Outage
 from study.trial import attrs, objectives
 from study.views import folders
 
@@ -82,8 +84,12 @@ def check_devices(devices: tuple[int, ...]) -> torch.device:
 
 def open_study_store(cfg: StudyConfig, parsed: store.StorageURL | None = None) -> store.Store:
     """The study's storage with the heartbeat settings of the config (every process alike)."""
-    hb = store.Heartbeat(cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries)
-    return store.open_store(parsed or store.parse(cfg.storage), hb)
+    hb = store.Heartbeat(
+        cfg.heartbeat_interval, cfg.grace_period, cfg.max_retries, cfg.storage_outage
+    )
+    opened = store.open_store(parsed or store.parse(cfg.storage), hb)
+    opened.outage.give_up = interrupt.requested  # Ctrl-C ends a wait for the storage
+    return opened
 
 
 def _identity(cfg: StudyConfig) -> dict[str, Any]:
@@ -461,7 +467,9 @@ def _device(cfg: StudyConfig, notes: list[str]) -> torch.device:
 def _open_store(cfg: StudyConfig, notes: list[str], *, workers: int) -> Store:
     """Check the storage (read-only) and the folders, then open the store and check the study
     it holds (its identity, its TensorBoard folder's owner)."""
-    parsed = store.check(cfg.storage)
+    waits = Outage(cfg.storage_outage, meanwhile="the run starts when it answers", past="stopped")
+    waits.give_up = interrupt.requested
+    parsed = store.check(cfg.storage, outage=waits)
     check_folders(cfg)
     if (new_file := parsed.missing_file()) is not None:
         check_tensorboard_owner(cfg, None, new_file)  # before the file is created

@@ -14,7 +14,8 @@ from optuna.storages import JournalStorage, RDBStorage
 
 from study.store.base import Store
 from study.store.journal import JournalStore
-from study.store.postgres import PostgresStore
+from study.store.outage import Outage
+from study.store.postgres import PostgresStore, Unreachable
 from study.store.sqlite import SqliteStore
 from study.store.url import Heartbeat, StorageURL, beside, parse, redact
 
@@ -37,11 +38,19 @@ __all__ = [
 ]
 
 
-def check(url: str, *, read_only: bool = False) -> StorageURL:
+def check(url: str, *, read_only: bool = False, outage: Outage | None = None) -> StorageURL:
     """Validate a storage URL without writing anything. Raises StorageError. `read_only`: for a
-    reader, which needs no write access."""
+    reader, which needs no write access; `outage`: a run's rule, by which a database server
+    that is down or restarting is waited for (study.store.outage)."""
     parsed = parse(url)
-    KINDS[parsed.kind].check(parsed, read_only)
+    kind = KINDS[parsed.kind]
+    if outage is None:
+        kind.check(parsed, read_only)
+    else:
+        outage.run(
+            lambda again: kind.check(parsed, read_only),
+            lambda e: str(e) if isinstance(e, Unreachable) else None,
+        )
     return parsed
 
 
@@ -61,6 +70,8 @@ def of(storage: optuna.storages.BaseStorage) -> Store:
         storage = inner
     if isinstance(storage, JournalStorage):
         return JournalStore(storage)
+    if getattr(storage, "store", None) is not None:  # opened here: the store that opened it
+        return storage.store
     if isinstance(storage, RDBStorage):
         dialect = storage.engine.dialect.name
         return (PostgresStore if dialect == "postgresql" else SqliteStore)(storage)

@@ -18,20 +18,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from study.errors import StorageError
+from study.store.outage import Outage
 from study.store.url import Heartbeat, StorageURL
 from study.trial.space import param_set
 
+T = TypeVar("T")
 HEARTBEAT_ATTR = "sinstudy:heartbeat"  # unix time of a journal trial's last beat
 UNFINISHED = (TrialState.RUNNING, TrialState.WAITING)
 
@@ -165,6 +167,7 @@ class Store:
     ):
         self.optuna = storage
         self.url, self.heartbeat, self.read_only = url, heartbeat, read_only
+        self.outage = Outage(heartbeat.outage if heartbeat is not None else 0.0)
 
     def __reduce__(self):
         """A store opened from a URL travels to a spawned process as how it was opened, and is
@@ -200,13 +203,29 @@ class Store:
                 return disk_full(e.filename)
         return None
 
+    def transient(self, exc: BaseException) -> str | None:
+        """The `fault` line when the fault is one a wait can outlast and a step can be tried
+        again after it (study.store.outage); None for anything else. Here (an in-memory study,
+        the journal, whose appends a full disk can cut): none."""
+        return None
+
+    def waiting(self, step: Callable[[bool], T]) -> T:
+        """`step(again)` under this process's outage rule (study.store.outage)."""
+        return self.outage.run(step, self.transient)
+
     @contextlib.contextmanager
     def naming_faults(self) -> Iterator[None]:
         """A failure of the storage's environment inside the block (`fault`) leaves it as a
         StorageError with that one line (exit status 1), not as Optuna's words for it."""
         try:
             yield
+        except StorageError:  # already one line (an outage waited out past its bound)
+            raise
         except Exception as e:
+            # one under what Optuna's trial loop raised while it ended the trial
+            said = next((c for c in causes(e) if isinstance(c, StorageError)), None)
+            if said is not None:
+                raise StorageError(str(said), exit_code=said.exit_code) from e
             line = self.fault(e)
             if line is None:
                 raise

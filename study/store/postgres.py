@@ -16,6 +16,21 @@ from study.store.rdb import RDBStore, _utc
 from study.store.url import StorageURL, redact
 
 PG_CONNECT_TIMEOUT_S = 5  # an unreachable server is reported after this, not a hang
+# libpq's words for a server that is down or restarting, which a run waits out at its start
+# ([study] storage_outage); a host that does not resolve, a database or role that does not
+# exist, a password refused: reported at once.
+_DOWN = (
+    "Connection refused",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "server closed the connection unexpectedly",
+    "timeout expired",
+)
+
+
+class Unreachable(StorageError):
+    """The server is down or restarting (`_DOWN`): worth waiting for."""
 
 
 class PostgresStore(RDBStore):
@@ -37,11 +52,12 @@ class PostgresStore(RDBStore):
             psycopg.connect(dsn, connect_timeout=PG_CONNECT_TIMEOUT_S).close()
         except psycopg.Error as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StorageError(
+            line = (
                 f"cannot connect to PostgreSQL at {redact(dsn)!r} ({first}); start the server, "
-                "create the database, or fix --storage",
-                exit_code=1,
-            ) from None
+                "create the database, or fix --storage"
+            )
+            down = any(why in str(e) for why in _DOWN)
+            raise (Unreachable if down else StorageError)(line, exit_code=1) from None
 
     def fault(self, exc: BaseException) -> str | None:
         """The server's full disk, or a connection lost or refused (the server stopped,

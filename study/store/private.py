@@ -19,6 +19,12 @@ PRIVATE_OPTUNA = {
     "optuna.storages._rdb.models.TrialModel._datetime_complete_utc": "an end time as stored",
     "optuna.storages.RDBStorage._get_stale_trial_ids": "Optuna's stale check, which fails and "
     "retries as one step here (rdb.SweepingStorage)",
+    # rdb.SweepingStorage: the calls Optuna's cached storage makes, each waited out in an outage
+    "optuna.storages.RDBStorage._create_new_trial": "a new trial (ask), found again after an "
+    "unanswered commit",
+    "optuna.storages.RDBStorage._set_trial_param": "a suggested parameter",
+    "optuna.storages.RDBStorage._get_trials": "the trials read (the sampler's view)",
+    "optuna.storages.RDBStorage._get_best_trial_id": "the best trial",
     # study.store.journal: the file lock held across a check and its write; a tolerant reader
     "optuna.storages.journal._storage.JournalOperation": "the record kinds a line may hold",
     "optuna.storages.JournalStorage._backend": "the file backend under the storage",

@@ -16,10 +16,12 @@ and how new trial rows get their ids (`_new_trial_ids`).
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import random
 import time
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -47,6 +49,7 @@ from study.store.base import (
     retry_of,
     seed_attrs,
 )
+from study.store.outage import Outage
 from study.store.url import Heartbeat, StorageURL, redact
 
 _RETRIES = 5  # as Optuna's create_new_trial: a deadlock between writers is retried after a pause
@@ -93,7 +96,8 @@ class RDBStore(Store):
                 grace_period=heartbeat.grace_period,
                 heartbeat_stale_trial_callback=StaleRetry(heartbeat.max_retries),
             )
-        try:
+
+        def once(again: bool) -> RDBStore:
             for attempt in range(SCHEMA_RACE_TRIES):
                 try:
                     with experimental(), cls._schema_lock(parsed):  # heartbeat: experimental
@@ -109,6 +113,14 @@ class RDBStore(Store):
                         raise
                     time.sleep(0.1 + random.random() * 0.4)
             raise AssertionError("unreachable")
+
+        # a server that went down since `check`: waited for as `check` waits (creating the
+        # schema is idempotent, and Optuna's own create is what a second try runs)
+        naming = cls(None, parsed)
+        bound = heartbeat.outage if heartbeat is not None else 0.0
+        waits = Outage(bound, meanwhile="the run starts when it answers", past="stopped")
+        try:
+            return waits.run(once, naming.fault)
         except RuntimeError as e:  # e.g. a schema from another Optuna version
             raise StorageError(
                 f"{redact(parsed.url)}: {str(e).splitlines()[0]}", exit_code=1
@@ -179,16 +191,33 @@ class RDBStore(Store):
         inner = getattr(self.optuna, "_backend", None)
         return inner if isinstance(inner, RDBStorage) else self.optuna
 
-    def _transaction(self, body: Callable[[Any], T]) -> T:
-        for attempt in range(1, _RETRIES + 1):
-            try:
-                with _create_scoped_session(self._rdb.scoped_session) as session:
-                    return body(session)
-            except optuna.exceptions.StorageInternalError:
-                if attempt == _RETRIES:
-                    raise
-                time.sleep(random.random() * 2.0)  # Optuna's own back-off for the same case
-        raise AssertionError("unreachable")
+    def transient(self, exc: BaseException) -> str | None:
+        """Every fault this storage names (`fault`): a transaction is all or nothing, so a
+        step can be tried again after any of them."""
+        return self.fault(exc)
+
+    def _transaction(
+        self, body: Callable[[Any], T], done: Callable[[Any], T | None] | None = None
+    ) -> T:
+        """`body(session)` in one transaction, under the outage rule (study.store.outage). A
+        step that writes and cannot simply run twice gives `done`: after an outage its commit
+        may have been stored without an answer, so the next try first asks `done(session)`
+        what the body returned if its writes are there (None: they are not; the body runs)."""
+
+        def step(again: bool) -> T:
+            for attempt in range(1, _RETRIES + 1):
+                try:
+                    with _create_scoped_session(self._rdb.scoped_session) as session:
+                        if again and done is not None and (found := done(session)) is not None:
+                            return found
+                        return body(session)
+                except optuna.exceptions.StorageInternalError as e:
+                    if attempt == _RETRIES or self.transient(e) is not None:
+                        raise
+                    time.sleep(random.random() * 2.0)  # Optuna's own back-off for a deadlock
+            raise AssertionError("unreachable")
+
+        return self.waiting(step)
 
     def _held_rdb(self, session, study_id: int, trial_id: int, chain: Container[int]) -> set[int]:
         """First weight seeds of the study's trials but `trial_id` and those numbered in
@@ -216,12 +245,13 @@ class RDBStore(Store):
         repeats: int,
         chain: Container[int] = frozenset(),
     ) -> int:
+        offered = _Replay(candidates)  # a second try offers the same seeds in the same order
+
         def body(session) -> int:
             self._lock_study(session, study_id)
-            seeds = pick_seeds(
-                self._held_rdb(session, study_id, trial_id, chain), candidates, repeats
-            )
-            _put_seed_attrs(session, trial_id, seeds)
+            held = self._held_rdb(session, study_id, trial_id, chain)
+            seeds = pick_seeds(held, offered(), repeats)
+            _put_seed_attrs(session, trial_id, seeds)  # replaces what an earlier try stored
             return seeds.start
 
         return self._transaction(body)
@@ -234,9 +264,17 @@ class RDBStore(Store):
         *,
         chain: Container[int] = frozenset(),
     ) -> Take:
+        t = models.TrialModel
+        started = _utc(datetime.now())  # also what tells a second try its first was stored
+
+        def done(session) -> Take | None:
+            start_at = t._datetime_start_utc
+            query = sqlalchemy.select(t.state, start_at).where(t.trial_id == trial_id)
+            state, start = session.execute(query).one()
+            return Take.TAKEN if state == TrialState.RUNNING and start == started else None
+
         def body(session) -> Take:
             self._lock_study(session, study_id)
-            t = models.TrialModel
             state = session.execute(
                 sqlalchemy.select(t.state).where(t.trial_id == trial_id)
             ).scalar()
@@ -251,13 +289,13 @@ class RDBStore(Store):
             session.execute(
                 update(table)
                 .where(table.c.trial_id == trial_id)
-                .values(state=TrialState.RUNNING.name, datetime_start=_utc(datetime.now()))
+                .values(state=TrialState.RUNNING.name, datetime_start=started)
             )
             if seeds is not None:
                 _put_seed_attrs(session, trial_id, seeds)
             return Take.TAKEN
 
-        return self._transaction(body)
+        return self._transaction(body, done)
 
     def add_trials(
         self,
@@ -274,8 +312,36 @@ class RDBStore(Store):
         seeds = seeds or [None] * len(trials)
         look = None if after_id is None else (after_id, set(recheck))
         return self._transaction(
-            lambda s: self._insert(s, study_id, trials, heartbeat, look, taken, own, seeds)
+            lambda s: self._insert(s, study_id, trials, heartbeat, look, taken, own, seeds),
+            lambda s: self._stored_copies(s, study_id, trials),
         )
+
+    def _stored_copies(
+        self, session, study_id: int, trials: list[FrozenTrial]
+    ) -> list[tuple[int, int] | None] | None:
+        """(trial_id, number) of each of `trials` already stored (the same start time and
+        parameter set: a start time is unique to the microsecond among trials of one set), or
+        None when none is: a transaction stored all of its trials or none."""
+        m, p = models.TrialModel, models.TrialParamModel
+        starts = {_utc(t.datetime_start) for t in trials if t.datetime_start is not None}
+        if not starts:
+            return None
+        start_at = m._datetime_start_utc  # as stored (`datetime_start` converts to local)
+        query = sqlalchemy.select(m.trial_id, m.number, start_at)
+        rows = session.execute(query.where(m.study_id == study_id, start_at.in_(starts))).all()
+        if not rows:
+            return None
+        sets: dict[int, set] = {tid: set() for tid, _, _ in rows}
+        query = sqlalchemy.select(p.trial_id, p.param_name, p.param_value)
+        for tid, name, value in session.execute(query.where(p.trial_id.in_(list(sets)))):
+            sets[tid].add((name, value))
+        out: list[tuple[int, int] | None] = []
+        for t in trials:
+            want = {(n, t.distributions[n].to_internal_repr(v)) for n, v in t.params.items()}
+            start = _utc(t.datetime_start)
+            hits = [(i, n) for i, n, at in rows if at == start and sets[i] == want]
+            out.append(hits[0] if hits else None)
+        return out if any(out) else None
 
     def _insert(
         self,
@@ -382,7 +448,23 @@ class RDBStore(Store):
                 self._insert(session, study_id, [retry], False, None, NOTHING_TAKEN, set(), [None])
             return True
 
-        return self._transaction(body)
+        def done(session) -> bool | None:
+            m, a = models.TrialModel, models.TrialSystemAttributeModel
+            state = session.execute(
+                sqlalchemy.select(m.state).where(m.trial_id == trial._trial_id)
+            ).scalar()
+            if state != TrialState.FAIL:
+                return None
+            if retry is None:
+                return True
+            histories = session.execute(
+                sqlalchemy.select(a.value_json)
+                .join(m, m.trial_id == a.trial_id)
+                .where(m.study_id == study_id, a.key == "retry_history")
+            ).scalars()
+            return True if any(json.loads(h)[-1] == trial.number for h in histories) else None
+
+        return self._transaction(body, done)
 
     def append_values(self, values: dict[int, dict[int, float]]) -> None:
         """As the interface says, kept as Optuna's own API keeps it: the trials' states are read
@@ -404,8 +486,16 @@ class RDBStore(Store):
             mine = [(tid, steps) for tid, steps in values.items() if tid in running]
             rows = [r for tid, steps in mine for r in _step_rows(tid, steps)]
             self._put(session, models.TrialIntermediateValueModel, rows)
+            return True
 
-        self._transaction(body)
+        def done(session) -> bool | None:
+            iv = models.TrialIntermediateValueModel
+            query = sqlalchemy.select(iv.trial_id, iv.step)
+            there = set(session.execute(query.where(self._one_of(iv.trial_id, list(values)))))
+            mine = ((tid, step) for tid, steps in values.items() for step in steps)
+            return True if any(pair in there for pair in mine) else None
+
+        self._transaction(body, done)
 
     def finish_trials(self, endings: list[Ending]) -> list[bool]:
         if not endings:
@@ -446,7 +536,16 @@ class RDBStore(Store):
             self._put(session, models.TrialIntermediateValueModel, step_rows)
             return ok
 
-        return self._transaction(body)
+        def done(session) -> list[bool] | None:
+            m = models.TrialModel
+            query = sqlalchemy.select(m.trial_id, m.state, m._datetime_complete_utc)
+            ids = [e.trial_id for e in endings]
+            got = session.execute(query.where(m.trial_id.in_(ids)))
+            rows = {tid: (st, at) for tid, st, at in got}
+            ok = [rows.get(e.trial_id) == (e.state, _utc(e.completed)) for e in endings]
+            return ok if any(ok) else None
+
+        return self._transaction(body, done)
 
     def changes(
         self,
@@ -609,6 +708,20 @@ class RDBStore(Store):
         self._transaction(body)
 
 
+class _Replay:
+    """An iterable of candidates that each call offers again from its start, drawing from the
+    source only past what an earlier call drew."""
+
+    def __init__(self, source: Iterable[int]):
+        self.source, self.drawn = iter(source), []
+
+    def __call__(self) -> Iterator[int]:
+        yield from self.drawn
+        for c in self.source:
+            self.drawn.append(c)
+            yield c
+
+
 def _put_seed_attrs(session, trial_id: int, seeds: range) -> None:
     attrs = models.TrialUserAttributeModel
     values = seed_attrs(seeds)
@@ -739,10 +852,14 @@ class SweepingStorage(RDBStorage):
     store: RDBStore | None = None  # the store that opened it (RDBStore.open)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
         retry = self.get_heartbeat_stale_trial_callback()
         if self.store is None or not hasattr(retry, "failed"):  # not opened with our heartbeat
-            return stale
+            return super()._get_stale_trial_ids(study_id)
+        from study.store.recovery import outage_silenced
+
+        if outage_silenced(self.store, self.grace_period or 2 * (self.heartbeat_interval or 0)):
+            return []
+        stale = self.store.waiting(lambda again: RDBStorage._get_stale_trial_ids(self, study_id))
         for trial_id in stale:
             trial = self.get_trial(trial_id)
             if self.store.fail_and_retry(study_id, trial, retry.max_retries):
@@ -753,3 +870,119 @@ class SweepingStorage(RDBStorage):
         state = super().__getstate__()
         state.pop("store", None)  # a store travels as its URL (Store.__reduce__), not inside
         return state
+
+    # Optuna's own calls (the standard engine, the artifacts, the note, opening a study) under
+    # the store's outage rule. Each is one transaction; tried again after an outage, each
+    # stores nothing twice: reads, and writes Optuna makes as upserts (attrs, intermediate
+    # values, heartbeats; a parameter is inserted with its duplicate ignored), run again as
+    # they are; a new trial and a trial's end first look for what the first try stored.
+
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        if self.store is None:
+            return super()._create_new_trial(study_id, template_trial)
+        if template_trial is None:  # what Optuna makes then, with its start time as our mark
+            template_trial = FrozenTrial(
+                number=-1,
+                state=TrialState.RUNNING,
+                value=None,
+                datetime_start=datetime.now(),
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs={},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=-1,
+            )
+        template = template_trial
+
+        def step(again: bool) -> FrozenTrial:
+            if again and template.datetime_start is not None:
+                m = models.TrialModel
+                with _create_scoped_session(self.scoped_session) as session:
+                    query = sqlalchemy.select(m.trial_id, m.number).where(
+                        m.study_id == study_id,
+                        m.state == template.state,
+                        m._datetime_start_utc == _utc(template.datetime_start),
+                    )
+                    row = session.execute(query).first()
+                if row is not None:
+                    found = copy.deepcopy(template)
+                    found.number, found._trial_id = row.number, row.trial_id
+                    return found
+            return RDBStorage._create_new_trial(self, study_id, template)
+
+        return self.store.waiting(step)
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        if self.store is None:
+            return self._set_state_once(trial_id, state, values)
+
+        def step(again: bool) -> bool:
+            if again and state.is_finished():
+                stored = RDBStorage.get_trial(self, trial_id)
+                if stored.state == state and (values is None or stored.values == list(values)):
+                    return True
+            return self._set_state_once(trial_id, state, values)
+
+        return self.store.waiting(step)
+
+    def _set_state_once(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None
+    ) -> bool:
+        """One try of Optuna's set_trial_state_values."""
+        return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+
+
+def _waited(name: str):
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self: SweepingStorage, *args, **kwargs):
+        if self.store is None:
+            return method(self, *args, **kwargs)
+        return self.store.waiting(lambda again: method(self, *args, **kwargs))
+
+    return call
+
+
+def _record_heartbeat(self: SweepingStorage, trial_id: int) -> None:
+    """Optuna's heartbeat thread's one call: past the outage's bound it ends quietly, and the
+    trial's next write stops the run with the line (a thread's error would be a traceback)."""
+    try:
+        _waited_heartbeat(self, trial_id)
+    except StorageError:
+        pass
+
+
+_waited_heartbeat = _waited("record_heartbeat")
+SweepingStorage.record_heartbeat = _record_heartbeat  # type: ignore[method-assign]
+
+for _method in (
+    "create_new_study",
+    "get_all_studies",
+    "get_study_directions",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_system_attrs",
+    "get_study_user_attrs",
+    "set_study_system_attr",
+    "set_study_user_attr",
+    "_set_trial_param",
+    "get_trial",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial_param",
+    "get_trial_system_attrs",
+    "get_trial_user_attrs",
+    "_get_trials",
+    "_get_best_trial_id",
+    "set_trial_intermediate_value",
+    "set_trial_system_attr",
+    "set_trial_user_attr",
+):
+    setattr(SweepingStorage, _method, _waited(_method))
+del _method

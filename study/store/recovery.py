@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -143,9 +144,19 @@ def sweep_stale(
     return dict(sorted(out.items()))
 
 
+def outage_silenced(store: Store, grace_period: float) -> bool:
+    """Did an outage end less than `grace_period` ago? Then a trial's silence may be the
+    outage's, and no trial is failed for it yet."""
+    return time.time() - store.outage.quiet_since() < grace_period
+
+
 def _silent(store: Store, study: optuna.Study, grace_period: float, max_retries: int) -> list[int]:
     """The silent trials this call failed. On an RDB, Optuna's check finds them and the
-    storage fails and retries them (rdb.SweepingStorage); on the journal, this does."""
+    storage fails and retries them (rdb.SweepingStorage); on the journal, this does. None
+    within `grace_period` of the end of an outage this process waited out: every heartbeat
+    stopped with it (study.store.outage)."""
+    if outage_silenced(store, grace_period):
+        return []
     silent = store.silent(study, grace_period)
     if store.optuna_sweeps:
         return silent

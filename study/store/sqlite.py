@@ -149,11 +149,11 @@ class SQLiteStorage(SweepingStorage):
     check could write FAIL over a trial that had just completed. Here the read and the write
     are one IMMEDIATE transaction, which SQLite runs one at a time."""
 
-    def set_trial_state_values(
-        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    def _set_state_once(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None
     ) -> bool:
         with _immediate(self):
-            return super().set_trial_state_values(trial_id, state, values)
+            return super()._set_state_once(trial_id, state, values)
 
 
 @contextlib.contextmanager

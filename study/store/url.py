@@ -78,11 +78,14 @@ def parse(url: str) -> StorageURL:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Optuna's heartbeat settings of a run: every process of it opens its storage alike."""
+    """How a run keeps its trials alive, which every process of it opens its storage with:
+    Optuna's heartbeat settings, and the seconds an outage of the storage is waited out
+    (`outage`; 0: a failing step raises at once; study.store.outage)."""
 
     interval: int
     grace_period: int
     max_retries: int
+    outage: float = 0.0
 
 
 def check_writable_dir(path: Path) -> None:

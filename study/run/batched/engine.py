@@ -246,7 +246,10 @@ class BatchedEngine:
         finally:
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
-            messages = self.writer.close(publish=publish and clean and not interrupt.requested())
+            messages = self.writer.close(
+                publish=publish and clean and not interrupt.requested(),
+                interrupted=bool(interrupt.requested()),
+            )
             self.stats.book_seconds += time.perf_counter() - t0
         self._messages(messages)
         return interrupt.requested()

@@ -47,6 +47,7 @@ import optuna
 from optuna.trial import TrialState
 
 from study.config import StudyConfig
+from study.errors import StorageError
 from study.run.batched.messages import (
     Close,
     Closed,
@@ -108,6 +109,8 @@ class Writer:
         # The trainer's budget claims: the writer gives back those of trials it could not
         # store, and, if the trainer dies, those it never received.
         self.claims = Claims(budget, worker)
+        # Set when the run is interrupted: a writer waiting out an outage stops waiting.
+        self.stop = ctx.Event()
         self.proc = ctx.Process(
             target=_main,
             args=(
@@ -118,6 +121,7 @@ class Writer:
                 self.results,
                 os.getpid(),
                 self.claims,
+                self.stop,
             ),
             name="sinstudy-writer",
         )
@@ -150,13 +154,16 @@ class Writer:
             self._died()
         return out
 
-    def close(self, *, publish: bool) -> list[Reply]:
+    def close(self, *, publish: bool, interrupted: bool = False) -> list[Reply]:
         """Wait until every job put so far is done (and the note written if `publish`).
         The close message goes first: if this wait is interrupted (a second Ctrl-C), the writer
-        still drains and exits by itself, and the interpreter's exit waits for it."""
+        still drains and exits by itself, and the interpreter's exit waits for it.
+        `interrupted`: a writer waiting out an outage gives up (what waits is not stored)."""
         if self._closed:
             return []
         self._closed = True
+        if interrupted:
+            self.stop.set()
         self.jobs.put(Close(publish))
         out = []
         while True:
@@ -200,9 +207,11 @@ def _main(
     results: mp.Queue,
     parent: int,
     claims: Claims,
+    stop,
 ) -> None:
     for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    store.outage.give_up = stop.is_set
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     import torch
 
@@ -320,6 +329,10 @@ def _guarded(sink: _Sink, results: mp.Queue, fn, *args) -> _Sink | None:
         fn(*args)
         return sink
     except BaseException as e:
+        if os.environ.get("SINSTUDY_DEBUG"):  # as the CLI: the traceback, for a developer
+            import traceback
+
+            traceback.print_exc()
         results.put(WriterFailed(_one_line(e, sink.db)))
         return None
 
@@ -366,7 +379,9 @@ class _WarmUp:
 
 def _one_line(e: BaseException, store: Store) -> str:
     """The writer's failure for the user: the storage's fault where it is one (a full disk, a
-    lost database), else the error's first line."""
+    lost database; an outage waited out past its bound), else the error's first line."""
+    if isinstance(e, StorageError):
+        return f"storage writer: {e}"
     fault = store.fault(e)
     if fault is not None:
         return f"storage writer: {fault}"
