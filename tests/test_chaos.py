@@ -4,9 +4,12 @@ docs/results.md; a violation it finds gets its own test in tests/test_shared_tru
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "chaos.py"
 
@@ -24,6 +27,25 @@ def test_a_small_chaos_schedule_on_every_storage_breaks_no_invariant(tmp_path, p
     assert lines and lines[-1] == "0 violations", proc.stdout + proc.stderr
     assert proc.returncode == 0
     assert "3 rounds" in proc.stdout and "faults sent: {" in proc.stdout, proc.stdout
+
+
+def test_a_small_chaos_schedule_with_storage_faults_breaks_no_invariant(tmp_path):
+    """Seed 2: a PostgreSQL round whose server the harness stops and starts again, and a SQLite
+    round whose disk fills for a while; every run waits them out."""
+    if os.geteuid() != 0:
+        pytest.skip("the harness's storage faults mount a tmpfs and run a server: needs root")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--seed", "2", "--rounds", "2", "--storage-faults"]
+        + ["--storages", "postgresql,sqlite"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert lines and lines[-1] == "0 violations", proc.stdout + proc.stderr
+    assert "'outage': 1" in proc.stdout and "'full': 1" in proc.stdout, proc.stdout
+    assert "skipped" not in proc.stdout and proc.returncode == 0
 
 
 def test_the_harness_counts_a_run_that_ended_before_its_kill_landed_as_ended():
