@@ -303,20 +303,25 @@ def test_the_summary_names_what_a_run_leaves_behind(tmp_path):
     study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, value=1.0))
     gone = study.ask(dist)  # a trial whose run died: failed and retried
     other = study.ask(dist)  # another run's, beating
+    later = study.ask(dist)  # another run's, started after this one, swept: failed and retried
+    stopped = study.ask(dist)  # another run's, interrupted (FAIL, no retry): not recovered
     storage.record_heartbeat(other._trial_id)
-    recovery.fail_and_retry(store.of(study._storage), study, gone.number, max_retries=1)
+    for t in (gone, later):
+        recovery.fail_and_retry(store.of(study._storage), study, t.number, max_retries=1)
+    study.tell(stopped, state=TrialState.FAIL)
     left = Leftovers.of(
         study,
         study.get_trials(),
         recovered={gone.number: "its process on this machine is gone"},
         running_before={gone.number, other.number},
         mine=lambda t: False,
+        since={0, gone.number, other.number},
     )
     text = "\n".join(left.lines())
-    assert f"recovered      #{gone.number} of earlier runs marked FAIL" in text
-    assert "retried as #3" in text
+    assert f"recovered      #{gone.number}, #{later.number} of other runs marked FAIL" in text
+    assert "retried as #5, #6" in text
     assert f"running        #{other.number} of other runs, last heartbeat" in text
-    assert f"queued         #3 (retries of #{gone.number}): the next run takes them" in text
+    assert "queued         #5, #6 (retries of #1, #3): the next run takes them" in text, text
     age = left.running[other.number]
     assert age is not None and 0 <= age < 60
 

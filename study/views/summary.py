@@ -57,12 +57,21 @@ class Leftovers:
         recovered: dict[int, str],
         running_before: set[int],
         mine,
+        since: set[int] = frozenset(),
     ) -> Leftovers:
+        """`since`: the trial numbers stored before the run. Recovered: what its start failed,
+        others' trials RUNNING then and FAIL now, and others' trials started since that ended
+        FAIL with a retry queued (a sweep's: an interrupt queues none)."""
         by_number = {t.number: t for t in trials}
         failed = dict(recovered)
         for n in sorted(running_before - set(failed)):
             if by_number[n].state == TrialState.FAIL:
                 failed[n] = "failed by a sweep while this run ran"
+        retried = {(t.system_attrs.get("retry_history") or [None])[-1] for t in trials}
+        for t in trials:
+            new = t.number not in since and t.number not in failed and not mine(t)
+            if new and t.state == TrialState.FAIL and t.number in retried:
+                failed[t.number] = "failed by a sweep while this run ran"
         retries = {}
         waiting = {}
         for t in trials:
@@ -87,7 +96,7 @@ class Leftovers:
             whys = sorted(set(self.failed.values()))
             retried = [f"#{self.retries[n]}" for n in self.failed if n in self.retries]
             out.append(
-                f"recovered      {_numbers(self.failed)} of earlier runs marked FAIL "
+                f"recovered      {_numbers(self.failed)} of other runs marked FAIL "
                 f"({'; '.join(whys)})"
                 + (f"; retried as {', '.join(retried)}" if retried else "; not retried")
             )
@@ -217,6 +226,7 @@ def summarize(
             recovered=recovered or {},
             running_before=set(running_before),
             mine=mine,
+            since=since,
         ),
     )
 
