@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY_TOML, run_cli
+from conftest import TINY_TOML, run_cli, start_cli
 
 TINY = ["--config", "tiny.toml", "--max-epochs", "4", "--no-progress"]
 
@@ -47,6 +50,7 @@ def study_dir(made, tmp_path):
         "too_big.toml": "[search_space]\nwidth = [8, 4096]\ndepth = [1, 64]\n",
         "log_under_file.toml": TINY_TOML + '\n[study]\nlog_dir = "afile/tb"\n',
         "art_under_file.toml": TINY_TOML + '\n[study]\nartifact_dir = "afile/art"\n',
+        "nowait.toml": TINY_TOML + "\n[study]\nstorage_outage = 0\n",
     }
     for name, text in configs.items():
         (folder / name).write_text(text)
@@ -69,7 +73,13 @@ def study_dir(made, tmp_path):
         (["--config", "art_under_file.toml"], 1, "set [study] artifact_dir to a writable folder"),
         (["--storage", "sqlite:///storage/other.db"], 2, "TensorBoard folder"),  # beside it
         (
-            ["--storage", "postgresql://postgres:s3cret@127.0.0.1:9/test"],
+            # storage_outage = 0: a server that refuses is not waited for (see the next test)
+            [
+                "--config",
+                "nowait.toml",
+                "--storage",
+                "postgresql://postgres:s3cret@127.0.0.1:9/test",
+            ],
             1,
             "cannot connect to PostgreSQL",
         ),
@@ -85,6 +95,33 @@ def test_bad_input_is_one_line_and_changes_nothing(study_dir, args, code, fragme
     assert "Traceback" not in r.stderr and "s3cret" not in r.stderr
     assert _digest(db) == before
     assert _tree(study_dir) == tree  # nothing created: no study, no folder, no other storage
+
+
+def test_a_server_that_refuses_at_start_is_waited_for_with_a_line_first_and_ctrl_c_ends_it(
+    study_dir,
+):
+    """A server down or restarting is waited for ([study] storage_outage, 5 min by default):
+    the run says so at once, so a mistyped port is seen; Ctrl-C ends the wait as it ends a run
+    (exit 130), nothing written."""
+    db = study_dir / "storage/sinstudy.db"
+    before, tree = _digest(db), _tree(study_dir)
+    url = "postgresql://postgres:s3cret@127.0.0.1:9/test"
+    proc = start_cli("run", "--no-progress", "--n-trials", "1", "--storage", url, cwd=study_dir)
+    try:
+        first = proc.stderr.readline()
+        assert "sinstudy: storage unavailable: cannot connect to PostgreSQL at " in first, first
+        assert "the run starts when it answers, for up to 5 min 0 s" in first, first
+        time.sleep(1)
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGINT)
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = rest.strip().splitlines()
+    assert proc.returncode == 130 and lines == ["sinstudy: interrupted"], rest
+    assert "Traceback" not in rest and "s3cret" not in first + rest
+    assert _digest(db) == before and _tree(study_dir) == tree
 
 
 def test_a_study_with_other_objectives_is_refused(tmp_path):

@@ -263,11 +263,11 @@ def test_workers_zero_and_missing_gpus_are_bad_input(workdir):
     assert not (workdir / "storage").exists()
 
 
-def test_unreachable_postgresql_fails_fast_with_one_line(workdir):
+def test_a_postgresql_host_that_does_not_resolve_fails_fast_with_one_line(workdir):
+    """Not waited for as a server that is down (tests/test_hardening.py): a typo."""
     t0 = time.time()
-    r = run_cli(
-        "run", "--no-progress", "--storage", "postgresql://postgres@127.0.0.1:9/test", cwd=workdir
-    )
+    url = "postgresql://postgres@no-such-host.invalid:5432/test"
+    r = run_cli("run", "--no-progress", "--storage", url, cwd=workdir)
     assert r.returncode == 1 and "cannot connect to PostgreSQL" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert time.time() - t0 < 30  # bounded by the connect timeout, not a hang
