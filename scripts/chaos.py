@@ -706,15 +706,19 @@ MAX_RETRIES = 1  # the chaos TOML's (the default)
 
 
 def _check_retries(trials, runs: list[Run], bad) -> None:
-    """Every FAIL trial has its retry while retries remain: those an interrupt ended (a batched
-    trial's failed_reason, or any trial of a run that was sent SIGINT or SIGTERM) and those that
-    gave way to another engine's parameter set are not retried."""
+    """Every FAIL trial of this round's runs has its retry while retries remain (an earlier
+    round's were checked with that round's faults): those an interrupt ended (a batched trial's
+    failed_reason, or any trial of a run that was sent SIGINT or SIGTERM) and those that gave
+    way to another engine's parameter set are not retried."""
     interrupted = [r.run_prefix for r in runs if r.sent and r.sent.split()[0] != "SIGKILL"]
+    ours = [r.run_prefix for r in runs if r.proc is not None]
     retried = {
         t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")
     }
     for t in trials:
         if t.state != TrialState.FAIL or t.number in retried:
+            continue
+        if not any(str(t.user_attrs.get("run", "")).startswith(p) for p in ours):
             continue
         if len(t.system_attrs.get("retry_history", [])) >= MAX_RETRIES:
             continue

@@ -82,6 +82,7 @@ def test_the_retry_invariant_names_a_fail_without_its_retry_and_no_other():
 
     killed = chaos.Run(args=[], n_trials=1, sent="SIGKILL group", run_prefix="h:1:")
     stopped = chaos.Run(args=[], n_trials=1, sent="SIGINT parent", run_prefix="h:2:")
+    killed.proc = stopped.proc = object()  # started this round
     trials = [
         _trial(0, S.FAIL, {"run": "h:1:a"}),  # swept, retried by #1
         _trial(1, S.COMPLETE, system={"failed_trial": 0, "retry_history": [0]}),
@@ -92,6 +93,7 @@ def test_the_retry_invariant_names_a_fail_without_its_retry_and_no_other():
             5, S.FAIL, {"failed_reason": "trial #1 has the same parameter set (another engine)"}
         ),
         _trial(6, S.FAIL, {"run": "h:1:a"}, {"failed_trial": 9, "retry_history": [9]}),  # spent
+        _trial(7, S.FAIL, {"run": "h:3:a"}),  # an earlier round's run: checked in its round
     ]
     found = []
     chaos._check_retries(trials, [killed, stopped], lambda kind, what: found.append(what))
