@@ -72,6 +72,7 @@ import optuna
 from optuna.trial import TrialState
 
 from study import store as store_mod
+from study.store.outage import LONGEST_PAUSE_S
 from study.trial.space import param_set
 from study.views.artifacts import load_model
 
@@ -357,6 +358,7 @@ class StorageFault:
 
     def _run(self, store: Store, faults: Faults, runs: list[Run]) -> None:
         live = [r for r in runs if r.proc is not None and r.proc.poll() is None]
+        done_before = {id(r) for r in runs if r.proc is not None and r.proc.poll() is not None}
         if self.what == "outage" and faults.pg is not None:
             faults.pg.stop(self.mode)
             self.sent = f"outage {self.mode} {self.span:.1f}s"
@@ -389,8 +391,14 @@ class StorageFault:
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-        if self.sent:
-            for r in live:
+        if not self.sent:
+            return
+        # Every run that met the fault: live when it began, or started while it lasted, or
+        # in the pause after it (a run notices the storage back within LONGEST_PAUSE_S).
+        # One interrupted meanwhile ends with exit 1 (it gave up waiting).
+        time.sleep(LONGEST_PAUSE_S + 1)
+        for r in runs:
+            if r.proc is not None and id(r) not in done_before:
                 r.stopped = True
 
     def wait(self) -> None:
