@@ -197,7 +197,8 @@ def _pg_bin(name: str) -> str:
 
 
 class OwnServer:
-    """A PostgreSQL server on a spare port that the harness may stop and start."""
+    """A PostgreSQL server on a spare port that the harness (and tests/test_storage_faults.py)
+    may stop and start; `url`: its `postgres` database."""
 
     def __init__(self):
         self.data = tempfile.mkdtemp(prefix="sinstudy-chaos-pg-")
@@ -215,12 +216,14 @@ class OwnServer:
     def start(self) -> None:
         opts = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
         with self.lock:
-            _as_postgres(
+            started = _as_postgres(
                 _pg_bin("pg_ctl"), "-D", self.data, "-o", opts, "-w", "-l",
                 f"{self.data}/log", "start",
             )  # fmt: skip
+        if started.returncode != 0:
+            raise RuntimeError(f"pg_ctl start: {started.stderr.strip()[-200:]}")
 
-    def stop(self, mode: str) -> None:
+    def stop(self, mode: str = "fast") -> None:
         with self.lock:
             _as_postgres(_pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
 

@@ -5,11 +5,10 @@ data in the commit", and no traceback."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -181,60 +180,23 @@ def test_a_view_folder_that_cannot_take_a_file_refuses_the_run_before_storing(wo
 # ------------------------------------------------------------------ a PostgreSQL of its own
 
 
-def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]
-    if not found[-1]:
-        pytest.skip(f"a PostgreSQL server of the test's own needs {name} (apt install postgresql)")
-    return found[-1]
-
-
-def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
-    as_postgres = ["runuser", "-u", "postgres", "--", *cmd]
-    return subprocess.run(as_postgres, capture_output=True, text=True)
-
-
-class OwnPG:
-    """A PostgreSQL server of the test's own on a spare port, with a database `t`."""
-
-    def __init__(self):
-        self.data = tempfile.mkdtemp(prefix="sinstudy-pg-")
-        shutil.chown(self.data, "postgres", "postgres")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        made = _as_postgres(_pg_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "postgres")
-        assert made.returncode == 0, made.stderr
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/t"
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
-        log = f"{self.data}/log"
-        started = _as_postgres(
-            _pg_bin("pg_ctl"), "-D", self.data, "-o", opts, "-w", "-l", log, "start"
-        )
-        assert started.returncode == 0, started.stderr
-
-    def stop(self, mode: str = "fast") -> None:
-        _as_postgres(_pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
-
-
 @pytest.fixture
-def own_pg() -> Iterator[OwnPG]:
-    """A PostgreSQL server started for this test on a spare port, with a database `t`.
-    Stopped and removed afterwards."""
-    pg = OwnPG()
-    pg.start()
-    try:
-        import psycopg
+def own_pg() -> Iterator:
+    """A PostgreSQL server started for this test on a spare port (the chaos harness's
+    `OwnServer`; the study goes in its `postgres` database). Stopped and removed afterwards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from chaos import OwnServer
 
-        with psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", autocommit=True
-        ) as admin:
-            admin.execute("CREATE DATABASE t")
+    try:
+        pg = OwnServer()
+    except RuntimeError as e:  # no initdb / pg_ctl
+        pytest.skip(
+            f"a PostgreSQL server of the test's own cannot start ({e}); apt install postgresql"
+        )
+    try:
         yield pg
     finally:
-        pg.stop("immediate")
-        shutil.rmtree(pg.data, ignore_errors=True)
+        pg.remove()
 
 
 def _outage_toml(workdir: Path, seconds: int) -> str:
@@ -243,7 +205,7 @@ def _outage_toml(workdir: Path, seconds: int) -> str:
     return "outage.toml"
 
 
-def _run_on(pg: OwnPG, workdir: Path, engine: str, toml: str, epochs: int, trials: int):
+def _run_on(pg, workdir: Path, engine: str, toml: str, epochs: int, trials: int):
     return start_cli(
         "run", "--config", toml, "--no-progress", "--storage", pg.url, "--engine", engine,
         "--max-epochs", str(epochs), "--n-trials", str(trials), cwd=workdir,
